@@ -1,0 +1,79 @@
+// Shared helpers for the primaps_fast kernels: buffer access, threading and op registration.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <atomic>
+#include <exception>
+#include <mutex>
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace primaps {
+
+// C-contiguous numpy views; no forcecast, so a wrong dtype is an error rather than a silent copy.
+using FloatArray = py::array_t<float, py::array::c_style>;
+using DoubleArray = py::array_t<double, py::array::c_style>;
+using Int64Array = py::array_t<int64_t, py::array::c_style>;
+using Int32Array = py::array_t<int32_t, py::array::c_style>;
+using UInt8Array = py::array_t<uint8_t, py::array::c_style>;
+
+// Throws std::invalid_argument (ValueError in Python) unless `a` has exactly `dims` dimensions.
+template <typename A>
+inline void check_ndim(const A& a, py::ssize_t dims, const char* name) {
+  if (a.ndim() != dims)
+    throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(dims) +
+                                " dimensions, got " + std::to_string(a.ndim()));
+}
+
+// Runs fn(i) for i in [0, n) on up to `threads` std::threads (the caller's thread included).
+// Work is handed out dynamically, one index at a time, so uneven items balance. The first
+// exception thrown by any worker is rethrown in the caller after all workers have joined.
+inline void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
+  if (n <= 0) return;
+  int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
+  if (workers == 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto work = [&]() {
+    for (int64_t i = next++; i < n; i = next++) {
+      try {
+        fn(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(workers - 1);
+  for (int t = 1; t < workers; ++t) pool.emplace_back(work);
+  work();
+  for (auto& th : pool) th.join();
+  if (error) std::rethrow_exception(error);
+}
+
+// Each csrc/<op>.cpp registers its bindings with a static Registrar, so adding an op never
+// touches a shared file:  static primaps::Registrar reg([](py::module_& m) { m.def(...); });
+using RegisterFn = void (*)(py::module_&);
+inline std::vector<RegisterFn>& registry() {
+  static std::vector<RegisterFn> fns;
+  return fns;
+}
+struct Registrar {
+  explicit Registrar(RegisterFn fn) { registry().push_back(fn); }
+};
+
+}  // namespace primaps

@@ -1,0 +1,1 @@
+"""Data: synthetic scenes (tests, benchmarks, demo), datasets and the feature cache."""

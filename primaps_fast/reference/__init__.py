@@ -1,0 +1,26 @@
+"""Plain-PyTorch port of the official PriMaPs / PriMaPs-EM code (github visinf/primaps).
+
+The oracle for tests and the baseline for benchmarks: it follows the official code step by step
+(per-image Python loops included), with only the deliberate differences of DESIGN.md section 2.
+Slow is fine here; faithful and simple is the point. Names resolve lazily to their stage module.
+"""
+import importlib
+
+_EXPORTS = {
+    "principal_masks": "primaps_fast.reference.primaps",
+    "median_filter": "primaps_fast.reference.primaps",
+    "dense_crf": "primaps_fast.reference.crf",
+    "pseudo_labels": "primaps_fast.reference.primaps",
+    "assign_pseudo_labels": "primaps_fast.reference.train",
+    "focal_loss": "primaps_fast.reference.train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'primaps_fast.reference' has no attribute {name!r}")

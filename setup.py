@@ -1,0 +1,25 @@
+"""Builds the one compiled module, ``primaps_fast._C``, from every ``csrc/*.cpp``.
+
+The build needs only pybind11 (no torch headers): kernels work on raw float32 buffers.
+Set ``PRIMAPS_FAST_DEBUG=1`` for an unoptimised build with assertions and debug symbols.
+"""
+import glob
+import os
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+debug = os.environ.get("PRIMAPS_FAST_DEBUG", "0") == "1"
+# No -ffast-math: the dense CRF and the proposals must round exactly like the reference.
+compile_args = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+
+ext = Pybind11Extension(
+    "primaps_fast._C",
+    sorted(glob.glob("csrc/*.cpp")),
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=compile_args + ["-pthread"],
+    extra_link_args=["-pthread"],
+)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
