@@ -8,7 +8,7 @@
 //     proposal removes k pixels we subtract their SYRK, or, when fewer pixels remain than were removed,
 //     recompute S from the remaining ones (cost min(k, n - k) * C^2 / 2 per proposal).
 //   * v = top eigenvector of cov = S / n - m m^T by block subspace iteration (8 vectors, Rayleigh-Ritz,
-//     warm-started from the previous proposal) until the residual ||A u - theta u|| <= 1e-9 theta.
+//     warm-started from the previous proposal) until the residual ||A u - theta u|| <= 1e-8 theta.
 //   * The fused pass: normalised features (computed once), cosine to v, anchor = first remaining pixel
 //     with the largest |cos| (the sign fix of DESIGN.md section 2), cosine to the anchor, threshold,
 //     proposal, update of the remaining set.
@@ -28,7 +28,7 @@ namespace {
 
 constexpr int kBlockVectors = 8;           // subspace size of the eigen solver
 constexpr int kMaxEigIterations = 1000;    // cap for flat spectra (the reference is not converged there)
-constexpr double kEigTol = 1e-9;           // residual tolerance, relative to the top eigenvalue
+constexpr double kEigTol = 1e-8;           // residual tolerance, relative to the top eigenvalue
 constexpr double kDegenerateRtol = 1e-10;  // same constant as reference/primaps.py
 constexpr int64_t kChunk = 256;            // pixels per float32 partial sum before adding into float64
 constexpr int64_t kPad = 16;               // pixel padding of packed buffers (one AVX-512 vector)
@@ -237,9 +237,93 @@ PRIMAPS_CLONES void orthonormalise(int b, int64_t C, double* V, Lcg& rng) {
   }
 }
 
-// W (b x C) = V (b x C) A (C x C symmetric, row-major, full).
-PRIMAPS_CLONES void multiply_block(int b, int64_t C, const double* A, const double* V, double* W) {
-  std::fill(W, W + b * C, 0.0);
+// W = A V for a block of exactly 8 vectors stored transposed: Vt, Wt are C x 8 (one 8-double row per
+// channel, i.e. one AVX-512 register). Four rows of A at a time: per k one load of Vt[k], four
+// broadcasts of A[i..i+3][k] and four FMAs; A is read once per product.
+__attribute__((target("avx512f"))) void multiply8_avx512(int64_t C, const double* A, const double* Vt,
+                                                         double* Wt) {
+  int64_t i = 0;
+  for (; i + 4 <= C; i += 4) {
+    const double *a0 = A + i * C, *a1 = a0 + C, *a2 = a1 + C, *a3 = a2 + C;
+    __m512d c0 = _mm512_setzero_pd(), c1 = c0, c2 = c0, c3 = c0;
+    for (int64_t k = 0; k < C; ++k) {
+      const __m512d vk = _mm512_loadu_pd(Vt + k * 8);
+      c0 = _mm512_fmadd_pd(_mm512_set1_pd(a0[k]), vk, c0);
+      c1 = _mm512_fmadd_pd(_mm512_set1_pd(a1[k]), vk, c1);
+      c2 = _mm512_fmadd_pd(_mm512_set1_pd(a2[k]), vk, c2);
+      c3 = _mm512_fmadd_pd(_mm512_set1_pd(a3[k]), vk, c3);
+    }
+    _mm512_storeu_pd(Wt + (i + 0) * 8, c0);
+    _mm512_storeu_pd(Wt + (i + 1) * 8, c1);
+    _mm512_storeu_pd(Wt + (i + 2) * 8, c2);
+    _mm512_storeu_pd(Wt + (i + 3) * 8, c3);
+  }
+  for (; i < C; ++i) {
+    __m512d c0 = _mm512_setzero_pd();
+    for (int64_t k = 0; k < C; ++k)
+      c0 = _mm512_fmadd_pd(_mm512_set1_pd(A[i * C + k]), _mm512_loadu_pd(Vt + k * 8), c0);
+    _mm512_storeu_pd(Wt + i * 8, c0);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void multiply8_avx2(int64_t C, const double* A, const double* Vt,
+                                                        double* Wt) {
+  for (int64_t i = 0; i < C; i += 2) {
+    const int64_t rows = std::min<int64_t>(2, C - i);
+    const double* a0 = A + i * C;
+    const double* a1 = A + (i + rows - 1) * C;  // == a0 for a last odd row (result discarded)
+    __m256d c00 = _mm256_setzero_pd(), c01 = c00, c10 = c00, c11 = c00;
+    for (int64_t k = 0; k < C; ++k) {
+      const __m256d lo = _mm256_loadu_pd(Vt + k * 8), hi = _mm256_loadu_pd(Vt + k * 8 + 4);
+      const __m256d x0 = _mm256_set1_pd(a0[k]), x1 = _mm256_set1_pd(a1[k]);
+      c00 = _mm256_fmadd_pd(x0, lo, c00);
+      c01 = _mm256_fmadd_pd(x0, hi, c01);
+      c10 = _mm256_fmadd_pd(x1, lo, c10);
+      c11 = _mm256_fmadd_pd(x1, hi, c11);
+    }
+    _mm256_storeu_pd(Wt + i * 8, c00);
+    _mm256_storeu_pd(Wt + i * 8 + 4, c01);
+    if (rows == 2) {
+      _mm256_storeu_pd(Wt + (i + 1) * 8, c10);
+      _mm256_storeu_pd(Wt + (i + 1) * 8 + 4, c11);
+    }
+  }
+}
+
+void multiply8_scalar(int64_t C, const double* A, const double* Vt, double* Wt) {
+  for (int64_t i = 0; i < C; ++i) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t k = 0; k < C; ++k)
+      for (int l = 0; l < 8; ++l) acc[l] = std::fma(A[i * C + k], Vt[k * 8 + l], acc[l]);
+    for (int l = 0; l < 8; ++l) Wt[i * 8 + l] = acc[l];
+  }
+}
+
+using Multiply8Fn = void (*)(int64_t, const double*, const double*, double*);
+
+Multiply8Fn pick_multiply8() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return multiply8_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return multiply8_avx2;
+  return multiply8_scalar;
+}
+
+const Multiply8Fn multiply8 = pick_multiply8();
+
+// W (b x C) = V (b x C) A (C x C symmetric, row-major, full); T is C x 8 scratch when b == 8.
+PRIMAPS_CLONES void multiply_block(int b, int64_t C, const double* A, const double* V, double* W,
+                                   double* T) {
+  if (b == kBlockVectors) {
+    double* Vt = T;
+    double* Wt = T + C * kBlockVectors;
+    for (int j = 0; j < b; ++j)
+      for (int64_t c = 0; c < C; ++c) Vt[c * 8 + j] = V[j * C + c];
+    multiply8(C, A, Vt, Wt);
+    for (int j = 0; j < b; ++j)
+      for (int64_t c = 0; c < C; ++c) W[j * C + c] = Wt[c * 8 + j];
+    return;
+  }
+  std::fill(W, W + b * C, 0.0);  // small C (< 8 channels)
   for (int64_t k = 0; k < C; ++k) {
     const double* ak = A + k * C;
     for (int j = 0; j < b; ++j) {
@@ -255,10 +339,10 @@ PRIMAPS_CLONES void multiply_block(int b, int64_t C, const double* A, const doub
 PRIMAPS_CLONES void top_eigenvector(int64_t C, const double* A, int b, std::vector<double>& V, Lcg& rng,
                      std::vector<double>& W, double* v) {
   double H[kBlockVectors * kBlockVectors], Q[kBlockVectors * kBlockVectors], lam[kBlockVectors];
-  std::vector<double> U(static_cast<size_t>(b) * C);
+  std::vector<double> U(static_cast<size_t>(b) * C), T(2 * kBlockVectors * C);
   orthonormalise(b, C, V.data(), rng);
   for (int it = 0;; ++it) {
-    multiply_block(b, C, A, V.data(), W.data());
+    multiply_block(b, C, A, V.data(), W.data(), T.data());
     for (int i = 0; i < b; ++i)
       for (int j = 0; j < b; ++j) {
         H[i * b + j] = dot(V.data() + i * C, W.data() + j * C, C);

@@ -1,0 +1,171 @@
+"""principal_masks: every backend against primaps_fast.reference, hand-built cases, bad input.
+
+The reference finds the principal direction with ``torch.pca_lowrank(q=3, niter=100)`` as the official
+code does. That is a randomized method: it converges to the top eigenvector only when the top eigenvalue
+is well separated from the rest (on flat spectra 100 iterations are not enough, and two calls disagree
+with each other). Parity inputs therefore have a clear leading direction: synthetic SSL-like scenes and
+low-rank-plus-noise features with a decaying spectrum. On such inputs the backends must give the same
+counts, identical supports and values equal to 1e-5.
+"""
+import pytest
+import torch
+
+import primaps_fast
+from primaps_fast import reference
+from primaps_fast._dispatch import triton_available
+from primaps_fast.data.synthetic import make_scenes
+
+
+def assert_same_proposals(got, want):
+    torch.testing.assert_close(got.counts, want.counts)
+    assert got.masks.dtype == torch.float32 and got.counts.dtype == torch.int64
+    M = max(1, int(want.counts.max()))
+    assert got.masks.shape == want.masks.shape[:1] + (M,) + want.masks.shape[2:]
+    assert torch.equal(got.masks > 0, want.masks > 0), "supports differ"
+    torch.testing.assert_close(got.masks, want.masks, atol=1e-5, rtol=0)
+    for b, n in enumerate(got.counts.tolist()):
+        assert not got.masks[b, n:].any(), "rows beyond counts must be zero"
+
+
+def low_rank_features(B, C, h, w, gen, rank=4):
+    """Mean + a few components with a decaying spectrum (10, 5, 2.5, ...) + small white noise."""
+    rank = min(rank, C)
+    mean = torch.randn(C, generator=gen)
+    basis = torch.linalg.qr(torch.randn(C, rank, generator=gen))[0].T  # (rank, C) orthonormal
+    scales = 10.0 * 0.5 ** torch.arange(rank).float()
+    coef = torch.randn(B, h * w, rank, generator=gen) * scales
+    f = mean + coef @ basis + 0.05 * torch.randn(B, h * w, C, generator=gen)
+    return f.permute(0, 2, 1).reshape(B, C, h, w).contiguous()
+
+
+def scenes_features(B, C, h, w, seed):
+    return make_scenes(B, image_size=(8 * h, 8 * w), dim=C, seed=seed).features
+
+
+BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+def skip_unavailable(backend):
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton not available")
+
+
+@pytest.mark.parametrize("B,C,h,w", [(1, 64, 9, 7), (3, 384, 11, 13), (1, 768, 7, 9), (3, 3, 8, 5)])
+@pytest.mark.parametrize("kind", ["scenes", "low_rank"])
+def test_cpu_matches_reference(B, C, h, w, kind, rng):
+    f = scenes_features(B, C, h, w, seed=C + h) if kind == "scenes" else low_rank_features(B, C, h, w, rng)
+    assert_same_proposals(primaps_fast.principal_masks(f, backend="cpu"), reference.principal_masks(f))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("B,C,h,w", [(1, 3, 5, 7), (3, 64, 7, 5)])
+def test_triton_matches_reference(B, C, h, w, rng):
+    skip_unavailable("triton")
+    f = low_rank_features(B, C, h, w, rng)
+    assert_same_proposals(primaps_fast.principal_masks(f, backend="triton"), reference.principal_masks(f))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_two_regions_known_answer(backend):
+    """Region A = (2, 0) (norm 2), region B = (0, 1), some zero pixels. The covariance has one direction,
+    v ~ (2, -1)/sqrt(5): |cos| is 0.894 on A and 0.447 on B, so A comes first and B (cosine 0 to A)
+    is excluded; then B alone is degenerate (identical features) and v = its mean. The zero pixels
+    (> 5%) remain, their covariance is 0 with mean 0, so v = 0 and the loop stops: 2 proposals."""
+    skip_unavailable(backend)
+    region = torch.tensor([[1, 1, 2, 2],
+                           [1, 0, 2, 2],
+                           [1, 1, 1, 2],
+                           [0, 2, 2, 2]])
+    f = torch.zeros(2, 4, 4)
+    f[0][region == 1] = 2.0
+    f[1][region == 2] = 1.0
+    out = primaps_fast.principal_masks(f, backend=backend)
+    assert out.counts.tolist() == [2]
+    torch.testing.assert_close(out.masks[0, 0], (region == 1).float())
+    torch.testing.assert_close(out.masks[0, 1], (region == 2).float())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_constant_and_zero_features(backend):
+    skip_unavailable(backend)
+    const = torch.randn(16, 1, 1).expand(16, 5, 3).contiguous()
+    zero = torch.zeros(16, 5, 3)
+    out = primaps_fast.principal_masks(torch.stack([const, zero]), backend=backend)
+    assert out.counts.tolist() == [1, 0]
+    assert torch.equal(out.masks[0, 0], torch.ones(5, 3))
+    assert not out.masks[1].any()
+    assert not out.masks.isnan().any()
+    one_pixel = primaps_fast.principal_masks(torch.randn(7, 1, 1), backend=backend)
+    assert one_pixel.counts.tolist() == [1] and one_pixel.masks.tolist() == [[[[1.0]]]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_patches_and_dominant_direction(backend, rng):
+    skip_unavailable(backend)
+    f = low_rank_features(2, 16, 7, 9, rng, rank=1)  # one dominant direction
+    f[0, :, :3, :4] = 0.0  # an all-zero patch of 12 / 63 pixels (> 5%): never covered
+    want = reference.principal_masks(f)
+    got = primaps_fast.principal_masks(f, backend=backend)
+    assert_same_proposals(got, want)
+    assert not got.masks[0, :, :3, :4].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_options_and_invariants(backend, rng):
+    skip_unavailable(backend)
+    f = low_rank_features(3, 32, 9, 11, rng)
+    full = primaps_fast.principal_masks(f, backend=backend)
+    capped = primaps_fast.principal_masks(f, max_masks=2, backend=backend)
+    assert capped.counts.tolist() == full.counts.clamp(max=2).tolist()
+    torch.testing.assert_close(capped.masks, full.masks[:, :2])
+    early = primaps_fast.principal_masks(f, stop_fraction=0.01, backend=backend)
+    assert early.counts.tolist() == [1, 1, 1]
+    strict = primaps_fast.principal_masks(f, threshold=0.9, backend=backend)
+    assert_same_proposals(strict, reference.principal_masks(f, threshold=0.9))
+    # proposals are disjoint, in [0, 1], each contains a pixel of value 1, and cover >= 95%
+    support = (full.masks > 0).sum(1)
+    assert support.max() <= 1 and full.masks.max() <= 1
+    for b, n in enumerate(full.counts.tolist()):
+        assert (full.masks[b, :n].flatten(1).max(1).values == 1).all()
+        assert support[b].float().mean() >= 0.95
+    single = primaps_fast.principal_masks(f[1], backend=backend)
+    assert_same_proposals(single, type(full)(full.masks[1:2, : int(full.counts[1])], full.counts[1:2]))
+
+
+def test_non_contiguous_and_double_input(rng):
+    f = low_rank_features(2, 24, 9, 7, rng)
+    want = primaps_fast.principal_masks(f, backend="cpu")
+    got = primaps_fast.principal_masks(f.double().transpose(2, 3).contiguous().transpose(2, 3), backend="cpu")
+    assert_same_proposals(got, want)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bad_inputs(backend):
+    good = torch.randn(1, 4, 3, 3)
+    pm = primaps_fast.principal_masks
+    with pytest.raises(ValueError, match="features"):
+        pm(torch.randn(4, 3), backend=backend)
+    with pytest.raises(TypeError, match="features"):
+        pm(torch.ones(1, 4, 3, 3, dtype=torch.int64), backend=backend)
+    with pytest.raises(TypeError, match="features"):
+        pm(good.numpy(), backend=backend)
+    for bad in (float("nan"), float("inf")):
+        x = good.clone()
+        x[0, 1, 2, 0] = bad
+        with pytest.raises(ValueError, match="features"):
+            pm(x, backend=backend)
+    with pytest.raises(ValueError, match="features"):
+        pm(torch.randn(1, 0, 3, 3), backend=backend)
+    with pytest.raises(ValueError, match="features"):
+        pm(torch.randn(1, 4, 0, 3), backend=backend)
+    for t in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="threshold"):
+            pm(good, threshold=t, backend=backend)
+        with pytest.raises(ValueError, match="stop_fraction"):
+            pm(good, stop_fraction=t, backend=backend)
+    with pytest.raises(ValueError, match="max_masks"):
+        pm(good, max_masks=0, backend=backend)
+    with pytest.raises(TypeError, match="max_masks"):
+        pm(good, max_masks=2.0, backend=backend)
+    with pytest.raises(ValueError, match="backend"):
+        pm(good, backend="gpu")
