@@ -144,23 +144,25 @@ def crf_image(image: torch.Tensor) -> torch.Tensor:
 def pseudo_labels(images, features, *, threshold=0.4, ignore_index=255, crf=True, crf_iterations=10):
     """Reference of :func:`primaps_fast.pseudo_labels`: the official ``_get_pseudo(img, feat, zeros)``
     per image (module docstring lists the deliberate differences). Returns int64 (B, H, W)."""
-    from primaps_fast.reference.crf import dense_crf
-
     B, _, H, W = images.shape
+    per_image = [_proposals_one(f.detach().float().cpu(), threshold, 0.95, None) for f in features]
+    max_count = max(len(p) for p in per_image)
+    if 1 <= ignore_index <= max_count:
+        raise ValueError(f"ignore_index: {ignore_index} clashes with the mask ids 1..{max_count}")
     out = torch.empty(B, H, W, dtype=torch.int64)
-    for b in range(B):
-        feat = features[b].detach().float().cpu()
-        props = _proposals_one(feat, threshold, 0.95, None)
+    for b, props in enumerate(per_image):
         if props:
             logits = mask_logits(torch.stack(props))
         else:  # no proposal at all (all features zero): background only
-            logits = torch.zeros(1, *feat.shape[-2:])
-        up = F.interpolate(logits[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+            logits = torch.zeros(1, *features.shape[-2:])
         if crf:
+            from primaps_fast.reference.crf import dense_crf
+
             bgr = crf_image(images[b].detach().cpu()).flip(0)
             q = dense_crf(bgr[None], logits[None], iterations=crf_iterations)[0]
             lab = q.argmax(0)
         else:
+            up = F.interpolate(logits[None], size=(H, W), mode="bilinear", align_corners=False)[0]
             lab = up.argmax(0)
         lab = lab.to(torch.int64)
         lab[lab == 0] = ignore_index

@@ -1,0 +1,245 @@
+// PriMaPs pseudo-label post-processing (official PriMaPs._get_pseudo after the proposal loop):
+// 3x3 median filter (reflect padding) of every proposal, x10 and clamp to [0, 1], the background mask
+// clamp(mean(non-zero values) - sum of masks, 0, 1) stacked first, log_softmax over masks, bilinear
+// upsampling (align_corners=False) to the image size and either the arg-max (crf=False) or the softmax
+// probabilities the dense CRF starts from. One image per thread, GIL released.
+//
+// Rounding follows PyTorch's CPU kernels where it decides ties: the bilinear weights and the order of
+// the products are those of ATen's upsample_bilinear2d (row interpolation first, then the two rows),
+// so equal low-resolution logits give bit-identical upsampled values and the same first-max arg-max.
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+
+namespace {
+
+// Exact median of 9 values arranged as three triples: with (lo, md, hi) of each triple, the median is
+// med3(max(lo...), med3(md...), min(hi...)) (sorting the triples, then the columns of the 3x3 table,
+// puts the median at the centre of the anti-diagonal).
+inline float med3(float a, float b, float c) {
+  return std::max(std::min(a, b), std::min(std::max(a, b), c));
+}
+
+inline int64_t reflect(int64_t i, int64_t n) {
+  if (n == 1) return 0;  // a 1-pixel axis cannot be reflected: the pixel itself (replicate)
+  if (i < 0) return -i;
+  if (i >= n) return 2 * n - 2 - i;
+  return i;
+}
+
+// out (h, w) = 3x3 median of in (h, w), reflect padding; scratch lo/md/hi of w floats each.
+void median3x3(const float* in, float* out, int64_t h, int64_t w, float* lo, float* md, float* hi) {
+  for (int64_t y = 0; y < h; ++y) {
+    const float* r0 = in + reflect(y - 1, h) * w;
+    const float* r1 = in + y * w;
+    const float* r2 = in + reflect(y + 1, h) * w;
+    for (int64_t x = 0; x < w; ++x) {  // sort every vertical triple
+      const float a = r0[x], b = r1[x], c = r2[x];
+      lo[x] = std::min(std::min(a, b), c);
+      hi[x] = std::max(std::max(a, b), c);
+      md[x] = med3(a, b, c);
+    }
+    float* o = out + y * w;
+    for (int64_t x = 0; x < w; ++x) {
+      const int64_t l = reflect(x - 1, w), r = reflect(x + 1, w);
+      const float mx_lo = std::max(std::max(lo[l], lo[x]), lo[r]);
+      const float mn_hi = std::min(std::min(hi[l], hi[x]), hi[r]);
+      o[x] = med3(mx_lo, med3(md[l], md[x], md[r]), mn_hi);
+    }
+  }
+}
+
+void median_filter_cpu(primaps::FloatArray input, primaps::FloatArray output, int threads) {
+  primaps::check_ndim(input, 3, "masks");
+  primaps::check_ndim(output, 3, "out");
+  const int64_t P = input.shape(0), h = input.shape(1), w = input.shape(2);
+  if (output.shape(0) != P || output.shape(1) != h || output.shape(2) != w)
+    throw std::invalid_argument("out: expected the shape of masks");
+  if (h < 1 || w < 1) throw std::invalid_argument("masks: empty spatial size");
+  const float* in = input.data();
+  float* out = output.mutable_data();
+  py::gil_scoped_release release;
+  primaps::parallel_for(P, threads, [&](int64_t p) {
+    std::vector<float> scratch(3 * w);
+    median3x3(in + p * h * w, out + p * h * w, h, w, scratch.data(), scratch.data() + w,
+              scratch.data() + 2 * w);
+  });
+}
+
+// Log-probabilities (m + 1, h, w) of one image from its m raw proposals (m, h, w): median filter, x10,
+// clamp, background first, log_softmax over masks. m == 0 gives a single all-zero background channel.
+void mask_logits(const float* props, int64_t m, int64_t h, int64_t w, float* logits) {
+  const int64_t n = h * w;
+  std::vector<float> scratch(3 * w);
+  float* fg = logits + n;  // masks 1..m
+  double nz_sum = 0.0;
+  int64_t nz_count = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    float* o = fg + i * n;
+    median3x3(props + i * n, o, h, w, scratch.data(), scratch.data() + w, scratch.data() + 2 * w);
+    for (int64_t p = 0; p < n; ++p) {
+      const float v = std::min(std::max(o[p] * 10.0f, 0.0f), 1.0f);
+      o[p] = v;
+      if (v != 0.0f) nz_sum += v, ++nz_count;
+    }
+  }
+  // mean of the non-zero filtered values (0 when there is none; the official gives NaN)
+  const float level = nz_count ? static_cast<float>(nz_sum / static_cast<double>(nz_count)) : 0.0f;
+  float* bg = logits;
+  for (int64_t p = 0; p < n; ++p) {
+    float s = 0.0f;  // sum over masks, in mask order (as torch's sum(dim=0))
+    for (int64_t i = 0; i < m; ++i) s += fg[i * n + p];
+    bg[p] = std::min(std::max(level - s, 0.0f), 1.0f);
+  }
+  const int64_t L = m + 1;
+  for (int64_t p = 0; p < n; ++p) {
+    float mx = logits[p];
+    for (int64_t l = 1; l < L; ++l) mx = std::max(mx, logits[l * n + p]);
+    float s = 0.0f;
+    for (int64_t l = 0; l < L; ++l) s += std::exp(logits[l * n + p] - mx);
+    const float ls = std::log(s);
+    for (int64_t l = 0; l < L; ++l) logits[l * n + p] = logits[l * n + p] - mx - ls;
+  }
+}
+
+// Bilinear source indices and weights of ATen's upsample_bilinear2d, align_corners=False.
+struct Axis {
+  std::vector<int64_t> i0, i1;
+  std::vector<float> w0, w1;
+  Axis(int64_t in, int64_t out) : i0(out), i1(out), w0(out), w1(out) {
+    const float scale = static_cast<float>(in) / static_cast<float>(out);
+    for (int64_t o = 0; o < out; ++o) {
+      if (in == out) {
+        i0[o] = o, i1[o] = o, w0[o] = 1.0f, w1[o] = 0.0f;
+        continue;
+      }
+      float src = scale * (static_cast<float>(o) + 0.5f) - 0.5f;
+      if (src < 0.0f) src = 0.0f;
+      const int64_t a = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
+      const float lam = std::min(std::max(src - static_cast<float>(a), 0.0f), 1.0f);
+      i0[o] = a;
+      i1[o] = a + (a < in - 1 ? 1 : 0);
+      w1[o] = lam;
+      w0[o] = 1.0f - lam;
+    }
+  }
+};
+
+// One output row y of channel `src` (h, w) upsampled to width W into row (W floats).
+inline void upsample_row(const float* src, int64_t w, const Axis& ay, const Axis& ax, int64_t y,
+                         int64_t W, float* row) {
+  const float* s0 = src + ay.i0[y] * w;
+  const float* s1 = src + ay.i1[y] * w;
+  const float wy0 = ay.w0[y], wy1 = ay.w1[y];
+  for (int64_t x = 0; x < W; ++x) {
+    const int64_t a = ax.i0[x], b = ax.i1[x];
+    const float t0 = s0[a] * ax.w0[x] + s0[b] * ax.w1[x];
+    const float t1 = s1[a] * ax.w0[x] + s1[b] * ax.w1[x];
+    row[x] = t0 * wy0 + t1 * wy1;
+  }
+}
+
+void check_post_args(const primaps::FloatArray& masks, const primaps::Int64Array& counts) {
+  primaps::check_ndim(masks, 4, "masks");
+  primaps::check_ndim(counts, 1, "counts");
+  if (counts.shape(0) != masks.shape(0)) throw std::invalid_argument("counts: expected shape (B,)");
+  if (masks.shape(2) < 1 || masks.shape(3) < 1)
+    throw std::invalid_argument("masks: empty spatial size");
+  const int64_t* cnt = counts.data();
+  for (int64_t b = 0; b < counts.shape(0); ++b)
+    if (cnt[b] < 0 || cnt[b] > masks.shape(1))
+      throw std::invalid_argument("counts: values must be in [0, M]");
+}
+
+// crf=False: labels (B, H, W) = arg-max over masks (first maximum) of the upsampled log-probabilities,
+// with id 0 (background) replaced by ignore_index.
+void mask_labels_cpu(primaps::FloatArray masks, primaps::Int64Array counts, primaps::Int64Array labels,
+                     int64_t ignore_index, int threads) {
+  check_post_args(masks, counts);
+  primaps::check_ndim(labels, 3, "labels");
+  const int64_t B = masks.shape(0), M = masks.shape(1), h = masks.shape(2), w = masks.shape(3);
+  const int64_t H = labels.shape(1), W = labels.shape(2);
+  if (labels.shape(0) != B || H < 1 || W < 1) throw std::invalid_argument("labels: bad shape");
+  const float* in = masks.data();
+  const int64_t* cnt = counts.data();
+  int64_t* out = labels.mutable_data();
+  py::gil_scoped_release release;
+  const Axis ay(h, H), ax(w, W);
+  primaps::parallel_for(B, threads, [&](int64_t b) {
+    const int64_t L = cnt[b] + 1, n = h * w;
+    std::vector<float> logits(L * n), row(W), best(W);
+    mask_logits(in + b * M * n, cnt[b], h, w, logits.data());
+    for (int64_t y = 0; y < H; ++y) {
+      int64_t* o = out + (b * H + y) * W;
+      upsample_row(logits.data(), w, ay, ax, y, W, best.data());
+      std::fill(o, o + W, int64_t{0});
+      for (int64_t l = 1; l < L; ++l) {
+        upsample_row(logits.data() + l * n, w, ay, ax, y, W, row.data());
+        for (int64_t x = 0; x < W; ++x)
+          if (row[x] > best[x]) best[x] = row[x], o[x] = l;
+      }
+      for (int64_t x = 0; x < W; ++x)
+        if (o[x] == 0) o[x] = ignore_index;
+    }
+  });
+}
+
+// crf=True: probs (B, M + 1, H, W) = softmax over masks of the upsampled log-probabilities, the
+// unary the dense CRF starts from; channels >= counts[b] + 1 are zero.
+void mask_probs_cpu(primaps::FloatArray masks, primaps::Int64Array counts, primaps::FloatArray probs,
+                    int threads) {
+  check_post_args(masks, counts);
+  primaps::check_ndim(probs, 4, "probs");
+  const int64_t B = masks.shape(0), M = masks.shape(1), h = masks.shape(2), w = masks.shape(3);
+  const int64_t H = probs.shape(2), W = probs.shape(3);
+  if (probs.shape(0) != B || probs.shape(1) != M + 1 || H < 1 || W < 1)
+    throw std::invalid_argument("probs: expected shape (B, M + 1, H, W)");
+  const float* in = masks.data();
+  const int64_t* cnt = counts.data();
+  float* out = probs.mutable_data();
+  py::gil_scoped_release release;
+  const Axis ay(h, H), ax(w, W);
+  primaps::parallel_for(B, threads, [&](int64_t b) {
+    const int64_t L = cnt[b] + 1, n = h * w, HW = H * W;
+    std::vector<float> logits(L * n), mx(W), sum(W);
+    mask_logits(in + b * M * n, cnt[b], h, w, logits.data());
+    float* ob = out + b * (M + 1) * HW;
+    std::fill(ob + L * HW, ob + (M + 1) * HW, 0.0f);
+    for (int64_t y = 0; y < H; ++y) {
+      for (int64_t l = 0; l < L; ++l)
+        upsample_row(logits.data() + l * n, w, ay, ax, y, W, ob + l * HW + y * W);
+      std::copy(ob + y * W, ob + y * W + W, mx.begin());
+      for (int64_t l = 1; l < L; ++l) {
+        const float* r = ob + l * HW + y * W;
+        for (int64_t x = 0; x < W; ++x) mx[x] = std::max(mx[x], r[x]);
+      }
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      for (int64_t l = 0; l < L; ++l) {
+        float* r = ob + l * HW + y * W;
+        for (int64_t x = 0; x < W; ++x) {
+          r[x] = std::exp(r[x] - mx[x]);
+          sum[x] += r[x];
+        }
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        float* r = ob + l * HW + y * W;
+        for (int64_t x = 0; x < W; ++x) r[x] = r[x] / sum[x];
+      }
+    }
+  });
+}
+
+static primaps::Registrar registrar([](py::module_& m) {
+  m.def("median_filter3x3", &median_filter_cpu, py::arg("masks"), py::arg("out"), py::arg("threads"),
+        "3x3 median filter with reflect padding of every (h, w) plane of a (P, h, w) float32 array.");
+  m.def("mask_labels", &mask_labels_cpu, py::arg("masks"), py::arg("counts"), py::arg("labels"),
+        py::arg("ignore_index"), py::arg("threads"),
+        "PriMaPs post-processing without CRF: (B, M, h, w) proposals -> (B, H, W) int64 mask ids.");
+  m.def("mask_probs", &mask_probs_cpu, py::arg("masks"), py::arg("counts"), py::arg("probs"),
+        py::arg("threads"),
+        "PriMaPs post-processing up to the CRF: (B, M, h, w) proposals -> (B, M + 1, H, W) softmax "
+        "probabilities of the upsampled log-probabilities (background first).");
+});
+
+}  // namespace

@@ -1,0 +1,39 @@
+"""3x3 median filter of PriMaPs proposals (official ``MedianPool2d(kernel_size=3, stride=1, padding=1)``)."""
+from __future__ import annotations
+
+import torch
+
+from primaps_fast import _dispatch
+
+
+def median_filter(masks: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """3x3 median filter with reflect padding, each ``(h, w)`` plane independently.
+
+    Args:
+        masks: float tensor ``(..., h, w)`` with at least 2 dimensions (e.g. ``(B, M, h, w)`` proposals);
+            computed in float32, finite.
+        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "reference".
+
+    Returns:
+        float32 tensor of the shape of ``masks``: the median (the 5th smallest) of each pixel's 3x3
+        neighbourhood, the border reflected (``F.pad(mode="reflect")``: index -1 reads index 1), as the
+        official ``MedianPool2d``. On an axis of length 1, which reflect padding cannot handle, the pixel
+        itself is used (replicate). All-zero planes (rows beyond ``counts``) stay zero.
+    """
+    _dispatch.check_tensor(masks, "masks", floating=True, finite=True)
+    if masks.dim() < 2:
+        raise ValueError(f"masks: expected at least 2 dimensions (..., h, w), got shape {tuple(masks.shape)}")
+    backend = _dispatch.choose_backend(backend, masks)
+    if backend == "reference":
+        from primaps_fast.reference.primaps import median_filter as ref
+
+        return ref(masks)
+    if backend == "triton":
+        from primaps_fast.triton.median_filter import median_filter_triton
+
+        return median_filter_triton(masks.float().contiguous())
+    x = masks.detach().to(dtype=torch.float32).contiguous()
+    planes = x.reshape(-1, x.shape[-2], x.shape[-1])
+    out = torch.empty_like(planes)
+    _dispatch.cpp().median_filter3x3(planes.numpy(), out.numpy(), _dispatch.num_threads())
+    return out.reshape(masks.shape)

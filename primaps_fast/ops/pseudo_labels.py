@@ -1,0 +1,139 @@
+"""PriMaPs pseudo labels: the official ``PriMaPs._get_pseudo(img, feat, zeros)`` for a whole batch."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from primaps_fast import _dispatch
+from primaps_fast.ops.principal_masks import principal_masks
+
+
+def _check_args(images, features, ignore_index, crf_iterations):
+    _dispatch.check_tensor(images, "images", ndim=4)
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise TypeError(f"images: expected uint8 RGB or float normalized images, got {images.dtype}")
+    if images.shape[1] != 3:
+        raise ValueError(f"images: expected 3 channels (B, 3, H, W), got shape {tuple(images.shape)}")
+    if images.is_floating_point():
+        _dispatch.check_tensor(images, "images", finite=True)
+    _dispatch.check_tensor(features, "features", ndim=4, floating=True, finite=True)
+    if min(features.shape[1:]) == 0:
+        raise ValueError(f"features: empty channel or spatial size in shape {tuple(features.shape)}")
+    if images.shape[0] != features.shape[0]:
+        raise ValueError(f"images/features: batch sizes differ ({images.shape[0]} vs {features.shape[0]})")
+    (H, W), (h, w) = images.shape[-2:], features.shape[-2:]
+    if H % h or W % w:
+        raise ValueError(f"images/features: image size {(H, W)} is not a multiple of the feature grid {(h, w)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if isinstance(crf_iterations, bool) or not isinstance(crf_iterations, int):
+        raise TypeError(f"crf_iterations: expected an int, got {type(crf_iterations).__name__}")
+    if crf_iterations < 1:
+        raise ValueError(f"crf_iterations: expected >= 1, got {crf_iterations}")
+
+
+def check_ignore_index(ignore_index: int, max_count: int) -> None:
+    """Mask ids are 1..M; an ignore_index among them would merge a mask with the background."""
+    if 1 <= ignore_index <= max_count:
+        raise ValueError(f"ignore_index: {ignore_index} clashes with the mask ids 1..{max_count} of this "
+                         f"batch; use 0, a negative value or a value above {max_count} (e.g. 255)")
+
+
+def crf_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) images in BGR order, as the official CRF sees them: float images are
+    un-normalised with the ImageNet mean/std, times 255, clamped to [0, 255] (the official cast wraps
+    instead) and truncated; uint8 RGB images are used as they are."""
+    from primaps_fast.reference.primaps import crf_image
+
+    return crf_image(images.detach()).flip(1).contiguous()
+
+
+def _postprocess_torch(masks, counts, size, filtered):
+    """Batched torch version of the post-processing (CUDA path): log-probabilities (B, M + 1, H, W)
+    upsampled, with -inf in the channels beyond counts[b] + 1."""
+    B, M = masks.shape[:2]
+    p = (filtered * 10).clamp(0, 1)
+    nz = (p != 0).flatten(1).sum(1)
+    level = torch.where(nz > 0, p.flatten(1).sum(1) / nz.clamp_min(1), torch.zeros_like(nz, dtype=p.dtype))
+    bg = (level.view(B, 1, 1) - p.sum(1)).clamp(0, 1)
+    logits = torch.cat([bg[:, None], p], dim=1)
+    valid = torch.arange(M + 1, device=masks.device).view(1, -1) <= counts.view(-1, 1)  # (B, M + 1)
+    logits = torch.where(valid[:, :, None, None], logits, torch.tensor(float("-inf"), device=masks.device))
+    logits = F.log_softmax(logits, dim=1)
+    up = F.interpolate(torch.where(valid[:, :, None, None], logits, 0.0), size=size, mode="bilinear",
+                       align_corners=False)
+    return torch.where(valid[:, :, None, None], up, torch.tensor(float("-inf"), device=masks.device))
+
+
+def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: float = 0.4,
+                  ignore_index: int = 255, crf: bool = True, crf_iterations: int = 10,
+                  backend: str | None = None) -> torch.Tensor:
+    """PriMaPs pseudo labels of a batch (official ``PriMaPs._get_pseudo(img, feat, zeros)`` per image).
+
+    Args:
+        images: ``(B, 3, H, W)`` float images normalised with the ImageNet mean/std (the official
+            transforms), or uint8 RGB. Only the CRF looks at them.
+        features: float ``(B, C, h, w)``, finite; ``H`` and ``W`` must be multiples of ``h`` and ``w``.
+        threshold: psi of :func:`primaps_fast.principal_masks`.
+        ignore_index: label of background pixels; must not be one of the mask ids ``1..M``.
+        crf: refine with the dense CRF (pydensecrf parameters of the official code) or not.
+        crf_iterations: mean-field iterations (>= 1).
+        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "reference".
+
+    Returns:
+        int64 ``(B, H, W)``: mask ids ``1..counts[b]`` and ``ignore_index`` for the background.
+
+    Per image: the proposals of :func:`principal_masks` (stop fraction 0.95); 3x3 median filter with
+    reflect padding per proposal, x10, clamp to [0, 1]; background ``clamp(mean(non-zero values) -
+    sum of masks, 0, 1)`` stacked first; ``log_softmax`` over masks; bilinear upsampling
+    (``align_corners=False``) to ``(H, W)``; with ``crf=True`` the dense CRF on the uint8 image in BGR
+    order (softmax of the upsampled log-probabilities as the unary), else the arg-max directly (first
+    maximum on ties); id 0 becomes ``ignore_index``. Images with different proposal counts keep their
+    own label count.
+
+    Deliberate differences from the official code (also in ``primaps_fast.reference.primaps``): those of
+    :func:`principal_masks`; the background sums over masks also when there is a single proposal (the
+    official ``squeeze()`` makes it sum over rows); no NaN when no value is non-zero (the mean is taken
+    as 0); float images are clamped to [0, 255] before the uint8 cast (the official wraps).
+    """
+    _check_args(images, features, ignore_index, crf_iterations)
+    backend = _dispatch.choose_backend(backend, images, features)
+    (H, W) = images.shape[-2:]
+    if backend == "reference":
+        from primaps_fast.reference.primaps import pseudo_labels as ref
+
+        return ref(images, features, threshold=threshold, ignore_index=ignore_index, crf=crf,
+                   crf_iterations=crf_iterations)
+    masks, counts = principal_masks(features, threshold=threshold, backend=backend)
+    check_ignore_index(ignore_index, int(counts.max()))
+    if backend == "triton":
+        from primaps_fast.triton.median_filter import median_filter_triton
+
+        logp = _postprocess_torch(masks, counts, (H, W), median_filter_triton(masks))
+        if not crf:
+            labels = logp.argmax(1)
+        else:
+            probs = logp.softmax(1)
+            labels = _crf_argmax(images, probs, counts, crf_iterations, backend)
+        return torch.where(labels == 0, torch.full_like(labels, ignore_index), labels)
+    cpp = _dispatch.cpp()
+    B = masks.shape[0]
+    if not crf:
+        labels = torch.empty(B, H, W, dtype=torch.int64)
+        cpp.mask_labels(masks.numpy(), counts.numpy(), labels.numpy(), int(ignore_index),
+                        _dispatch.num_threads())
+        return labels
+    probs = torch.empty(B, masks.shape[1] + 1, H, W, dtype=torch.float32)
+    cpp.mask_probs(masks.numpy(), counts.numpy(), probs.numpy(), _dispatch.num_threads())
+    labels = _crf_argmax(images, probs, counts, crf_iterations, backend)
+    return torch.where(labels == 0, torch.full_like(labels, ignore_index), labels)
+
+
+def _crf_argmax(images, probs, counts, iterations, backend):
+    """Dense CRF (helper module primaps_fast.ops.dense_crf) per image with its own label count."""
+    from primaps_fast.ops.dense_crf import dense_crf_list
+
+    bgr = crf_images(images)
+    per_image = [probs[b, : int(counts[b]) + 1].contiguous() for b in range(probs.shape[0])]
+    marginals = dense_crf_list(bgr, per_image, iterations=iterations, backend=backend)
+    return torch.stack([q.argmax(0) for q in marginals]).to(torch.int64)

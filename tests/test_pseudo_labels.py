@@ -1,0 +1,159 @@
+"""pseudo_labels: the batched pipeline against the per-image reference (official _get_pseudo).
+
+With crf=False the labels must be identical except where the reference's two best upsampled
+log-probabilities are within 1e-5 (documented ties: exp/log rounding and the randomized pca_lowrank of
+the reference move values by ~1e-7). With the CRF, at least 99% of the pixels must agree.
+"""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import primaps_fast
+from primaps_fast import reference
+from primaps_fast._dispatch import triton_available
+from primaps_fast.data.synthetic import make_scenes
+from primaps_fast.reference.primaps import IMAGENET_MEAN, IMAGENET_STD, crf_image, mask_logits
+
+HAS_CRF = importlib.util.find_spec("primaps_fast.ops.dense_crf") is not None
+requires_crf = pytest.mark.skipif(not HAS_CRF, reason="primaps_fast.ops.dense_crf not available")
+
+
+def reference_margin(features, size, threshold=0.4):
+    """Gap between the best and second-best upsampled log-probability of the reference, (B, H, W)."""
+    pm = reference.principal_masks(features, threshold=threshold)
+    gaps = []
+    for b, n in enumerate(pm.counts.tolist()):
+        logits = mask_logits(pm.masks[b, :n]) if n else torch.zeros(1, *features.shape[-2:])
+        up = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+        if up.shape[0] == 1:
+            gaps.append(torch.full(size, float("inf")))
+        else:
+            top = up.topk(2, dim=0).values
+            gaps.append(top[0] - top[1])
+    return torch.stack(gaps)
+
+
+def assert_labels_match(got, want, features):
+    assert got.dtype == torch.int64 and got.shape == want.shape
+    differ = got != want
+    if differ.any():
+        margin = reference_margin(features, tuple(want.shape[-2:]))
+        assert (margin[differ] < 1e-5).all(), f"{int(differ.sum())} labels differ away from ties"
+
+
+def normalize(images_uint8):
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (images_uint8.float() / 255 - mean) / std
+
+
+@pytest.mark.parametrize("size,patch,B", [(64, 8, 3), ((40, 56), 8, 2), ((27, 21), 3, 1)])
+def test_no_crf_matches_reference(size, patch, B):
+    sc = make_scenes(B, image_size=size, patch=patch, dim=48, seed=B)
+    got = primaps_fast.pseudo_labels(sc.images, sc.features, crf=False, backend="cpu")
+    want = reference.pseudo_labels(sc.images, sc.features, crf=False)
+    assert_labels_match(got, want, sc.features)
+    # images with different counts keep their own label count; background is ignore_index
+    counts = primaps_fast.principal_masks(sc.features).counts
+    for b in range(B):
+        ids = got[b].unique()
+        assert set(ids.tolist()) <= set(range(1, int(counts[b]) + 1)) | {255}
+
+
+def test_edge_cases_no_crf(rng):
+    # one proposal: constant features (the official squeeze() bug: background sums over masks here)
+    feats = torch.randn(5, 1, 1, generator=rng).expand(5, 3, 4)[None].contiguous()
+    img = torch.randint(0, 256, (1, 3, 6, 8), dtype=torch.uint8, generator=rng)
+    got = primaps_fast.pseudo_labels(img, feats, crf=False, backend="cpu")
+    assert torch.equal(got, reference.pseudo_labels(img, feats, crf=False))
+    assert set(got.unique().tolist()) <= {1, 255}
+    # 1x1 feature map, odd image size; all-zero features (no proposal: everything ignored)
+    for f in (torch.randn(2, 7, 1, 1, generator=rng), torch.zeros(2, 7, 1, 1)):
+        img = torch.randint(0, 256, (2, 3, 5, 3), dtype=torch.uint8, generator=rng)
+        got = primaps_fast.pseudo_labels(img, f, crf=False, ignore_index=-1, backend="cpu")
+        assert torch.equal(got, reference.pseudo_labels(img, f, crf=False, ignore_index=-1))
+    assert (got == -1).all()
+    # ignore_index=0 keeps the background id
+    sc = make_scenes(1, image_size=32, dim=16, seed=3)
+    got = primaps_fast.pseudo_labels(sc.images, sc.features, crf=False, ignore_index=0, backend="cpu")
+    want = primaps_fast.pseudo_labels(sc.images, sc.features, crf=False, backend="cpu")
+    assert torch.equal(got, torch.where(want == 255, 0, want))
+
+
+@pytest.mark.interpreter
+def test_triton_no_crf_matches_reference():
+    if not triton_available():
+        pytest.skip("triton not available")
+    sc = make_scenes(2, image_size=(24, 16), patch=4, dim=8, seed=5)
+    got = primaps_fast.pseudo_labels(sc.images, sc.features, crf=False, backend="triton")
+    want = reference.pseudo_labels(sc.images, sc.features, crf=False)
+    assert_labels_match(got, want, sc.features)
+
+
+def test_crf_images_clamp_and_bgr():
+    img = torch.zeros(1, 3, 2, 2)
+    img[0, 0] = 10.0  # far above 1 after un-normalising: clamped to 255, not wrapped
+    img[0, 2] = -10.0  # clamped to 0
+    from primaps_fast.ops.pseudo_labels import crf_images
+
+    bgr = crf_images(img)
+    assert bgr.dtype == torch.uint8
+    assert (bgr[0, 2] == 255).all() and (bgr[0, 0] == 0).all()  # R last, B first
+    assert (bgr[0, 1] == int(IMAGENET_MEAN[1] * 255)).all()  # truncation: 116.28 -> 116
+    u8 = torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8)
+    assert torch.equal(crf_images(u8), u8.flip(1)) and torch.equal(crf_image(u8[0]), u8[0])
+    # a normalised uint8 image round-trips to within one grey level
+    assert (crf_images(normalize(u8)).int() - u8.flip(1).int()).abs().max() <= 1
+
+
+@requires_crf
+@pytest.mark.parametrize("float_images", [False, True])
+def test_crf_matches_reference(float_images):
+    sc = make_scenes(2, image_size=64, dim=32, seed=11)
+    images = normalize(sc.images) if float_images else sc.images
+    got = primaps_fast.pseudo_labels(images, sc.features, crf_iterations=5, backend="cpu")
+    want = reference.pseudo_labels(images, sc.features, crf_iterations=5)
+    assert (got == want).float().mean() >= 0.99
+
+
+@requires_crf
+def test_crf_edge_cases(rng):
+    img = torch.full((1, 3, 16, 16), 128, dtype=torch.uint8)  # constant image
+    feats = torch.zeros(1, 8, 2, 2)
+    feats[0, 0, :, :1] = 1.0
+    feats[0, 1, :, 1:] = 1.0
+    got = primaps_fast.pseudo_labels(img, feats, backend="cpu")
+    want = reference.pseudo_labels(img, feats)
+    assert (got == want).float().mean() >= 0.99
+
+
+def test_bad_inputs(rng):
+    img = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    f = torch.randn(2, 8, 4, 4)
+    pl = primaps_fast.pseudo_labels
+    with pytest.raises(ValueError, match="batch"):
+        pl(img[:1], f, crf=False)
+    with pytest.raises(ValueError, match="multiple"):
+        pl(img[..., :15], f, crf=False)
+    with pytest.raises(TypeError, match="images"):
+        pl(img.int(), f, crf=False)
+    with pytest.raises(ValueError, match="images"):
+        pl(img[:, :2], f, crf=False)
+    with pytest.raises(ValueError, match="images"):
+        pl(torch.full((2, 3, 16, 16), float("nan")), f, crf=False)
+    bad = f.clone()
+    bad[1, 2, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="features"):
+        pl(img, bad, crf=False)
+    with pytest.raises(ValueError, match="features"):
+        pl(img, f[0], crf=False)
+    with pytest.raises(ValueError, match="ignore_index"):
+        pl(img, f, ignore_index=1, crf=False)
+    with pytest.raises(TypeError, match="ignore_index"):
+        pl(img, f, ignore_index=1.5, crf=False)
+    with pytest.raises(ValueError, match="crf_iterations"):
+        pl(img, f, crf_iterations=0)
+    with pytest.raises(ValueError, match="threshold"):
+        pl(img, f, threshold=0.0, crf=False)
