@@ -1,0 +1,75 @@
+"""pseudo_labels end to end: reference (per-image official pipeline) vs C++ on 8 synthetic 320x320 scenes
+(384 x 40 x 40 features), with and without the dense CRF, plus the post-processing stage alone."""
+import importlib.util
+
+import pytest
+import torch
+
+import primaps_fast
+from primaps_fast import reference
+from primaps_fast.data.synthetic import make_scenes
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton timings need a CUDA device")
+requires_crf = pytest.mark.skipif(importlib.util.find_spec("primaps_fast.ops.dense_crf") is None,
+                                  reason="primaps_fast.ops.dense_crf not available")
+PROVIDERS = ["reference", "cpu", pytest.param("triton", marks=requires_cuda)]
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return make_scenes(8, image_size=320, dim=384)
+
+
+_times = {}
+
+
+def _run(benchmark, key, fn, batch, rounds):
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable
+        return
+    per_image = benchmark.stats.stats.median / batch
+    _times[key] = per_image
+    benchmark.extra_info["ms_per_image"] = per_image * 1e3
+    ref = _times.get((key[0], "reference"))
+    if key[1] != "reference" and ref:
+        benchmark.extra_info["speedup_vs_reference"] = ref / per_image
+
+
+def _inputs(scenes, provider):
+    if provider == "triton":
+        return scenes.images.cuda(), scenes.features.cuda()
+    return scenes.images, scenes.features
+
+
+@pytest.mark.benchmark(group="pseudo_labels crf=False 8x320x320")
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_pseudo_labels_no_crf(benchmark, scenes, provider):
+    images, feats = _inputs(scenes, provider)
+    want = reference.pseudo_labels(scenes.images, scenes.features, crf=False)
+    got = primaps_fast.pseudo_labels(images, feats, crf=False, backend=provider).cpu()
+    assert (got == want).float().mean() >= 0.999
+    fn = lambda: primaps_fast.pseudo_labels(images, feats, crf=False, backend=provider)  # noqa: E731
+    _run(benchmark, ("no_crf", provider), fn, 8, 2 if provider == "reference" else 5)
+
+
+@requires_crf
+@pytest.mark.benchmark(group="pseudo_labels crf=True 8x320x320")
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_pseudo_labels_crf(benchmark, scenes, provider):
+    images, feats = _inputs(scenes, provider)
+    got = primaps_fast.pseudo_labels(images, feats, backend=provider).cpu()
+    if provider != "reference":
+        want = reference.pseudo_labels(scenes.images, scenes.features)
+        assert (got == want).float().mean() >= 0.99
+    fn = lambda: primaps_fast.pseudo_labels(images, feats, backend=provider)  # noqa: E731
+    _run(benchmark, ("crf", provider), fn, 8, 1 if provider == "reference" else 3)
+
+
+@pytest.mark.benchmark(group="median_filter 8x6x40x40")
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_median_filter(benchmark, scenes, provider):
+    masks = primaps_fast.principal_masks(scenes.features).masks
+    x = masks.cuda() if provider == "triton" else masks
+    assert torch.equal(primaps_fast.median_filter(x, backend=provider).cpu(), reference.median_filter(masks))
+    fn = lambda: primaps_fast.median_filter(x, backend=provider)  # noqa: E731
+    _run(benchmark, ("median", provider), fn, 8, 5 if provider == "reference" else 20)
