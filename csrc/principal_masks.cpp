@@ -36,8 +36,8 @@ constexpr int64_t kPad = 16;               // pixel padding of packed buffers (o
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // The float64 eigen solver and the per-pixel passes are plain loops that GCC vectorises; compile them
-// for AVX-512, AVX2 and baseline x86-64 and pick at load time (no -march=native). Without
-// -ffast-math the vectorised element-wise loops round exactly like the scalar ones.
+// for AVX-512, AVX2 and baseline x86-64 and pick at load time (no -march=native). No -ffast-math:
+// reductions keep their order; only FMA contraction (on the FMA-capable clones) changes last bits.
 #define PRIMAPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 // ---------------------------------------------------------------------------------------------------
