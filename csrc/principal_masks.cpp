@@ -119,15 +119,6 @@ void syrk_scalar(const float* Y, int64_t ld, int64_t Cp, int64_t len, double* S,
 
 using SyrkFn = void (*)(const float*, int64_t, int64_t, int64_t, double*, double);
 
-SyrkFn pick_syrk() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return syrk_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return syrk_avx2;
-  return syrk_scalar;
-}
-
-const SyrkFn syrk = pick_syrk();
-
 // ---------------------------------------------------------------------------------------------------
 // Small dense linear algebra in float64 for the eigen solver.
 
@@ -301,14 +292,36 @@ void multiply8_scalar(int64_t C, const double* A, const double* Vt, double* Wt) 
 
 using Multiply8Fn = void (*)(int64_t, const double*, const double*, double*);
 
-Multiply8Fn pick_multiply8() {
+// Kernel selection: the best the CPU supports, or (tests) a lower ISA chosen with set_isa.
+bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
+bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+std::string best_isa() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return multiply8_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return multiply8_avx2;
-  return multiply8_scalar;
+  return has_avx512() ? "avx512" : (has_avx2() ? "avx2" : "scalar");
 }
 
-const Multiply8Fn multiply8 = pick_multiply8();
+std::string current_isa = best_isa();
+SyrkFn syrk = nullptr;
+Multiply8Fn multiply8 = nullptr;
+
+std::string set_isa(const std::string& isa) {
+  const std::string want = isa == "auto" ? best_isa() : isa;
+  if (want == "avx512" && has_avx512()) {
+    syrk = syrk_avx512, multiply8 = multiply8_avx512;
+  } else if (want == "avx2" && has_avx2()) {
+    syrk = syrk_avx2, multiply8 = multiply8_avx2;
+  } else if (want == "scalar") {
+    syrk = syrk_scalar, multiply8 = multiply8_scalar;
+  } else {
+    throw std::invalid_argument("isa: expected 'auto', 'scalar' or one this CPU supports "
+                                "(best: " + best_isa() + "), got '" + isa + "'");
+  }
+  current_isa = want;
+  return current_isa;
+}
+
+const std::string initial_isa = set_isa("auto");
 
 // W (b x C) = V (b x C) A (C x C symmetric, row-major, full); T is C x 8 scratch when b == 8.
 PRIMAPS_CLONES void multiply_block(int b, int64_t C, const double* A, const double* V, double* W,
@@ -570,6 +583,9 @@ void principal_masks_cpu(primaps::FloatArray features, primaps::Int64Array owner
 }
 
 static primaps::Registrar registrar([](py::module_& m) {
+  m.def("principal_masks_isa", &set_isa, py::arg("isa"),
+        "Testing hook: selects the SYRK / block-product kernels ('auto', 'avx512', 'avx2', 'scalar') "
+        "for principal_masks and returns the one in use. Not thread-safe: do not call during a run.");
   m.def("principal_masks", &principal_masks_cpu, py::arg("features"), py::arg("owner"),
         py::arg("value"), py::arg("counts"), py::arg("threshold"), py::arg("stop_fraction"),
         py::arg("max_masks"), py::arg("threads"),

@@ -169,3 +169,19 @@ def test_bad_inputs(backend):
         pm(good, max_masks=2.0, backend=backend)
     with pytest.raises(ValueError, match="backend"):
         pm(good, backend="gpu")
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+def test_cpu_kernel_isas_match_reference(isa, rng):
+    """Every SIMD path of the C++ SYRK and block product (the CPU picks the best at load time)."""
+    cpp = primaps_fast._dispatch.cpp()
+    try:
+        cpp.principal_masks_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU has no {isa}")
+    try:
+        for C, (h, w) in ((13, (9, 7)), (64, (11, 5))):  # C not a multiple of 4 or 8
+            f = low_rank_features(2, C, h, w, rng)
+            assert_same_proposals(primaps_fast.principal_masks(f, backend="cpu"), reference.principal_masks(f))
+    finally:
+        cpp.principal_masks_isa("auto")
