@@ -582,7 +582,31 @@ void principal_masks_cpu(primaps::FloatArray features, primaps::Int64Array owner
   });
 }
 
+// masks (B, M, h, w) = the disjoint proposals (owner, value) stacked, zero elsewhere. Done here rather
+// than with torch ops so no OpenMP pool wakes up (its spinning threads would slow the next kernel call).
+void stack_proposals_cpu(primaps::Int64Array owner, primaps::FloatArray value, primaps::FloatArray masks) {
+  primaps::check_ndim(owner, 3, "owner");
+  primaps::check_ndim(value, 3, "value");
+  primaps::check_ndim(masks, 4, "masks");
+  const int64_t B = owner.shape(0), N = owner.shape(1) * owner.shape(2), M = masks.shape(1);
+  if (masks.shape(0) != B || masks.shape(2) * masks.shape(3) != N || value.size() != B * N)
+    throw std::invalid_argument("masks: expected shape (B, M, h, w) of owner (B, h, w)");
+  const int64_t* own = owner.data();
+  const float* val = value.data();
+  float* out = masks.mutable_data();
+  py::gil_scoped_release release;
+  std::fill(out, out + B * M * N, 0.0f);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t p = 0; p < N; ++p) {
+      const int64_t k = own[b * N + p];
+      if (k >= M) throw std::invalid_argument("masks: fewer rows than proposals");
+      if (k >= 0) out[(b * M + k) * N + p] = val[b * N + p];
+    }
+}
+
 static primaps::Registrar registrar([](py::module_& m) {
+  m.def("stack_proposals", &stack_proposals_cpu, py::arg("owner"), py::arg("value"), py::arg("masks"),
+        "Scatter disjoint proposals owner/value (B, h, w) into masks (B, M, h, w).");
   m.def("principal_masks_isa", &set_isa, py::arg("isa"),
         "Testing hook: selects the SYRK / block-product kernels ('auto', 'avx512', 'avx2', 'scalar') "
         "for principal_masks and returns the one in use. Not thread-safe: do not call during a run.");

@@ -36,7 +36,7 @@ def _check_args(features, threshold, stop_fraction, max_masks) -> torch.Tensor:
 
 def stack_proposals(owner: torch.Tensor, value: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Disjoint proposals as owner (B, h, w) int (index or -1) and value (B, h, w) float32 ->
-    masks (B, M, h, w) float32 with M = max(1, max(counts))."""
+    masks (B, M, h, w) float32 with M = max(1, max(counts)) (torch version, for the Triton backend)."""
     B, h, w = owner.shape
     M = max(1, int(counts.max())) if counts.numel() else 1
     masks = torch.zeros(B, M, h, w, dtype=torch.float32, device=owner.device)
@@ -103,7 +103,9 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
             features.float().contiguous(), float(threshold), float(stop_fraction), max_masks)
         return PrincipalMasks(stack_proposals(owner, value, counts), counts)
     owner, value, counts = principal_masks_cpu(features, threshold, stop_fraction, max_masks)
-    return PrincipalMasks(stack_proposals(owner, value, counts), counts)
+    masks = torch.empty(owner.shape[0], max(1, int(counts.max())), *owner.shape[1:], dtype=torch.float32)
+    _dispatch.cpp().stack_proposals(owner.numpy(), value.numpy(), masks.numpy())
+    return PrincipalMasks(masks, counts)
 
 
 def principal_masks_cpu(features, threshold=0.4, stop_fraction=0.95, max_masks=None):
