@@ -108,6 +108,36 @@ def test_crf_images_clamp_and_bgr():
     assert (crf_images(normalize(u8)).int() - u8.flip(1).int()).abs().max() <= 1
 
 
+def test_crf_wiring_with_identity_crf(monkeypatch):
+    """The CRF path hands dense_crf_list the BGR uint8 images and, per image, its own (L_b, H, W)
+    probabilities summing to 1; with a CRF that returns its input, the labels equal crf=False."""
+    import sys
+    import types
+
+    seen = {}
+
+    def identity_crf(images, probs, *, iterations, backend=None, **kwargs):
+        seen["images"], seen["probs"], seen["iterations"] = images, probs, iterations
+        return [p.clone() for p in probs]
+
+    module = sys.modules.get("primaps_fast.ops.dense_crf")
+    if module is None:
+        module = types.ModuleType("primaps_fast.ops.dense_crf")
+        monkeypatch.setitem(sys.modules, "primaps_fast.ops.dense_crf", module)
+    monkeypatch.setattr(module, "dense_crf_list", identity_crf, raising=False)
+    sc = make_scenes(3, image_size=48, dim=24, seed=7)
+    feats = sc.features.clone()
+    feats[2] = 0.0  # an image without proposals: background only
+    got = primaps_fast.pseudo_labels(sc.images, feats, crf_iterations=3, backend="cpu")
+    assert torch.equal(got, primaps_fast.pseudo_labels(sc.images, feats, crf=False, backend="cpu"))
+    counts = primaps_fast.principal_masks(feats).counts
+    assert seen["iterations"] == 3 and torch.equal(seen["images"], sc.images.flip(1))
+    assert [p.shape[0] for p in seen["probs"]] == (counts + 1).tolist()
+    for p in seen["probs"]:
+        assert p.dtype == torch.float32 and p.shape[1:] == (48, 48)
+        torch.testing.assert_close(p.sum(0), torch.ones(48, 48))
+
+
 @requires_crf
 @pytest.mark.parametrize("float_images", [False, True])
 def test_crf_matches_reference(float_images):
