@@ -16,7 +16,10 @@
 // v = normalised mean; v orthogonal to all remaining features -> stop; no empty proposal is emitted.
 //
 // Output: proposals are disjoint, so the stack is returned as owner (B, h, w) int64 (proposal index or
-// -1) and value (B, h, w) float32; Python scatters it into (B, M, h, w).
+// -1) and value (B, h, w) float32; stack_proposals then writes (B, M, h, w) once M = max(counts) is known.
+//
+// Cost per image at C = 384, N = 1600 (synthetic scenes, ~4 proposals): SYRK 119 M FMAs, downdates
+// ~70 M FMAs (float32, ~75 GFMA/s on one AVX-512 core), block products ~30 M float64 FMAs.
 #include <immintrin.h>
 
 #include <cmath>
