@@ -187,3 +187,24 @@ def test_bad_inputs(rng):
         pl(img, f, crf_iterations=0)
     with pytest.raises(ValueError, match="threshold"):
         pl(img, f, threshold=0.0, crf=False)
+
+
+@pytest.mark.interpreter
+def test_triton_post_processing_matches_cpu(rng):
+    """The fused Triton upsample + arg-max / softmax against the C++ post-processing (same proposals)."""
+    if not triton_available():
+        pytest.skip("triton not available")
+    from primaps_fast._dispatch import cpp
+    from primaps_fast.triton.median_filter import median_filter_triton
+    from primaps_fast.triton.pseudo_labels import mask_labels_triton, mask_probs_triton
+
+    feats = make_scenes(3, image_size=(20, 12), patch=4, dim=8, seed=2).features
+    feats[1] = 0.0  # no proposal
+    masks, counts = primaps_fast.principal_masks(feats, backend="cpu")
+    labels = torch.empty(3, 20, 12, dtype=torch.int64)
+    cpp().mask_labels(masks.numpy(), counts.numpy(), labels.numpy(), 255, 1)
+    probs = torch.empty(3, masks.shape[1] + 1, 20, 12)
+    cpp().mask_probs(masks.numpy(), counts.numpy(), probs.numpy(), 1)
+    filtered = median_filter_triton(masks)
+    assert torch.equal(mask_labels_triton(filtered, counts, (20, 12), 255), labels)
+    torch.testing.assert_close(mask_probs_triton(filtered, counts, (20, 12)), probs, atol=1e-6, rtol=1e-5)

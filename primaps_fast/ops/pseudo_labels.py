@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from primaps_fast import _dispatch
 from primaps_fast.ops.principal_masks import principal_masks
@@ -49,23 +48,6 @@ def crf_images(images: torch.Tensor) -> torch.Tensor:
     return crf_image(images.detach()).flip(1).contiguous()
 
 
-def _postprocess_torch(masks, counts, size, filtered):
-    """Batched torch version of the post-processing (CUDA path): log-probabilities (B, M + 1, H, W)
-    upsampled, with -inf in the channels beyond counts[b] + 1."""
-    B, M = masks.shape[:2]
-    p = (filtered * 10).clamp(0, 1)
-    nz = (p != 0).flatten(1).sum(1)
-    level = torch.where(nz > 0, p.flatten(1).sum(1) / nz.clamp_min(1), torch.zeros_like(nz, dtype=p.dtype))
-    bg = (level.view(B, 1, 1) - p.sum(1)).clamp(0, 1)
-    logits = torch.cat([bg[:, None], p], dim=1)
-    valid = torch.arange(M + 1, device=masks.device).view(1, -1) <= counts.view(-1, 1)  # (B, M + 1)
-    logits = torch.where(valid[:, :, None, None], logits, torch.tensor(float("-inf"), device=masks.device))
-    logits = F.log_softmax(logits, dim=1)
-    up = F.interpolate(torch.where(valid[:, :, None, None], logits, 0.0), size=size, mode="bilinear",
-                       align_corners=False)
-    return torch.where(valid[:, :, None, None], up, torch.tensor(float("-inf"), device=masks.device))
-
-
 def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: float = 0.4,
                   ignore_index: int = 255, crf: bool = True, crf_iterations: int = 10,
                   backend: str | None = None) -> torch.Tensor:
@@ -110,13 +92,13 @@ def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: fl
     check_ignore_index(ignore_index, int(counts.max()))
     if backend == "triton":
         from primaps_fast.triton.median_filter import median_filter_triton
+        from primaps_fast.triton.pseudo_labels import mask_labels_triton, mask_probs_triton
 
-        logp = _postprocess_torch(masks, counts, (H, W), median_filter_triton(masks))
+        filtered = median_filter_triton(masks)
         if not crf:
-            labels = logp.argmax(1)
-        else:
-            probs = logp.softmax(1)
-            labels = _crf_argmax(images, probs, counts, crf_iterations, backend)
+            return mask_labels_triton(filtered, counts, (H, W), ignore_index)
+        probs = mask_probs_triton(filtered, counts, (H, W))
+        labels = _crf_argmax(images, probs, counts, crf_iterations, backend)
         return torch.where(labels == 0, torch.full_like(labels, ignore_index), labels)
     cpp = _dispatch.cpp()
     B = masks.shape[0]
