@@ -185,8 +185,11 @@ def test_bad_inputs(rng):
         pl(img, f, ignore_index=1.5, crf=False)
     with pytest.raises(ValueError, match="crf_iterations"):
         pl(img, f, crf_iterations=0)
-    with pytest.raises(ValueError, match="threshold"):
-        pl(img, f, threshold=0.0, crf=False)
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match="threshold"):
+            pl(img, f, threshold=0.0, crf=False, backend=backend)
+        with pytest.raises(ValueError, match="features"):
+            pl(img, bad, crf=False, backend=backend)
 
 
 @pytest.mark.interpreter

@@ -13,7 +13,8 @@ class PrincipalMasks(NamedTuple):
     counts: torch.Tensor  # int64 (B,)
 
 
-def _check_args(features, threshold, stop_fraction, max_masks) -> torch.Tensor:
+def validate_args(features, threshold, stop_fraction, max_masks) -> torch.Tensor:
+    """Checks of principal_masks (shared with pseudo_labels); returns features as (B, C, h, w)."""
     # NaN/Inf: checked here for the reference and Triton backends; the C++ kernel checks them itself
     # (for free, in its first pass) and raises the same ValueError.
     _dispatch.check_tensor(features, "features", ndim=(3, 4), floating=True)
@@ -88,7 +89,7 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
     pixels leave, and finds ``v`` by block subspace iteration to a 1e-9 residual; "triton" does the same
     with batched torch linear algebra and Triton kernels for the per-pixel passes.
     """
-    features = _check_args(features, threshold, stop_fraction, max_masks)
+    features = validate_args(features, threshold, stop_fraction, max_masks)
     backend = _dispatch.choose_backend(backend, features)
     if backend != "cpu":
         _dispatch.check_tensor(features, "features", finite=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from primaps_fast import _dispatch
-from primaps_fast.ops.principal_masks import principal_masks
+from primaps_fast.ops.principal_masks import principal_masks, validate_args
 
 
-def _check_args(images, features, ignore_index, crf_iterations):
+def _check_args(images, features, threshold, ignore_index, crf_iterations):
     _dispatch.check_tensor(images, "images", ndim=4)
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"images: expected uint8 RGB or float normalized images, got {images.dtype}")
@@ -17,8 +17,9 @@ def _check_args(images, features, ignore_index, crf_iterations):
         _dispatch.check_tensor(images, "images", finite=True)
     # NaN/Inf in features: principal_masks rejects them (the C++ kernel in its first pass, for free)
     _dispatch.check_tensor(features, "features", ndim=4, floating=True)
-    if min(features.shape[1:]) == 0:
-        raise ValueError(f"features: empty channel or spatial size in shape {tuple(features.shape)}")
+    validate_args(features, threshold, 0.95, None)
+    if images.device != features.device:
+        raise ValueError(f"images/features: on different devices ({images.device} vs {features.device})")
     if images.shape[0] != features.shape[0]:
         raise ValueError(f"images/features: batch sizes differ ({images.shape[0]} vs {features.shape[0]})")
     (H, W), (h, w) = images.shape[-2:], features.shape[-2:]
@@ -79,7 +80,7 @@ def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: fl
     official ``squeeze()`` makes it sum over rows); no NaN when no value is non-zero (the mean is taken
     as 0); float images are clamped to [0, 255] before the uint8 cast (the official wraps).
     """
-    _check_args(images, features, ignore_index, crf_iterations)
+    _check_args(images, features, threshold, ignore_index, crf_iterations)
     backend = _dispatch.choose_backend(backend, images, features)
     (H, W) = images.shape[-2:]
     if backend == "reference":
