@@ -34,6 +34,7 @@ constexpr int kMaxEigIterations = 1000;    // cap for flat spectra (the referenc
 constexpr double kEigTol = 1e-7;           // residual tolerance, relative to the top eigenvalue
 constexpr double kDegenerateRtol = 1e-10;  // same constant as reference/primaps.py
 constexpr int64_t kChunk = 512;            // pixels per float32 partial sums (32 per AVX-512 lane) before float64
+constexpr float kMaxAbs = 1e15f;            // larger features overflow float32 sums of squares
 constexpr int64_t kPad = 16;               // pixel padding of packed buffers (one AVX-512 vector)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -423,6 +424,10 @@ PRIMAPS_CLONES void proposals_one_image(const float* X, int64_t C, int64_t N, co
     const double s = sum_floats(xc, N);
     // A float64 sum of float32 values cannot overflow: it is finite iff every value is finite.
     if (!std::isfinite(s)) throw std::invalid_argument("features: contains NaN or Inf");
+    float big = 0.0f;
+    for (int64_t p = 0; p < N; ++p) big = std::max(big, std::abs(xc[p]));
+    if (big > kMaxAbs)
+      throw std::invalid_argument("features: |value| above 1e15 (float32 sums of squares would overflow)");
     mu[c] = s / static_cast<double>(N);
     float* yc = Y.data() + c * Np;
     for (int64_t p = 0; p < N; ++p) yc[p] = static_cast<float>(static_cast<double>(xc[p]) - mu[c]);

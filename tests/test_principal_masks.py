@@ -155,6 +155,8 @@ def test_bad_inputs(backend):
         with pytest.raises(ValueError, match="features"):
             pm(x, backend=backend)
     with pytest.raises(ValueError, match="features"):
+        pm(good * 1e16, backend=backend)
+    with pytest.raises(ValueError, match="features"):
         pm(torch.randn(1, 0, 3, 3), backend=backend)
     with pytest.raises(ValueError, match="features"):
         pm(torch.randn(1, 4, 0, 3), backend=backend)

@@ -8,6 +8,10 @@ import torch
 from primaps_fast import _dispatch
 
 
+# Larger features overflow float32 sums of squares (norms, covariance); the C++ kernel checks the same.
+MAX_ABS = 1e15
+
+
 class PrincipalMasks(NamedTuple):
     masks: torch.Tensor   # float32 (B, M, h, w), values in [0, 1]; rows >= counts[b] are zero
     counts: torch.Tensor  # int64 (B,)
@@ -51,7 +55,8 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
     """PriMaPs mask proposals of a batch of feature maps.
 
     Args:
-        features: float tensor (B, C, h, w), or (C, h, w) for B = 1; finite. Computed in float32.
+        features: float tensor (B, C, h, w), or (C, h, w) for B = 1; finite, |values| <= 1e15 (beyond,
+            float32 sums of squares overflow). Computed in float32.
         threshold: psi of the paper, in (0, 1]: a pixel joins a proposal when its cosine to the anchor
             is at least ``threshold`` times the largest one.
         stop_fraction: in (0, 1]: stop once this fraction of the pixels belongs to a proposal.
@@ -93,6 +98,8 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
     backend = _dispatch.choose_backend(backend, features)
     if backend != "cpu":
         _dispatch.check_tensor(features, "features", finite=True)
+        if float(features.abs().max()) > MAX_ABS:
+            raise ValueError(f"features: |value| above {MAX_ABS:g} (float32 sums of squares would overflow)")
     if backend == "reference":
         from primaps_fast.reference.primaps import principal_masks as ref
 
