@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from primaps_fast import _dispatch
-from primaps_fast.ops.principal_masks import principal_masks, validate_args
+from primaps_fast.ops.principal_masks import MAX_ABS, principal_masks, validate_args
 
 
 def _check_args(images, features, threshold, ignore_index, crf_iterations):
@@ -87,6 +87,8 @@ def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: fl
         from primaps_fast.reference.primaps import pseudo_labels as ref
 
         _dispatch.check_tensor(features, "features", finite=True)
+        if float(features.abs().max()) > MAX_ABS:
+            raise ValueError(f"features: |value| above {MAX_ABS:g} (float32 sums of squares would overflow)")
         return ref(images, features, threshold=threshold, ignore_index=ignore_index, crf=crf,
                    crf_iterations=crf_iterations)
     masks, counts = principal_masks(features, threshold=threshold, backend=backend)
