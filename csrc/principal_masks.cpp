@@ -30,7 +30,7 @@
 namespace {
 
 constexpr int kBlockVectors = 8;           // subspace size of the eigen solver
-constexpr int kMaxEigIterations = 1000;    // cap for flat spectra (the reference is not converged there)
+constexpr int kMaxEigIterations = 300;     // cap for flat spectra (the reference is not converged there)
 constexpr double kEigTol = 1e-7;           // residual tolerance, relative to the top eigenvalue
 constexpr double kDegenerateRtol = 1e-10;  // same constant as reference/primaps.py
 constexpr int64_t kChunk = 512;            // pixels per float32 partial sums (32 per AVX-512 lane) before float64
