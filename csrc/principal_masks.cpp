@@ -52,7 +52,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 #define PRIMAPS_SYRK_BODY(VEC, ZERO, LOAD, FMA, HSUM, WIDTH)                                   \
   for (int64_t p0 = 0; p0 < len; p0 += kChunk) {                                                 \
     const int64_t p1 = std::min<int64_t>(len, p0 + kChunk);                                      \
-    for (int64_t ib = 0; ib < Cp; ib += 4) {                                                      \
+    for (int64_t ib = row0; ib < row1; ib += 4) {                                                 \
       const float* a0 = Y + (ib + 0) * ld;                                                        \
       const float* a1 = Y + (ib + 1) * ld;                                                        \
       const float* a2 = Y + (ib + 2) * ld;                                                        \
@@ -103,12 +103,14 @@ __attribute__((target("avx512f,avx2,fma"))) inline double hsum512(__m512 v) {
 }
 
 __attribute__((target("avx512f,avx2,fma"))) void syrk_avx512(const float* Y, int64_t ld, int64_t Cp,
-                                                              int64_t len, double* S, double sign) {
+                                                              int64_t len, double* S, double sign,
+                                                              int64_t row0, int64_t row1) {
   PRIMAPS_SYRK_BODY(__m512, _mm512_setzero_ps(), _mm512_loadu_ps, _mm512_fmadd_ps, hsum512, 16)
 }
 
 __attribute__((target("avx2,fma"))) void syrk_avx2(const float* Y, int64_t ld, int64_t Cp,
-                                                    int64_t len, double* S, double sign) {
+                                                    int64_t len, double* S, double sign, int64_t row0,
+                                                    int64_t row1) {
   PRIMAPS_SYRK_BODY(__m256, _mm256_setzero_ps(), _mm256_loadu_ps, _mm256_fmadd_ps, hsum256, 8)
 }
 
@@ -116,12 +118,14 @@ inline float scalar_fma(float a, float b, float c) { return std::fma(a, b, c); }
 inline double scalar_hsum(float v) { return static_cast<double>(v); }
 inline float scalar_load(const float* p) { return *p; }
 
-void syrk_scalar(const float* Y, int64_t ld, int64_t Cp, int64_t len, double* S, double sign) {
+void syrk_scalar(const float* Y, int64_t ld, int64_t Cp, int64_t len, double* S, double sign,
+                 int64_t row0, int64_t row1) {
   PRIMAPS_SYRK_BODY(float, 0.0f, scalar_load, scalar_fma, scalar_hsum, 1)
 }
 #undef PRIMAPS_SYRK_BODY
 
-using SyrkFn = void (*)(const float*, int64_t, int64_t, int64_t, double*, double);
+// Rows [row0, row1) (multiples of 4) of S: disjoint row ranges can run on different threads.
+using SyrkFn = void (*)(const float*, int64_t, int64_t, int64_t, double*, double, int64_t, int64_t);
 
 // ---------------------------------------------------------------------------------------------------
 // Small dense linear algebra in float64 for the eigen solver.
@@ -327,6 +331,22 @@ std::string set_isa(const std::string& isa) {
 
 const std::string initial_isa = set_isa("auto");
 
+// The SYRK of a whole image on `threads` threads (threads > 1 only when the batch has fewer images
+// than threads): row blocks split so every part has about the same share of the triangle.
+void syrk_rows(const float* Y, int64_t ld, int64_t Cp, int64_t len, double* S, double sign, int threads) {
+  if (threads <= 1 || len * Cp * Cp < (int64_t{1} << 22)) {  // small updates: not worth a thread
+    syrk(Y, ld, Cp, len, S, sign, 0, Cp);
+    return;
+  }
+  std::vector<int64_t> bounds{0};
+  for (int t = 1; t < threads; ++t)  // rows up to r hold a share (r / Cp)^2 of the triangle
+    bounds.push_back(std::min(Cp, round_up(static_cast<int64_t>(Cp * std::sqrt(double(t) / threads)), 4)));
+  bounds.push_back(Cp);
+  primaps::parallel_for(threads, threads, [&](int64_t t) {
+    if (bounds[t] < bounds[t + 1]) syrk(Y, ld, Cp, len, S, sign, bounds[t], bounds[t + 1]);
+  });
+}
+
 // W (b x C) = V (b x C) A (C x C symmetric, row-major, full); T is C x 8 scratch when b == 8.
 PRIMAPS_CLONES void multiply_block(int b, int64_t C, const double* A, const double* V, double* W,
                                    double* T) {
@@ -413,7 +433,7 @@ struct Params {
 };
 
 PRIMAPS_CLONES void proposals_one_image(const float* X, int64_t C, int64_t N, const Params& prm, int64_t* owner,
-                         float* value, int64_t* count) {
+                         float* value, int64_t* count, int inner_threads) {
   const int64_t Cp = round_up(C, 4);
   const int64_t Np = round_up(N, kPad);
   // Image mean (float64) and shifted features Y (Cp x Np, zero padded).
@@ -449,7 +469,7 @@ PRIMAPS_CLONES void proposals_one_image(const float* X, int64_t C, int64_t N, co
 
   // S and channel sums over all pixels.
   std::vector<double> S(static_cast<size_t>(Cp * Cp), 0.0);
-  syrk(Y.data(), Np, Cp, Np, S.data(), 1.0);
+  syrk_rows(Y.data(), Np, Cp, Np, S.data(), 1.0, inner_threads);
   std::vector<double> sum(C, 0.0);
   for (int64_t c = 0; c < C; ++c) sum[c] = sum_floats(Y.data() + c * Np, N);
 
@@ -554,7 +574,7 @@ PRIMAPS_CLONES void proposals_one_image(const float* X, int64_t C, int64_t N, co
       sum[c] = downdate ? sum[c] - s : s;
     }
     if (!downdate) std::fill(S.begin(), S.end(), 0.0);
-    syrk(G.data(), kp, Cp, kp, S.data(), downdate ? -1.0 : 1.0);
+    syrk_rows(G.data(), kp, Cp, kp, S.data(), downdate ? -1.0 : 1.0, inner_threads);
   }
   *count = k;
 }
@@ -585,8 +605,9 @@ void principal_masks_cpu(primaps::FloatArray features, primaps::Int64Array owner
   const Params prm{static_cast<float>(threshold), static_cast<float>(stop_fraction), max_masks};
   const int64_t N = h * w;
   py::gil_scoped_release release;
+  const int inner = static_cast<int>(std::max<int64_t>(1, threads / std::max<int64_t>(B, 1)));
   primaps::parallel_for(B, threads, [&](int64_t i) {
-    proposals_one_image(X + i * C * N, C, N, prm, own + i * N, val + i * N, cnt + i);
+    proposals_one_image(X + i * C * N, C, N, prm, own + i * N, val + i * N, cnt + i, inner);
   });
 }
 
