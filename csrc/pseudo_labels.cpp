@@ -41,12 +41,14 @@ void median3x3(const float* in, float* out, int64_t h, int64_t w, float* lo, flo
       md[x] = med3(a, b, c);
     }
     float* o = out + y * w;
-    for (int64_t x = 0; x < w; ++x) {
-      const int64_t l = reflect(x - 1, w), r = reflect(x + 1, w);
+    auto combine = [&](int64_t x, int64_t l, int64_t r) {
       const float mx_lo = std::max(std::max(lo[l], lo[x]), lo[r]);
       const float mn_hi = std::min(std::min(hi[l], hi[x]), hi[r]);
       o[x] = med3(mx_lo, med3(md[l], md[x], md[r]), mn_hi);
-    }
+    };
+    combine(0, reflect(-1, w), reflect(1, w));
+    for (int64_t x = 1; x < w - 1; ++x) combine(x, x - 1, x + 1);  // branch-free: vectorised
+    if (w > 1) combine(w - 1, reflect(w - 2, w), reflect(w, w));
   }
 }
 
@@ -61,6 +63,12 @@ void median_filter_cpu(primaps::FloatArray input, primaps::FloatArray output, in
   float* out = output.mutable_data();
   py::gil_scoped_release release;
   primaps::parallel_for(P, threads, [&](int64_t p) {
+    // NaN/Inf check here rather than with torch in Python: a torch reduction would wake its OpenMP
+    // pool, whose spinning threads then compete with these workers.
+    const float* x = in + p * h * w;
+    bool finite = true;
+    for (int64_t i = 0; i < h * w; ++i) finite &= std::abs(x[i]) <= std::numeric_limits<float>::max();
+    if (!finite) throw std::invalid_argument("masks: contains NaN or Inf");
     std::vector<float> scratch(3 * w);
     median3x3(in + p * h * w, out + p * h * w, h, w, scratch.data(), scratch.data() + w,
               scratch.data() + 2 * w);
