@@ -171,8 +171,9 @@ def test_bad_inputs(rng):
         pl(img.int(), f, crf=False)
     with pytest.raises(ValueError, match="images"):
         pl(img[:, :2], f, crf=False)
-    with pytest.raises(ValueError, match="images"):
-        pl(torch.full((2, 3, 16, 16), float("nan")), f, crf=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(ValueError, match="images"):
+            pl(torch.full((2, 3, 16, 16), float("nan"), dtype=dtype), f, crf=False)
     bad = f.clone()
     bad[1, 2, 3, 0] = float("nan")
     with pytest.raises(ValueError, match="features"):
