@@ -20,7 +20,10 @@
 //
 // Cost per image at C = 384, N = 1600 (synthetic scenes, ~4 proposals): SYRK 119 M FMAs, downdates
 // ~70 M FMAs (float32, ~75 GFMA/s on one AVX-512 core), block products ~30 M float64 FMAs.
+#if defined(__x86_64__) || defined(_M_X64)
+#define PRIMAPS_X86 1
 #include <immintrin.h>
+#endif
 
 #include <cmath>
 #include <cstring>
@@ -42,7 +45,11 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // The float64 eigen solver and the per-pixel passes are plain loops that GCC vectorises; compile them
 // for AVX-512, AVX2 and baseline x86-64 and pick at load time (no -march=native). No -ffast-math:
 // reductions keep their order; only FMA contraction (on the FMA-capable clones) changes last bits.
-#define PRIMAPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define PRIMAPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PRIMAPS_CLONES
+#endif
 
 // ---------------------------------------------------------------------------------------------------
 // SYRK: S[i][j] += sign * sum_p Y[i][p] Y[j][p] for j <= i (lower triangle + diagonal blocks), Y packed
@@ -88,6 +95,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
     }                                                                                             \
   }
 
+#ifdef PRIMAPS_X86
 __attribute__((target("avx2,fma"))) inline double hsum256(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   lo = _mm_add_ps(lo, hi);
@@ -113,6 +121,8 @@ __attribute__((target("avx2,fma"))) void syrk_avx2(const float* Y, int64_t ld, i
                                                     int64_t row1) {
   PRIMAPS_SYRK_BODY(__m256, _mm256_setzero_ps(), _mm256_loadu_ps, _mm256_fmadd_ps, hsum256, 8)
 }
+
+#endif  // PRIMAPS_X86
 
 inline float scalar_fma(float a, float b, float c) { return std::fma(a, b, c); }
 inline double scalar_hsum(float v) { return static_cast<double>(v); }
@@ -239,6 +249,7 @@ PRIMAPS_CLONES void orthonormalise(int b, int64_t C, double* V, Lcg& rng) {
 // W = A V for a block of exactly 8 vectors stored transposed: Vt, Wt are C x 8 (one 8-double row per
 // channel, i.e. one AVX-512 register). Four rows of A at a time: per k one load of Vt[k], four
 // broadcasts of A[i..i+3][k] and four FMAs; A is read once per product.
+#ifdef PRIMAPS_X86
 __attribute__((target("avx512f"))) void multiply8_avx512(int64_t C, const double* A, const double* Vt,
                                                          double* Wt) {
   int64_t i = 0;
@@ -289,6 +300,8 @@ __attribute__((target("avx2,fma"))) void multiply8_avx2(int64_t C, const double*
   }
 }
 
+#endif  // PRIMAPS_X86
+
 void multiply8_scalar(int64_t C, const double* A, const double* Vt, double* Wt) {
   for (int64_t i = 0; i < C; ++i) {
     double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -301,6 +314,7 @@ void multiply8_scalar(int64_t C, const double* A, const double* Vt, double* Wt) 
 using Multiply8Fn = void (*)(int64_t, const double*, const double*, double*);
 
 // Kernel selection: the best the CPU supports, or (tests) a lower ISA chosen with set_isa.
+#ifdef PRIMAPS_X86
 bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
 bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
@@ -308,6 +322,9 @@ std::string best_isa() {
   __builtin_cpu_init();
   return has_avx512() ? "avx512" : (has_avx2() ? "avx2" : "scalar");
 }
+#else
+std::string best_isa() { return "scalar"; }
+#endif
 
 std::string current_isa = best_isa();
 SyrkFn syrk = nullptr;
@@ -315,12 +332,14 @@ Multiply8Fn multiply8 = nullptr;
 
 std::string set_isa(const std::string& isa) {
   const std::string want = isa == "auto" ? best_isa() : isa;
-  if (want == "avx512" && has_avx512()) {
+  if (want == "scalar") {
+    syrk = syrk_scalar, multiply8 = multiply8_scalar;
+#ifdef PRIMAPS_X86
+  } else if (want == "avx512" && has_avx512()) {
     syrk = syrk_avx512, multiply8 = multiply8_avx512;
   } else if (want == "avx2" && has_avx2()) {
     syrk = syrk_avx2, multiply8 = multiply8_avx2;
-  } else if (want == "scalar") {
-    syrk = syrk_scalar, multiply8 = multiply8_scalar;
+#endif
   } else {
     throw std::invalid_argument("isa: expected 'auto', 'scalar' or one this CPU supports "
                                 "(best: " + best_isa() + "), got '" + isa + "'");
