@@ -125,6 +125,49 @@ def _pwrite_rows(path, offset, row_bytes, index, array) -> None:
         os.close(fd)
 
 
+def _open_or_create(root, manifest: dict, num_images: int, feature_shape, size: int) -> FeatureCache:
+    root = os.fspath(root)
+    mpath = os.path.join(root, "manifest.json")
+    if os.path.exists(mpath):
+        check_manifest(mpath, manifest, "feature cache")
+    else:
+        if os.path.isdir(root) and any(not f.startswith(".") for f in os.listdir(root)):
+            raise FileExistsError(f"cache: {root} exists and is not a feature cache; choose an empty or new folder")
+        os.makedirs(root, exist_ok=True)
+        _reserve(os.path.join(root, "features.npy"), (num_images,) + tuple(feature_shape), np.float16)
+        _reserve(os.path.join(root, "labels.npy"), (num_images, size, size), np.uint8)
+        fileio.write_npy(os.path.join(root, "done.npy"), np.zeros(num_images, dtype=bool))
+        fileio.write_json(mpath, manifest)  # last: a cache without manifest is recreated from scratch
+    return FeatureCache(root)
+
+
+class _Writer:
+    """Writes rows of features/labels, syncs them, then marks them done (atomically)."""
+
+    def __init__(self, cache: FeatureCache):
+        self.cache = cache
+        self.done = cache.done.copy()
+        self.frow = int(np.prod(cache.feature_shape)) * 2
+        self.lrow = int(np.prod(cache.labels.shape[1:]))
+
+    def write(self, idx, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        f16 = feats.detach().float().cpu().numpy().astype(np.float16)
+        if not np.isfinite(f16).all():
+            raise ValueError("features: NaN/Inf (or beyond the float16 range) in the backbone output")
+        root = self.cache.root
+        _pwrite_rows(os.path.join(root, "features.npy"), self.cache.features.offset, self.frow, idx, f16)
+        _pwrite_rows(os.path.join(root, "labels.npy"), self.cache.labels.offset, self.lrow, idx,
+                     labels.clamp(0, 255).to(torch.uint8).numpy())
+        self.done[idx] = True
+        fileio.write_npy(os.path.join(root, "done.npy"), self.done)
+
+
+def _manifest(dataset, backbone_name, weights_id, flip, feature_shape) -> dict:
+    return {"kind": "primaps-features", "format": FORMAT, "backbone": backbone_name, "weights": weights_id,
+            "resolution": dataset.size, "flip": bool(flip), "dataset": dataset.identity(), "names": dataset.names,
+            "dtype": "float16", "feature_shape": list(feature_shape)}
+
+
 def compute_features(dataset, backbone, root, *, batch_size: int = 16, flip: bool = False,
                      device=None, num_workers: int = 0, show_progress: bool = True) -> FeatureCache:
     """Compute (or finish computing) the feature cache of ``dataset`` with ``backbone`` in ``root``.
@@ -133,43 +176,22 @@ def compute_features(dataset, backbone, root, *, batch_size: int = 16, flip: boo
     (mirrored back), as the official ``test.py`` does for evaluation. An existing cache with other
     settings raises :class:`CacheMismatchError`; a complete one is returned as it is.
     """
-    root = os.fspath(root)
     device = torch.device(device or "cpu")
     S = dataset.size
     if S % backbone.patch:
         raise ValueError(f"resolution: {S} is not a multiple of the patch size {backbone.patch} of "
                          f"{backbone.name} (use {backbone.spec.resolution})")
-    h = S // backbone.patch
-    manifest = {"kind": "primaps-features", "format": FORMAT, "backbone": backbone.name,
-                "weights": backbone.weights_id, "resolution": S, "flip": bool(flip),
-                "dataset": dataset.identity(), "names": dataset.names, "dtype": "float16",
-                "feature_shape": [backbone.dim, h, h]}
-    mpath = os.path.join(root, "manifest.json")
-    if os.path.exists(mpath):
-        check_manifest(mpath, manifest, "feature cache")
-    else:
-        if os.path.isdir(root) and any(not f.startswith(".") for f in os.listdir(root)):
-            raise FileExistsError(f"cache: {root} exists and is not a feature cache; choose an empty or new folder")
-        os.makedirs(root, exist_ok=True)
-        _reserve(os.path.join(root, "features.npy"), (len(dataset), backbone.dim, h, h), np.float16)
-        _reserve(os.path.join(root, "labels.npy"), (len(dataset), S, S), np.uint8)
-        fileio.write_npy(os.path.join(root, "done.npy"), np.zeros(len(dataset), dtype=bool))
-        fileio.write_json(mpath, manifest)  # last: a cache without manifest is recreated from scratch
-    cache = FeatureCache(root)
+    shape = (backbone.dim, S // backbone.patch, S // backbone.patch)
+    cache = _open_or_create(root, _manifest(dataset, backbone.name, backbone.weights_id, flip, shape),
+                            len(dataset), shape, S)
     todo = np.flatnonzero(~cache.done)
     if len(todo) == 0:
         return cache
-    fpath, lpath = os.path.join(root, "features.npy"), os.path.join(root, "labels.npy")
-    foff, loff = cache.features.offset, cache.labels.offset
-    frow = int(np.prod(cache.feature_shape)) * 2
-    lrow = S * S
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo.tolist()), batch_size=batch_size,
                                          num_workers=num_workers, shuffle=False)
     backbone = backbone.to(device)
-    bar = progress(desc="features", total=len(todo), unit="img", enabled=show_progress)
-    done = cache.done.copy()
-    start = 0
-    with bar:
+    writer, start = _Writer(cache), 0
+    with progress(desc="features", total=len(todo), unit="img", enabled=show_progress) as bar:
         for images, labels, _ in loader:
             idx = todo[start:start + len(images)]
             start += len(images)
@@ -177,9 +199,21 @@ def compute_features(dataset, backbone, root, *, batch_size: int = 16, flip: boo
             feats = backbone(images)
             if flip:
                 feats = 0.5 * (feats + backbone(images.flip(-1)).flip(-1))
-            _pwrite_rows(fpath, foff, frow, idx, feats.float().cpu().numpy().astype(np.float16))
-            _pwrite_rows(lpath, loff, lrow, idx, labels.clamp(0, 255).to(torch.uint8).numpy())
-            done[idx] = True
-            fileio.write_npy(os.path.join(root, "done.npy"), done)
+            writer.write(idx, feats, labels)
             bar.update(len(images))
+    return FeatureCache(root)
+
+
+def store_features(dataset, features: torch.Tensor, root, *, backbone: str, weights: str,
+                   flip: bool = False) -> FeatureCache:
+    """Make a cache from features computed elsewhere (``(N, C, h, w)``, one row per image of
+    ``dataset``); ``backbone``/``weights`` name them in the manifest. Labels come from ``dataset``."""
+    if features.dim() != 4 or features.shape[0] != len(dataset):
+        raise ValueError(f"features: expected ({len(dataset)}, C, h, w), got {tuple(features.shape)}")
+    cache = _open_or_create(root, _manifest(dataset, backbone, weights, flip, features.shape[1:]),
+                            len(dataset), features.shape[1:], dataset.size)
+    todo = np.flatnonzero(~cache.done)
+    if len(todo):
+        labels = torch.stack([dataset[int(i)][1] for i in todo])
+        _Writer(cache).write(todo, features[torch.from_numpy(todo)], labels)
     return FeatureCache(root)

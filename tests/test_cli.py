@@ -1,0 +1,129 @@
+"""The `primaps-fast` command on tiny data: features, pseudo, train (+ resume), eval, bench; bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fake_trees
+from primaps_fast import fileio
+from primaps_fast.cli import main
+from primaps_fast.data.cache import FeatureCache, store_features
+from primaps_fast.data.datasets import FolderDataset
+from primaps_fast.data.synthetic import make_scenes
+
+needs_em = pytest.mark.skipif(
+    any(__import__("importlib").util.find_spec(m) is None for m in ("primaps_fast.em", "primaps_fast.metrics")),
+    reason="PriMaPsEM / UnsupervisedMetrics (primaps_fast.em, primaps_fast.metrics) not available")
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("features", "pseudo", "train", "eval", "demo", "bench"):
+        assert cmd in out
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert "--" in capsys.readouterr().out
+
+
+def test_features_and_pseudo(tmp_path, capsys):
+    fake_trees.cityscapes(tmp_path / "cityscapes", np.random.default_rng(0), hw=(32, 48), per_city=2)
+    common = ["--dataset-root", str(tmp_path / "cityscapes"), "--resolution", "32"]
+    rc = main(["features", *common, "--weights", "random", "--batch-size", "3", "--cache", str(tmp_path / "c")])
+    assert rc == 0, capsys.readouterr().err
+    cache = FeatureCache(tmp_path / "c")
+    assert cache.complete and cache.feature_shape == (384, 4, 4) and len(cache) == 4
+    assert "feature cache" in capsys.readouterr().out
+    args = ["pseudo", *common, "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "p"), "--no-crf"]
+    assert main(args) == 0
+    assert "4 computed" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "p" / "pseudos")) == sorted(n + ".png" for n in cache.names)
+    assert main(args) == 0
+    assert "0 computed, 4 already complete" in capsys.readouterr().out
+    # settings mismatch: a clear error, nothing deleted
+    assert main(args[:-1] + ["--no-crf", "--threshold", "0.3"]) == 1
+    err = capsys.readouterr().err
+    assert "other settings" in err and "threshold" in err
+    assert len(os.listdir(tmp_path / "p" / "pseudos")) == 4
+    # pseudo labels straight from the backbone (no cache)
+    assert main(["pseudo", *common, "--weights", "random", "--out", str(tmp_path / "p2"), "--no-crf"]) == 0
+
+
+def test_bad_input_messages(tmp_path, capsys):
+    (tmp_path / "weird").mkdir()
+    (tmp_path / "weird" / "readme.txt").write_text("hi")
+    assert main(["features", "--dataset-root", str(tmp_path / "weird"), "--weights", "random",
+                 "--cache", str(tmp_path / "c")]) == 1
+    assert "unknown dataset layout" in capsys.readouterr().err
+    assert main(["train", "--cache", str(tmp_path / "nope"), "--pseudo", str(tmp_path), "--out",
+                 str(tmp_path / "r")]) == 1
+    assert "no feature cache" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--cache", str(tmp_path / "nope")]) == 1
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.fixture
+def synthetic_run(tmp_path):
+    """A folder dataset of synthetic scenes, its cache (synthetic features) and pseudo labels."""
+    scenes = make_scenes(6, num_classes=3, image_size=64, seed=1)
+    for i, (im, lab) in enumerate(zip(scenes.images, scenes.labels)):
+        fileio.write_png(tmp_path / "imgs" / f"s{i}.png", im.permute(1, 2, 0).numpy())
+        fileio.write_png(tmp_path / "labels" / f"s{i}.png", lab.numpy().astype(np.uint8))
+    ds = FolderDataset(tmp_path / "imgs", labels_root=tmp_path / "labels", size=64, num_classes=3)
+    store_features(ds, scenes.features, tmp_path / "cache", backbone="synthetic", weights="synthetic")
+    assert main(["pseudo", "--dataset-root", str(tmp_path / "imgs"), "--labels", str(tmp_path / "labels"),
+                 "--resolution", "64", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "pseudo"),
+                 "--no-crf"]) == 0
+    return tmp_path
+
+
+def _train(root, out, *extra):
+    return main(["train", "--cache", str(root / "cache"), "--pseudo", str(root / "pseudo"), "--out", str(out),
+                 "--num-classes", "3", "--batch-size", "2", "--kmeans-epochs", "1", *extra])
+
+
+@needs_em
+def test_train_resume_and_eval(synthetic_run, capsys):
+    root = synthetic_run
+    assert _train(root, root / "full", "--epochs", "3") == 0
+    full = torch.load(root / "full" / "last.pt", weights_only=False)
+    assert full["epoch"] == 3 and len(full["history"]) == 3 and (root / "full" / "init.pt").exists()
+    # interrupted after 2 epochs, resumed to 3: the same parameters as the uninterrupted run
+    assert _train(root, root / "part", "--epochs", "2") == 0
+    assert _train(root, root / "part", "--epochs", "3") == 1
+    assert "--resume" in capsys.readouterr().err
+    assert _train(root, root / "part", "--epochs", "3", "--resume") == 0
+    part = torch.load(root / "part" / "last.pt", weights_only=False)
+    assert part["epoch"] == 3
+    for k, v in full["em"].items():
+        if isinstance(v, torch.Tensor):
+            torch.testing.assert_close(part["em"][k], v, rtol=1e-5, atol=1e-6)
+    # a checkpoint of another shape is refused with a clear message
+    assert _train(root, root / "part", "--epochs", "4", "--resume", "--num-classes", "5") == 1
+    assert "num_classes=3" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(root / "full" / "last.pt"), "--cache", str(root / "cache"),
+                 "--out", str(root / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert "theta_M (EMA head)" in out and "theta_R (head)" in out and "mIoU" in out
+    res = json.loads((root / "eval" / "results.json").read_text())
+    for r in res.values():
+        assert 0 <= r["mIoU"] <= 100 and 0 <= r["Accuracy"] <= 100
+    from PIL import Image
+
+    assert Image.open(root / "eval" / "confusion.png").size == (3 * 16, 3 * 16)
+
+
+@needs_em
+def test_eval_rejects_other_dim(synthetic_run, capsys, tmp_path):
+    root = synthetic_run
+    assert _train(root, root / "run", "--epochs", "1") == 0
+    scenes = make_scenes(6, num_classes=3, image_size=64, dim=32, seed=1)
+    ds = FolderDataset(root / "imgs", labels_root=root / "labels", size=64, num_classes=3)
+    store_features(ds, scenes.features, root / "cache32", backbone="synthetic32", weights="synthetic")
+    assert main(["eval", "--checkpoint", str(root / "run" / "last.pt"), "--cache", str(root / "cache32")]) == 1
+    assert "another shape" in capsys.readouterr().err
