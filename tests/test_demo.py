@@ -1,0 +1,56 @@
+"""`primaps-fast demo` at a reduced size: outputs exist, are consistent, and unrelated files are safe."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from primaps_fast.cli import main
+from primaps_fast.demo import prepare_out
+
+needs_em = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("primaps_fast.em", "primaps_fast.metrics")),
+    reason="PriMaPsEM / UnsupervisedMetrics (primaps_fast.em, primaps_fast.metrics) not available")
+HAS_CRF = importlib.util.find_spec("primaps_fast.ops.dense_crf") is not None
+
+
+@needs_em
+def test_demo_reduced(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--images", "6", "--epochs", "2", "--image-size", "96",
+            "--batch-size", "3", "--classes", "4"] + ([] if HAS_CRF else ["--no-crf"])
+    assert main(args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "k-means baseline" in printed and "PriMaPs-EM" in printed and "mIoU" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["metrics"]) == {"k-means baseline", "PriMaPs-EM"}
+    for m in res["metrics"].values():
+        assert 0 <= m["mIoU"] <= 100 and 0 <= m["Accuracy"] <= 100
+    assert len(res["em_loss"]) == 2 and all(np.isfinite(res["em_loss"]))
+    assert res["pseudo_images_per_s"] > 0 and 0 < res["pseudo_label_coverage"] <= 1
+    assert "| PriMaPs-EM" in (out / "results.md").read_text()
+    from PIL import Image
+
+    pngs = sorted((out / "overlays").iterdir())
+    assert len(pngs) == 4
+    im = np.array(Image.open(pngs[0]))
+    assert im.shape == (96, 6 * 96 + 5 * 4, 3)
+    # the first panel is the scene itself
+    from primaps_fast.data.synthetic import make_scenes
+
+    scene = make_scenes(6, num_classes=4, image_size=96, seed=0).images[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(im[:, :96], scene)
+    # rerunning into the demo's own folder is allowed
+    assert main(args) == 0
+
+
+def test_demo_never_overwrites_unrelated_files(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "results.md").write_text("my notes")
+    assert main(["demo", "--out", str(tmp_path / "mine"), "--images", "2"]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "results.md").read_text() == "my notes"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError):
+        prepare_out(tmp_path / "afile")
+    assert (prepare_out(tmp_path / "new" / "deep")) and (tmp_path / "new" / "deep" / "overlays").is_dir()
