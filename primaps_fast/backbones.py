@@ -106,6 +106,19 @@ def _hub_cached_file(timm_name: str):
     return path if isinstance(path, str) and os.path.isfile(path) else None
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick connection test, so an offline machine fails at once instead of after minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 class Backbone(nn.Module):
     """A frozen ViT returning ``(B, C, H / patch, W / patch)`` normalised patch tokens.
 
@@ -142,6 +155,8 @@ class Backbone(nn.Module):
                     self.model = timm.create_model(self.spec.timm_name, pretrained=False, **kwargs)
                     _load_weights(self.model, cached, name)
                 elif allow_download:
+                    if not _hub_reachable():
+                        raise ConnectionError("the Hugging Face hub is not reachable (offline?)")
                     self.model = timm.create_model(self.spec.timm_name, pretrained=True, **kwargs)
                 else:
                     raise FileNotFoundError("not in the local Hugging Face cache and downloads are off")

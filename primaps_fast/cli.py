@@ -115,14 +115,31 @@ def cmd_train(args):
     from primaps_fast.pseudo_gen import PseudoLabelData
 
     cache = FeatureCache(args.cache)
-    data = PseudoLabelData(cache, args.pseudo, hflip=args.hflip, seed=args.seed)
+    data = PseudoLabelData(cache, args.pseudo, hflip=args.hflip, images=args.student_augs, seed=args.seed)
     K, C = _num_classes(args, cache.manifest), cache.feature_shape[0]
+    student_fn = None
+    if args.student_augs:
+        import random
+
+        from primaps_fast.backbones import load_backbone
+        from primaps_fast.data.transforms import student_augment
+
+        bb = load_backbone(cache.manifest["backbone"], args.weights, device=args.device)
+        if bb.weights_id != cache.manifest["weights"]:
+            raise ValueError(f"--weights: {bb.weights_id} differs from the weights of the cache "
+                             f"({cache.manifest['weights']})")
+        def student_fn(images, epoch, step):
+            aug_rng = random.Random(f"{args.seed}-{epoch}-{step}")  # the same views after a resume
+            student = torch.stack([student_augment(im, aug_rng) for im in images])
+            return bb(student.to(args.device)).float().cpu()
+
     os.makedirs(args.out, exist_ok=True)
     last = os.path.join(args.out, "last.pt")
     source = {k: cache.manifest[k] for k in ("backbone", "weights", "resolution", "dataset")}
     config = {"num_classes": K, "dim": C, "lr": args.lr, "ema_decay": args.ema_decay, "ema_every": args.ema_every,
               "focal_gamma": args.focal_gamma, "seed": args.seed, "epochs": args.epochs,
-              "batch_size": args.batch_size, "kmeans_epochs": args.kmeans_epochs, "hflip": args.hflip}
+              "batch_size": args.batch_size, "kmeans_epochs": args.kmeans_epochs, "hflip": args.hflip,
+              "student_augs": args.student_augs}
     if os.path.exists(last):
         if not args.resume:
             raise FileExistsError(f"out: {last} exists; pass --resume to continue that run, or choose another --out")
@@ -151,7 +168,7 @@ def cmd_train(args):
     if start == 0:
         save(0, [])
     hist = pipeline.train_epochs(em, data, start_epoch=start, epochs=args.epochs, batch_size=args.batch_size,
-                                 seed=args.seed, on_epoch_end=save)
+                                 seed=args.seed, on_epoch_end=save, student_fn=student_fn)
     fileio.write_json(os.path.join(args.out, "history.json"), history + hist)
     print(f"trained {args.epochs} epochs; checkpoints {os.path.join(args.out, 'init.pt')} (k-means baseline), {last}")
 
@@ -279,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans-epochs", type=int, default=2, help="cosine k-means epochs of the init (default: 2)")
     p.add_argument("--pca-images", type=int, default=None, help="images for PCA + k-means init (default: all)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips of features and pseudo labels")
+    p.add_argument("--student-augs", action="store_true",
+                   help="official student view: the M-step sees features of a photometrically augmented image "
+                        "(blur, colour jitter / grayscale), computed by the backbone of the cache (needs its weights)")
+    p.add_argument("--weights", default=None, help="with --student-augs: the backbone weights used for the cache")
+    p.add_argument("--device", default="cpu", help="with --student-augs: torch device of the backbone")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.set_defaults(func=cmd_train)

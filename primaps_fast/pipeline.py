@@ -62,8 +62,9 @@ def initialise(em, feature_batches, *, kmeans_epochs: int = 2):
 
 
 def train_epochs(em, data, *, start_epoch: int, epochs: int, batch_size: int, seed: int, on_epoch_end=None,
-                 show_progress: bool = True) -> list:
-    """Run PriMaPs-EM epochs ``start_epoch..epochs-1`` over ``data`` (items ``(features, mask_ids, index)``).
+                 student_fn=None, show_progress: bool = True) -> list:
+    """Run PriMaPs-EM epochs ``start_epoch..epochs-1`` over ``data`` (items ``(features, mask_ids, index)``,
+    plus the image when ``student_fn(images, epoch, step)`` maps a batch of images to student features).
 
     Batches are shuffled with a generator seeded by ``seed + epoch`` (a resumed run sees the same
     batches as an uninterrupted one); the last incomplete batch is dropped as in the official loader
@@ -75,11 +76,14 @@ def train_epochs(em, data, *, start_epoch: int, epochs: int, batch_size: int, se
         g = torch.Generator().manual_seed(seed + epoch)
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=g,
                                              drop_last=drop_last)
+        if hasattr(data, "set_epoch"):
+            data.set_epoch(epoch)
         losses = []
         with progress(desc=f"EM epoch {epoch + 1}/{epochs}", total=len(loader), unit="step",
                       enabled=show_progress) as bar:
-            for feats, masks, _ in loader:
-                out = em.step(feats, masks)
+            for step, (feats, masks, _, *rest) in enumerate(loader):
+                student = student_fn(rest[0], epoch, step) if student_fn is not None else None
+                out = em.step(feats, masks, student_features=student)
                 losses.append(float(out["loss"]))
                 bar.set_postfix(f"loss {losses[-1]:.4f}")
                 bar.update(1)

@@ -22,7 +22,7 @@ import torch
 
 from primaps_fast import fileio
 from primaps_fast.data.cache import FORMAT, check_manifest
-from primaps_fast.data.transforms import unnormalize
+from primaps_fast.data.transforms import to_normalized_tensor, unnormalize
 from primaps_fast.progress import progress
 
 SUBDIRS = ("imgs", "gts", "pseudos")
@@ -125,11 +125,13 @@ def generate_pseudo_labels(dataset, out_root, *, cache=None, backbone=None, thre
 class PseudoLabelData(torch.utils.data.Dataset):
     """``(features float32 (C, h, w), mask ids int64 (S, S), index)`` from a feature cache and a
     pseudo-label folder of the same dataset: what PriMaPs-EM trains on, without the backbone.
-    ``hflip=True`` mirrors features and mask ids together with probability 1/2 (official RandomHFlip)."""
+    ``hflip=True`` mirrors features and mask ids together with probability 1/2 (official RandomHFlip).
+    ``images=True`` appends the normalised image ``(3, S, S)`` from ``imgs/`` (mirrored with the rest)
+    for the student view (photometric augmentations + backbone)."""
 
-    def __init__(self, cache, pseudo_root, *, hflip: bool = False, seed: int = 0):
+    def __init__(self, cache, pseudo_root, *, hflip: bool = False, images: bool = False, seed: int = 0):
         cache.require_complete()
-        self.cache, self.root, self.hflip = cache, os.fspath(pseudo_root), hflip
+        self.cache, self.root, self.hflip, self.images = cache, os.fspath(pseudo_root), hflip, images
         mpath = os.path.join(self.root, "manifest.json")
         if not os.path.exists(mpath):
             raise FileNotFoundError(f"pseudo: no pseudo-label folder at {self.root} (manifest.json missing); "
@@ -143,10 +145,14 @@ class PseudoLabelData(torch.utils.data.Dataset):
         if missing:
             raise FileNotFoundError(f"pseudo: {len(missing)} pseudo labels missing in {self.root} "
                                     f"(e.g. {missing[0]}.png); rerun `primaps-fast pseudo` to finish")
-        self.rng = np.random.default_rng(seed)
+        self.seed, self.epoch = seed, 0
 
-    def _path(self, name):
-        return os.path.join(self.root, "pseudos", name + ".png")
+    def set_epoch(self, epoch: int) -> None:
+        """Flips depend on (seed, epoch, index) only, so a resumed run sees the same flips."""
+        self.epoch = epoch
+
+    def _path(self, name, sub="pseudos"):
+        return os.path.join(self.root, sub, name + ".png")
 
     def __len__(self):
         return len(self.cache)
@@ -154,16 +160,21 @@ class PseudoLabelData(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        path = self._path(self.cache.names[i])
-        try:
-            with Image.open(path) as im:
-                mask = np.array(im)
-        except Exception as exc:
-            raise RuntimeError(f"pseudo: cannot read {path}: {exc}") from exc
-        if mask.shape != (self.size, self.size):
-            raise ValueError(f"pseudo: {path} is {mask.shape[1]}x{mask.shape[0]}, expected {self.size}x{self.size}")
-        feats = self.cache.get_features([i])[0]
-        mask = torch.from_numpy(mask.astype(np.int64))
-        if self.hflip and self.rng.random() < 0.5:
-            feats, mask = feats.flip(-1), mask.flip(-1)
-        return feats, mask, i
+        def read(sub, shape):
+            path = self._path(self.cache.names[i], sub)
+            try:
+                with Image.open(path) as im:
+                    arr = np.array(im)
+            except Exception as exc:
+                raise RuntimeError(f"pseudo: cannot read {path}: {exc}") from exc
+            if arr.shape != shape:
+                raise ValueError(f"pseudo: {path} has shape {arr.shape}, expected {shape}")
+            return arr
+
+        mask = torch.from_numpy(read("pseudos", (self.size, self.size)).astype(np.int64))
+        out = [self.cache.get_features([i])[0], mask]
+        if self.images:
+            out.append(to_normalized_tensor(read("imgs", (self.size, self.size, 3))))
+        if self.hflip and np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5:
+            out = [t.flip(-1) for t in out]
+        return (out[0], out[1], i) + tuple(out[2:])

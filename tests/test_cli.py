@@ -127,3 +127,23 @@ def test_eval_rejects_other_dim(synthetic_run, capsys, tmp_path):
     store_features(ds, scenes.features, root / "cache32", backbone="synthetic32", weights="synthetic")
     assert main(["eval", "--checkpoint", str(root / "run" / "last.pt"), "--cache", str(root / "cache32")]) == 1
     assert "another shape" in capsys.readouterr().err
+
+
+@needs_em
+def test_train_student_augs_and_hflip(tmp_path, capsys):
+    fake_trees.cityscapes(tmp_path / "cs", np.random.default_rng(1), hw=(32, 32), per_city=2)
+    common = ["--dataset-root", str(tmp_path / "cs"), "--resolution", "32"]
+    assert main(["features", *common, "--weights", "random", "--cache", str(tmp_path / "c")]) == 0
+    assert main(["pseudo", *common, "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "p"), "--no-crf"]) == 0
+    args = ["train", "--cache", str(tmp_path / "c"), "--pseudo", str(tmp_path / "p"), "--out", str(tmp_path / "r"),
+            "--epochs", "1", "--batch-size", "2", "--kmeans-epochs", "1", "--hflip", "--student-augs"]
+    assert main(args + ["--weights", "random"]) == 0, capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
+    assert ckpt["config"]["student_augs"] and ckpt["num_classes"] == 27 and ckpt["epoch"] == 1
+    # the student backbone must be the cache's
+    from primaps_fast.backbones import Backbone
+
+    torch.save(Backbone("dino_vits8", "random", seed=9).model.state_dict(), tmp_path / "other.pth")
+    args[args.index("--out") + 1] = str(tmp_path / "r2")
+    assert main(args + ["--weights", str(tmp_path / "other.pth")]) == 1
+    assert "differs from the weights of the cache" in capsys.readouterr().err

@@ -116,3 +116,14 @@ def test_missing_cityscapes_image(tmp_path, nrng):
     os.remove(ds.samples[0].image)
     with pytest.raises(D.DataError, match="image file missing"):
         ds[0]
+
+
+def test_student_augment_keeps_shape_and_changes_pixels(rng):
+    import random
+
+    from primaps_fast.data.transforms import student_augment
+
+    img = normalize(torch.randint(0, 256, (3, 24, 24), generator=rng, dtype=torch.uint8))
+    out = student_augment(img, random.Random(0))
+    assert out.shape == img.shape and torch.isfinite(out).all()
+    assert not torch.equal(out, img)  # the Gaussian blur is always applied

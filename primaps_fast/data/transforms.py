@@ -2,7 +2,7 @@
 
 Evaluation and pseudo-label generation: resize the shorter side to ``size`` (bilinear for images,
 nearest for labels), centre crop ``size x size``, scale to [0, 1], normalise with the ImageNet mean/std.
-Training adds a random horizontal flip (image, label and pseudo label together) and, for the student
+Training (``pseudo_gen.PseudoLabelData``) adds a random horizontal flip of everything together and, for the student
 view of PriMaPs-EM, photometric augmentations of the image only (Gaussian blur with sigma in
 [0.1, 2], then either colour jitter (p = 0.3) or grayscale (p = 0.1), chosen with equal probability).
 """
@@ -52,19 +52,6 @@ def unnormalize(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
     return ((images * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
-
-
-def hflip(*tensors: torch.Tensor):
-    """Flip every tensor along its last axis (width)."""
-    return tuple(t.flip(-1) for t in tensors)
-
-
-def random_hflip(image: torch.Tensor, *others: torch.Tensor, p: float = 0.5, rng: random.Random | None = None):
-    """Official ``RandomHFlip``: flip image and label/pseudo label together with probability ``p``."""
-    rng = rng or random
-    if rng.random() < p:
-        return hflip(image, *others)
-    return (image,) + others
 
 
 def student_augment(image: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
