@@ -67,8 +67,8 @@ def test_weights_file_official_names(tmp_path, rng):
 
 def test_weights_errors(tmp_path):
     torch.save(Backbone("dino_vits8", "random").model.state_dict(), tmp_path / "s8.pth")
-    with pytest.raises(ValueError, match="does not fit backbone dino_vitb8"):
-        Backbone("dino_vitb8", tmp_path / "s8.pth")
+    with pytest.raises(ValueError, match="does not fit backbone dinov2_vits14"):
+        Backbone("dinov2_vits14", tmp_path / "s8.pth")
     with pytest.raises(FileNotFoundError, match="not found"):
         Backbone("dino_vits8", tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_bytes(b"junk")

@@ -147,3 +147,13 @@ def test_train_student_augs_and_hflip(tmp_path, capsys):
     args[args.index("--out") + 1] = str(tmp_path / "r2")
     assert main(args + ["--weights", str(tmp_path / "other.pth")]) == 1
     assert "differs from the weights of the cache" in capsys.readouterr().err
+
+
+def test_corrupt_or_foreign_checkpoint(synthetic_run, capsys):
+    root = synthetic_run
+    (root / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["eval", "--checkpoint", str(root / "junk.pt"), "--cache", str(root / "cache")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+    torch.save({"state_dict": {}}, root / "other.pt")
+    assert main(["eval", "--checkpoint", str(root / "other.pt"), "--cache", str(root / "cache")]) == 1
+    assert "not a primaps_fast PriMaPs-EM checkpoint" in capsys.readouterr().err
