@@ -30,6 +30,11 @@
 
 #include "common.h"
 
+// No FMA contraction in this file's plain loops: a vectorised loop body and its scalar tail must round
+// alike, or identical features at different pixels would get different cosines (and ties would break
+// by position). The explicit FMA intrinsics are unaffected.
+#pragma GCC optimize("fp-contract=off")
+
 namespace {
 
 constexpr int kBlockVectors = 8;           // subspace size of the eigen solver
@@ -43,8 +48,8 @@ constexpr int64_t kPad = 16;               // pixel padding of packed buffers (o
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // The float64 eigen solver and the per-pixel passes are plain loops that GCC vectorises; compile them
-// for AVX-512, AVX2 and baseline x86-64 and pick at load time (no -march=native). No -ffast-math:
-// reductions keep their order; only FMA contraction (on the FMA-capable clones) changes last bits.
+// for AVX-512, AVX2 and baseline x86-64 and pick at load time (no -march=native). No -ffast-math and
+// no contraction: every clone rounds these loops alike.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define PRIMAPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else

@@ -12,6 +12,11 @@
 
 #include "common.h"
 
+// No FMA contraction in this file's plain loops: a vectorised loop body and its scalar tail must round
+// alike, or identical features at different pixels would get different cosines (and ties would break
+// by position). The explicit FMA intrinsics are unaffected.
+#pragma GCC optimize("fp-contract=off")
+
 namespace {
 
 // Exact median of 9 values arranged as three triples: with (lo, md, hi) of each triple, the median is

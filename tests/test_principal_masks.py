@@ -86,9 +86,14 @@ def test_two_regions_known_answer(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_constant_and_zero_features(backend):
+def test_constant_and_zero_features(backend, rng):
+    """Identical features must give bit-identical cosines wherever the pixel is (vectorised body or
+    scalar tail of a loop): one proposal of exactly 1 everywhere."""
     skip_unavailable(backend)
-    const = torch.randn(16, 1, 1).expand(16, 5, 3).contiguous()
+    const = torch.randn(4, 16, 1, 1, generator=rng).expand(4, 16, 5, 3)
+    out = primaps_fast.principal_masks(const, backend=backend)
+    assert out.counts.tolist() == [1] * 4 and torch.equal(out.masks, torch.ones(4, 1, 5, 3))
+    const = const[0]
     zero = torch.zeros(16, 5, 3)
     out = primaps_fast.principal_masks(torch.stack([const, zero]), backend=backend)
     assert out.counts.tolist() == [1, 0]
