@@ -354,6 +354,12 @@ def main(argv=None) -> int:
         print("\nprimaps-fast: interrupted; rerun the same command to resume (finished work is kept)",
               file=sys.stderr)
         return 130
+    except ImportError as exc:
+        if os.environ.get("PRIMAPS_FAST_DEBUG") == "1" or not (exc.name or "").startswith("primaps_fast"):
+            raise
+        print(f"primaps-fast {args.command}: error: {exc.name} is not part of this installation "
+              "(a kernel of this build is missing; e.g. pass --no-crf if it is the dense CRF)", file=sys.stderr)
+        return 1
     except (DataError, ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as exc:
         if os.environ.get("PRIMAPS_FAST_DEBUG") == "1":
             raise
