@@ -91,7 +91,7 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
 
     Backends: "reference" is the official algorithm with ``pca_lowrank`` (randomized, per-image Python
     loop); "cpu" forms the covariance once per image (SYRK, float64 accumulation) and downdates it as
-    pixels leave, and finds ``v`` by block subspace iteration to a 1e-9 residual; "triton" does the same
+    pixels leave, and finds ``v`` by block subspace iteration to a 1e-7 relative residual; "triton" does the same
     with batched torch linear algebra and Triton kernels for the per-pixel passes.
     """
     features = validate_args(features, threshold, stop_fraction, max_masks)
