@@ -91,8 +91,9 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
 
     Backends: "reference" is the official algorithm with ``pca_lowrank`` (randomized, per-image Python
     loop); "cpu" forms the covariance once per image (SYRK, float64 accumulation) and downdates it as
-    pixels leave, and finds ``v`` by block subspace iteration to a 1e-7 relative residual; "triton" does the same
-    with batched torch linear algebra and Triton kernels for the per-pixel passes.
+    pixels leave, and finds ``v`` by block subspace iteration to a 1e-7 relative residual; "triton"
+    advances the whole batch together: covariances by one batched float64 matmul per step, ``v`` from
+    ``torch.linalg.eigh``, and Triton kernels for the per-pixel passes.
     """
     features = validate_args(features, threshold, stop_fraction, max_masks)
     backend = _dispatch.choose_backend(backend, features)
