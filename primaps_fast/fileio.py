@@ -28,11 +28,18 @@ def atomic_open(path, mode: str = "wb"):
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_all(f, data: bytes) -> None:
