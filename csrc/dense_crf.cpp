@@ -1,0 +1,430 @@
+// Dense CRF: the mean field of pydensecrf (Krähenbühl's "v2" code), batched, GIL released.
+//
+// Same arithmetic as pydensecrf's SSE path, step by step (shared/CRF.md): float32 elevation,
+// round half to even, strict-< rank, barycentric weights with wrap-around, splat in pixel order,
+// one-ring blur along axes 0..d, slice with alpha, symmetric normalisation computed through the
+// lattice, Potts -w, parallel update, softmax with the max subtracted. Vertex numbering differs
+// (sorted keys instead of hash insertion order), which changes no sum: every vertex accumulates its
+// pixels in pixel order, and blur/slice are per vertex/pixel.
+//
+// Data structures: keys packed into 64 bits with a range check (no int16 overflow), vertices found
+// by sorting (key, pixel*(d+1)+remainder), splat as a gather over the sorted (CSR) list, blur
+// neighbours by a linear merge (packed key + constant delta keeps the sort order), slice fused with
+// the update and the softmax.
+#include "common.h"
+
+#include <cmath>
+#include <chrono>
+#include <cstring>
+
+namespace {
+
+using primaps::parallel_for;
+
+// Runs fn(begin, end) over [0, n) split into `threads` contiguous chunks.
+template <typename F>
+void chunked(int64_t n, int threads, const F& fn) {
+  if (threads <= 1 || n < 4096) {
+    fn(int64_t(0), n);
+    return;
+  }
+  parallel_for(threads, threads, [&](int64_t t) {
+    int64_t b = n * t / threads, e = n * (t + 1) / threads;
+    fn(b, e);
+  });
+}
+
+struct Lattice {
+  int d = 0;
+  int64_t N = 0, M = 0;
+  std::vector<int32_t> offset;  // (N, d+1) vertex ids by remainder
+  std::vector<float> bary;      // (N, d+1) barycentric weights
+  std::vector<int64_t> start;   // (M+1) CSR over (pixel, weight), pixels ascending in a vertex
+  std::vector<int32_t> pix;
+  std::vector<float> wgt;
+  std::vector<int32_t> nbr;     // (d+1, M, 2): n1, n2; M = the zero row
+  std::vector<float> norm;      // (N) 1/sqrt(K 1 + 1e-20)
+};
+
+struct Entry {
+  uint64_t key;
+  uint32_t idx;  // pixel * (d+1) + remainder
+  bool operator<(const Entry& o) const { return key < o.key || (key == o.key && idx < o.idx); }
+};
+
+// feat: (N, d) pixel-major float32.
+void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int d, int threads) {
+  const int D = d + 1;
+  lat.d = d;
+  lat.N = N;
+  lat.offset.assign(N * D, 0);
+  lat.bary.assign(N * D, 0.f);
+  std::vector<int32_t> rem(N * D);
+  std::vector<int8_t> rk(N * D);
+  const float inv_std = static_cast<float>(std::sqrt(2.0 / 3.0) * D);
+  std::vector<float> sf(d);
+  for (int i = 0; i < d; ++i) sf[i] = static_cast<float>(1.0 / std::sqrt(double((i + 2) * (i + 1))) * inv_std);
+  const float invd = 1.0f / D, dp1 = static_cast<float>(D);
+  std::atomic<bool> too_large{false};
+  chunked(N, threads, [&](int64_t b, int64_t e) {
+    float el[16], r0[16], rank[16], bc[18];
+    for (int64_t k = b; k < e; ++k) {
+      const float* f = &feat[k * d];
+      float sm = 0.f;
+      for (int j = d; j > 0; --j) {
+        float cf = f[j - 1] * sf[j - 1];
+        el[j] = sm - static_cast<float>(j) * cf;
+        sm += cf;
+      }
+      el[0] = sm;
+      float sum = 0.f;
+      for (int i = 0; i <= d; ++i) {
+        float v = std::nearbyint(invd * el[i]);  // default rounding mode: half to even, as cvtps2dq
+        r0[i] = v * dp1;
+        sum += v;
+      }
+      for (int i = 0; i <= d; ++i) rank[i] = 0.f;
+      for (int i = 0; i < d; ++i) {
+        float di = el[i] - r0[i];
+        for (int j = i + 1; j <= d; ++j) {
+          float c = (di < el[j] - r0[j]) ? 1.f : 0.f;
+          rank[i] += c;
+          rank[j] += 1.f - c;
+        }
+      }
+      for (int i = 0; i <= d; ++i) {
+        rank[i] += sum;
+        float fix = (rank[i] < 0.f ? dp1 : 0.f) - (rank[i] >= dp1 ? dp1 : 0.f);
+        rank[i] += fix;
+        r0[i] += fix;
+      }
+      for (int i = 0; i < d + 2; ++i) bc[i] = 0.f;
+      for (int i = 0; i <= d; ++i) {
+        float v = (el[i] - r0[i]) * invd;
+        int p = d - static_cast<int>(rank[i]);
+        bc[p] += v;
+        bc[p + 1] -= v;
+      }
+      bc[0] += 1.f + bc[d + 1];
+      for (int i = 0; i <= d; ++i) {
+        if (!(std::fabs(r0[i]) < 1e9f)) too_large = true;
+        rem[k * D + i] = too_large ? 0 : static_cast<int32_t>(r0[i]);
+        rk[k * D + i] = static_cast<int8_t>(rank[i]);
+        lat.bary[k * D + i] = bc[i];
+      }
+    }
+  });
+  if (too_large)
+    throw std::invalid_argument("features: lattice coordinates too large (sxy/srgb too small for these inputs)");
+  // Key range per coordinate, widened so the blur neighbours' keys pack without carries.
+  std::vector<int64_t> lo(d, INT64_MAX), hi(d, INT64_MIN);
+  for (int64_t k = 0; k < N; ++k)
+    for (int i = 0; i < d; ++i) {
+      lo[i] = std::min<int64_t>(lo[i], rem[k * D + i]);
+      hi[i] = std::max<int64_t>(hi[i], rem[k * D + i]);
+    }
+  std::vector<int> shift(d);
+  int bits = 0;
+  for (int i = 0; i < d; ++i) {
+    lo[i] -= 3 * D;  // canonical offsets lie in [-d, d], neighbours add at most d+1
+    hi[i] += 3 * D;
+    int w = 0;
+    while ((int64_t(1) << w) <= hi[i] - lo[i] && w < 63) ++w;
+    shift[i] = bits;
+    bits += w;
+  }
+  if (bits > 62)
+    throw std::invalid_argument("features: lattice keys need " + std::to_string(bits) +
+                                " bits (> 62): the image is too large or sxy/srgb too small");
+  if (N * D > INT32_MAX) throw std::invalid_argument("images: too many pixels");
+  std::vector<Entry> entries(N * D);
+  chunked(N, threads, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      const int32_t* r0 = &rem[k * D];
+      const int8_t* rank = &rk[k * D];
+      for (int r = 0; r <= d; ++r) {
+        uint64_t key = 0;
+        for (int i = 0; i < d; ++i) {
+          int c = rank[i] <= d - r ? r : r - D;  // canonical simplex
+          key += static_cast<uint64_t>(r0[i] + c - lo[i]) << shift[i];
+        }
+        entries[k * D + r] = Entry{key, static_cast<uint32_t>(k * D + r)};
+      }
+    }
+  });
+  std::sort(entries.begin(), entries.end());
+  std::vector<uint64_t> keys;
+  keys.reserve(N * D / 2 + 1);
+  lat.start.clear();
+  lat.pix.resize(N * D);
+  lat.wgt.resize(N * D);
+  for (int64_t i = 0; i < N * D; ++i) {
+    const Entry& en = entries[i];
+    if (i == 0 || en.key != entries[i - 1].key) {
+      keys.push_back(en.key);
+      lat.start.push_back(i);
+    }
+    lat.offset[en.idx] = static_cast<int32_t>(keys.size() - 1);
+    lat.pix[i] = static_cast<int32_t>(en.idx / D);
+    lat.wgt[i] = lat.bary[en.idx];
+  }
+  const int64_t M = static_cast<int64_t>(keys.size());
+  lat.start.push_back(N * D);
+  lat.M = M;
+  lat.nbr.assign(D * M * 2, static_cast<int32_t>(M));
+  uint64_t unit = 0;
+  for (int i = 0; i < d; ++i) unit += uint64_t(1) << shift[i];
+  parallel_for(2 * D, threads, [&](int64_t t) {
+    int j = static_cast<int>(t / 2), side = static_cast<int>(t % 2);
+    uint64_t delta = (j < d ? (uint64_t(D) << shift[j]) : 0) - unit;  // n1 = key - 1, +(d+1) on axis j
+    if (side == 1) delta = uint64_t(0) - delta;                         // n2 = key + 1, -(d+1) on axis j
+    int32_t* out = &lat.nbr[j * M * 2];
+    int64_t q = 0;
+    // target = key + delta is increasing in the vertex order (no wrap: keys keep a margin).
+    for (int64_t v = 0; v < M; ++v) {
+      uint64_t target = keys[v] + delta;
+      while (q < M && keys[q] < target) ++q;
+      if (q < M && keys[q] == target) out[v * 2 + side] = static_cast<int32_t>(q);
+    }
+  });
+}
+
+// Blur along axes 0..d in place (double buffer), V values per vertex; row M stays zero.
+// SEQ: pydensecrf's scalar path (1-2 channels), which adds 0.5 * (n1 + n2) in double.
+template <bool SEQ>
+void blur(const Lattice& lat, std::vector<float>& vals, std::vector<float>& tmp, int V, int threads) {
+  const int64_t M = lat.M;
+  for (int j = 0; j <= lat.d; ++j) {
+    const int32_t* nb = &lat.nbr[j * M * 2];
+    const float* src = vals.data();
+    float* dst = tmp.data();
+    chunked(M, threads, [&](int64_t b, int64_t e) {
+      for (int64_t v = b; v < e; ++v) {
+        const float* o = src + v * V;
+        const float* a = src + int64_t(nb[2 * v]) * V;
+        const float* c = src + int64_t(nb[2 * v + 1]) * V;
+        float* n = dst + v * V;
+        for (int l = 0; l < V; ++l) {
+          if (SEQ)
+            n[l] = static_cast<float>(o[l] + 0.5 * (a[l] + c[l]));
+          else
+            n[l] = o[l] + 0.5f * (a[l] + c[l]);
+        }
+      }
+    });
+    std::swap(vals, tmp);
+  }
+}
+
+void compute_norm(Lattice& lat, int threads) {
+  const int64_t M = lat.M, N = lat.N;
+  const int D = lat.d + 1;
+  std::vector<float> vals(M + 1, 0.f), tmp(M + 1, 0.f);
+  chunked(M, threads, [&](int64_t b, int64_t e) {
+    for (int64_t v = b; v < e; ++v) {
+      float s = 0.f;
+      for (int64_t i = lat.start[v]; i < lat.start[v + 1]; ++i) s += lat.wgt[i] * 1.0f;
+      vals[v] = s;
+    }
+  });
+  blur<true>(lat, vals, tmp, 1, threads);
+  const float alpha = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-lat.d)));
+  lat.norm.resize(N);
+  chunked(N, threads, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      float s = 0.f;
+      for (int r = 0; r < D; ++r) s += lat.bary[k * D + r] * vals[lat.offset[k * D + r]] * alpha;
+      lat.norm[k] = static_cast<float>(1.0 / std::sqrt(double(s) + 1e-20));
+    }
+  });
+}
+
+// softmax of t (L values) into q: subtract the max, exp, divide by the sum.
+inline void softmax_row(const float* t, float* q, int L) {
+  float mx = t[0];
+  for (int l = 1; l < L; ++l) mx = std::max(mx, t[l]);
+  float s = 0.f;
+  for (int l = 0; l < L; ++l) {
+    q[l] = std::exp(t[l] - mx);
+    s += q[l];
+  }
+  for (int l = 0; l < L; ++l) q[l] = q[l] / s;
+}
+
+struct Params {
+  int iterations;
+  float pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat;
+};
+
+struct Timing {
+  double build = 0, iterate = 0;
+  int64_t m_gauss = 0, m_bilateral = 0;
+};
+
+// Splat norm*Q over the CSR list into vals (M+1, L).
+void splat(const Lattice& lat, const std::vector<float>& Q, int L, std::vector<float>& vals, int threads) {
+  chunked(lat.M, threads, [&](int64_t b, int64_t e) {
+    for (int64_t v = b; v < e; ++v) {
+      float* acc = &vals[v * L];
+      for (int l = 0; l < L; ++l) acc[l] = 0.f;
+      for (int64_t i = lat.start[v]; i < lat.start[v + 1]; ++i) {
+        const int64_t p = lat.pix[i];
+        const float w = lat.wgt[i], nm = lat.norm[p];
+        const float* q = &Q[p * L];
+        for (int l = 0; l < L; ++l) acc[l] += w * (q[l] * nm);
+      }
+    }
+  });
+}
+
+template <bool SEQ>
+inline void slice_into(const Lattice& lat, const std::vector<float>& vals, int64_t k, int L, float alpha,
+                       float* s) {
+  const int D = lat.d + 1;
+  for (int l = 0; l < L; ++l) s[l] = 0.f;
+  for (int r = 0; r < D; ++r) {
+    const float w = lat.bary[k * D + r];
+    const float* v = &vals[int64_t(lat.offset[k * D + r]) * L];
+    if (SEQ) {
+      for (int l = 0; l < L; ++l) s[l] += w * v[l] * alpha;
+    } else {
+      const float wa = w * alpha;
+      for (int l = 0; l < L; ++l) s[l] += wa * v[l];
+    }
+  }
+}
+
+template <bool SEQ>
+void mean_field(const Lattice* lats, const float* compat, const float* unary, float* out, int64_t N, int L,
+                int iterations, int threads) {
+  std::vector<float> negu(N * L), Q(N * L);
+  for (int64_t k = 0; k < N; ++k)
+    for (int l = 0; l < L; ++l) negu[k * L + l] = -unary[l * N + k];
+  chunked(N, threads, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) softmax_row(&negu[k * L], &Q[k * L], L);
+  });
+  std::vector<float> vals[2], tmp;
+  for (int it = 0; it < iterations; ++it) {
+    for (int g = 0; g < 2; ++g) {
+      vals[g].resize((lats[g].M + 1) * L);
+      std::fill(vals[g].begin() + lats[g].M * L, vals[g].end(), 0.f);
+      tmp.assign((lats[g].M + 1) * L, 0.f);
+      splat(lats[g], Q, L, vals[g], threads);
+      blur<SEQ>(lats[g], vals[g], tmp, L, threads);
+    }
+    const float alpha0 = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-lats[0].d)));
+    const float alpha1 = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-lats[1].d)));
+    chunked(N, threads, [&](int64_t b, int64_t e) {
+      std::vector<float> s(L), t(L);
+      for (int64_t k = b; k < e; ++k) {
+        for (int l = 0; l < L; ++l) t[l] = negu[k * L + l];
+        for (int g = 0; g < 2; ++g) {
+          slice_into<SEQ>(lats[g], vals[g], k, L, g == 0 ? alpha0 : alpha1, s.data());
+          const float nm = lats[g].norm[k];
+          for (int l = 0; l < L; ++l) t[l] = t[l] - (-compat[g]) * (s[l] * nm);
+        }
+        softmax_row(t.data(), &Q[k * L], L);
+      }
+    });
+  }
+  for (int64_t k = 0; k < N; ++k)
+    for (int l = 0; l < L; ++l) out[l * N + k] = Q[k * L + l];
+}
+
+void crf_image(const uint8_t* img, const float* unary, float* out, int64_t H, int64_t W, int L, const Params& p,
+               int threads, Timing* timing) {
+  const int64_t N = H * W;
+  auto t0 = std::chrono::steady_clock::now();
+  Lattice lats[2];
+  if (p.iterations > 0) {
+    std::vector<float> fg(N * 2), fb(N * 5);
+    for (int64_t y = 0; y < H; ++y)
+      for (int64_t x = 0; x < W; ++x) {
+        const int64_t k = y * W + x;
+        fg[k * 2 + 0] = static_cast<float>(x) / p.pos_sxy;
+        fg[k * 2 + 1] = static_cast<float>(y) / p.pos_sxy;
+        fb[k * 5 + 0] = static_cast<float>(x) / p.bi_sxy;
+        fb[k * 5 + 1] = static_cast<float>(y) / p.bi_sxy;
+        for (int c = 0; c < 3; ++c) fb[k * 5 + 2 + c] = static_cast<float>(img[c * N + k]) / p.bi_srgb;
+      }
+    build_lattice(lats[0], fg, N, 2, threads);
+    compute_norm(lats[0], threads);
+    build_lattice(lats[1], fb, N, 5, threads);
+    compute_norm(lats[1], threads);
+  }
+  auto t1 = std::chrono::steady_clock::now();
+  const float compat[2] = {p.pos_compat, p.bi_compat};
+  if (L <= 2)
+    mean_field<true>(lats, compat, unary, out, N, L, p.iterations, threads);
+  else
+    mean_field<false>(lats, compat, unary, out, N, L, p.iterations, threads);
+  if (timing) {
+    auto t2 = std::chrono::steady_clock::now();
+    timing->build = std::chrono::duration<double>(t1 - t0).count();
+    timing->iterate = std::chrono::duration<double>(t2 - t1).count();
+    timing->m_gauss = lats[0].M;
+    timing->m_bilateral = lats[1].M;
+  }
+}
+
+void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& unary,
+               const primaps::Int64Array& labels, primaps::FloatArray& out, int iterations, float pos_sxy,
+               float pos_compat, float bi_sxy, float bi_srgb, float bi_compat, int threads,
+               py::object timings) {
+  primaps::check_ndim(images, 4, "images");
+  primaps::check_ndim(unary, 1, "unary");
+  primaps::check_ndim(labels, 1, "labels");
+  primaps::check_ndim(out, 1, "out");
+  const int64_t B = images.shape(0), H = images.shape(2), W = images.shape(3);
+  if (images.shape(1) != 3) throw std::invalid_argument("images: expected 3 channels");
+  if (labels.shape(0) != B) throw std::invalid_argument("labels: expected one count per image");
+  if (iterations < 0) throw std::invalid_argument("iterations: expected >= 0");
+  if (!(pos_sxy > 0 && bi_sxy > 0 && bi_srgb > 0))
+    throw std::invalid_argument("sxy/srgb: expected > 0");
+  const int64_t* lab = labels.data();
+  std::vector<int64_t> start(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    if (lab[b] < 1 || lab[b] > 1 << 20) throw std::invalid_argument("labels: expected counts >= 1");
+    start[b + 1] = start[b] + lab[b] * H * W;
+  }
+  if (unary.shape(0) != start[B] || out.shape(0) != start[B])
+    throw std::invalid_argument("unary/out: size does not match the label counts");
+  if (H * W * 6 > INT32_MAX) throw std::invalid_argument("images: too many pixels");
+  const Params p{iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat};
+  const uint8_t* img = images.data();
+  const float* un = unary.data();
+  float* o = out.mutable_data();
+  std::vector<Timing> tm(B);
+  {
+    py::gil_scoped_release release;
+    threads = std::max(1, threads);
+    const int outer = static_cast<int>(std::min<int64_t>(threads, B));
+    const int inner = std::max(1, threads / outer);
+    parallel_for(B, outer, [&](int64_t b) {
+      crf_image(img + b * 3 * H * W, un + start[b], o + start[b], H, W, static_cast<int>(lab[b]), p, inner,
+                &tm[b]);
+    });
+  }
+  if (!timings.is_none()) {
+    py::list lst = timings.cast<py::list>();
+    for (int64_t b = 0; b < B; ++b) {
+      py::dict dct;
+      dct["build_s"] = tm[b].build;
+      dct["iterations_s"] = tm[b].iterate;
+      dct["vertices_gaussian"] = tm[b].m_gauss;
+      dct["vertices_bilateral"] = tm[b].m_bilateral;
+      lst.append(dct);
+    }
+  }
+}
+
+primaps::Registrar reg([](py::module_& m) {
+  m.def("dense_crf", &dense_crf, py::arg("images"), py::arg("unary"), py::arg("labels"), py::arg("out"),
+        py::arg("iterations"), py::arg("pos_sxy"), py::arg("pos_compat"), py::arg("bi_sxy"), py::arg("bi_srgb"),
+        py::arg("bi_compat"), py::arg("threads"), py::arg("timings") = py::none(),
+        "Dense CRF (pydensecrf v2 mean field) of a batch: images uint8 (B,3,H,W), unary float32 flat "
+        "(sum_b L_b*H*W, each (L_b,H,W)), labels int64 (B,) = L_b, out like unary. timings: optional list "
+        "that receives per-image dicts (build/iteration seconds, lattice vertex counts).");
+});
+
+}  // namespace
