@@ -49,8 +49,28 @@ struct Lattice {
 struct Entry {
   uint64_t key;
   uint32_t idx;  // pixel * (d+1) + remainder
-  bool operator<(const Entry& o) const { return key < o.key || (key == o.key && idx < o.idx); }
 };
+
+// Stable LSD radix sort by the low `bits` bits of the key: entries were generated in idx order,
+// so equal keys keep their pixels ascending (the splat order of pydensecrf).
+void radix_sort(std::vector<Entry>& a, int bits) {
+  constexpr int R = 11;
+  std::vector<Entry> b(a.size());
+  std::vector<int64_t> count(size_t(1) << R);
+  for (int sh = 0; sh < bits; sh += R) {
+    std::fill(count.begin(), count.end(), 0);
+    const uint64_t mask = (uint64_t(1) << R) - 1;
+    for (const Entry& e : a) ++count[(e.key >> sh) & mask];
+    int64_t sum = 0;
+    for (auto& c : count) {
+      int64_t t = c;
+      c = sum;
+      sum += t;
+    }
+    for (const Entry& e : a) b[count[(e.key >> sh) & mask]++] = e;
+    a.swap(b);
+  }
+}
 
 // feat: (N, d) pixel-major float32.
 void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int d, int threads) {
@@ -78,10 +98,16 @@ void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int 
       }
       el[0] = sm;
       float sum = 0.f;
+      bool ok = true;
       for (int i = 0; i <= d; ++i) {
         float v = std::nearbyint(invd * el[i]);  // default rounding mode: half to even, as cvtps2dq
         r0[i] = v * dp1;
         sum += v;
+        ok = ok && std::fabs(r0[i]) < 1e8f;  // beyond, float32 features lose the integer lattice
+      }
+      if (!ok || std::fabs(sum) > d) {
+        too_large = true;
+        continue;
       }
       for (int i = 0; i <= d; ++i) rank[i] = 0.f;
       for (int i = 0; i < d; ++i) {
@@ -107,8 +133,7 @@ void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int 
       }
       bc[0] += 1.f + bc[d + 1];
       for (int i = 0; i <= d; ++i) {
-        if (!(std::fabs(r0[i]) < 1e9f)) too_large = true;
-        rem[k * D + i] = too_large ? 0 : static_cast<int32_t>(r0[i]);
+        rem[k * D + i] = static_cast<int32_t>(r0[i]);
         rk[k * D + i] = static_cast<int8_t>(rank[i]);
         lat.bary[k * D + i] = bc[i];
       }
@@ -152,7 +177,7 @@ void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int 
       }
     }
   });
-  std::sort(entries.begin(), entries.end());
+  radix_sort(entries, bits);
   std::vector<uint64_t> keys;
   keys.reserve(N * D / 2 + 1);
   lat.start.clear();
@@ -191,8 +216,9 @@ void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int 
 
 // Blur along axes 0..d in place (double buffer), V values per vertex; row M stays zero.
 // SEQ: pydensecrf's scalar path (1-2 channels), which adds 0.5 * (n1 + n2) in double.
-template <bool SEQ>
-void blur(const Lattice& lat, std::vector<float>& vals, std::vector<float>& tmp, int V, int threads) {
+template <bool SEQ, int VS>
+void blur(const Lattice& lat, std::vector<float>& vals, std::vector<float>& tmp, int Vdyn, int threads) {
+  const int V = VS ? VS : Vdyn;
   const int64_t M = lat.M;
   for (int j = 0; j <= lat.d; ++j) {
     const int32_t* nb = &lat.nbr[j * M * 2];
@@ -227,7 +253,7 @@ void compute_norm(Lattice& lat, int threads) {
       vals[v] = s;
     }
   });
-  blur<true>(lat, vals, tmp, 1, threads);
+  blur<true, 1>(lat, vals, tmp, 1, threads);
   const float alpha = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-lat.d)));
   lat.norm.resize(N);
   chunked(N, threads, [&](int64_t b, int64_t e) {
@@ -261,8 +287,10 @@ struct Timing {
   int64_t m_gauss = 0, m_bilateral = 0;
 };
 
-// Splat norm*Q over the CSR list into vals (M+1, L).
-void splat(const Lattice& lat, const std::vector<float>& Q, int L, std::vector<float>& vals, int threads) {
+// Splat norm*Q over the CSR list into vals (M+1, V); Q is (N, V), labels padded with zeros.
+template <int VS>
+void splat(const Lattice& lat, const std::vector<float>& Q, int Vdyn, std::vector<float>& vals, int threads) {
+  const int L = VS ? VS : Vdyn;
   chunked(lat.M, threads, [&](int64_t b, int64_t e) {
     for (int64_t v = b; v < e; ++v) {
       float* acc = &vals[v * L];
@@ -277,9 +305,10 @@ void splat(const Lattice& lat, const std::vector<float>& Q, int L, std::vector<f
   });
 }
 
-template <bool SEQ>
-inline void slice_into(const Lattice& lat, const std::vector<float>& vals, int64_t k, int L, float alpha,
+template <bool SEQ, int VS>
+inline void slice_into(const Lattice& lat, const std::vector<float>& vals, int64_t k, int Vdyn, float alpha,
                        float* s) {
+  const int L = VS ? VS : Vdyn;
   const int D = lat.d + 1;
   for (int l = 0; l < L; ++l) s[l] = 0.f;
   for (int r = 0; r < D; ++r) {
@@ -294,41 +323,62 @@ inline void slice_into(const Lattice& lat, const std::vector<float>& vals, int64
   }
 }
 
-template <bool SEQ>
+// Q, -U and the lattice values are stored pixel/vertex-major with the labels padded to V lanes
+// (zeros), so the inner loops have a compile-time width; softmax uses the L real labels only.
+template <bool SEQ, int VS>
 void mean_field(const Lattice* lats, const float* compat, const float* unary, float* out, int64_t N, int L,
-                int iterations, int threads) {
-  std::vector<float> negu(N * L), Q(N * L);
-  for (int64_t k = 0; k < N; ++k)
-    for (int l = 0; l < L; ++l) negu[k * L + l] = -unary[l * N + k];
+                int Vdyn, int iterations, int threads) {
+  const int V = VS ? VS : Vdyn;
+  std::vector<float> negu(N * V, 0.f), Q(N * V, 0.f);
+  for (int l = 0; l < L; ++l)
+    for (int64_t k = 0; k < N; ++k) negu[k * V + l] = -unary[l * N + k];
   chunked(N, threads, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) softmax_row(&negu[k * L], &Q[k * L], L);
+    for (int64_t k = b; k < e; ++k) softmax_row(&negu[k * V], &Q[k * V], L);
   });
-  std::vector<float> vals[2], tmp;
+  std::vector<float> vals[2], tmp[2];
+  for (int g = 0; g < 2 && iterations > 0; ++g) {
+    vals[g].assign((lats[g].M + 1) * V, 0.f);
+    tmp[g].assign((lats[g].M + 1) * V, 0.f);
+  }
+  const float alpha0 = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-lats[0].d)));
+  const float alpha1 = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-lats[1].d)));
   for (int it = 0; it < iterations; ++it) {
     for (int g = 0; g < 2; ++g) {
-      vals[g].resize((lats[g].M + 1) * L);
-      std::fill(vals[g].begin() + lats[g].M * L, vals[g].end(), 0.f);
-      tmp.assign((lats[g].M + 1) * L, 0.f);
-      splat(lats[g], Q, L, vals[g], threads);
-      blur<SEQ>(lats[g], vals[g], tmp, L, threads);
+      splat<VS>(lats[g], Q, V, vals[g], threads);
+      blur<SEQ, VS>(lats[g], vals[g], tmp[g], V, threads);
     }
-    const float alpha0 = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-lats[0].d)));
-    const float alpha1 = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-lats[1].d)));
     chunked(N, threads, [&](int64_t b, int64_t e) {
-      std::vector<float> s(L), t(L);
+      alignas(64) float s[VS ? VS : 1], t[VS ? VS : 1];
+      std::vector<float> sd(VS ? 0 : V), td(VS ? 0 : V);
+      float* sp = VS ? s : sd.data();
+      float* tp = VS ? t : td.data();
       for (int64_t k = b; k < e; ++k) {
-        for (int l = 0; l < L; ++l) t[l] = negu[k * L + l];
+        for (int l = 0; l < V; ++l) tp[l] = negu[k * V + l];
         for (int g = 0; g < 2; ++g) {
-          slice_into<SEQ>(lats[g], vals[g], k, L, g == 0 ? alpha0 : alpha1, s.data());
+          slice_into<SEQ, VS>(lats[g], vals[g], k, V, g == 0 ? alpha0 : alpha1, sp);
           const float nm = lats[g].norm[k];
-          for (int l = 0; l < L; ++l) t[l] = t[l] - (-compat[g]) * (s[l] * nm);
+          const float mw = -compat[g];
+          for (int l = 0; l < V; ++l) tp[l] = tp[l] - mw * (sp[l] * nm);
         }
-        softmax_row(t.data(), &Q[k * L], L);
+        softmax_row(tp, &Q[k * V], L);
       }
     });
   }
-  for (int64_t k = 0; k < N; ++k)
-    for (int l = 0; l < L; ++l) out[l * N + k] = Q[k * L + l];
+  for (int l = 0; l < L; ++l)
+    for (int64_t k = 0; k < N; ++k) out[l * N + k] = Q[k * V + l];
+}
+
+template <bool SEQ>
+void mean_field_any(const Lattice* lats, const float* compat, const float* unary, float* out, int64_t N, int L,
+                    int iterations, int threads) {
+  if (L <= 4)
+    mean_field<SEQ, 4>(lats, compat, unary, out, N, L, 4, iterations, threads);
+  else if (L <= 8)
+    mean_field<SEQ, 8>(lats, compat, unary, out, N, L, 8, iterations, threads);
+  else if (L <= 16)
+    mean_field<SEQ, 16>(lats, compat, unary, out, N, L, 16, iterations, threads);
+  else
+    mean_field<SEQ, 0>(lats, compat, unary, out, N, L, (L + 7) / 8 * 8, iterations, threads);
 }
 
 void crf_image(const uint8_t* img, const float* unary, float* out, int64_t H, int64_t W, int L, const Params& p,
@@ -354,10 +404,10 @@ void crf_image(const uint8_t* img, const float* unary, float* out, int64_t H, in
   }
   auto t1 = std::chrono::steady_clock::now();
   const float compat[2] = {p.pos_compat, p.bi_compat};
-  if (L <= 2)
-    mean_field<true>(lats, compat, unary, out, N, L, p.iterations, threads);
+  if (L <= 2)  // pydensecrf filters 1-2 channels with its scalar code path
+    mean_field_any<true>(lats, compat, unary, out, N, L, p.iterations, threads);
   else
-    mean_field<false>(lats, compat, unary, out, N, L, p.iterations, threads);
+    mean_field_any<false>(lats, compat, unary, out, N, L, p.iterations, threads);
   if (timing) {
     auto t2 = std::chrono::steady_clock::now();
     timing->build = std::chrono::duration<double>(t1 - t0).count();

@@ -1,0 +1,190 @@
+"""dense_crf / dense_crf_list: C++ vs the reference port vs pydensecrf (when installed), Triton under the
+interpreter, edge cases and bad input."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import primaps_fast
+from primaps_fast.data.synthetic import make_scenes
+from primaps_fast.ops.dense_crf import dense_crf_list
+from primaps_fast.reference import crf as ref
+
+
+def scene(H, W, L, seed, noise=0.0, texture=0.0):
+    """A synthetic scene in BGR (as the official pipeline) and smooth logits at 1/8 resolution, upsampled
+    bilinearly and softmaxed as in PriMaPs; ``noise`` adds per-pixel logit noise, ``texture`` image noise."""
+    s = make_scenes(1, image_size=(H, W), patch=1, dim=8, seed=seed)
+    img = s.images[0].flip(0).contiguous()
+    g = torch.Generator().manual_seed(seed)
+    if texture:
+        img = (img.float() + texture * torch.randn(img.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    lg = torch.randn(1, L, max(1, H // 8), max(1, W // 8), generator=g) * 2
+    lg = F.avg_pool2d(F.pad(lg, (1, 1, 1, 1), mode="replicate"), 3, 1) * 3
+    x = F.interpolate(lg, size=(H, W), mode="bilinear", align_corners=False)
+    if noise:
+        x = x + noise * torch.randn(x.shape, generator=g)
+    return img, torch.softmax(x, 1)[0]
+
+
+def pydensecrf_q(img, probs, iterations=10):
+    dcrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is an optional comparison")
+    from pydensecrf.utils import unary_from_softmax
+
+    L, H, W = probs.shape
+    d = dcrf.DenseCRF2D(W, H, L)
+    d.setUnaryEnergy(unary_from_softmax(probs.numpy()))
+    d.addPairwiseGaussian(sxy=1, compat=3)
+    d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(img.permute(1, 2, 0).numpy()), compat=4)
+    return torch.from_numpy(np.array(d.inference(iterations))).reshape(L, H, W)
+
+
+def agreement(a, b):
+    return (a.argmax(0) == b.argmax(0)).float().mean().item()
+
+
+@pytest.mark.parametrize("H,W,L,seed,noise,texture", [
+    (64, 80, 5, 0, 0.0, 0.0), (64, 80, 7, 1, 3.0, 0.0), (56, 72, 3, 2, 1.0, 25.0),
+    (48, 40, 2, 3, 0.0, 0.0), (40, 48, 17, 4, 2.0, 10.0)])
+def test_cpu_matches_pydensecrf(H, W, L, seed, noise, texture):
+    img, p = scene(H, W, L, seed, noise, texture)
+    want = pydensecrf_q(img, p)
+    got = dense_crf_list(img[None], [p], backend="cpu")[0]
+    assert agreement(got, want) == 1.0
+    assert (got - want).abs().max().item() < 1e-3
+
+
+def test_cpu_matches_pydensecrf_320():
+    img, p = scene(320, 320, 7, 5, 1.0, 8.0)
+    want = pydensecrf_q(img, p)
+    got = dense_crf_list(img[None], [p], backend="cpu")[0]
+    assert agreement(got, want) >= 0.999
+    assert (got - want).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("H,W,L,seed,noise", [(64, 80, 6, 10, 0.0), (33, 47, 4, 11, 3.0), (24, 40, 1, 12, 0.0)])
+def test_cpu_matches_reference(H, W, L, seed, noise):
+    img, p = scene(H, W, L, seed, noise, texture=15.0)
+    want = ref.dense_crf_probs(img[None], [p])[0]
+    got = dense_crf_list(img[None], [p], backend="cpu")[0]
+    assert agreement(got, want) == 1.0
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_batch_with_different_label_counts(rng):
+    imgs, probs = [], []
+    for b, L in enumerate((3, 6, 2)):
+        img, p = scene(40, 56, L, 20 + b, 1.0)
+        imgs.append(img)
+        probs.append(p)
+    images = torch.stack(imgs)
+    got = dense_crf_list(images, probs, iterations=5, backend="cpu")
+    for b in range(3):
+        single = dense_crf_list(images[b:b + 1], probs[b:b + 1], iterations=5, backend="cpu")[0]
+        assert got[b].shape == probs[b].shape
+        torch.testing.assert_close(got[b], single, atol=0, rtol=0)  # threads do not change any sum
+        want = ref.dense_crf_probs(images[b:b + 1], probs[b:b + 1], iterations=5)[0]
+        torch.testing.assert_close(got[b], want, atol=1e-4, rtol=0)
+
+
+def test_dense_crf_upsamples_logits_like_reference():
+    img, _ = scene(48, 64, 4, 30)
+    logits = torch.randn(2, 4, 6, 8, generator=torch.Generator().manual_seed(3)) * 3
+    images = torch.stack([img, img.flip(0)])
+    got = primaps_fast.dense_crf(images, logits, iterations=4)
+    want = ref.dense_crf(images, logits, iterations=4)
+    assert got.shape == (2, 4, 48, 64) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert agreement(got[0], want[0]) == 1.0
+    torch.testing.assert_close(got.sum(1), torch.ones(2, 48, 64), atol=1e-5, rtol=0)
+
+
+def test_channel_order_matters():
+    img, p = scene(48, 64, 4, 31, texture=30.0)
+    a = dense_crf_list(img[None], [p])[0]
+    b = dense_crf_list(img.flip(0)[None], [p])[0]
+    assert not torch.equal(a, b)
+
+
+def test_zero_iterations_is_clipped_normalised_probs():
+    img, p = scene(20, 24, 3, 40)
+    p = p.clone()
+    p[0, :2] = 0.0  # clipped to 1e-5
+    got = dense_crf_list(img[None], [p], iterations=0)[0]
+    c = p.clamp(1e-5, 1)
+    torch.testing.assert_close(got, c / c.sum(0), atol=1e-6, rtol=1e-6)
+
+
+def test_edge_cases():
+    # one label: Q == 1
+    img, p = scene(16, 24, 3, 41)
+    assert torch.equal(dense_crf_list(img[None], [torch.ones(1, 16, 24)])[0], torch.ones(1, 16, 24))
+    # a dominant label stays dominant; a constant image keeps the argmax of smooth inputs
+    q = torch.full((3, 16, 24), 0.01)
+    q[1] = 0.98
+    assert (dense_crf_list(img[None], [q])[0].argmax(0) == 1).all()
+    flat = torch.full_like(img, 77)
+    got = dense_crf_list(flat[None], [p])[0]
+    torch.testing.assert_close(got, ref.dense_crf_probs(flat[None], [p])[0], atol=1e-4, rtol=0)
+    # 1x1 and odd sizes
+    one = torch.tensor([[[10]], [[20]], [[30]]], dtype=torch.uint8)
+    r = torch.tensor([[[0.3]], [[0.7]]])
+    torch.testing.assert_close(dense_crf_list(one[None], [r])[0], ref.dense_crf_probs(one[None], [r])[0])
+    img, p = scene(13, 7 * 3, 5, 42)
+    torch.testing.assert_close(dense_crf_list(img[None], [p])[0], ref.dense_crf_probs(img[None], [p])[0],
+                               atol=1e-4, rtol=0)
+
+
+def test_validation():
+    img, p = scene(16, 16, 3, 50)
+    images = img[None]
+    with pytest.raises(TypeError, match="images"):
+        dense_crf_list(images.float(), [p])
+    with pytest.raises(ValueError, match="images"):
+        dense_crf_list(images[:, :2], [p])
+    with pytest.raises(ValueError, match="images"):
+        dense_crf_list(img, [p])
+    with pytest.raises(ValueError, match="probs"):
+        dense_crf_list(images, [p, p])
+    with pytest.raises(ValueError, match=r"probs\[0\]"):
+        dense_crf_list(images, [p[:, :8]])
+    bad = p.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"probs\[0\]"):
+        dense_crf_list(images, [bad])
+    with pytest.raises(ValueError, match="logits"):
+        primaps_fast.dense_crf(images, torch.full((1, 3, 2, 2), float("inf")))
+    with pytest.raises(ValueError, match="logits"):
+        primaps_fast.dense_crf(images, torch.zeros(2, 3, 2, 2))
+    with pytest.raises(ValueError, match="iterations"):
+        dense_crf_list(images, [p], iterations=-1)
+    for name in ("pos_sxy", "pos_compat", "bi_sxy", "bi_srgb", "bi_compat"):
+        with pytest.raises(ValueError, match=name):
+            dense_crf_list(images, [p], **{name: 0.0})
+    with pytest.raises(ValueError, match="backend"):
+        dense_crf_list(images, [p], backend="gpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_lattice_key_overflow_is_an_error(backend):
+    img, p = scene(16, 16, 2, 51, texture=60.0)
+    with pytest.raises(ValueError, match="sxy/srgb"):
+        dense_crf_list(img[None], [p], bi_srgb=1e-8, backend=backend)
+
+
+def test_lattice_sizes_match_pydensecrf_statistics():
+    # The Gaussian lattice of a 320x320 grid has 118,586 vertices (shared/CRF.md, measured on pydensecrf).
+    lat = ref.build_lattice(ref.crf_features(torch.zeros(3, 320, 320, dtype=torch.uint8), 1.0, None))
+    assert lat.M == 118586
+
+
+@pytest.mark.interpreter
+def test_triton_matches_cpu():
+    pytest.importorskip("triton")
+    img, p = scene(12, 16, 3, 60, 1.0, 20.0)
+    img2, p2 = scene(12, 16, 3, 61, 0.0)
+    images = torch.stack([img, img2])
+    got = dense_crf_list(images, [p, p2[:2] / p2[:2].sum(0)], iterations=3, backend="triton")
+    want = dense_crf_list(images, [p, p2[:2] / p2[:2].sum(0)], iterations=3, backend="cpu")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
