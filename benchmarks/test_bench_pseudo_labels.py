@@ -65,6 +65,45 @@ def test_pseudo_labels_crf(benchmark, scenes, provider):
     _run(benchmark, ("crf", provider), fn, 8, 1 if provider == "reference" else 3)
 
 
+def official_pipeline(images, features):
+    """The official per-image flow with pydensecrf (github visinf/primaps ``_get_pseudo`` + ``crf.py``):
+    reference proposals and post-processing, then pydensecrf on the BGR image, arg-max."""
+    import numpy as np
+    import pydensecrf.densecrf as dcrf
+    import torch.nn.functional as F
+    from pydensecrf.utils import unary_from_softmax
+
+    from primaps_fast.reference.primaps import _proposals_one, crf_image, mask_logits
+
+    out = []
+    for img, feat in zip(images, features):
+        props = _proposals_one(feat, 0.4, 0.95, None)
+        logits = mask_logits(torch.stack(props))
+        H, W = img.shape[-2:]
+        up = F.interpolate(logits[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        probs = F.softmax(up, dim=0).numpy()
+        bgr = np.ascontiguousarray(crf_image(img).permute(1, 2, 0).numpy()[:, :, ::-1])
+        d = dcrf.DenseCRF2D(W, H, probs.shape[0])
+        d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+        d.addPairwiseGaussian(sxy=1, compat=3)
+        d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=bgr, compat=4)
+        q = np.array(d.inference(10)).reshape(probs.shape)
+        lab = torch.from_numpy(q.argmax(0)).long()
+        lab[lab == 0] = 255
+        out.append(lab)
+    return torch.stack(out)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None, reason="pydensecrf2 not installed")
+@pytest.mark.benchmark(group="pseudo_labels crf=True 8x320x320")
+def test_pseudo_labels_crf_official_pydensecrf(benchmark, scenes):
+    """Baseline: the official flow with pydensecrf (what PriMaPs runs), next to reference and cpu."""
+    got = primaps_fast.pseudo_labels(scenes.images, scenes.features, backend="cpu")
+    assert (official_pipeline(scenes.images, scenes.features) == got).float().mean() >= 0.99
+    fn = lambda: official_pipeline(scenes.images, scenes.features)  # noqa: E731
+    _run(benchmark, ("crf", "official"), fn, 8, 1)
+
+
 @pytest.mark.benchmark(group="median_filter 8x6x40x40")
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_median_filter(benchmark, scenes, provider):
