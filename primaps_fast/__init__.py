@@ -2,7 +2,7 @@
 
 Names resolve lazily, so ``import primaps_fast`` stays cheap (no Triton, no timm) until an op is used.
 """
-import importlib
+from primaps_fast._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -21,12 +21,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'primaps_fast' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
 
 
 def __dir__():

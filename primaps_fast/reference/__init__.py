@@ -4,7 +4,7 @@ The oracle for tests and the baseline for benchmarks: it follows the official co
 (per-image Python loops included), with only the deliberate differences of DESIGN.md section 2.
 Slow is fine here; faithful and simple is the point. Names resolve lazily to their stage module.
 """
-import importlib
+from primaps_fast._lazy import lazy_getattr
 
 _EXPORTS = {
     "principal_masks": "primaps_fast.reference.primaps",
@@ -18,9 +18,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'primaps_fast.reference' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
