@@ -157,3 +157,29 @@ def test_corrupt_or_foreign_checkpoint(synthetic_run, capsys):
     torch.save({"state_dict": {}}, root / "other.pt")
     assert main(["eval", "--checkpoint", str(root / "other.pt"), "--cache", str(root / "cache")]) == 1
     assert "not a primaps_fast PriMaPs-EM checkpoint" in capsys.readouterr().err
+
+
+def test_metrics_match_hand_computation_and_api(rng):
+    from primaps_fast.pipeline import evaluate_batches
+
+    K = 4
+    target = torch.randint(0, K + 1, (3, 20, 20), generator=rng)  # K = ignored
+    perm = torch.tensor([2, 0, 3, 1])
+    preds = torch.where(torch.rand(3, 20, 20, generator=rng) < 0.7, perm[target.clamp(max=K - 1)],
+                        torch.randint(0, K, (3, 20, 20), generator=rng))
+    r = evaluate_batches([(preds[:2], target[:2]), (preds[2:], target[2:])], K)
+    assert r["mapping"][perm].tolist() == list(range(K))  # cluster perm[c] is class c
+    valid = target < K
+    mapped = torch.from_numpy(r["mapping"])[preds]
+    acc = 100 * (mapped[valid] == target[valid]).float().mean().item()
+    ious = [((mapped == c) & (target == c) & valid).sum().item() / (((mapped == c) | (target == c)) & valid).sum().item()
+            for c in range(K)]
+    assert abs(r["Accuracy"] - acc) < 1e-4 and abs(r["mIoU"] - 100 * np.mean(ious)) < 1e-4
+    try:
+        from primaps_fast import UnsupervisedMetrics
+    except (ImportError, AttributeError):
+        pytest.skip("UnsupervisedMetrics (primaps_fast.metrics) not available for the cross-check")
+    m = UnsupervisedMetrics(K)
+    m.update(preds, target)
+    api = m.compute()
+    assert abs(api["mIoU"] - r["mIoU"]) < 1e-3 and abs(api["Accuracy"] - r["Accuracy"]) < 1e-3
