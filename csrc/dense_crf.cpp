@@ -396,10 +396,12 @@ void mean_field_any(const Lattice* const* lats, const float* compat, const float
     mean_field<SEQ, 4>(lats, compat, unary, out, N, L, 4, iterations, threads);
   else if (L <= 8)
     mean_field<SEQ, 8>(lats, compat, unary, out, N, L, 8, iterations, threads);
+  else if (L <= 12)
+    mean_field<SEQ, 12>(lats, compat, unary, out, N, L, 12, iterations, threads);
   else if (L <= 16)
     mean_field<SEQ, 16>(lats, compat, unary, out, N, L, 16, iterations, threads);
   else
-    mean_field<SEQ, 0>(lats, compat, unary, out, N, L, (L + 7) / 8 * 8, iterations, threads);
+    mean_field<SEQ, 0>(lats, compat, unary, out, N, L, (L + 3) / 4 * 4, iterations, threads);
 }
 
 // Features of pydensecrf's DenseCRF2D: (x/sxy, y/sxy) and, with an image, its channels / srgb.
