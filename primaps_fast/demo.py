@@ -36,6 +36,12 @@ def prepare_out(out) -> str:
     return out
 
 
+def _em_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("primaps_fast.em") is not None
+
+
 def format_table(rows, header) -> str:
     cells = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -70,21 +76,25 @@ def run_demo(out="primaps_out", *, images: int = 32, epochs: int = 6, crf: bool 
     log(f"demo: pseudo labels {times['PriMaPs pseudo labels' + (' + CRF' if crf else '')]:.2f} s "
         f"({images / times['PriMaPs pseudo labels' + (' + CRF' if crf else '')]:.1f} images/s)")
 
-    config = {"num_classes": num_classes, "dim": feats.shape[1], "lr": 5e-3, "ema_decay": 0.98, "ema_every": 10,
-              "focal_gamma": 2.0, "seed": seed}
-    em = pipeline.build_em(config)
-    batches = [feats[s:s + batch_size] for s in range(0, images, batch_size)]
-    _, times["PCA + k-means init"] = pipeline.timed(pipeline.initialise, em, batches)
-    kmeans_pred = torch.cat([em.predict(b, size=(S, S)) for b in batches])
-
-    data = torch.utils.data.TensorDataset(feats, pseudo, torch.arange(images))
-    history, times[f"PriMaPs-EM ({epochs} epochs)"] = pipeline.timed(
-        pipeline.train_epochs, em, data, start_epoch=0, epochs=epochs, batch_size=batch_size, seed=seed,
-        show_progress=show_progress)
-    em_pred = torch.cat([em.predict(b, size=(S, S)) for b in batches])
+    predictions = {}
+    if _em_available():
+        config = {"num_classes": num_classes, "dim": feats.shape[1], "lr": 5e-3, "ema_decay": 0.98,
+                  "ema_every": 10, "focal_gamma": 2.0, "seed": seed}
+        em = pipeline.build_em(config)
+        batches = [feats[s:s + batch_size] for s in range(0, images, batch_size)]
+        _, times["PCA + k-means init"] = pipeline.timed(pipeline.initialise, em, batches)
+        predictions["k-means baseline"] = torch.cat([em.predict(b, size=(S, S)) for b in batches])
+        data = torch.utils.data.TensorDataset(feats, pseudo, torch.arange(images))
+        history, times[f"PriMaPs-EM ({epochs} epochs)"] = pipeline.timed(
+            pipeline.train_epochs, em, data, start_epoch=0, epochs=epochs, batch_size=batch_size, seed=seed,
+            show_progress=show_progress)
+        predictions["PriMaPs-EM"] = torch.cat([em.predict(b, size=(S, S)) for b in batches])
+    else:
+        history = []
+        log("demo: PriMaPsEM (primaps_fast.em) is not installed: the k-means baseline and PriMaPs-EM are skipped")
 
     rows, results = [], {}
-    for name, pred in (("k-means baseline", kmeans_pred), ("PriMaPs-EM", em_pred)):
+    for name, pred in predictions.items():
         r = pipeline.evaluate_batches([(pred, scenes.labels)], num_classes)
         results[name] = r
         rows.append([name, f"{r['mIoU']:.2f}", f"{r['Accuracy']:.2f}"])
@@ -105,7 +115,7 @@ def run_demo(out="primaps_out", *, images: int = 32, epochs: int = 6, crf: bool 
         pse = pseudo[i].numpy().astype(np.int64)
         panels = [img, pipeline.blend(img, pipeline.colorize(prop_ids, npal)),
                   pipeline.blend(img, pipeline.colorize(np.where(pse == 255, -1, pse - 1), npal))]
-        for name, pred in (("k-means baseline", kmeans_pred), ("PriMaPs-EM", em_pred)):
+        for name, pred in predictions.items():
             mapped = results[name]["mapping"][pred[i].numpy()]
             panels.append(pipeline.blend(img, pipeline.colorize(mapped, num_classes)))
         panels.append(pipeline.blend(img, pipeline.colorize(scenes.labels[i].numpy(), num_classes)))
@@ -118,8 +128,8 @@ def run_demo(out="primaps_out", *, images: int = 32, epochs: int = 6, crf: bool 
                "em_loss": [h["loss"] for h in history]}
     text = (f"# primaps-fast demo\n\n{images} synthetic scenes, {S}x{S}, {num_classes} classes, CRF "
             f"{'on' if crf else 'off'}, {epochs} EM epochs\n\n{table}\n\n{ttable}\n\n"
-            "Overlays (overlays/scene_*.png): image | PriMaPs proposals | pseudo labels | k-means | "
-            "PriMaPs-EM | ground truth\n")
+            "Overlays (overlays/scene_*.png): image | PriMaPs proposals | pseudo labels | "
+            + "".join(f"{name} | " for name in predictions) + "ground truth\n")
     fileio.write_bytes(os.path.join(out, "results.md"), text.encode())
     fileio.write_bytes(os.path.join(out, "results.json"), (json.dumps(summary, indent=2) + "\n").encode())
     log("\n" + table + "\n\n" + ttable + f"\n\nwritten to {os.path.abspath(out)}/ (results.md, results.json, "
