@@ -3,19 +3,21 @@
 // Same arithmetic as pydensecrf's SSE path, step by step (shared/CRF.md): float32 elevation,
 // round half to even, strict-< rank, barycentric weights with wrap-around, splat in pixel order,
 // one-ring blur along axes 0..d, slice with alpha, symmetric normalisation computed through the
-// lattice, Potts -w, parallel update, softmax with the max subtracted. Vertex numbering differs
-// (sorted keys instead of hash insertion order), which changes no sum: every vertex accumulates its
-// pixels in pixel order, and blur/slice are per vertex/pixel.
+// lattice, Potts -w, parallel update, softmax with the max subtracted (glibc expf). Vertices are
+// numbered in order of first appearance, like pydensecrf's hash table; no sum depends on the
+// numbering anyway (each vertex accumulates its pixels in pixel order; blur and slice are per
+// vertex and per pixel), so results match pydensecrf up to the last bit of exp/log.
 //
 // Data structures: keys packed into 64 bits with a range check (no int16 overflow), vertices found
-// by sorting (key, pixel*(d+1)+remainder), splat as a gather over the sorted (CSR) list, blur
-// neighbours by a linear merge (packed key + constant delta keeps the sort order), slice fused with
-// the update and the softmax.
+// by a stable radix sort of (key, pixel*(d+1)+remainder), splat as a gather over the resulting CSR
+// list (deterministic, no atomics), blur neighbours by a linear merge (packed key + constant delta
+// keeps the sort order), slice fused with the Potts update and the softmax. The Gaussian lattice
+// depends only on the grid and is built once per batch. Threads: one image per thread, or inside
+// the image (splat/blur/slice split by rows) when the batch has fewer images than threads.
 #include "common.h"
 
 #include <cmath>
 #include <chrono>
-#include <cstring>
 
 namespace {
 

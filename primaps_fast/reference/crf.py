@@ -125,7 +125,7 @@ def build_lattice(features: torch.Tensor, *, max_bits: int = 62) -> Lattice:
     return Lattice(inverse.reshape(N, d + 1), weight, nbrs, uniq, d, M)
 
 
-def _lattice_filter(lat: Lattice, values: torch.Tensor, seq: bool) -> torch.Tensor:
+def lattice_filter(lat: Lattice, values: torch.Tensor, seq: bool) -> torch.Tensor:
     """Splat, blur along axes 0..d, slice (alpha included) of ``values`` (N, V)."""
     N, V = values.shape
     d = lat.d
@@ -177,14 +177,14 @@ def _crf_one(image, probs, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_
     kernels = []
     for sxy, srgb, w in ((pos_sxy, None, pos_compat), (bi_sxy, bi_srgb, bi_compat)):
         lat = build_lattice(crf_features(image, sxy, srgb))
-        k1 = _lattice_filter(lat, torch.ones(N, 1, device=probs.device), seq=True)[:, 0]
+        k1 = lattice_filter(lat, torch.ones(N, 1, device=probs.device), seq=True)[:, 0]
         norm = (1.0 / torch.sqrt(k1.double() + 1e-20)).float()
         kernels.append((lat, norm, w))
     seq = L <= 2  # pydensecrf filters 1-2 channels with its scalar code path
     for _ in range(iterations):
         t = neg_u.clone()
         for lat, norm, w in kernels:
-            filt = _lattice_filter(lat, q * norm[:, None], seq) * norm[:, None]
+            filt = lattice_filter(lat, q * norm[:, None], seq) * norm[:, None]
             t = t - (-w * filt)
         q = torch.softmax(t, dim=1)
     return q.t().reshape(L, H, W).contiguous()

@@ -110,7 +110,7 @@ class _Kernel:
         self.bary = lat.weight.contiguous()
         self.M, self.D = lat.M, D
         ones = torch.ones(N, 1, dtype=torch.float32, device=flat.device)
-        k1 = ref._lattice_filter(lat, ones, seq=True)[:, 0]
+        k1 = ref.lattice_filter(lat, ones, seq=True)[:, 0]
         self.norm = (1.0 / torch.sqrt(k1.double() + 1e-20)).float().contiguous()
         self.compat = compat
         self.alpha = 1.0 / (1.0 + 2.0 ** (-(D - 1)))
