@@ -100,8 +100,10 @@ def run_demo(out="primaps_out", *, images: int = 32, epochs: int = 6, crf: bool 
         rows.append([name, f"{r['mIoU']:.2f}", f"{r['Accuracy']:.2f}"])
     # pseudo labels leave the background (255) unlabelled: report how much of the image they cover
     covered = pseudo != 255
-    rows.append(["pseudo-label coverage (% of pixels)", f"{100 * covered.float().mean():.1f}", ""])
-    table = format_table(rows, ["method", "mIoU (%)", "Accuracy (%)"])
+    masks_per_image = float(np.mean([p[p != 255].unique().numel() for p in pseudo]))
+    table = (format_table(rows, ["method", "mIoU (%)", "Accuracy (%)"]) if rows else "(no trained model)") + (
+        f"\n\npseudo labels: {masks_per_image:.1f} masks per image, covering "
+        f"{100 * covered.float().mean():.1f}% of the pixels")
     ttable = format_table([[k, f"{v:.2f}"] for k, v in times.items()], ["stage", "time (s)"])
 
     # overlays

@@ -28,7 +28,7 @@ def test_demo_reduced(tmp_path, capsys):
         assert "primaps_fast.em" in printed and "skipped" in printed
     assert len(res["em_loss"]) == (2 if HAS_EM else 0) and all(np.isfinite(res["em_loss"]))
     assert res["pseudo_images_per_s"] > 0 and 0 < res["pseudo_label_coverage"] <= 1
-    assert "pseudo-label coverage" in (out / "results.md").read_text()
+    assert "masks per image" in (out / "results.md").read_text()
     from PIL import Image
 
     pngs = sorted((out / "overlays").iterdir())
