@@ -71,7 +71,7 @@ def test_cpu_matches_reference(H, W, L, seed, noise):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-def test_batch_with_different_label_counts(rng):
+def test_batch_with_different_label_counts():
     imgs, probs = [], []
     for b, L in enumerate((3, 6, 2)):
         img, p = scene(40, 56, L, 20 + b, 1.0)
