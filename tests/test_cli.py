@@ -212,3 +212,10 @@ def test_eval_with_crf(synthetic_run, capsys):
                                pipeline.class_logits(em, feats, True))
     want = pipeline.evaluate_batches([(q.argmax(1), cache.get_labels(range(len(cache))))], 3)
     assert abs(want["mIoU"] - res["theta_M (EMA head) + CRF"]["mIoU"]) < 1e-6
+
+
+def test_bench_small(capsys):
+    assert main(["bench", "--images", "2", "--image-size", "64", "--no-crf"]) == 0
+    out = capsys.readouterr().out
+    assert "principal_masks" in out and "pseudo_labels (no CRF)" in out and "speed-up" in out
+    assert "dataset pseudo-label generation" in out
