@@ -1,0 +1,93 @@
+"""E-step of PriMaPs-EM: majority class of every pseudo mask (official ``training_step`` loop)."""
+from __future__ import annotations
+
+import torch
+
+from primaps_fast import _dispatch
+
+# Above this many ids (or more ids than pixels), ids are renumbered densely before the kernels, which
+# keep one table slot per possible id.
+_MAX_DIRECT_IDS = 1 << 16
+
+
+def check_logits(logits: torch.Tensor, name: str = "logits") -> None:
+    """``logits``: finite float ``(B, K, h, w)`` with ``K >= 2`` (shared with focal_loss)."""
+    _dispatch.check_tensor(logits, name, ndim=4, floating=True, finite=True)
+    if logits.shape[1] < 2:
+        raise ValueError(f"{name}: expected at least 2 classes (dim 1), got shape {tuple(logits.shape)}")
+
+
+def check_labels(labels: torch.Tensor, logits: torch.Tensor, name: str, ignore_index: int) -> None:
+    """``labels``: integer ``(B, H, W)`` matching the batch of ``logits``, no negative ids but ``ignore_index``."""
+    _dispatch.check_tensor(labels, name, ndim=3, integer=True)
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"{name}: batch size {labels.shape[0]} does not match logits batch size "
+                         f"{logits.shape[0]}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    negative = labels < 0
+    if ignore_index < 0:
+        negative &= labels != ignore_index
+    if bool(negative.any()):
+        raise ValueError(f"{name}: negative ids (other than ignore_index={ignore_index}) are not allowed")
+
+
+def dense_ids(mask_ids: torch.Tensor, ignore_index: int):
+    """``(ids, ignore, num_ids)``: int64 ids in ``[0, num_ids)`` at every pixel not equal to ``ignore``.
+
+    Ids are used as they are when small; otherwise they are renumbered per batch (``torch.unique``) and
+    unassigned pixels get ``-1``.
+    """
+    ids = mask_ids.to(torch.int64).contiguous()
+    num_ids = int(ids.max()) + 1
+    if num_ids <= max(_MAX_DIRECT_IDS, ids[0].numel()):
+        return ids, ignore_index, max(num_ids, 1)
+    keep = ids != ignore_index
+    uniq, inverse = torch.unique(ids[keep], return_inverse=True)
+    out = torch.full_like(ids, -1)
+    out[keep] = inverse
+    return out, -1, max(int(uniq.numel()), 1)
+
+
+def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore_index: int = 255,
+                         backend: str | None = None) -> torch.Tensor:
+    """Majority class of every pseudo mask under the argmax of the bilinearly upsampled scores.
+
+    Args:
+        logits: float ``(B, K, h, w)``, ``K >= 2``, finite: class scores at feature resolution (e.g. the
+            EMA head's 1x1 conv of the features; the conv commutes with the upsampling, DESIGN.md 3).
+            The C++ and Triton backends compute in float32.
+        mask_ids: integer ``(B, H, W)``: pseudo-mask id of every pixel, ``ignore_index`` for pixels in
+            no mask; other ids must be >= 0 (any size: large ids are renumbered).
+        ignore_index: id of unassigned pixels, written to them in the output.
+        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "reference".
+
+    Returns:
+        int64 ``(B, H, W)`` on the device of ``logits``: for each image and each mask id
+        ``m != ignore_index``, the class that wins the most pixels of
+        ``argmax_k F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)`` inside the
+        mask, written to every pixel of the mask; ``ignore_index`` elsewhere. Ties between classes go
+        to the smallest class id (the official ``torch.mode`` leaves them unspecified); ties in the
+        per-pixel argmax go to the first class. The C++ backend never materialises the
+        ``(B, K, H, W)`` upsampled scores and reproduces PyTorch's float32 upsampling arithmetic.
+    """
+    check_logits(logits)
+    check_labels(mask_ids, logits, "mask_ids", ignore_index)
+    backend = _dispatch.choose_backend(backend, logits, mask_ids)
+    if backend == "reference":
+        from primaps_fast.reference.train import assign_pseudo_labels as ref
+
+        return ref(logits, mask_ids, ignore_index=ignore_index)
+    x = logits.detach().to(torch.float32).contiguous()
+    ids, ignore, num_ids = dense_ids(mask_ids, ignore_index)
+    if backend == "triton":
+        from primaps_fast.triton.assign_pseudo_labels import assign_pseudo_labels_triton
+
+        out = assign_pseudo_labels_triton(x, ids, ignore, num_ids)
+    else:
+        out = torch.empty_like(ids)
+        _dispatch.cpp().assign_pseudo_labels(x.numpy(), ids.numpy(), out.numpy(), num_ids, ignore,
+                                             _dispatch.num_threads())
+    if ignore != ignore_index:
+        out[ids == ignore] = ignore_index
+    return out
