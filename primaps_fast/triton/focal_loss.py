@@ -1,0 +1,120 @@
+"""Triton backend of focal_loss: two kernels over blocks of output pixels, each recomputing the bilinearly
+upsampled scores of all classes from the 4 source taps (no (B, K, H, W) tensor): per-block sums of the
+softmax (class weights), then per-pixel weighted cross-entropy and its gradient, scattered back to the
+4 source pixels with ``tl.atomic_add`` (CUDA; runs on the CPU with TRITON_INTERPRET=1)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from primaps_fast.ops.focal_loss import class_weights
+from primaps_fast.triton.assign_pseudo_labels import bilinear_taps, source_scale
+
+
+@triton.jit
+def _upsampled_tile(x_ptr, b, K, h, w, H, W, scale_y, scale_x, offs, BLOCK_K: tl.constexpr):
+    """Upsampled scores ``(BLOCK, BLOCK_K)`` (-inf outside), the taps and the masks of one pixel block."""
+    inside = offs < H * W
+    y = offs // W
+    x = offs % W
+    y0, y1, hy0, hy1 = bilinear_taps(y, scale_y, h)
+    x0, x1, wx0, wx1 = bilinear_taps(x, scale_x, w)
+    k = tl.arange(0, BLOCK_K)
+    kin = k < K
+    m = inside[:, None] & kin[None, :]
+    plane = x_ptr + b * K * h * w + k[None, :] * h * w
+    a = tl.load(plane + (y0 * w + x0)[:, None], mask=m, other=0.0)
+    c = tl.load(plane + (y0 * w + x1)[:, None], mask=m, other=0.0)
+    d = tl.load(plane + (y1 * w + x0)[:, None], mask=m, other=0.0)
+    e = tl.load(plane + (y1 * w + x1)[:, None], mask=m, other=0.0)
+    top = wx0[:, None] * a + wx1[:, None] * c
+    bot = wx0[:, None] * d + wx1[:, None] * e
+    up = hy0[:, None] * top + hy1[:, None] * bot
+    up = tl.where(kin[None, :], up, float("-inf"))
+    return up, inside, m, k, y0, y1, x0, x1, hy0, hy1, wx0, wx1
+
+
+@triton.jit
+def _softmax(up):
+    e = tl.exp(up - tl.max(up, axis=1)[:, None])
+    z = tl.sum(e, axis=1)
+    return e / z[:, None], z
+
+
+@triton.jit
+def _confidence_kernel(x_ptr, part_ptr, K, h, w, H, W, scale_y, scale_x,
+                       BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    b = tl.program_id(0)
+    blk = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    up, inside, m, k, _, _, _, _, _, _, _, _ = _upsampled_tile(x_ptr, b, K, h, w, H, W, scale_y, scale_x,
+                                                               offs, BLOCK_K)
+    p, _ = _softmax(up)
+    p = tl.where(m, p, 0.0)
+    tl.store(part_ptr + (b * tl.num_programs(1) + blk) * BLOCK_K + k, tl.sum(p, axis=0))
+
+
+@triton.jit
+def _loss_grad_kernel(x_ptr, t_ptr, wt_ptr, loss_ptr, grad_ptr, K, h, w, H, W, scale_y, scale_x,
+                      ignore_index, inv_n, WITH_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    up, inside, m, k, y0, y1, x0, x1, hy0, hy1, wx0, wx1 = _upsampled_tile(
+        x_ptr, b, K, h, w, H, W, scale_y, scale_x, offs, BLOCK_K)
+    t = tl.load(t_ptr + b * H * W + offs, mask=inside, other=ignore_index)
+    valid = inside & (t != ignore_index)
+    tc = tl.where(valid, t, 0)
+    wt = tl.load(wt_ptr + tc, mask=valid, other=0.0)
+    p, z = _softmax(up)
+    mx = tl.max(up, axis=1)
+    up_t = tl.sum(tl.where(k[None, :] == tc[:, None], up, 0.0), axis=1)
+    loss = wt * (mx + tl.log(z) - up_t)
+    tl.store(loss_ptr + b * H * W + offs, tl.where(valid, loss, 0.0), mask=inside)
+    if WITH_GRAD:
+        onehot = (k[None, :] == tc[:, None]).to(tl.float32)
+        g = (wt * inv_n)[:, None] * (p - onehot)
+        gm = m & valid[:, None]
+        plane = grad_ptr + b * K * h * w + k[None, :] * h * w
+        tl.atomic_add(plane + (y0 * w + x0)[:, None], g * (hy0 * wx0)[:, None], mask=gm)
+        tl.atomic_add(plane + (y0 * w + x1)[:, None], g * (hy0 * wx1)[:, None], mask=gm)
+        tl.atomic_add(plane + (y1 * w + x0)[:, None], g * (hy1 * wx0)[:, None], mask=gm)
+        tl.atomic_add(plane + (y1 * w + x1)[:, None], g * (hy1 * wx1)[:, None], mask=gm)
+
+
+_BLOCK = 64
+
+
+class _FocalLossTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, gamma, ignore_index):
+        x = logits.detach().to(torch.float32).contiguous()
+        t = target.to(torch.int64).contiguous()
+        B, K, h, w = x.shape
+        H, W = t.shape[-2:]
+        n = B * H * W
+        block_k = triton.next_power_of_2(K)
+        grid = (B, triton.cdiv(H * W, _BLOCK))
+        sy, sx = source_scale(h, H), source_scale(w, W)
+        part = torch.empty(B, grid[1], block_k, dtype=torch.float32, device=x.device)
+        _confidence_kernel[grid](x, part, K, h, w, H, W, sy, sx, BLOCK=_BLOCK, BLOCK_K=block_k)
+        weight = class_weights(part[..., :K].double().sum(1), n, gamma).contiguous()
+        loss = torch.empty(B, H, W, dtype=torch.float32, device=x.device)
+        with_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(x) if with_grad else x  # never written without WITH_GRAD
+        _loss_grad_kernel[grid](x, t, weight, loss, grad, K, h, w, H, W, sy, sx, ignore_index, 1.0 / n,
+                                WITH_GRAD=with_grad, BLOCK=_BLOCK, BLOCK_K=block_k)
+        if with_grad:
+            ctx.save_for_backward(grad)
+        return (loss.double().sum() / n).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output).to(grad_output.dtype), None, None, None
+
+
+def focal_loss_triton(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int) -> torch.Tensor:
+    """focal_loss on validated inputs (``target`` ids in ``[0, K)`` or ``ignore_index``); differentiable."""
+    return _FocalLossTriton.apply(logits, target, gamma, ignore_index)
