@@ -13,6 +13,9 @@ _EXPORTS = {
     "pseudo_labels": "primaps_fast.reference.primaps",
     "assign_pseudo_labels": "primaps_fast.reference.train",
     "focal_loss": "primaps_fast.reference.train",
+    "PriMaPsEM": "primaps_fast.reference.em",
+    "pca_prototypes": "primaps_fast.reference.em",
+    "kmeans_prototypes": "primaps_fast.reference.em",
 }
 
 __all__ = sorted(_EXPORTS)
