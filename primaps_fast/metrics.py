@@ -116,7 +116,7 @@ def linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
             loss = F.cross_entropy(up, y[idx], ignore_index=ignore_index, reduction="none").mean()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         last = sum(losses) / len(losses)
     metrics = UnsupervisedMetrics(num_classes, hungarian=False)
     with torch.no_grad():
