@@ -3,8 +3,9 @@
 //
 // Upsampling follows PyTorch's bilinear, align_corners=False: src = scale * (dst + 0.5) - 0.5 clamped
 // at 0 (scale = in / out in float), i0 = floor(src), i1 = i0 + 1 unless at the last row/column, and
-// the value h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d) (width inside, height outside), so the
-// argmax agrees with F.interpolate(...).argmax(1) bit for bit.
+// the value h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d) (width inside, height outside, no FMA).
+// PyTorch's own kernel may contract some of these into FMAs depending on the CPU, so the argmax agrees
+// with F.interpolate(...).argmax(1) except at pixels whose top two scores tie to float32 rounding.
 #include "common.h"
 
 #include <cmath>

@@ -6,7 +6,7 @@
 //   sum_pixels w_t * CE w.r.t. the low-resolution logits (the caller scales by grad_output / N):
 //   dL/dup_k = w_t * (p_k - [k == t]) at non-ignored pixels, scattered back through the bilinear taps.
 // Threads run over images; every image accumulates into its own buffers in a fixed order, so the
-// results are deterministic. Upsampling matches PyTorch (see assign_pseudo_labels.cpp).
+// results are deterministic. Upsampling as PyTorch's, to float32 rounding (see assign_pseudo_labels.cpp).
 #include "common.h"
 
 #include <cmath>

@@ -68,8 +68,9 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore
         ``argmax_k F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)`` inside the
         mask, written to every pixel of the mask; ``ignore_index`` elsewhere. Ties between classes go
         to the smallest class id (the official ``torch.mode`` leaves them unspecified); ties in the
-        per-pixel argmax go to the first class. The C++ backend never materialises the
-        ``(B, K, H, W)`` upsampled scores and reproduces PyTorch's float32 upsampling arithmetic.
+        per-pixel argmax go to the first class. The C++ and Triton backends never materialise the
+        ``(B, K, H, W)`` upsampled scores; they upsample in float32 without FMA, so a pixel whose top
+        two upsampled scores agree to float32 rounding may take the other class than PyTorch's kernel.
     """
     check_logits(logits)
     check_labels(mask_ids, logits, "mask_ids", ignore_index)

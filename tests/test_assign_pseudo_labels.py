@@ -1,0 +1,127 @@
+"""assign_pseudo_labels: C++ and Triton against the reference (official E-step loop) and F.interpolate."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import primaps_fast
+from primaps_fast import reference
+from primaps_fast._dispatch import triton_available
+
+IGNORE = 255
+
+
+def make_masks(B, H, W, rng, num_ids=6, ignore=IGNORE):
+    """Blocky mask ids with an ignored band; image 1 entirely ignored, image 2 one mask everywhere."""
+    coarse = torch.randint(0, num_ids, (B, 1, 4, 3), generator=rng).float()
+    ids = F.interpolate(coarse, (H, W), mode="nearest").long().squeeze(1)
+    ids[0, : max(1, H // 5)] = ignore
+    if B > 1:
+        ids[1] = ignore
+    if B > 2:
+        ids[2] = 3
+    return ids
+
+
+CASES = [  # B, K, h, w, H, W
+    (1, 2, 5, 5, 40, 40),  # H/h = 8
+    (3, 5, 7, 6, 33, 25),  # non-integer ratios
+    (3, 27, 5, 4, 40, 32),
+    (1, 27, 6, 7, 19, 23),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_matches_reference(case, rng):
+    B, K, h, w, H, W = case
+    logits = torch.randn(B, K, h, w, generator=rng)  # continuous: no exact argmax ties
+    ids = make_masks(B, H, W, rng)
+    want = reference.assign_pseudo_labels(logits, ids)
+    got = primaps_fast.assign_pseudo_labels(logits, ids, backend="cpu")
+    assert got.dtype == torch.int64 and got.shape == (B, H, W)
+    assert torch.equal(got, want)
+    assert torch.equal(got == IGNORE, ids == IGNORE)
+    if B > 2:
+        assert (got[1] == IGNORE).all() and (got[2] == got[2, 0, 0]).all()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_one_mask_per_pixel_is_the_upsampled_argmax(case, rng):
+    """Per-pixel masks expose the per-pixel argmax of F.interpolate(...): equal wherever the top two
+    upsampled scores differ by more than float32 rounding (PyTorch's kernel may contract into FMAs)."""
+    B, K, h, w, H, W = case
+    logits = torch.randn(B, K, h, w, generator=rng)
+    ids = torch.arange(H * W).view(1, H, W).repeat(B, 1, 1)
+    got = primaps_fast.assign_pseudo_labels(logits, ids, ignore_index=-1, backend="cpu")
+    assert_upsampled_argmax(got, logits)
+
+
+def assert_upsampled_argmax(got, logits):
+    up = F.interpolate(logits.double(), got.shape[-2:], mode="bilinear", align_corners=False)
+    top2 = up.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-5
+    assert clear.float().mean() > 0.99
+    assert torch.equal(got[clear], up.argmax(1)[clear])
+
+
+def test_ties_go_to_the_smallest_class():
+    # h = H: the upsampling is the identity. Pixel classes [[2, 2], [1, 1]] in one mask: 1 wins.
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 2, 0] = 1.0
+    logits[0, 1, 1] = 1.0
+    ids = torch.zeros(1, 2, 2, dtype=torch.int64)
+    for backend in ["cpu", "reference"]:
+        assert (primaps_fast.assign_pseudo_labels(logits, ids, backend=backend) == 1).all()
+    logits[0, 0, 1, 1] = 2.0  # classes [[2, 2], [1, 0]]: 2 wins outright
+    assert (primaps_fast.assign_pseudo_labels(logits, ids, backend="cpu") == 2).all()
+
+
+def test_large_ids_dtypes_and_ignore_index(rng):
+    logits = torch.randn(2, 4, 5, 6, generator=rng)
+    ids = make_masks(2, 17, 21, rng, ignore=-1)
+    want = reference.assign_pseudo_labels(logits, ids, ignore_index=-1)
+    assert (want == -1).any()
+    assert torch.equal(primaps_fast.assign_pseudo_labels(logits, ids, ignore_index=-1, backend="cpu"), want)
+    big = torch.where(ids >= 0, ids * 1_000_003 + 7, ids)  # renumbered internally
+    assert torch.equal(primaps_fast.assign_pseudo_labels(logits, big, ignore_index=-1), want)
+    small = torch.where(ids >= 0, ids, 255).to(torch.uint8)
+    want255 = torch.where(want >= 0, want, 255)
+    assert torch.equal(primaps_fast.assign_pseudo_labels(logits.double(), small, backend="cpu"), want255)
+
+
+def test_bad_inputs():
+    logits = torch.randn(2, 3, 4, 4)
+    ids = torch.zeros(2, 8, 8, dtype=torch.int64)
+    f = primaps_fast.assign_pseudo_labels
+    with pytest.raises(ValueError, match="logits"):
+        f(logits[0], ids)
+    with pytest.raises(TypeError, match="logits"):
+        f(logits.long(), ids)
+    with pytest.raises(ValueError, match="logits"):
+        f(torch.full_like(logits, float("nan")), ids)
+    with pytest.raises(ValueError, match="logits"):
+        f(logits[:, :1], ids)
+    with pytest.raises(TypeError, match="mask_ids"):
+        f(logits, ids.float())
+    with pytest.raises(ValueError, match="mask_ids"):
+        f(logits, ids[:1])
+    with pytest.raises(ValueError, match="mask_ids"):
+        f(logits, ids[0])
+    with pytest.raises(ValueError, match="mask_ids"):
+        f(logits, ids - 1)
+    with pytest.raises(ValueError, match="backend"):
+        f(logits, ids, backend="gpu")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", [(2, 3, 3, 3, 12, 12), (3, 4, 3, 4, 10, 7)])
+def test_triton_matches_reference(case, rng):
+    if not triton_available():
+        pytest.skip("triton not available")
+    B, K, h, w, H, W = case
+    logits = torch.randn(B, K, h, w, generator=rng)
+    ids = make_masks(B, H, W, rng)
+    want = reference.assign_pseudo_labels(logits, ids)
+    assert torch.equal(primaps_fast.assign_pseudo_labels(logits, ids, backend="triton"), want)
+    per_pixel = torch.arange(H * W).view(1, H, W).repeat(B, 1, 1)
+    got = primaps_fast.assign_pseudo_labels(logits, per_pixel, ignore_index=-1, backend="triton")
+    assert_upsampled_argmax(got, logits)

@@ -1,0 +1,122 @@
+"""focal_loss: C++ and Triton value and gradient against autograd of the reference (official FocalLoss)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import primaps_fast
+from primaps_fast import reference
+from primaps_fast._dispatch import triton_available
+
+IGNORE = 255
+
+
+def make_target(B, K, H, W, rng, ignore=IGNORE):
+    t = torch.randint(0, K, (B, H, W), generator=rng)
+    t[torch.rand(B, H, W, generator=rng) < 0.2] = ignore
+    if B > 1:
+        t[1] = ignore  # an image with no labelled pixel
+    return t
+
+
+def value_and_grad(fn, logits, target, **kw):
+    x = logits.clone().requires_grad_(True)
+    loss = fn(x, target, **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad
+
+
+def assert_matches(got, want, rtol=1e-5):
+    (v, g), (v0, g0) = got, want
+    torch.testing.assert_close(v, v0, rtol=rtol, atol=0)
+    torch.testing.assert_close(g, g0, rtol=rtol, atol=rtol * float(g0.abs().max()))
+
+
+CASES = [  # B, K, h, w, H, W
+    (1, 2, 5, 5, 40, 40),
+    (3, 5, 7, 6, 33, 25),
+    (3, 27, 5, 4, 40, 32),
+    (1, 27, 6, 7, 19, 23),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("gamma", [2.0, 0.0, 3.5])
+def test_cpu_matches_reference_autograd(case, gamma, rng):
+    B, K, h, w, H, W = case
+    logits = 2 * torch.randn(B, K, h, w, generator=rng)
+    target = make_target(B, K, H, W, rng)
+    want = value_and_grad(reference.focal_loss, logits, target, gamma=gamma)
+    got = value_and_grad(primaps_fast.focal_loss, logits, target, gamma=gamma, backend="cpu")
+    assert got[0].shape == () and got[0].dtype == torch.float32
+    assert_matches(got, want)
+
+
+def test_official_formula_and_grad_output(rng):
+    """The reference against the official FocalLoss written out on materialised upsampled logits."""
+    logits = torch.randn(2, 4, 5, 5, generator=rng, dtype=torch.float64)
+    target = make_target(2, 4, 13, 11, rng)
+    up = F.interpolate(logits, (13, 11), mode="bilinear", align_corners=False)
+    conf = up.softmax(1).permute(1, 0, 2, 3).reshape(4, -1).mean(1)
+    official = F.cross_entropy(up, target, weight=(1 - conf) ** 2, ignore_index=IGNORE, reduction="none").mean()
+    torch.testing.assert_close(reference.focal_loss(logits, target), official, rtol=1e-12, atol=0)
+    # float64 in: the C++ path computes in float32 and returns float64; grad_output scales the gradient
+    x = logits.clone().requires_grad_(True)
+    (3 * primaps_fast.focal_loss(x, target, backend="cpu")).backward()
+    y = logits.clone().requires_grad_(True)
+    (3 * reference.focal_loss(y, target)).backward()
+    assert x.grad.dtype == torch.float64
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-5 * float(y.grad.abs().max()))
+
+
+def test_reference_gradcheck(rng):
+    """gamma=0 (weights 1, so the detached weights do not matter): the upsampled CE path is correct in float64."""
+    logits = torch.randn(2, 3, 3, 4, generator=rng, dtype=torch.float64, requires_grad=True)
+    target = make_target(2, 3, 7, 9, rng)
+    assert torch.autograd.gradcheck(lambda x: reference.focal_loss(x, target, gamma=0.0), (logits,))
+
+
+def test_deterministic_and_no_grad(rng):
+    logits = torch.randn(3, 6, 8, 8, generator=rng)
+    target = make_target(3, 6, 30, 30, rng)
+    a = value_and_grad(primaps_fast.focal_loss, logits, target)
+    b = value_and_grad(primaps_fast.focal_loss, logits, target)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with torch.no_grad():
+        assert torch.equal(primaps_fast.focal_loss(logits, target), a[0])
+    all_ignored = torch.full_like(target, IGNORE)
+    v, g = value_and_grad(primaps_fast.focal_loss, logits, all_ignored)
+    assert v == 0 and not g.any()
+
+
+def test_bad_inputs():
+    logits = torch.randn(2, 3, 4, 4)
+    target = torch.zeros(2, 8, 8, dtype=torch.int64)
+    f = primaps_fast.focal_loss
+    with pytest.raises(ValueError, match="logits"):
+        f(logits[:, :1], target)
+    with pytest.raises(ValueError, match="logits"):
+        f(logits.flatten(2), target)
+    with pytest.raises(ValueError, match="logits"):
+        f(torch.full_like(logits, float("inf")), target)
+    with pytest.raises(TypeError, match="target"):
+        f(logits, target.float())
+    with pytest.raises(ValueError, match="target"):
+        f(logits, target[:1])
+    with pytest.raises(ValueError, match="target"):
+        f(logits, target + 3)
+    with pytest.raises(ValueError, match="target"):
+        f(logits, target - 1)
+    with pytest.raises(TypeError, match="gamma"):
+        f(logits, target, gamma="2")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", [(2, 3, 3, 3, 12, 12), (3, 5, 3, 4, 10, 7)])
+def test_triton_matches_reference(case, rng):
+    if not triton_available():
+        pytest.skip("triton not available")
+    B, K, h, w, H, W = case
+    logits = torch.randn(B, K, h, w, generator=rng)
+    target = make_target(B, K, H, W, rng)
+    want = value_and_grad(reference.focal_loss, logits, target)
+    assert_matches(value_and_grad(primaps_fast.focal_loss, logits, target, backend="triton"), want)
