@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-every", type=int, default=10, help="EMA update every n steps (default: 10)")
     p.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma (default: 2)")
     p.add_argument("--kmeans-epochs", type=int, default=2, help="cosine k-means epochs of the init (default: 2)")
-    p.add_argument("--pca-images", type=int, default=None, help="images for PCA + k-means init (default: all)")
+    p.add_argument("--pca-images", type=int, default=92 * 32,
+                   help="first images used for PCA + k-means init (default: 2944 = the official 92 batches of 32)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips of features and pseudo labels")
     p.add_argument("--student-augs", action="store_true",
                    help="official student view: the M-step sees features of a photometrically augmented image "
