@@ -1,0 +1,64 @@
+"""One whole PriMaPs-EM step (E-step + focal-loss M-step + Adam + EMA): the reference port of the official
+``training_step`` (features upsampled to the label size) vs PriMaPsEM (class scores at feature resolution,
+fused upsampling kernels). Batch 8, 320x320 PriMaPs masks, 384 x 40 x 40 features, K = 27.
+
+The reference step materialises ~5 GB at batch 8: it runs one round, and only with --benchmark-only;
+under --benchmark-disable (CI) the batch is 2.
+"""
+import pytest
+import torch
+
+import primaps_fast
+from primaps_fast import PriMaPsEM, reference
+from primaps_fast.data.synthetic import make_scenes
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton timings need a CUDA device")
+PROVIDERS = ["reference", "cpu", pytest.param("triton", marks=requires_cuda)]
+K, DIM = 27, 384
+
+
+@pytest.fixture(scope="module")
+def batch(request):
+    b = 2 if request.config.getoption("benchmark_disable", False) else 8
+    scenes = make_scenes(b, image_size=320, dim=DIM, seed=1)
+    masks = primaps_fast.pseudo_labels(scenes.images, scenes.features, crf=False)
+    student = scenes.features + 0.1 * torch.randn(scenes.features.shape, generator=torch.Generator().manual_seed(2))
+    protos = torch.randn(K, DIM, generator=torch.Generator().manual_seed(3))
+    return scenes.features, masks, student, protos
+
+
+def _model(provider, protos):
+    cls = reference.PriMaPsEM if provider == "reference" else PriMaPsEM
+    kw = {} if provider == "reference" else {"device": "cuda" if provider == "triton" else None}
+    em = cls(K, DIM, ema_every=1, **kw)
+    em.init_prototypes(protos)
+    return em
+
+
+_times = {}
+
+
+@pytest.mark.benchmark(group="PriMaPs-EM step B x 320x320, 384x40x40, K=27")
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_em_step(benchmark, batch, provider):
+    feats, masks, student, protos = batch
+    dev = "cuda" if provider == "triton" else "cpu"
+    feats, masks, student = feats.to(dev), masks.to(dev), student.to(dev)
+    em = _model(provider, protos)
+    if provider != "reference":  # agreement with the reference on the first step from the same init
+        ref = _model("reference", protos)
+        want = ref.step(feats.cpu(), masks.cpu(), student.cpu())
+        got = em.step(feats, masks, student)
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+        assert (got["labels"].cpu() != want["labels"]).float().mean() < 1e-3
+        torch.testing.assert_close(em.weight().cpu(), ref.weight(), rtol=1e-4, atol=1e-5)
+        del ref
+    slow = provider == "reference"
+    benchmark.pedantic(em.step, args=(feats, masks, student), rounds=1 if slow else 5, iterations=1,
+                       warmup_rounds=0 if slow else 1)
+    if benchmark.stats is None:  # --benchmark-disable
+        return
+    _times[provider] = benchmark.stats.stats.median
+    benchmark.extra_info["ms_per_step"] = _times[provider] * 1e3
+    if provider != "reference" and "reference" in _times:
+        benchmark.extra_info["speedup_vs_reference"] = _times["reference"] / _times[provider]
