@@ -26,8 +26,17 @@ def _weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(weight: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """1x1 conv without bias: ``(K, C)`` x ``(B, C, h, w)`` -> ``(B, K, h, w)``."""
-    return F.conv2d(features, weight[:, :, None, None])
+    """1x1 conv without bias: ``(K, C)`` x ``(B, C, h, w)`` -> ``(B, K, h, w)`` (one batched GEMM)."""
+    b, c, h, w = features.shape
+    return torch.matmul(weight, features.reshape(b, c, h * w)).reshape(b, weight.shape[0], h, w)
+
+
+def _check_scores(scores: torch.Tensor, name: str) -> torch.Tensor:
+    """Non-finite features always give non-finite scores (every head row is non-zero), so checking the
+    K-channel scores replaces a pass over the C-channel features."""
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"{name}: contains NaN or Inf (or values so large that the class scores overflow)")
+    return scores
 
 
 def _fix_signs(directions: torch.Tensor) -> torch.Tensor:
@@ -181,8 +190,8 @@ class PriMaPsEM:
         with torch.no_grad():
             return _weight_norm(self.ema_g, self.ema_v) if ema else _weight_norm(self.g, self.v)
 
-    def _check_features(self, features, name: str, batch=None) -> torch.Tensor:
-        f = check_tensor(features, name, ndim=4, floating=True, finite=True)
+    def _check_features(self, features, name: str, batch=None, finite: bool = True) -> torch.Tensor:
+        f = check_tensor(features, name, ndim=4, floating=True, finite=finite)
         if f.shape[1] != self.dim:
             raise ValueError(f"{name}: expected {self.dim} channels, got {f.shape[1]}")
         if batch is not None and f.shape[0] != batch:
@@ -216,18 +225,20 @@ class PriMaPsEM:
         import primaps_fast
 
         m = check_tensor(mask_ids, "mask_ids", ndim=3, integer=True)
-        f = self._check_features(features, "features", batch=m.shape[0])
+        f = self._check_features(features, "features", batch=m.shape[0], finite=False)
         s = f if student_features is None else self._check_features(student_features, "student_features",
-                                                                     batch=m.shape[0])
+                                                                     batch=m.shape[0], finite=False)
         if s.shape != f.shape:
             raise ValueError(f"student_features: shape {tuple(s.shape)} differs from features' {tuple(f.shape)}")
         m = m.to(self.device)
         with torch.no_grad():
-            labels = primaps_fast.assign_pseudo_labels(_scores(self.weight(ema=True), f), m,
-                                                       ignore_index=self.ignore_index)
+            teacher = _check_scores(_scores(self.weight(ema=True), f), "features")
+            labels = primaps_fast.assign_pseudo_labels(teacher, m, ignore_index=self.ignore_index)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = primaps_fast.focal_loss(_scores(_weight_norm(self.g, self.v), s), labels, gamma=self.focal_gamma,
-                                       ignore_index=self.ignore_index)
+        scores = _scores(_weight_norm(self.g, self.v), s)
+        if s is not f:
+            _check_scores(scores.detach(), "student_features")
+        loss = primaps_fast.focal_loss(scores, labels, gamma=self.focal_gamma, ignore_index=self.ignore_index)
         loss.backward()
         self.optimizer.step()
         k = self.global_step
