@@ -94,7 +94,7 @@ void assign_pseudo_labels(FloatArray logits, Int64Array mask_ids, Int64Array out
             const float p = hy0 * a[k];
             const float q = hy1 * c[k];
             const float v = p + q;
-            if (k == 0 || v > best_v || (std::isnan(v) && !std::isnan(best_v))) {
+            if (k == 0 || v > best_v) {  // finite inputs (checked in Python)
               best_v = v; best = k;
             }
           }

@@ -10,6 +10,7 @@
 #include "common.h"
 
 #include <cmath>
+#include <cstring>
 
 namespace {
 
@@ -56,27 +57,47 @@ struct Shapes {
   int64_t B, K, h, w, H, W;
 };
 
-// Upsampled scores of pixel (y, x) into u, their softmax into p; returns log-sum-exp.
-inline double pixel_softmax(const std::vector<float>& xs, const Axis& ay, int64_t y, int64_t x,
-                            int64_t K, int64_t W, float* u, double* p) {
-  const float* a = xs.data() + (ay.i0[y] * W + x) * K;
-  const float* c = xs.data() + (ay.i1[y] * W + x) * K;
+// exp(x) for x <= 0 (within 2 ulp; exp(x) = 2^n * e^r, |r| <= ln2/2, degree-6 minimax polynomial for
+// e^r, Cody-Waite reduction). Plain arithmetic and integer bit casts only, so the compiler vectorises
+// loops that call it (std::exp would stay a scalar libm call without -ffast-math).
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;  // 2^n stays a normal number; exp(-87) ~ 1.6e-38 is ~0 for softmax
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + magic) - magic;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  const float e = q * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
+// Upsampled scores of pixel (y, x) into u, their softmax into p (float32, as torch's softmax);
+// returns the log-sum-exp.
+inline float pixel_softmax(const std::vector<float>& xs, const Axis& ay, int64_t y, int64_t x,
+                           int64_t K, int64_t W, float* __restrict u, float* __restrict p) {
+  const float* __restrict a = xs.data() + (ay.i0[y] * W + x) * K;
+  const float* __restrict c = xs.data() + (ay.i1[y] * W + x) * K;
   const float h0 = ay.l0[y], h1 = ay.l1[y];
-  float mx = -INFINITY;
   for (int64_t k = 0; k < K; ++k) {
     const float s = h0 * a[k];
     const float t = h1 * c[k];
     u[k] = s + t;
-    mx = std::max(mx, u[k]);
   }
-  double z = 0.0;
-  for (int64_t k = 0; k < K; ++k) {
-    p[k] = std::exp(static_cast<double>(u[k] - mx));
-    z += p[k];
-  }
-  const double inv = 1.0 / z;
+  float mx = u[0];
+  for (int64_t k = 1; k < K; ++k) mx = u[k] > mx ? u[k] : mx;
+  for (int64_t k = 0; k < K; ++k) p[k] = exp_nonpositive(u[k] - mx);
+  float z = 0.f;
+  for (int64_t k = 0; k < K; ++k) z += p[k];
+  const float inv = 1.f / z;
   for (int64_t k = 0; k < K; ++k) p[k] *= inv;
-  return static_cast<double>(mx) + std::log(z);
+  return mx + std::log(z);
 }
 
 void focal_confidence(FloatArray logits, int64_t H, int64_t W, DoubleArray sums, int threads) {
@@ -90,8 +111,8 @@ void focal_confidence(FloatArray logits, int64_t H, int64_t W, DoubleArray sums,
   const Axis ay = make_axis(h, H), ax = make_axis(w, W);
   py::gil_scoped_release release;
   parallel_for(B, threads, [&](int64_t b) {
-    std::vector<float> xs, u(K);
-    std::vector<double> p(K), acc(K, 0.0);
+    std::vector<float> xs, u(K), p(K);
+    std::vector<double> acc(K, 0.0);
     width_pass(L + b * K * h * w, K, h, w, ax, W, xs);
     for (int64_t y = 0; y < H; ++y)
       for (int64_t x = 0; x < W; ++x) {
@@ -130,8 +151,7 @@ void focal_loss_grad(FloatArray logits, Int64Array target, FloatArray weight, in
   const Axis ay = make_axis(h, H), ax = make_axis(w, W);
   py::gil_scoped_release release;
   parallel_for(B, threads, [&](int64_t b) {
-    std::vector<float> xs, u(K);
-    std::vector<double> p(K);
+    std::vector<float> xs, u(K), p(K);
     std::vector<double> gx;  // d/d xs, layout (h, W, K)
     if (with_grad) gx.assign(static_cast<size_t>(h * W * K), 0.0);
     width_pass(L + b * K * h * w, K, h, w, ax, W, xs);
@@ -144,11 +164,11 @@ void focal_loss_grad(FloatArray logits, Int64Array target, FloatArray weight, in
       for (int64_t x = 0; x < W; ++x) {
         const int64_t t = tb[y * W + x];
         if (t == ignore_index) continue;
-        const double lse = pixel_softmax(xs, ay, y, x, K, W, u.data(), p.data());
+        const float lse = pixel_softmax(xs, ay, y, x, K, W, u.data(), p.data());
         const double wt = Wt[t];
-        acc += wt * (lse - static_cast<double>(u[t]));
+        acc += wt * static_cast<double>(lse - u[t]);
         if (!with_grad) continue;
-        p[t] -= 1.0;
+        p[t] -= 1.f;
         double* a = g0 + x * K;
         double* c = g1 + x * K;
         for (int64_t k = 0; k < K; ++k) {
