@@ -78,13 +78,14 @@ class UnsupervisedMetrics:
 
 
 def linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, eval_features=None,
-                 eval_labels=None, epochs: int = 50, lr: float = 1e-2, batch_size: int = 8,
+                 eval_labels=None, epochs: int = 50, lr: float = 5e-3, batch_size: int = 8,
                  ignore_index: int = 255, seed: int = 0, show_progress: bool = False) -> dict:
     """Supervised linear probe (the official upper bound): a 1x1 conv with bias on ``features``
     ``(N, C, h, w)``, its scores bilinearly upsampled to the label size, trained by Adam with
     cross-entropy against ``labels`` ``(N, H, W)`` (``ignore_index`` / ids outside ``[0, K)`` ignored),
     then evaluated on ``eval_features``/``eval_labels`` (default: the training data) with
-    ``UnsupervisedMetrics(hungarian=False)``. Returns the metrics dict plus ``"loss"`` (last epoch mean)."""
+    ``UnsupervisedMetrics(hungarian=False)`` (official ``--linear-lr`` 5e-3). Returns the metrics dict plus
+    ``"loss"`` (mean training loss of the last epoch)."""
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes: must be an int >= 2, got {num_classes!r}")
     f = check_tensor(features, "features", ndim=4, floating=True, finite=True).float()
