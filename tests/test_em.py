@@ -186,3 +186,19 @@ def test_end_to_end_synthetic_scenes():
     assert all(map(lambda x: x == x, hist))
     assert hist[-1] < hist[0]
     assert em_miou > 2 * 100 / classes  # far above a constant prediction (~100 / classes at best)
+
+
+@pytest.mark.parametrize("b,hw,size", [(1, (5, 7), (19, 23)), (3, (4, 4), (16, 16))])
+def test_odd_shapes_and_empty_masks_match_reference(rng, b, hw, size):
+    protos = torch.randn(K, C, generator=rng)
+    fast, ref = PriMaPsEM(K, C, ema_every=1), reference.PriMaPsEM(K, C, ema_every=1)
+    fast.init_prototypes(protos)
+    ref.init_prototypes(protos)
+    for i in range(4):
+        f = torch.randn(b, C, *hw, generator=rng)
+        m = torch.randint(0, 4, (b, *size), generator=rng).to(torch.int32)
+        if i % 2:
+            m[0] = 255  # an image without any mask: no labels, zero loss contribution
+        a, r = fast.step(f, m), ref.step(f, m)
+        assert a["loss"] == pytest.approx(r["loss"], rel=1e-4, abs=1e-6)
+        torch.testing.assert_close(fast.weight(ema=True), ref.weight(ema=True), rtol=1e-4, atol=1e-5)
