@@ -55,7 +55,9 @@ class PriMaPsEM:
         dim: feature channels ``C``.
         lr: Adam learning rate of the head (official 5e-3); also the k-means learning rate.
         ema_decay: EMA decay (official 0.98), with the official warm-up: the n-th EMA update copies the
-            head for n <= 1 and otherwise uses decay ``min(ema_decay, 1 - 1/n)``.
+            head for n <= 1 and otherwise uses decay ``min(ema_decay, 1 - 1/(n + 1))`` (the official
+            ``ema.py`` with ``update_after_step=0``: its step counter is already n + 1 when the decay
+            is computed, so the decays run 2/3, 3/4, ... up to ``ema_decay``).
         ema_every: after the Adam update of step ``k`` (counted from 0), the EMA is updated when
             ``k > 0 and k % ema_every == 0``.
         focal_gamma: exponent of the focal loss class weights.
@@ -206,7 +208,7 @@ class PriMaPsEM:
                 self.ema_g.copy_(self.g)
                 self.ema_v.copy_(self.v)
                 return
-            decay = min(self.ema_decay, 1 - 1 / n)
+            decay = min(self.ema_decay, 1 - 1 / (n + 1))  # official: epoch = step - 1 = n after step += 1
             self.ema_g.lerp_(self.g, 1 - decay)
             self.ema_v.lerp_(self.v, 1 - decay)
 

@@ -41,7 +41,7 @@ def test_steps_match_reference(rng):
         torch.testing.assert_close(fast.weight(ema=True), ref.weight(ema=True), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fast.g.detach(), ref.g.detach(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fast.ema_v, ref.ema_v, rtol=1e-4, atol=1e-5)
-    assert fast.ema_calls == ref.ema_calls == 6  # steps 3, 6, ..., 18: two copies then decays 1/2 .. 4/5
+    assert fast.ema_calls == ref.ema_calls == 6  # steps 3, 6, ..., 18: two copies then decays 2/3 .. 5/6
     assert ema_changes == 6
 
 
@@ -50,10 +50,10 @@ def test_ema_warmup_schedule(rng):
     f, m, _ = _batch(rng, student=False)
     em.step(f, m)  # step 0: no EMA
     assert em.ema_calls == 0
-    for n in range(4):
+    # the official ema.py's n-th update: copy, copy (decay 1/2 after a copy), then 2/3, then 3/4 -> 0.7
+    for decay in (0.0, 0.0, 2 / 3, 0.7):
         prev_ema = em.ema_v.clone()
         em.step(f, m)
-        decay = 0.0 if n <= 1 else min(0.7, 1 - 1 / n)
         torch.testing.assert_close(em.ema_v, prev_ema * decay + em.v.detach() * (1 - decay), rtol=1e-5, atol=1e-6)
 
 

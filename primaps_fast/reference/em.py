@@ -91,7 +91,9 @@ class PriMaPsEM:
             self.ema_g.copy_(self.g.detach())
             self.ema_v.copy_(self.v.detach())
             return
-        decay = min(self.ema_decay, 1 - 1 / n)
+        # official ema.py (update_after_step=0): the n-th call increments its step to n + 1 first, then
+        # uses decay 1 - (1 + (step - 1)) ** -1 = 1 - 1 / (n + 1), capped at beta
+        decay = min(self.ema_decay, 1 - 1 / (n + 1))
         self.ema_g.lerp_(self.g.detach(), 1 - decay)
         self.ema_v.lerp_(self.v.detach(), 1 - decay)
 
