@@ -62,3 +62,53 @@ def test_em_step(benchmark, batch, provider):
     benchmark.extra_info["ms_per_step"] = _times[provider] * 1e3
     if provider != "reference" and "reference" in _times:
         benchmark.extra_info["speedup_vs_reference"] = _times["reference"] / _times[provider]
+
+
+# Peak memory of one batch-8 step, each provider in a fresh process: ``ru_maxrss`` after the inputs
+# and the model exist, then after one step; the difference is what the step itself adds.
+_RSS_SCRIPT = r"""
+import resource, sys, torch
+import torch.nn.functional as F
+from primaps_fast import PriMaPsEM, reference
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+feats = torch.randn(8, 384, 40, 40, generator=g)
+coarse = torch.randint(0, 8, (8, 1, 8, 8), generator=g).float()
+masks = F.interpolate(coarse, (320, 320), mode="nearest").long().squeeze(1)
+cls = reference.PriMaPsEM if sys.argv[1] == "reference" else PriMaPsEM
+em = cls(27, 384, ema_every=1)
+em.init_prototypes(torch.randn(27, 384, generator=g))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+em.step(feats, masks, feats + 0.1)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before, after)
+"""
+_rss = {}
+
+
+def _step_rss_mb(provider):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, provider], capture_output=True, text=True,
+                         check=True).stdout.split()
+    before, after = (int(x) / 1024 for x in out[-2:])  # Linux: KiB
+    return after, after - before
+
+
+@pytest.mark.benchmark(group="PriMaPs-EM step peak RSS (MB), batch 8")
+@pytest.mark.parametrize("provider", ["reference", "cpu"])
+def test_em_step_peak_rss(benchmark, provider):
+    if provider == "reference" and benchmark.disabled:
+        pytest.skip("the reference step peaks at ~5 GB: measured only with --benchmark-only")
+    result = {}
+    benchmark.pedantic(lambda: result.update(rss=_step_rss_mb(provider)), rounds=1, iterations=1)
+    peak, added = result["rss"]
+    _rss[provider] = added
+    benchmark.extra_info.update(peak_rss_mb=round(peak), step_rss_mb=round(added))
+    print(f"\n{provider}: peak RSS {peak:.0f} MB, added by the step {added:.0f} MB")
+    if provider == "cpu":
+        assert added < 200  # ~5 GB for the reference
+        if "reference" in _rss:
+            benchmark.extra_info["rss_ratio_vs_reference"] = _rss["reference"] / max(added, 1.0)
+            assert _rss["reference"] > 10 * added
