@@ -37,31 +37,26 @@ Axis make_axis(int64_t in, int64_t out) {
   return a;
 }
 
-// xs[(ys * W + x) * K + k]: width pass of one image's logits (K, h, w).
+// xs[(ys * K + k) * W + x] = w0 * L[k, ys, x0] + w1 * L[k, ys, x1]: width pass of one image.
 void width_pass(const float* L, int64_t K, int64_t h, int64_t w, const Axis& ax, int64_t W,
                 std::vector<float>& xs) {
-  xs.resize(static_cast<size_t>(h * W * K));
+  xs.resize(static_cast<size_t>(h * K * W));
   for (int64_t k = 0; k < K; ++k)
     for (int64_t ys = 0; ys < h; ++ys) {
       const float* row = L + (k * h + ys) * w;
-      float* dst = xs.data() + ys * W * K + k;
+      float* dst = xs.data() + (ys * K + k) * W;
       for (int64_t x = 0; x < W; ++x) {
         const float a = ax.l0[x] * row[ax.i0[x]];
         const float b = ax.l1[x] * row[ax.i1[x]];
-        dst[x * K] = a + b;
+        dst[x] = a + b;
       }
     }
 }
 
-struct Shapes {
-  int64_t B, K, h, w, H, W;
-};
-
-// exp(x) for x <= 0 (within 2 ulp; exp(x) = 2^n * e^r, |r| <= ln2/2, degree-6 minimax polynomial for
+// exp(x) for -87 <= x <= 0 (within 1 ulp; exp(x) = 2^n * e^r, |r| <= ln2/2, degree-6 minimax polynomial for
 // e^r, Cody-Waite reduction). Plain arithmetic and integer bit casts only, so the compiler vectorises
 // loops that call it (std::exp would stay a scalar libm call without -ffast-math).
 inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;  // 2^n stays a normal number; exp(-87) ~ 1.6e-38 is ~0 for softmax
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (x * 1.44269504088896341f + magic) - magic;
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
@@ -78,27 +73,45 @@ inline float exp_nonpositive(float x) {
   return e * scale;
 }
 
-// Upsampled scores of pixel (y, x) into u, their softmax into p (float32, as torch's softmax);
-// returns the log-sum-exp.
-inline float pixel_softmax(const std::vector<float>& xs, const Axis& ay, int64_t y, int64_t x,
-                           int64_t K, int64_t W, float* __restrict u, float* __restrict p) {
-  const float* __restrict a = xs.data() + (ay.i0[y] * W + x) * K;
-  const float* __restrict c = xs.data() + (ay.i1[y] * W + x) * K;
-  const float h0 = ay.l0[y], h1 = ay.l1[y];
-  for (int64_t k = 0; k < K; ++k) {
-    const float s = h0 * a[k];
-    const float t = h1 * c[k];
-    u[k] = s + t;
+// One output row y at a time, vectorised along the row: the upsampled scores u (K, W), their
+// exponentials e = exp(u - max) (K, W), the partition sums z (W) and the row maxima mx (W).
+struct RowSoftmax {
+  std::vector<float> u, e, mx, z;
+  RowSoftmax(int64_t K, int64_t W) : u(K * W), e(K * W), mx(W), z(W) {}
+
+  void compute(const std::vector<float>& xs, const Axis& ay, int64_t y, int64_t K, int64_t W) {
+    const float h0 = ay.l0[y], h1 = ay.l1[y];
+    float* __restrict mxp = mx.data();
+    float* __restrict zp = z.data();
+    for (int64_t k = 0; k < K; ++k) {
+      const float* __restrict a = xs.data() + (ay.i0[y] * K + k) * W;
+      const float* __restrict c = xs.data() + (ay.i1[y] * K + k) * W;
+      float* __restrict uk = u.data() + k * W;
+      for (int64_t x = 0; x < W; ++x) {
+        const float s = h0 * a[x];
+        const float t = h1 * c[x];
+        uk[x] = s + t;
+      }
+      if (k == 0) {
+        for (int64_t x = 0; x < W; ++x) mxp[x] = uk[x];
+      } else {
+        for (int64_t x = 0; x < W; ++x) mxp[x] = uk[x] > mxp[x] ? uk[x] : mxp[x];
+      }
+    }
+    for (int64_t x = 0; x < W; ++x) zp[x] = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* __restrict uk = u.data() + k * W;
+      float* __restrict ek = e.data() + k * W;
+      for (int64_t x = 0; x < W; ++x) {
+        const float v = uk[x] - mxp[x];
+        ek[x] = v > -87.0f ? v : -87.0f;  // exp(-87) ~ 1.6e-38: ~0 next to exp(0) = 1
+      }
+      for (int64_t x = 0; x < W; ++x) ek[x] = exp_nonpositive(ek[x]);
+      for (int64_t x = 0; x < W; ++x) zp[x] += ek[x];
+    }
+    for (int64_t x = 0; x < W; ++x) zp[x] = 1.f / zp[x];  // z holds 1 / sum from here on
   }
-  float mx = u[0];
-  for (int64_t k = 1; k < K; ++k) mx = u[k] > mx ? u[k] : mx;
-  for (int64_t k = 0; k < K; ++k) p[k] = exp_nonpositive(u[k] - mx);
-  float z = 0.f;
-  for (int64_t k = 0; k < K; ++k) z += p[k];
-  const float inv = 1.f / z;
-  for (int64_t k = 0; k < K; ++k) p[k] *= inv;
-  return mx + std::log(z);
-}
+};
 
 void focal_confidence(FloatArray logits, int64_t H, int64_t W, DoubleArray sums, int threads) {
   check_ndim(logits, 4, "logits");
@@ -111,15 +124,24 @@ void focal_confidence(FloatArray logits, int64_t H, int64_t W, DoubleArray sums,
   const Axis ay = make_axis(h, H), ax = make_axis(w, W);
   py::gil_scoped_release release;
   parallel_for(B, threads, [&](int64_t b) {
-    std::vector<float> xs, u(K), p(K);
-    std::vector<double> acc(K, 0.0);
+    std::vector<float> xs;
+    RowSoftmax row(K, W);
+    std::vector<double> acc(static_cast<size_t>(K * W), 0.0);  // per (class, column) sums
     width_pass(L + b * K * h * w, K, h, w, ax, W, xs);
-    for (int64_t y = 0; y < H; ++y)
-      for (int64_t x = 0; x < W; ++x) {
-        pixel_softmax(xs, ay, y, x, K, W, u.data(), p.data());
-        for (int64_t k = 0; k < K; ++k) acc[k] += p[k];
+    for (int64_t y = 0; y < H; ++y) {
+      row.compute(xs, ay, y, K, W);
+      const float* __restrict inv = row.z.data();
+      for (int64_t k = 0; k < K; ++k) {
+        const float* __restrict ek = row.e.data() + k * W;
+        double* __restrict ak = acc.data() + k * W;
+        for (int64_t x = 0; x < W; ++x) ak[x] += static_cast<double>(ek[x] * inv[x]);
       }
-    for (int64_t k = 0; k < K; ++k) S[b * K + k] = acc[k];
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      double s = 0.0;
+      for (int64_t x = 0; x < W; ++x) s += acc[k * W + x];
+      S[b * K + k] = s;
+    }
   });
 }
 
@@ -151,49 +173,61 @@ void focal_loss_grad(FloatArray logits, Int64Array target, FloatArray weight, in
   const Axis ay = make_axis(h, H), ax = make_axis(w, W);
   py::gil_scoped_release release;
   parallel_for(B, threads, [&](int64_t b) {
-    std::vector<float> xs, u(K), p(K);
-    std::vector<double> gx;  // d/d xs, layout (h, W, K)
-    if (with_grad) gx.assign(static_cast<size_t>(h * W * K), 0.0);
+    std::vector<float> xs, wt(W), d(W);
+    std::vector<int64_t> tc(W);
+    RowSoftmax row(K, W);
+    std::vector<double> gx;  // d/d xs, layout (h, K, W)
+    if (with_grad) gx.assign(static_cast<size_t>(h * K * W), 0.0);
     width_pass(L + b * K * h * w, K, h, w, ax, W, xs);
     const int64_t* tb = T + b * H * W;
     double acc = 0.0;
     for (int64_t y = 0; y < H; ++y) {
-      double* g0 = with_grad ? gx.data() + ay.i0[y] * W * K : nullptr;
-      double* g1 = with_grad ? gx.data() + ay.i1[y] * W * K : nullptr;
-      const double h0 = ay.l0[y], h1 = ay.l1[y];
+      row.compute(xs, ay, y, K, W);
+      const float* inv = row.z.data();
+      bool any = false;
       for (int64_t x = 0; x < W; ++x) {
         const int64_t t = tb[y * W + x];
-        if (t == ignore_index) continue;
-        const float lse = pixel_softmax(xs, ay, y, x, K, W, u.data(), p.data());
-        const double wt = Wt[t];
-        acc += wt * static_cast<double>(lse - u[t]);
-        if (!with_grad) continue;
-        p[t] -= 1.f;
-        double* a = g0 + x * K;
-        double* c = g1 + x * K;
-        for (int64_t k = 0; k < K; ++k) {
-          const double d = wt * p[k];
-          a[k] += h0 * d;
-          c[k] += h1 * d;
+        if (t == ignore_index) {  // weight 0: no loss, no gradient
+          wt[x] = 0.f;
+          tc[x] = -1;
+          continue;
         }
+        any = true;
+        wt[x] = Wt[t];
+        tc[x] = t;
+        const float lse = row.mx[x] - std::log(inv[x]);
+        acc += static_cast<double>(wt[x]) * static_cast<double>(lse - row.u[t * W + x]);
+      }
+      if (!with_grad || !any) continue;
+      const double h0 = ay.l0[y], h1 = ay.l1[y];
+      for (int64_t k = 0; k < K; ++k) {
+        const float* __restrict ek = row.e.data() + k * W;
+        float* __restrict dp = d.data();
+        const float* __restrict wp = wt.data();
+        for (int64_t x = 0; x < W; ++x) dp[x] = wp[x] * (ek[x] * inv[x]);
+        for (int64_t x = 0; x < W; ++x)
+          if (tc[x] == k) dp[x] = wp[x] * (ek[x] * inv[x] - 1.f);
+        double* __restrict g0 = gx.data() + (ay.i0[y] * K + k) * W;
+        for (int64_t x = 0; x < W; ++x) g0[x] += h0 * static_cast<double>(dp[x]);
+        double* __restrict g1 = gx.data() + (ay.i1[y] * K + k) * W;
+        for (int64_t x = 0; x < W; ++x) g1[x] += h1 * static_cast<double>(dp[x]);
       }
     }
     Lo[b] = acc;
     if (!with_grad) return;
     // Width pass transposed: grad[k, ys, x0] += w0 * gx, grad[k, ys, x1] += w1 * gx.
-    std::vector<double> row(static_cast<size_t>(w));
+    std::vector<double> out_row(static_cast<size_t>(w));
     float* gb = G + b * K * h * w;
     for (int64_t k = 0; k < K; ++k)
       for (int64_t ys = 0; ys < h; ++ys) {
-        std::fill(row.begin(), row.end(), 0.0);
-        const double* src = gx.data() + ys * W * K + k;
+        std::fill(out_row.begin(), out_row.end(), 0.0);
+        const double* src = gx.data() + (ys * K + k) * W;
         for (int64_t x = 0; x < W; ++x) {
-          const double v = src[x * K];
-          row[ax.i0[x]] += ax.l0[x] * v;
-          row[ax.i1[x]] += ax.l1[x] * v;
+          out_row[ax.i0[x]] += ax.l0[x] * src[x];
+          out_row[ax.i1[x]] += ax.l1[x] * src[x];
         }
         float* dst = gb + (k * h + ys) * w;
-        for (int64_t xs0 = 0; xs0 < w; ++xs0) dst[xs0] = static_cast<float>(row[xs0]);
+        for (int64_t i = 0; i < w; ++i) dst[i] = static_cast<float>(out_row[i]);
       }
   });
 }
