@@ -75,6 +75,22 @@ def test_ties_go_to_the_smallest_class():
     assert (primaps_fast.assign_pseudo_labels(logits, ids, backend="cpu") == 2).all()
 
 
+def test_reference_equals_torch_mode_loop(rng):
+    """The official loop votes with ``torch.mode``; on CPU it returns the smallest of tied values, which
+    is the API's tie rule. Small masks with few classes make ties frequent."""
+    logits = torch.randn(4, 3, 3, 3, generator=rng)
+    ids = torch.randint(0, 12, (4, 6, 6), generator=rng)
+    ids[0, 0] = IGNORE
+    cls = F.interpolate(logits, (6, 6), mode="bilinear", align_corners=False).argmax(1)
+    want = torch.full_like(ids, IGNORE)
+    for b in range(4):
+        for m in ids[b].unique():
+            if int(m) != IGNORE:
+                want[b][ids[b] == m] = cls[b][ids[b] == m].mode()[0]
+    assert torch.equal(reference.assign_pseudo_labels(logits, ids), want)
+    assert torch.equal(primaps_fast.assign_pseudo_labels(logits, ids, backend="cpu"), want)
+
+
 def test_large_ids_dtypes_and_ignore_index(rng):
     logits = torch.randn(2, 4, 5, 6, generator=rng)
     ids = make_masks(2, 17, 21, rng, ignore=-1)

@@ -6,8 +6,10 @@ Both take the class scores at feature resolution ``(B, K, h, w)`` and upsample t
 with the features before its 1x1 conv head (a 1x1 conv commutes with bilinear upsampling, DESIGN.md
 section 3). Slow and literal on purpose: it is the oracle for the tests and the benchmark baseline.
 
-Deliberate difference: the official ``cls[fill].mode()`` leaves the winner among classes with equal
-counts to ``torch.mode``'s implementation; the API fixes ties to the smallest class id.
+Ties: the official ``cls[fill].mode()`` leaves the winner among classes with equal counts to
+``torch.mode``'s implementation, which is not documented; on CPU it returns the smallest tied value
+(``tests/test_assign_pseudo_labels.py`` checks the reference against the literal ``torch.mode`` loop).
+The API fixes this rule (smallest class id) for every backend.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *,
     Returns:
         int64 ``(B, H, W)``: for each image and each mask id ``m != ignore_index``, the class that wins
         the most pixels of ``argmax_k`` of the bilinearly upsampled logits inside the mask (ties: the
-        smallest class id; the official ``torch.mode`` leaves ties unspecified), written to every pixel
+        smallest class id, as ``torch.mode`` on CPU), written to every pixel
         of the mask; ``ignore_index`` elsewhere.
     """
     size = tuple(mask_ids.shape[-2:])
