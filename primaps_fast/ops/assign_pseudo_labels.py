@@ -67,7 +67,7 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore
         ``m != ignore_index``, the class that wins the most pixels of
         ``argmax_k F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)`` inside the
         mask, written to every pixel of the mask; ``ignore_index`` elsewhere. Ties between classes go
-        to the smallest class id (the official ``torch.mode`` leaves them unspecified); ties in the
+        to the smallest class id (what the official ``torch.mode`` does on CPU); ties in the
         per-pixel argmax go to the first class. The C++ and Triton backends never materialise the
         ``(B, K, H, W)`` upsampled scores; they upsample in float32 without FMA, so a pixel whose top
         two upsampled scores agree to float32 rounding may take the other class than PyTorch's kernel.
