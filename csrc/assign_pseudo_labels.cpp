@@ -35,18 +35,18 @@ Axis make_axis(int64_t in, int64_t out) {
   return a;
 }
 
-// xs[(ys * W + x) * K + k] = w0 * L[k, ys, x0] + w1 * L[k, ys, x1]: the width pass for one image.
+// xs[(ys * K + k) * W + x] = w0 * L[k, ys, x0] + w1 * L[k, ys, x1]: the width pass for one image.
 void width_pass(const float* L, int64_t K, int64_t h, int64_t w, const Axis& ax, int64_t W,
                 std::vector<float>& xs) {
-  xs.resize(static_cast<size_t>(h * W * K));
+  xs.resize(static_cast<size_t>(h * K * W));
   for (int64_t k = 0; k < K; ++k)
     for (int64_t ys = 0; ys < h; ++ys) {
       const float* row = L + (k * h + ys) * w;
-      float* dst = xs.data() + ys * W * K + k;
+      float* dst = xs.data() + (ys * K + k) * W;
       for (int64_t x = 0; x < W; ++x) {
         const float a = ax.l0[x] * row[ax.i0[x]];
         const float b = ax.l1[x] * row[ax.i1[x]];
-        dst[x * K] = a + b;
+        dst[x] = a + b;
       }
     }
 }
@@ -60,6 +60,7 @@ void assign_pseudo_labels(FloatArray logits, Int64Array mask_ids, Int64Array out
   const int64_t H = mask_ids.shape(1), W = mask_ids.shape(2);
   if (mask_ids.shape(0) != B || out.shape(0) != B || out.shape(1) != H || out.shape(2) != W)
     throw std::invalid_argument("mask_ids/out: shapes do not match logits");
+  if (K >= (int64_t{1} << 24)) throw std::invalid_argument("logits: too many classes (>= 2^24)");
   if (K < 1 || h < 1 || w < 1 || H < 1 || W < 1 || num_ids < 1)
     throw std::invalid_argument("assign_pseudo_labels: empty input");
   const float* L = logits.data();
@@ -79,31 +80,45 @@ void assign_pseudo_labels(FloatArray logits, Int64Array mask_ids, Int64Array out
       std::vector<int32_t> slot(static_cast<size_t>(num_ids), -1);
       std::vector<int64_t> hist;
       const int64_t* mb = M + b * H * W;
+      std::vector<float> best_v(static_cast<size_t>(W));
+      std::vector<float> best(static_cast<size_t>(W));  // class id as float (exact below 2^24), so the
+                                                        // selects stay float and the loop vectorises
       for (int64_t y = 0; y < H; ++y) {
+        // Argmax over classes of the upsampled row, vectorised along the row (first maximum wins).
         const float hy0 = ay.l0[y], hy1 = ay.l1[y];
-        const float* r0 = xs.data() + ay.i0[y] * W * K;
-        const float* r1 = xs.data() + ay.i1[y] * W * K;
+        float* __restrict bv = best_v.data();
+        float* __restrict bi = best.data();
+        for (int64_t k = 0; k < K; ++k) {
+          const float* __restrict a = xs.data() + (ay.i0[y] * K + k) * W;
+          const float* __restrict c = xs.data() + (ay.i1[y] * K + k) * W;
+          const float kk = static_cast<float>(k);
+          if (k == 0) {
+            for (int64_t x = 0; x < W; ++x) {
+              const float p = hy0 * a[x];
+              const float q = hy1 * c[x];
+              bv[x] = p + q;
+              bi[x] = 0.f;
+            }
+            continue;
+          }
+          for (int64_t x = 0; x < W; ++x) {
+            const float p = hy0 * a[x];
+            const float q = hy1 * c[x];
+            const float v = p + q;
+            const float take = static_cast<float>(v > bv[x]);  // 1 or 0: exact blend of small ints
+            bi[x] = bi[x] + take * (kk - bi[x]);
+            bv[x] = v > bv[x] ? v : bv[x];
+          }
+        }
         for (int64_t x = 0; x < W; ++x) {
           const int64_t id = mb[y * W + x];
           if (id == ignore_index) continue;
-          const float* a = r0 + x * K;
-          const float* c = r1 + x * K;
-          int64_t best = 0;
-          float best_v = 0.f;
-          for (int64_t k = 0; k < K; ++k) {
-            const float p = hy0 * a[k];
-            const float q = hy1 * c[k];
-            const float v = p + q;
-            if (k == 0 || v > best_v) {  // finite inputs (checked in Python)
-              best_v = v; best = k;
-            }
-          }
           int32_t& s = slot[static_cast<size_t>(id)];
           if (s < 0) {
             s = static_cast<int32_t>(hist.size() / K);
             hist.resize(hist.size() + K, 0);
           }
-          ++hist[static_cast<size_t>(s) * K + best];
+          ++hist[static_cast<size_t>(s) * K + static_cast<int64_t>(bi[x])];
         }
       }
       // Majority per slot, the first (smallest) class on ties.
