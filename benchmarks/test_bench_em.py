@@ -64,10 +64,10 @@ def test_em_step(benchmark, batch, provider):
         benchmark.extra_info["speedup_vs_reference"] = _times["reference"] / _times[provider]
 
 
-# Peak memory of one batch-8 step, each provider in a fresh process: ``ru_maxrss`` after the inputs
+# Peak memory of one batch-8 step, each provider in a fresh process: the peak RSS (VmHWM) after the inputs
 # and the model exist, then after one step; the difference is what the step itself adds.
 _RSS_SCRIPT = r"""
-import resource, sys, torch
+import sys, torch
 import torch.nn.functional as F
 from primaps_fast import PriMaPsEM, reference
 torch.set_num_threads(2)
@@ -78,9 +78,12 @@ masks = F.interpolate(coarse, (320, 320), mode="nearest").long().squeeze(1)
 cls = reference.PriMaPsEM if sys.argv[1] == "reference" else PriMaPsEM
 em = cls(27, 384, ema_every=1)
 em.init_prototypes(torch.randn(27, 384, generator=g))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm_kib():  # this process's peak RSS; ru_maxrss would also keep the forking parent's peak
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+before = hwm_kib()
 em.step(feats, masks, feats + 0.1)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = hwm_kib()
 print(before, after)
 """
 _rss = {}
