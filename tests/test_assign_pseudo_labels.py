@@ -141,3 +141,12 @@ def test_triton_matches_reference(case, rng):
     per_pixel = torch.arange(H * W).view(1, H, W).repeat(B, 1, 1)
     got = primaps_fast.assign_pseudo_labels(logits, per_pixel, ignore_index=-1, backend="triton")
     assert_upsampled_argmax(got, logits)
+
+
+def test_non_contiguous_and_empty(rng):
+    logits = torch.randn(2, 4, 6, 5, generator=rng).transpose(2, 3)  # (2, 4, 5, 6), non-contiguous
+    ids = make_masks(2, 23, 17, rng).transpose(1, 2)
+    want = reference.assign_pseudo_labels(logits.contiguous(), ids.contiguous())
+    assert torch.equal(primaps_fast.assign_pseudo_labels(logits, ids, backend="cpu"), want)
+    with pytest.raises(ValueError, match="mask_ids"):
+        primaps_fast.assign_pseudo_labels(logits, ids[:, :0])

@@ -120,3 +120,12 @@ def test_triton_matches_reference(case, rng):
     target = make_target(B, K, H, W, rng)
     want = value_and_grad(reference.focal_loss, logits, target)
     assert_matches(value_and_grad(primaps_fast.focal_loss, logits, target, backend="triton"), want)
+
+
+def test_non_contiguous_and_empty(rng):
+    logits = torch.randn(2, 4, 6, 5, generator=rng).transpose(2, 3)
+    target = make_target(2, 4, 23, 17, rng).transpose(1, 2)
+    want = value_and_grad(reference.focal_loss, logits.contiguous(), target.contiguous())
+    assert_matches(value_and_grad(primaps_fast.focal_loss, logits, target, backend="cpu"), want)
+    with pytest.raises(ValueError, match="target"):
+        primaps_fast.focal_loss(logits, target[:, :0])
