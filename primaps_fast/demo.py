@@ -36,12 +36,6 @@ def prepare_out(out) -> str:
     return out
 
 
-def _em_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("primaps_fast.em") is not None
-
-
 def format_table(rows, header) -> str:
     cells = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -77,21 +71,17 @@ def run_demo(out="primaps_out", *, images: int = 32, epochs: int = 6, crf: bool 
         f"({images / times['PriMaPs pseudo labels' + (' + CRF' if crf else '')]:.1f} images/s)")
 
     predictions = {}
-    if _em_available():
-        config = {"num_classes": num_classes, "dim": feats.shape[1], "lr": 5e-3, "ema_decay": 0.98,
-                  "ema_every": 10, "focal_gamma": 2.0, "seed": seed}
-        em = pipeline.build_em(config)
-        batches = [feats[s:s + batch_size] for s in range(0, images, batch_size)]
-        _, times["PCA + k-means init"] = pipeline.timed(pipeline.initialise, em, batches)
-        predictions["k-means baseline"] = torch.cat([em.predict(b, size=(S, S)) for b in batches])
-        data = torch.utils.data.TensorDataset(feats, pseudo, torch.arange(images))
-        history, times[f"PriMaPs-EM ({epochs} epochs)"] = pipeline.timed(
-            pipeline.train_epochs, em, data, start_epoch=0, epochs=epochs, batch_size=batch_size, seed=seed,
-            show_progress=show_progress)
-        predictions["PriMaPs-EM"] = torch.cat([em.predict(b, size=(S, S)) for b in batches])
-    else:
-        history = []
-        log("demo: PriMaPsEM (primaps_fast.em) is not installed: the k-means baseline and PriMaPs-EM are skipped")
+    config = {"num_classes": num_classes, "dim": feats.shape[1], "lr": 5e-3, "ema_decay": 0.98,
+              "ema_every": 10, "focal_gamma": 2.0, "seed": seed}
+    em = pipeline.build_em(config)
+    batches = [feats[s:s + batch_size] for s in range(0, images, batch_size)]
+    _, times["PCA + k-means init"] = pipeline.timed(pipeline.initialise, em, batches)
+    predictions["k-means baseline"] = torch.cat([em.predict(b, size=(S, S)) for b in batches])
+    data = torch.utils.data.TensorDataset(feats, pseudo, torch.arange(images))
+    history, times[f"PriMaPs-EM ({epochs} epochs)"] = pipeline.timed(
+        pipeline.train_epochs, em, data, start_epoch=0, epochs=epochs, batch_size=batch_size, seed=seed,
+        show_progress=show_progress)
+    predictions["PriMaPs-EM"] = torch.cat([em.predict(b, size=(S, S)) for b in batches])
 
     rows, results = [], {}
     for name, pred in predictions.items():
@@ -101,7 +91,7 @@ def run_demo(out="primaps_out", *, images: int = 32, epochs: int = 6, crf: bool 
     # pseudo labels leave the background (255) unlabelled: report how much of the image they cover
     covered = pseudo != 255
     masks_per_image = float(np.mean([p[p != 255].unique().numel() for p in pseudo]))
-    table = (format_table(rows, ["method", "mIoU (%)", "Accuracy (%)"]) if rows else "(no trained model)") + (
+    table = format_table(rows, ["method", "mIoU (%)", "Accuracy (%)"]) + (
         f"\n\npseudo labels: {masks_per_image:.1f} masks per image, covering "
         f"{100 * covered.float().mean():.1f}% of the pixels")
     ttable = format_table([[k, f"{v:.2f}"] for k, v in times.items()], ["stage", "time (s)"])

@@ -1,5 +1,4 @@
 """`primaps-fast demo` at a reduced size: outputs exist, are consistent, and unrelated files are safe."""
-import importlib.util
 import json
 
 import numpy as np
@@ -8,25 +7,20 @@ import pytest
 from primaps_fast.cli import main
 from primaps_fast.demo import prepare_out
 
-HAS_EM = importlib.util.find_spec("primaps_fast.em") is not None
-HAS_CRF = importlib.util.find_spec("primaps_fast.ops.dense_crf") is not None
-
 
 def test_demo_reduced(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--images", "6", "--epochs", "2", "--image-size", "96",
-            "--batch-size", "3", "--classes", "4"] + ([] if HAS_CRF else ["--no-crf"])
+            "--batch-size", "3", "--classes", "4"]
     assert main(args) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
-    methods = ["k-means baseline", "PriMaPs-EM"] if HAS_EM else []
+    methods = ["k-means baseline", "PriMaPs-EM"]
     assert sorted(res["metrics"]) == sorted(methods)
     for name in methods:
         m = res["metrics"][name]
         assert name in printed and 0 <= m["mIoU"] <= 100 and 0 <= m["Accuracy"] <= 100
-    if not HAS_EM:
-        assert "primaps_fast.em" in printed and "skipped" in printed
-    assert len(res["em_loss"]) == (2 if HAS_EM else 0) and all(np.isfinite(res["em_loss"]))
+    assert len(res["em_loss"]) == 2 and all(np.isfinite(res["em_loss"]))
     assert res["pseudo_images_per_s"] > 0 and 0 < res["pseudo_label_coverage"] <= 1
     assert "masks per image" in (out / "results.md").read_text()
     from PIL import Image
