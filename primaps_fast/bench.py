@@ -2,13 +2,12 @@
 
 Each stage runs on one synthetic batch (``make_scenes``) with both backends; the table shows the
 median time per image over ``repeats`` timed runs (after one warm-up run) and the speed-up. The
-outputs are compared before timing. Stages whose kernels are not installed are listed as missing.
+outputs are compared before timing.
 A dataset-level row times :func:`primaps_fast.pseudo_gen.generate_pseudo_labels` (loading images,
 pseudo labels, PNG writing) over a small folder dataset with cached synthetic features.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import statistics
 import tempfile
@@ -25,14 +24,6 @@ def _time(fn, repeats):
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def _available(module):
-    try:
-        importlib.import_module(module)
-        return True
-    except ImportError:
-        return False
 
 
 def dataset_throughput(scenes, *, crf: bool, backend: str, root) -> float:
@@ -61,12 +52,9 @@ def run_bench(*, images: int = 4, image_size: int = 320, crf: bool = True, repea
 
     scenes = make_scenes(images, image_size=image_size, num_classes=6, dim=384)
     imgs, feats = scenes.images, scenes.features
-    rows, missing = [], []
+    rows = []
 
-    def stage(name, module, ref_fn, fast_fn, check):
-        if not _available(module):
-            missing.append(f"{name} ({module})")
-            return
+    def stage(name, ref_fn, fast_fn, check):
         check(ref_fn(), fast_fn())
         r, f = _time(ref_fn, repeats), _time(fast_fn, repeats)
         rows.append([name, f"{1e3 * r / images:.1f}", f"{1e3 * f / images:.1f}", f"{r / f:.1f}x"])
@@ -84,45 +72,37 @@ def run_bench(*, images: int = 4, image_size: int = 320, crf: bool = True, repea
             raise AssertionError(f"mask counts differ: reference {a.counts.tolist()}, fast {b.counts.tolist()}")
         close(a.masks, b.masks)
 
-    stage("principal_masks", "primaps_fast.ops.principal_masks",
-          lambda: reference.principal_masks(feats), lambda: primaps_fast.principal_masks(feats, backend="cpu"),
-          same_masks)
-    stage("pseudo_labels (no CRF)", "primaps_fast.ops.pseudo_labels",
-          lambda: reference.pseudo_labels(imgs, feats, crf=False),
+    stage("principal_masks", lambda: reference.principal_masks(feats),
+          lambda: primaps_fast.principal_masks(feats, backend="cpu"), same_masks)
+    stage("pseudo_labels (no CRF)", lambda: reference.pseudo_labels(imgs, feats, crf=False),
           lambda: primaps_fast.pseudo_labels(imgs, feats, crf=False, backend="cpu"), same_labels)
     if crf:
-        stage("pseudo_labels (CRF)", "primaps_fast.ops.dense_crf",
-              lambda: reference.pseudo_labels(imgs, feats, crf=True),
+        stage("pseudo_labels (CRF)", lambda: reference.pseudo_labels(imgs, feats, crf=True),
               lambda: primaps_fast.pseudo_labels(imgs, feats, crf=True, backend="cpu"), same_labels)
     K = 6
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(images, K, *feats.shape[-2:], generator=g)
-    if _available("primaps_fast.ops.pseudo_labels"):
-        masks = primaps_fast.pseudo_labels(imgs, feats, crf=False)
-        stage("E-step assign_pseudo_labels", "primaps_fast.ops.assign_pseudo_labels",
-              lambda: reference.assign_pseudo_labels(logits, masks),
-              lambda: primaps_fast.assign_pseudo_labels(logits, masks, backend="cpu"), same_labels)
-        target = torch.where(masks == 255, 255, masks % K)
+    masks = primaps_fast.pseudo_labels(imgs, feats, crf=False)
+    stage("E-step assign_pseudo_labels", lambda: reference.assign_pseudo_labels(logits, masks),
+          lambda: primaps_fast.assign_pseudo_labels(logits, masks, backend="cpu"), same_labels)
+    target = torch.where(masks == 255, 255, masks % K)
 
-        def focal(fn, backend=None):
-            x = logits.clone().requires_grad_(True)
-            loss = fn(x, target) if backend is None else fn(x, target, backend=backend)
-            loss.backward()
-            return x.grad
+    def focal(fn, backend=None):
+        x = logits.clone().requires_grad_(True)
+        loss = fn(x, target) if backend is None else fn(x, target, backend=backend)
+        loss.backward()
+        return x.grad
 
-        stage("M-step focal_loss fwd+bwd", "primaps_fast.ops.focal_loss",
-              lambda: focal(reference.focal_loss), lambda: focal(primaps_fast.focal_loss, "cpu"), close)
+    stage("M-step focal_loss fwd+bwd", lambda: focal(reference.focal_loss),
+          lambda: focal(primaps_fast.focal_loss, "cpu"), close)
 
     log(f"reference vs fast (C++ CPU backend), {images} synthetic {image_size}x{image_size} images, "
         f"384x{image_size // 8}x{image_size // 8} features, {torch.get_num_threads()} threads, median of {repeats}")
     log(format_table(rows, ["stage", "reference ms/img", "fast ms/img", "speed-up"]))
-    if _available("primaps_fast.ops.pseudo_labels") and (not crf or _available("primaps_fast.ops.dense_crf")):
-        with tempfile.TemporaryDirectory() as tmp:
-            ref = dataset_throughput(scenes, crf=crf, backend="reference", root=tmp)
-            fast = dataset_throughput(scenes, crf=crf, backend="cpu", root=tmp)
-        rows.append(["dataset pseudo-label generation (images/s)", f"{ref:.2f}", f"{fast:.2f}", f"{fast / ref:.1f}x"])
-        log(f"dataset pseudo-label generation (load, pseudo labels{' + CRF' if crf else ''}, write PNGs): "
-            f"reference {ref:.2f} images/s, fast {fast:.2f} images/s ({fast / ref:.1f}x)")
-    if missing:
-        log("not timed (kernel not installed yet): " + ", ".join(missing))
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = dataset_throughput(scenes, crf=crf, backend="reference", root=tmp)
+        fast = dataset_throughput(scenes, crf=crf, backend="cpu", root=tmp)
+    rows.append(["dataset pseudo-label generation (images/s)", f"{ref:.2f}", f"{fast:.2f}", f"{fast / ref:.1f}x"])
+    log(f"dataset pseudo-label generation (load, pseudo labels{' + CRF' if crf else ''}, write PNGs): "
+        f"reference {ref:.2f} images/s, fast {fast:.2f} images/s ({fast / ref:.1f}x)")
     return rows
