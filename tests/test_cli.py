@@ -7,17 +7,11 @@ import pytest
 import torch
 
 import fake_trees
-from primaps_fast import fileio
+from primaps_fast import UnsupervisedMetrics, fileio
 from primaps_fast.cli import main
 from primaps_fast.data.cache import FeatureCache, store_features
 from primaps_fast.data.datasets import FolderDataset
 from primaps_fast.data.synthetic import make_scenes
-
-needs_em = pytest.mark.skipif(__import__("importlib").util.find_spec("primaps_fast.em") is None,
-                              reason="PriMaPsEM (primaps_fast.em) not available")
-needs_crf = pytest.mark.skipif(__import__("importlib").util.find_spec("primaps_fast.ops.dense_crf") is None,
-                               reason="dense_crf (primaps_fast.ops.dense_crf) not available")
-
 
 def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit) as e:
@@ -87,7 +81,6 @@ def _train(root, out, *extra):
                  "--num-classes", "3", "--batch-size", "2", "--kmeans-epochs", "1", *extra])
 
 
-@needs_em
 def test_train_resume_and_eval(synthetic_run, capsys):
     root = synthetic_run
     assert _train(root, root / "full", "--epochs", "3") == 0
@@ -119,7 +112,6 @@ def test_train_resume_and_eval(synthetic_run, capsys):
     assert Image.open(root / "eval" / "confusion.png").size == (3 * 16, 3 * 16)
 
 
-@needs_em
 def test_eval_rejects_other_dim(synthetic_run, capsys, tmp_path):
     root = synthetic_run
     assert _train(root, root / "run", "--epochs", "1") == 0
@@ -130,7 +122,6 @@ def test_eval_rejects_other_dim(synthetic_run, capsys, tmp_path):
     assert "another shape" in capsys.readouterr().err
 
 
-@needs_em
 def test_train_student_augs_and_hflip(tmp_path, capsys):
     fake_trees.cityscapes(tmp_path / "cs", np.random.default_rng(1), hw=(32, 32), per_city=2)
     common = ["--dataset-root", str(tmp_path / "cs"), "--resolution", "32"]
@@ -176,18 +167,12 @@ def test_metrics_match_hand_computation_and_api(rng):
     ious = [((mapped == c) & (target == c) & valid).sum().item() / (((mapped == c) | (target == c)) & valid).sum().item()
             for c in range(K)]
     assert abs(r["Accuracy"] - acc) < 1e-4 and abs(r["mIoU"] - 100 * np.mean(ious)) < 1e-4
-    try:
-        from primaps_fast import UnsupervisedMetrics
-    except (ImportError, AttributeError):
-        pytest.skip("UnsupervisedMetrics (primaps_fast.metrics) not available for the cross-check")
     m = UnsupervisedMetrics(K)
     m.update(preds, target)
     api = m.compute()
     assert abs(api["mIoU"] - r["mIoU"]) < 1e-3 and abs(api["Accuracy"] - r["Accuracy"]) < 1e-3
 
 
-@needs_em
-@needs_crf
 def test_eval_with_crf(synthetic_run, capsys):
     root = synthetic_run
     assert _train(root, root / "run", "--epochs", "1") == 0
