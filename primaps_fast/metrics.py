@@ -52,29 +52,36 @@ class UnsupervisedMetrics:
         self.stats += counts.reshape(self.num_classes, n_clusters).t()
 
     def compute(self) -> dict:
-        """``{"mIoU", "Accuracy", "class_iou"}`` in percent; mIoU averages the classes with a defined IoU."""
+        """``{"mIoU", "Accuracy", "class_iou"}`` in percent (mIoU averages the classes with a defined IoU),
+        plus ``"mapping"`` (int64 numpy ``(clusters,)``: the class each predicted cluster is matched to) and
+        ``"confusion"`` (int64 numpy ``(K, K)``: rows = ground-truth class, columns = matched prediction)."""
         from scipy.optimize import linear_sum_assignment
 
         stats = self.stats
         if self.hungarian:
             rows, cols = linear_sum_assignment(stats.numpy(), maximize=True)
+            mapping = np.zeros(stats.shape[0], dtype=np.int64)
             if self.extra_clusters == 0:
                 histogram = stats[np.argsort(cols), :]
+                mapping[rows] = cols
             else:
                 _, cols_t = linear_sum_assignment(stats.t().numpy(), maximize=True)
                 histogram = stats[torch.as_tensor(cols_t), :].clone()
+                mapping[cols_t] = np.arange(self.num_classes)
                 for i in sorted(set(range(stats.shape[0])) - set(cols_t.tolist())):
                     best = int(stats[i, :].argmax())
                     histogram[best] += stats[i, :]
+                    mapping[i] = best
         else:
             histogram = stats[:self.num_classes]
+            mapping = np.arange(stats.shape[0], dtype=np.int64)
         tp = torch.diag(histogram)
         fp = histogram.sum(0) - tp
         fn = histogram.sum(1) - tp
         iou = tp / (tp + fp + fn)
         acc = tp.sum() / histogram.sum()
         return {"mIoU": 100 * iou[~torch.isnan(iou)].mean().item(), "Accuracy": 100 * acc.item(),
-                "class_iou": (100 * iou).tolist()}
+                "class_iou": (100 * iou).tolist(), "mapping": mapping, "confusion": histogram.t().numpy()}
 
 
 def linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, eval_features=None,

@@ -113,45 +113,16 @@ def predict(em, features, size, *, use_ema: bool = True, crf_images=None, crf_it
     return q.argmax(1)
 
 
-def confusion_matrix(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> np.ndarray:
-    """``(K, K)`` counts, rows = ground truth, columns = predicted cluster; targets outside
-    ``[0, K)`` are ignored."""
-    p, t = preds.reshape(-1).long(), target.reshape(-1).long()
-    keep = (t >= 0) & (t < num_classes) & (p >= 0) & (p < num_classes)
-    idx = (t[keep] * num_classes + p[keep]).numpy()
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def hungarian_mapping(conf: np.ndarray) -> np.ndarray:
-    """``mapping[cluster] = class`` maximising the matched pixels (scipy's linear_sum_assignment)."""
-    from scipy.optimize import linear_sum_assignment
-
-    rows, cols = linear_sum_assignment(conf, maximize=True)
-    mapping = np.arange(conf.shape[1])
-    mapping[cols] = rows
-    return mapping
-
-
 def evaluate_batches(batches, num_classes: int) -> dict:
-    """``batches`` yields ``(preds, target)``; returns the official metrics (``UnsupervisedMetrics`` of
-    ``primaps_modules/metrics.py``: confusion matrix, Hungarian matching of clusters to classes,
-    ``mIoU`` = mean IoU over classes with a defined IoU, pixel ``Accuracy``, both in percent,
-    ``class_iou``), the matched confusion matrix (rows = classes) and ``mapping[cluster] = class``."""
-    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+    """``batches`` yields ``(preds, target)``; returns ``UnsupervisedMetrics(num_classes).compute()``: the
+    official ``mIoU``, ``Accuracy`` and ``class_iou`` (percent), the matched ``confusion`` matrix
+    (rows = classes) and ``mapping[cluster] = class``."""
+    from primaps_fast import UnsupervisedMetrics
+
+    metrics = UnsupervisedMetrics(num_classes)
     for preds, target in batches:
-        conf += confusion_matrix(preds, target, num_classes)
-    mapping = hungarian_mapping(conf)
-    matched = np.zeros_like(conf)
-    for cluster in range(num_classes):
-        matched[:, mapping[cluster]] += conf[:, cluster]
-    tp = np.diag(matched).astype(np.float64)
-    fp, fn = matched.sum(0) - tp, matched.sum(1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = tp / (tp + fp + fn)
-    total = matched.sum()
-    return {"mIoU": 100 * float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
-            "Accuracy": 100 * float(tp.sum() / total) if total else float("nan"),
-            "class_iou": (100 * iou).tolist(), "confusion": matched, "mapping": mapping}
+        metrics.update(preds, target)
+    return metrics.compute()
 
 
 # ----------------------------------------------------------------------------- pictures
