@@ -92,9 +92,12 @@ _rss = {}
 def _step_rss_mb(provider):
     import subprocess
     import sys
+    import tempfile
 
+    # cwd outside the source tree: `python -c` puts the cwd first on sys.path, and the source checkout's
+    # primaps_fast has no compiled _C unless it was built in place.
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, provider], capture_output=True, text=True,
-                         check=True).stdout.split()
+                         check=True, cwd=tempfile.gettempdir()).stdout.split()
     before, after = (int(x) / 1024 for x in out[-2:])  # Linux: KiB
     return after, after - before
 
