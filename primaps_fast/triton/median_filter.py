@@ -21,6 +21,15 @@ def _med3(a, b, c):
 
 
 @triton.jit
+def _sorted_column(base, yu, y, yd, xc, w, inside):
+    # (min, median, max) of the vertical triple of rows yu, y, yd at column xc
+    a = tl.load(base + yu * w + xc, mask=inside, other=0.0)
+    b = tl.load(base + y * w + xc, mask=inside, other=0.0)
+    c = tl.load(base + yd * w + xc, mask=inside, other=0.0)
+    return tl.minimum(tl.minimum(a, b), c), _med3(a, b, c), tl.maximum(tl.maximum(a, b), c)
+
+
+@triton.jit
 def _median3x3_kernel(x_ptr, out_ptr, h, w, BLOCK: tl.constexpr):
     plane = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -32,28 +41,13 @@ def _median3x3_kernel(x_ptr, out_ptr, h, w, BLOCK: tl.constexpr):
     xr = _reflect(x + 1, w)
     # sort each vertical triple (columns xl, x, xr); the median of 9 is
     # med3(max of the minima, med3 of the medians, min of the maxima)
-    lo_max = tl.full([BLOCK], float("-inf"), tl.float32)
-    hi_min = tl.full([BLOCK], float("inf"), tl.float32)
     yu = _reflect(y - 1, h)
     yd = _reflect(y + 1, h)
-    a = tl.load(base + yu * w + xl, mask=inside, other=0.0)
-    b = tl.load(base + y * w + xl, mask=inside, other=0.0)
-    c = tl.load(base + yd * w + xl, mask=inside, other=0.0)
-    lo_max = tl.maximum(lo_max, tl.minimum(tl.minimum(a, b), c))
-    hi_min = tl.minimum(hi_min, tl.maximum(tl.maximum(a, b), c))
-    m0 = _med3(a, b, c)
-    a = tl.load(base + yu * w + x, mask=inside, other=0.0)
-    b = tl.load(base + y * w + x, mask=inside, other=0.0)
-    c = tl.load(base + yd * w + x, mask=inside, other=0.0)
-    lo_max = tl.maximum(lo_max, tl.minimum(tl.minimum(a, b), c))
-    hi_min = tl.minimum(hi_min, tl.maximum(tl.maximum(a, b), c))
-    m1 = _med3(a, b, c)
-    a = tl.load(base + yu * w + xr, mask=inside, other=0.0)
-    b = tl.load(base + y * w + xr, mask=inside, other=0.0)
-    c = tl.load(base + yd * w + xr, mask=inside, other=0.0)
-    lo_max = tl.maximum(lo_max, tl.minimum(tl.minimum(a, b), c))
-    hi_min = tl.minimum(hi_min, tl.maximum(tl.maximum(a, b), c))
-    m2 = _med3(a, b, c)
+    lo0, m0, hi0 = _sorted_column(base, yu, y, yd, xl, w, inside)
+    lo1, m1, hi1 = _sorted_column(base, yu, y, yd, x, w, inside)
+    lo2, m2, hi2 = _sorted_column(base, yu, y, yd, xr, w, inside)
+    lo_max = tl.maximum(tl.maximum(lo0, lo1), lo2)
+    hi_min = tl.minimum(tl.minimum(hi0, hi1), hi2)
     tl.store(out_ptr + plane * h * w + offs, _med3(lo_max, _med3(m0, m1, m2), hi_min), mask=inside)
 
 
