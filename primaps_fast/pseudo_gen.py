@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from primaps_fast import fileio
-from primaps_fast.data.cache import FORMAT, check_manifest
+from primaps_fast.data.cache import FORMAT, claim_folder
 from primaps_fast.data.transforms import to_normalized_tensor, unnormalize
 from primaps_fast.progress import progress
 
@@ -77,13 +77,8 @@ def generate_pseudo_labels(dataset, out_root, *, cache=None, backbone=None, thre
         features_info = {"backbone": backbone.name, "weights": backbone.weights_id, "resolution": dataset.size}
     out_root = os.fspath(out_root)
     manifest = pseudo_manifest(dataset, features_info, threshold=threshold, crf=crf, crf_iterations=crf_iterations)
-    mpath = os.path.join(out_root, "manifest.json")
-    if os.path.exists(mpath):
-        check_manifest(mpath, manifest, "pseudo-label folder")
-    else:
-        if os.path.isdir(out_root) and any(not f.startswith(".") for f in os.listdir(out_root)):
-            raise FileExistsError(f"out: {out_root} exists and is not a pseudo-label folder; choose a new folder")
-        fileio.write_json(mpath, manifest)
+    if claim_folder(out_root, manifest, "pseudo-label folder", "out"):
+        fileio.write_json(os.path.join(out_root, "manifest.json"), manifest)
     for sub in SUBDIRS:
         os.makedirs(os.path.join(out_root, sub), exist_ok=True)
 

@@ -41,6 +41,23 @@ def check_manifest(path, expected: dict, what: str) -> None:
             + "\n".join(diffs) + "\nUse another output folder, or delete this one to recompute.")
 
 
+def claim_folder(root: str, manifest: dict, what: str, arg: str) -> bool:
+    """Open the managed output folder ``root`` (feature cache or pseudo-label folder).
+
+    With a ``manifest.json``, its settings must equal ``manifest`` (:func:`check_manifest`) and ``False`` is
+    returned (resume). Otherwise the folder must be new or empty, so no unrelated file is ever touched; it
+    is created and ``True`` is returned: the caller fills it and writes the manifest.
+    """
+    mpath = os.path.join(root, "manifest.json")
+    if os.path.exists(mpath):
+        check_manifest(mpath, manifest, what)
+        return False
+    if os.path.isdir(root) and any(not f.startswith(".") for f in os.listdir(root)):
+        raise FileExistsError(f"{arg}: {root} exists and is not a {what}; choose an empty or new folder")
+    os.makedirs(root, exist_ok=True)
+    return True
+
+
 class FeatureCache:
     """An opened feature cache (see the module docstring). Index ``i`` is the dataset's i-th image."""
 
@@ -127,17 +144,12 @@ def _pwrite_rows(path, offset, row_bytes, index, array) -> None:
 
 def _open_or_create(root, manifest: dict, num_images: int, feature_shape, size: int) -> FeatureCache:
     root = os.fspath(root)
-    mpath = os.path.join(root, "manifest.json")
-    if os.path.exists(mpath):
-        check_manifest(mpath, manifest, "feature cache")
-    else:
-        if os.path.isdir(root) and any(not f.startswith(".") for f in os.listdir(root)):
-            raise FileExistsError(f"cache: {root} exists and is not a feature cache; choose an empty or new folder")
-        os.makedirs(root, exist_ok=True)
+    if claim_folder(root, manifest, "feature cache", "cache"):
         _reserve(os.path.join(root, "features.npy"), (num_images,) + tuple(feature_shape), np.float16)
         _reserve(os.path.join(root, "labels.npy"), (num_images, size, size), np.uint8)
         fileio.write_npy(os.path.join(root, "done.npy"), np.zeros(num_images, dtype=bool))
-        fileio.write_json(mpath, manifest)  # last: a cache without manifest is recreated from scratch
+        # last: a cache without manifest is recreated from scratch
+        fileio.write_json(os.path.join(root, "manifest.json"), manifest)
     return FeatureCache(root)
 
 
