@@ -3,10 +3,12 @@
 // Same arithmetic as pydensecrf's SSE path, step by step (shared/CRF.md): float32 elevation,
 // round half to even, strict-< rank, barycentric weights with wrap-around, splat in pixel order,
 // one-ring blur along axes 0..d, slice with alpha, symmetric normalisation computed through the
-// lattice, Potts -w, parallel update, softmax with the max subtracted (glibc expf). Vertices are
-// numbered in order of first appearance, like pydensecrf's hash table; no sum depends on the
-// numbering anyway (each vertex accumulates its pixels in pixel order; blur and slice are per
-// vertex and per pixel), so results match pydensecrf up to the last bit of exp/log.
+// lattice, Potts -w, parallel update, softmax with the max subtracted (a vectorised Cephes expf, as
+// Eigen's exp in pydensecrf). Vertices are numbered in order of first appearance, like pydensecrf's
+// hash table; no sum depends on the numbering anyway (each vertex accumulates its pixels in pixel
+// order; blur and slice are per vertex and per pixel), so results match pydensecrf up to the last
+// bits of exp/log. Label rows are padded to a multiple of 4 lanes and every lane loop is written
+// with 4-lane vectors (SSE2 on x86-64); per lane the operations and their order are pydensecrf's.
 //
 // Data structures: keys packed into 64 bits with a range check (no int16 overflow), vertices found
 // by a stable radix sort of (key, pixel*(d+1)+remainder), splat as a gather over the resulting CSR
@@ -17,6 +19,7 @@
 #include "common.h"
 
 #include <cmath>
+#include <cstring>
 #include <chrono>
 
 namespace {
@@ -235,8 +238,20 @@ void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int 
   });
 }
 
+// Four lanes as a GCC/Clang vector: SSE2 on any x86-64, NEON on arm64.
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
+
+inline f32x4 load4(const float* p) {
+  f32x4 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store4(float* p, f32x4 v) { std::memcpy(p, &v, sizeof v); }
+
 // Blur along axes 0..d in place (double buffer), V values per vertex; row M stays zero.
-// SEQ: pydensecrf's scalar path (1-2 channels), which adds 0.5 * (n1 + n2) in double.
+// SEQ: pydensecrf's scalar path (1-2 channels), which adds 0.5 * (n1 + n2) in double; otherwise
+// V is a multiple of 4 and each lane does the float arithmetic of pydensecrf's SSE path.
 template <bool SEQ, int VS>
 void blur(const Lattice& lat, std::vector<float>& vals, std::vector<float>& tmp, int Vdyn, int threads) {
   const int V = VS ? VS : Vdyn;
@@ -251,11 +266,10 @@ void blur(const Lattice& lat, std::vector<float>& vals, std::vector<float>& tmp,
         const float* a = src + int64_t(nb[2 * v]) * V;
         const float* c = src + int64_t(nb[2 * v + 1]) * V;
         float* n = dst + v * V;
-        for (int l = 0; l < V; ++l) {
-          if (SEQ)
-            n[l] = static_cast<float>(o[l] + 0.5 * (a[l] + c[l]));
-          else
-            n[l] = o[l] + 0.5f * (a[l] + c[l]);
+        if constexpr (SEQ) {
+          for (int l = 0; l < V; ++l) n[l] = static_cast<float>(o[l] + 0.5 * (a[l] + c[l]));
+        } else {
+          for (int l = 0; l < V; l += 4) store4(n + l, load4(o + l) + 0.5f * (load4(a + l) + load4(c + l)));
         }
       }
     });
@@ -286,16 +300,40 @@ void compute_norm(Lattice& lat, int threads) {
   });
 }
 
-// softmax of t (L values) into q: subtract the max, exp, divide by the sum.
-inline void softmax_row(const float* t, float* q, int L) {
-  float mx = t[0];
-  for (int l = 1; l < L; ++l) mx = std::max(mx, t[l]);
+// exp of four lanes x <= 0: Cephes' expf (x = n ln 2 + r, ln 2 in two parts, degree-5 polynomial
+// in r, about 1 ulp); 0 below -87.33, where expf leaves the normal floats.
+inline f32x4 exp4_nonpositive(f32x4 x) {
+  const f32x4 lo = f32x4{} - 87.33f;
+  const f32x4 big = f32x4{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting rounds to nearest
+  f32x4 v = x < lo ? lo : x;
+  f32x4 n = (v * 1.44269504088896341f + big) - big;
+  f32x4 r = (v - n * 0.693359375f) - n * -2.12194440e-4f;
+  f32x4 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  f32x4 y = p * (r * r) + r + 1.0f;
+  i32x4 bits = (__builtin_convertvector(n, i32x4) + 127) << 23;
+  f32x4 e = y * (f32x4)bits;  // a cast between vector types of one size keeps the bits
+  return x < lo ? f32x4{} : e;
+}
+
+// Softmax of the first L lanes of t (nv vectors) into q (max subtracted, divided by the sum); the
+// padding lanes of q are set to 0.
+inline void softmax_lanes(const f32x4* t, float* q, int L, int nv) {
+  float mx = t[0][0];
+  for (int l = 1; l < L; ++l) mx = std::max(mx, t[l / 4][l % 4]);
   float s = 0.f;
-  for (int l = 0; l < L; ++l) {
-    q[l] = std::exp(t[l] - mx);
-    s += q[l];
+  for (int i = 0; i < nv; ++i) {
+    f32x4 e = exp4_nonpositive(t[i] - mx);
+    for (int j = 0; j < 4; ++j) {
+      e[j] = 4 * i + j < L ? e[j] : 0.f;
+      s += e[j];
+    }
+    store4(q + 4 * i, e);
   }
-  for (int l = 0; l < L; ++l) q[l] = q[l] / s;
+  for (int l = 0; l < 4 * nv; ++l) q[l] = q[l] / s;
 }
 
 struct Params {
@@ -308,38 +346,43 @@ struct Timing {
   int64_t m_gauss = 0, m_bilateral = 0;
 };
 
-// Splat norm*Q over the CSR list into vals (M+1, V); Q is (N, V), labels padded with zeros.
+// Splat norm*Q over the CSR list into vals (M+1, V); Q is (N, V), V a multiple of 4, labels padded
+// with zeros. With a compile-time width the accumulator row lives in registers.
 template <int VS>
 void splat(const Lattice& lat, const std::vector<float>& Q, int Vdyn, std::vector<float>& vals, int threads) {
-  const int L = VS ? VS : Vdyn;
+  const int V = VS ? VS : Vdyn, nv = V / 4;
   chunked(lat.M, threads, [&](int64_t b, int64_t e) {
+    f32x4 local[VS ? VS / 4 : 1];
+    std::vector<f32x4> heap(VS ? 0 : nv);
+    f32x4* acc = VS ? local : heap.data();
     for (int64_t v = b; v < e; ++v) {
-      float* acc = &vals[v * L];
-      for (int l = 0; l < L; ++l) acc[l] = 0.f;
-      for (int64_t i = lat.start[v]; i < lat.start[v + 1]; ++i) {
-        const int64_t p = lat.pix[i];
-        const float w = lat.wgt[i], nm = lat.norm[p];
-        const float* q = &Q[p * L];
-        for (int l = 0; l < L; ++l) acc[l] += w * (q[l] * nm);
+      for (int i = 0; i < nv; ++i) acc[i] = f32x4{};
+      for (int64_t j = lat.start[v]; j < lat.start[v + 1]; ++j) {
+        const int64_t p = lat.pix[j];
+        const float w = lat.wgt[j], nm = lat.norm[p];
+        const float* q = &Q[p * V];
+        for (int i = 0; i < nv; ++i) acc[i] += w * (load4(q + 4 * i) * nm);
       }
+      for (int i = 0; i < nv; ++i) store4(&vals[v * V + 4 * i], acc[i]);
     }
   });
 }
 
-template <bool SEQ, int VS>
-inline void slice_into(const Lattice& lat, const std::vector<float>& vals, int64_t k, int Vdyn, float alpha,
-                       float* s) {
-  const int L = VS ? VS : Vdyn;
+// s (nv vectors) = alpha * the barycentric interpolation of vals at pixel k. SEQ multiplies in
+// pydensecrf's scalar order, (w * v) * alpha; the SSE path folds w * alpha first.
+template <bool SEQ>
+inline void slice_into(const Lattice& lat, const std::vector<float>& vals, int64_t k, int nv, float alpha,
+                       f32x4* s) {
   const int D = lat.d + 1;
-  for (int l = 0; l < L; ++l) s[l] = 0.f;
+  for (int i = 0; i < nv; ++i) s[i] = f32x4{};
   for (int r = 0; r < D; ++r) {
     const float w = lat.bary[k * D + r];
-    const float* v = &vals[int64_t(lat.offset[k * D + r]) * L];
-    if (SEQ) {
-      for (int l = 0; l < L; ++l) s[l] += w * v[l] * alpha;
+    const float* v = &vals[int64_t(lat.offset[k * D + r]) * nv * 4];
+    if constexpr (SEQ) {
+      for (int i = 0; i < nv; ++i) s[i] += w * load4(v + 4 * i) * alpha;
     } else {
       const float wa = w * alpha;
-      for (int l = 0; l < L; ++l) s[l] += wa * v[l];
+      for (int i = 0; i < nv; ++i) s[i] += wa * load4(v + 4 * i);
     }
   }
 }
@@ -354,7 +397,11 @@ void mean_field(const Lattice* const* lats, const float* compat, const float* un
   for (int l = 0; l < L; ++l)
     for (int64_t k = 0; k < N; ++k) negu[k * V + l] = -unary[l * N + k];
   chunked(N, threads, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) softmax_row(&negu[k * V], &Q[k * V], L);
+    std::vector<f32x4> t(V / 4);
+    for (int64_t k = b; k < e; ++k) {
+      for (int i = 0; i < V / 4; ++i) t[i] = load4(&negu[k * V + 4 * i]);
+      softmax_lanes(t.data(), &Q[k * V], L, V / 4);
+    }
   });
   std::vector<float> vals[2], tmp[2];
   for (int g = 0; g < 2 && iterations > 0; ++g) {
@@ -371,19 +418,20 @@ void mean_field(const Lattice* const* lats, const float* compat, const float* un
       blur<SEQ, VS>(*lats[g], vals[g], tmp[g], V, threads);
     }
     chunked(N, threads, [&](int64_t b, int64_t e) {
-      alignas(64) float s[VS ? VS : 1], t[VS ? VS : 1];
-      std::vector<float> sd(VS ? 0 : V), td(VS ? 0 : V);
-      float* sp = VS ? s : sd.data();
-      float* tp = VS ? t : td.data();
+      const int nv = V / 4;
+      f32x4 local[2][VS ? VS / 4 : 1];
+      std::vector<f32x4> heap(VS ? 0 : 2 * nv);
+      f32x4* sp = VS ? local[0] : heap.data();
+      f32x4* tp = VS ? local[1] : heap.data() + nv;
       for (int64_t k = b; k < e; ++k) {
-        for (int l = 0; l < V; ++l) tp[l] = negu[k * V + l];
+        for (int i = 0; i < nv; ++i) tp[i] = load4(&negu[k * V + 4 * i]);
         for (int g = 0; g < 2; ++g) {
-          slice_into<SEQ, VS>(*lats[g], vals[g], k, V, g == 0 ? alpha0 : alpha1, sp);
+          slice_into<SEQ>(*lats[g], vals[g], k, nv, g == 0 ? alpha0 : alpha1, sp);
           const float nm = lats[g]->norm[k];
           const float mw = -compat[g];
-          for (int l = 0; l < V; ++l) tp[l] = tp[l] - mw * (sp[l] * nm);
+          for (int i = 0; i < nv; ++i) tp[i] = tp[i] - mw * (sp[i] * nm);
         }
-        softmax_row(tp, &Q[k * V], L);
+        softmax_lanes(tp, &Q[k * V], L, nv);
       }
     });
   }
