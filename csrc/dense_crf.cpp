@@ -7,17 +7,20 @@
 // Eigen's exp in pydensecrf). Vertices are numbered in order of first appearance, like pydensecrf's
 // hash table; no sum depends on the numbering anyway (each vertex accumulates its pixels in pixel
 // order; blur and slice are per vertex and per pixel), so results match pydensecrf up to the last
-// bits of exp/log. Label rows are padded to a multiple of 4 lanes and every lane loop is written
-// with 4-lane vectors (SSE2 on x86-64); per lane the operations and their order are pydensecrf's.
+// bits of exp/log.
 //
-// Data structures: keys packed into 64 bits with a range check (no int16 overflow), vertices found
-// by a stable radix sort of (key, pixel*(d+1)+remainder), splat as a gather over the resulting CSR
-// list (deterministic, no atomics), blur neighbours by a linear merge (packed key + constant delta
-// keeps the sort order), slice fused with the Potts update and the softmax. The Gaussian lattice
+// Data structures: keys packed into 64 bits with a range check (no int16 overflow); vertices from
+// an open-addressing table filled in pixel order, with a last-key cache per remainder (raster
+// coherence); splat as a gather over a vertex -> (pixel, weight) CSR list (deterministic, no
+// atomics); blur neighbours by table lookup; slice fused with the Potts update and the softmax.
+// Label rows are padded to a multiple of 4 lanes and every lane loop is written with 4-lane vectors
+// (SSE2 on x86-64); per lane the operations and their order are pydensecrf's. The Gaussian lattice
 // depends only on the grid and is built once per batch. Threads: one image per thread, or inside
-// the image (splat/blur/slice split by rows) when the batch has fewer images than threads.
+// the image (elevation, keys, neighbours, splat/blur/slice split by rows) when the batch has fewer
+// images than threads.
 #include "common.h"
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <chrono>
@@ -51,190 +54,234 @@ struct Lattice {
   std::vector<float> norm;      // (N) 1/sqrt(K 1 + 1e-20)
 };
 
-struct Entry {
-  uint64_t key;
-  uint32_t idx;  // pixel * (d+1) + remainder
+// Open-addressing table (linear probing) from packed lattice key to vertex id, ids numbered in
+// order of first insertion, as pydensecrf's hash table numbers its vertices. Keys are < 2^62. The
+// probed array holds only the keys (8 bytes a slot) so that it stays in cache.
+class VertexTable {
+ public:
+  explicit VertexTable(int64_t expected) {
+    int bits = 10;
+    while ((int64_t(1) << bits) < 2 * expected) ++bits;
+    resize(bits);
+  }
+  // The id of `key`, inserted with the next id when new.
+  int32_t insert(uint64_t key) {
+    uint64_t h = hash(key);
+    for (; slot_key_[h] != key; h = (h + 1) & mask_) {
+      if (slot_key_[h] == kEmpty) {
+        slot_key_[h] = key;
+        slot_id_[h] = static_cast<int32_t>(keys.size());
+        keys.push_back(key);
+        if (2 * keys.size() > slot_key_.size()) resize(bits_ + 1);
+        return static_cast<int32_t>(keys.size() - 1);
+      }
+    }
+    return slot_id_[h];
+  }
+  // The id of `key`, or `absent`.
+  int32_t find(uint64_t key, int32_t absent) const {
+    for (uint64_t h = hash(key);; h = (h + 1) & mask_) {
+      if (slot_key_[h] == key) return slot_id_[h];
+      if (slot_key_[h] == kEmpty) return absent;
+    }
+  }
+  std::vector<uint64_t> keys;  // by id
+
+ private:
+  static constexpr uint64_t kEmpty = ~uint64_t(0);
+  uint64_t hash(uint64_t key) const { return (key * 0x9E3779B97F4A7C15ull) >> (64 - bits_); }
+  void resize(int bits) {
+    bits_ = bits;
+    mask_ = (uint64_t(1) << bits) - 1;
+    slot_key_.assign(size_t(1) << bits, kEmpty);
+    slot_id_.assign(size_t(1) << bits, -1);
+    for (size_t id = 0; id < keys.size(); ++id) {
+      uint64_t h = hash(keys[id]);
+      while (slot_key_[h] != kEmpty) h = (h + 1) & mask_;
+      slot_key_[h] = keys[id];
+      slot_id_[h] = static_cast<int32_t>(id);
+    }
+  }
+  std::vector<uint64_t> slot_key_;
+  std::vector<int32_t> slot_id_;
+  uint64_t mask_ = 0;
+  int bits_ = 0;
 };
 
-// Stable LSD radix sort by the low `bits` bits of the key: entries were generated in idx order,
-// so equal keys keep their pixels ascending (the splat order of pydensecrf).
-void radix_sort(std::vector<Entry>& a, int bits) {
-  constexpr int R = 11;
-  std::vector<Entry> b(a.size());
-  std::vector<int64_t> count(size_t(1) << R);
-  for (int sh = 0; sh < bits; sh += R) {
-    std::fill(count.begin(), count.end(), 0);
-    const uint64_t mask = (uint64_t(1) << R) - 1;
-    for (const Entry& e : a) ++count[(e.key >> sh) & mask];
-    int64_t sum = 0;
-    for (auto& c : count) {
-      int64_t t = c;
-      c = sum;
-      sum += t;
-    }
-    for (const Entry& e : a) b[count[(e.key >> sh) & mask]++] = e;
-    a.swap(b);
+// Elevates pixel features f (d floats) onto the lattice with pydensecrf's SSE arithmetic: the
+// remainder-0 vertex r0 (d+1 coordinates, multiples of d+1), the rank of each coordinate and the
+// barycentric weights. sf: the per-axis elevation scales. False when a coordinate is beyond the
+// range where float32 rounding is exact (|v| >= 2^22).
+template <int d>
+inline bool elevate(const float* f, const float* sf, int32_t* r0_out, int8_t* rank_out, float* bary) {
+  constexpr int D = d + 1;
+  const float invd = 1.0f / D, dp1 = static_cast<float>(D);
+  float el[D], r0[D], rank[D], bc[D + 1];
+  float sm = 0.f;
+  for (int j = d; j > 0; --j) {
+    float cf = f[j - 1] * sf[j - 1];
+    el[j] = sm - static_cast<float>(j) * cf;
+    sm += cf;
   }
+  el[0] = sm;
+  float sum = 0.f;
+  bool ok = true;
+  for (int i = 0; i < D; ++i) {
+    float x = invd * el[i];
+    ok = ok && std::fabs(x) < 4194304.f;
+    float v = (x + 12582912.f) - 12582912.f;  // round half to even, as cvtps2dq (exact for |x| < 2^22)
+    r0[i] = v * dp1;
+    sum += v;
+  }
+  if (!ok) return false;
+  for (int i = 0; i < D; ++i) rank[i] = 0.f;
+  for (int i = 0; i < d; ++i) {
+    float di = el[i] - r0[i];
+    for (int j = i + 1; j < D; ++j) {
+      float c = (di < el[j] - r0[j]) ? 1.f : 0.f;
+      rank[i] += c;
+      rank[j] += 1.f - c;
+    }
+  }
+  for (int i = 0; i < D; ++i) {
+    rank[i] += sum;
+    float fix = (rank[i] < 0.f ? dp1 : 0.f) - (rank[i] >= dp1 ? dp1 : 0.f);
+    rank[i] += fix;
+    r0[i] += fix;
+  }
+  for (int i = 0; i < D + 1; ++i) bc[i] = 0.f;
+  for (int i = 0; i < D; ++i) {
+    float v = (el[i] - r0[i]) * invd;
+    int p = d - static_cast<int>(rank[i]);
+    bc[p] += v;
+    bc[p + 1] -= v;
+  }
+  bc[0] += 1.f + bc[D];
+  for (int i = 0; i < D; ++i) {
+    r0_out[i] = static_cast<int32_t>(r0[i]);
+    rank_out[i] = static_cast<int8_t>(rank[i]);
+    bary[i] = bc[i];
+  }
+  return true;
 }
 
-// feat: (N, d) pixel-major float32.
-void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int d, int threads) {
-  const int D = d + 1;
+// Builds the lattice of features feat (N, d), pixel-major float32: elevation (threads over pixels),
+// keys packed into 64 bits, vertices by a hash table in pixel order, the CSR list for the splat,
+// blur neighbours by lookup.
+template <int d>
+void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int threads) {
+  constexpr int D = d + 1;
+  if (N * D > INT32_MAX) throw std::invalid_argument("images: too many pixels");
   lat.d = d;
   lat.N = N;
-  lat.offset.assign(N * D, 0);
-  lat.bary.assign(N * D, 0.f);
+  lat.offset.resize(N * D);
+  lat.bary.resize(N * D);
   std::vector<int32_t> rem(N * D);
   std::vector<int8_t> rk(N * D);
   const float inv_std = static_cast<float>(std::sqrt(2.0 / 3.0) * D);
-  std::vector<float> sf(d);
+  float sf[d];
   for (int i = 0; i < d; ++i) sf[i] = static_cast<float>(1.0 / std::sqrt(double((i + 2) * (i + 1))) * inv_std);
-  const float invd = 1.0f / D, dp1 = static_cast<float>(D);
+  // Elevation, with the range of each key coordinate per chunk of pixels.
+  const int chunks = std::max(1, threads);
+  std::vector<std::array<int32_t, d>> lo_c(chunks), hi_c(chunks);
   std::atomic<bool> too_large{false};
-  chunked(N, threads, [&](int64_t b, int64_t e) {
-    float el[16], r0[16], rank[16], bc[18];
+  parallel_for(chunks, threads, [&](int64_t c) {
+    const int64_t b = N * c / chunks, e = N * (c + 1) / chunks;
+    std::array<int32_t, d>& lo = lo_c[c];
+    std::array<int32_t, d>& hi = hi_c[c];
+    lo.fill(INT32_MAX);
+    hi.fill(INT32_MIN);
     for (int64_t k = b; k < e; ++k) {
-      const float* f = &feat[k * d];
-      float sm = 0.f;
-      for (int j = d; j > 0; --j) {
-        float cf = f[j - 1] * sf[j - 1];
-        el[j] = sm - static_cast<float>(j) * cf;
-        sm += cf;
-      }
-      el[0] = sm;
-      float sum = 0.f;
-      bool ok = true;
-      for (int i = 0; i <= d; ++i) {
-        float v = std::nearbyint(invd * el[i]);  // default rounding mode: half to even, as cvtps2dq
-        r0[i] = v * dp1;
-        sum += v;
-        ok = ok && std::fabs(r0[i]) < 1e8f;  // beyond, float32 features lose the integer lattice
-      }
-      if (!ok || std::fabs(sum) > d) {
+      if (!elevate<d>(&feat[k * d], sf, &rem[k * D], &rk[k * D], &lat.bary[k * D])) {
         too_large = true;
-        continue;
+        return;
       }
-      for (int i = 0; i <= d; ++i) rank[i] = 0.f;
       for (int i = 0; i < d; ++i) {
-        float di = el[i] - r0[i];
-        for (int j = i + 1; j <= d; ++j) {
-          float c = (di < el[j] - r0[j]) ? 1.f : 0.f;
-          rank[i] += c;
-          rank[j] += 1.f - c;
-        }
-      }
-      for (int i = 0; i <= d; ++i) {
-        rank[i] += sum;
-        float fix = (rank[i] < 0.f ? dp1 : 0.f) - (rank[i] >= dp1 ? dp1 : 0.f);
-        rank[i] += fix;
-        r0[i] += fix;
-      }
-      for (int i = 0; i < d + 2; ++i) bc[i] = 0.f;
-      for (int i = 0; i <= d; ++i) {
-        float v = (el[i] - r0[i]) * invd;
-        int p = d - static_cast<int>(rank[i]);
-        bc[p] += v;
-        bc[p + 1] -= v;
-      }
-      bc[0] += 1.f + bc[d + 1];
-      for (int i = 0; i <= d; ++i) {
-        rem[k * D + i] = static_cast<int32_t>(r0[i]);
-        rk[k * D + i] = static_cast<int8_t>(rank[i]);
-        lat.bary[k * D + i] = bc[i];
+        lo[i] = std::min(lo[i], rem[k * D + i]);
+        hi[i] = std::max(hi[i], rem[k * D + i]);
       }
     }
   });
   if (too_large)
     throw std::invalid_argument("features: lattice coordinates too large (sxy/srgb too small for these inputs)");
-  // Key range per coordinate, widened so the blur neighbours' keys pack without carries.
-  std::vector<int64_t> lo(d, INT64_MAX), hi(d, INT64_MIN);
-  for (int64_t k = 0; k < N; ++k)
-    for (int i = 0; i < d; ++i) {
-      lo[i] = std::min<int64_t>(lo[i], rem[k * D + i]);
-      hi[i] = std::max<int64_t>(hi[i], rem[k * D + i]);
-    }
-  std::vector<int> shift(d);
+  // Key layout: each coordinate's range, widened so the blur neighbours' keys pack without carries.
+  int64_t lo[d];
+  int shift[d];
   int bits = 0;
   for (int i = 0; i < d; ++i) {
-    lo[i] -= 3 * D;  // canonical offsets lie in [-d, d], neighbours add at most d+1
-    hi[i] += 3 * D;
+    int64_t l = INT32_MAX, h = INT32_MIN;
+    for (int c = 0; c < chunks; ++c) {
+      l = std::min<int64_t>(l, lo_c[c][i]);
+      h = std::max<int64_t>(h, hi_c[c][i]);
+    }
+    lo[i] = l - 3 * D;  // canonical offsets lie in [-d, d], neighbours add at most d+1
+    h += 3 * D;
     int w = 0;
-    while ((int64_t(1) << w) <= hi[i] - lo[i] && w < 63) ++w;
+    while ((int64_t(1) << w) <= h - lo[i] && w < 63) ++w;
     shift[i] = bits;
     bits += w;
   }
   if (bits > 62)
     throw std::invalid_argument("features: lattice keys need " + std::to_string(bits) +
                                 " bits (> 62): the image is too large or sxy/srgb too small");
-  if (N * D > INT32_MAX) throw std::invalid_argument("images: too many pixels");
-  std::vector<Entry> entries(N * D);
+  // Vertex r of a pixel: r0 + r on the coordinates of rank <= d - r, r - (d+1) on the others.
+  auto key_of = [&](int64_t k, int r) {
+    uint64_t key = 0;
+    for (int i = 0; i < d; ++i) {
+      int c = rk[k * D + i] <= d - r ? r : r - D;
+      key += static_cast<uint64_t>(rem[k * D + i] + c - lo[i]) << shift[i];
+    }
+    return key;
+  };
+  std::vector<uint64_t> keys(N * D);
   chunked(N, threads, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      const int32_t* r0 = &rem[k * D];
-      const int8_t* rank = &rk[k * D];
-      for (int r = 0; r <= d; ++r) {
-        uint64_t key = 0;
-        for (int i = 0; i < d; ++i) {
-          int c = rank[i] <= d - r ? r : r - D;  // canonical simplex
-          key += static_cast<uint64_t>(r0[i] + c - lo[i]) << shift[i];
-        }
-        entries[k * D + r] = Entry{key, static_cast<uint32_t>(k * D + r)};
-      }
-    }
+    for (int64_t k = b; k < e; ++k)
+      for (int r = 0; r < D; ++r) keys[k * D + r] = key_of(k, r);
   });
-  radix_sort(entries, bits);
-  // Groups of equal keys, in key order: the vertices.
-  std::vector<uint64_t> keys;
-  std::vector<int64_t> gstart;
-  keys.reserve(N * D / 2 + 1);
-  gstart.reserve(N * D / 2 + 2);
-  for (int64_t i = 0; i < N * D; ++i) {
-    const Entry& en = entries[i];
-    if (i == 0 || en.key != entries[i - 1].key) {
-      keys.push_back(en.key);
-      gstart.push_back(i);
+  // Vertices in order of first appearance; consecutive pixels mostly repeat a remainder's vertex.
+  VertexTable table(N * D / 8);
+  std::vector<int64_t> count;
+  uint64_t last_key[D];
+  int32_t last_id[D];
+  for (int r = 0; r < D; ++r) last_key[r] = ~uint64_t(0);
+  for (int64_t k = 0; k < N; ++k) {
+    for (int r = 0; r < D; ++r) {
+      const uint64_t key = keys[k * D + r];
+      if (key != last_key[r]) {
+        last_key[r] = key;
+        last_id[r] = table.insert(key);
+        if (last_id[r] == static_cast<int32_t>(count.size())) count.push_back(0);
+      }
+      lat.offset[k * D + r] = last_id[r];
+      ++count[last_id[r]];
     }
-    lat.offset[en.idx] = static_cast<int32_t>(keys.size() - 1);
   }
-  const int64_t M = static_cast<int64_t>(keys.size());
-  gstart.push_back(N * D);
+  const int64_t M = static_cast<int64_t>(table.keys.size());
   lat.M = M;
-  // Number the vertices in order of first appearance (pixel order, as pydensecrf's hash table):
-  // neighbouring pixels then touch nearby vertex rows in splat and slice.
-  std::vector<int32_t> newid(M, -1);
-  int32_t next = 0;
-  for (int64_t i = 0; i < N * D; ++i) {
-    int32_t& id = newid[lat.offset[i]];
-    if (id < 0) id = next++;
-    lat.offset[i] = id;
-  }
+  // CSR over (pixel, weight) by vertex; filled in pixel order, so pixels ascend within a vertex.
   lat.start.assign(M + 1, 0);
-  for (int64_t g = 0; g < M; ++g) lat.start[newid[g] + 1] = gstart[g + 1] - gstart[g];
-  for (int64_t v = 0; v < M; ++v) lat.start[v + 1] += lat.start[v];
+  for (int64_t v = 0; v < M; ++v) lat.start[v + 1] = lat.start[v] + count[v];
   lat.pix.resize(N * D);
   lat.wgt.resize(N * D);
-  for (int64_t g = 0; g < M; ++g) {
-    int64_t dst = lat.start[newid[g]];
-    for (int64_t i = gstart[g]; i < gstart[g + 1]; ++i, ++dst) {
-      lat.pix[dst] = static_cast<int32_t>(entries[i].idx / D);
-      lat.wgt[dst] = lat.bary[entries[i].idx];
-    }
+  std::vector<int64_t>& cursor = count;
+  std::copy(lat.start.begin(), lat.start.end() - 1, cursor.begin());
+  for (int64_t i = 0; i < N * D; ++i) {
+    const int64_t dst = cursor[lat.offset[i]]++;
+    lat.pix[dst] = static_cast<int32_t>(i / D);
+    lat.wgt[dst] = lat.bary[i];
   }
-  lat.nbr.assign(D * M * 2, static_cast<int32_t>(M));
+  // Blur neighbours along axis j: n1 = key - 1 on every coordinate + (d+1) on axis j, n2 the
+  // opposite; absent ones point at the zero row M.
+  lat.nbr.resize(D * M * 2);
   uint64_t unit = 0;
   for (int i = 0; i < d; ++i) unit += uint64_t(1) << shift[i];
   parallel_for(2 * D, threads, [&](int64_t t) {
-    int j = static_cast<int>(t / 2), side = static_cast<int>(t % 2);
-    uint64_t delta = (j < d ? (uint64_t(D) << shift[j]) : 0) - unit;  // n1 = key - 1, +(d+1) on axis j
-    if (side == 1) delta = uint64_t(0) - delta;                         // n2 = key + 1, -(d+1) on axis j
+    const int j = static_cast<int>(t / 2), side = static_cast<int>(t % 2);
+    uint64_t delta = (j < d ? (uint64_t(D) << shift[j]) : 0) - unit;
+    if (side == 1) delta = uint64_t(0) - delta;
     int32_t* out = &lat.nbr[j * M * 2];
-    int64_t q = 0;
-    // target = key + delta is increasing in key order (no wrap: keys keep a margin): one merge.
-    for (int64_t g = 0; g < M; ++g) {
-      uint64_t target = keys[g] + delta;
-      while (q < M && keys[q] < target) ++q;
-      if (q < M && keys[q] == target) out[int64_t(newid[g]) * 2 + side] = newid[q];
-    }
+    for (int64_t v = 0; v < M; ++v)
+      out[2 * v + side] = table.find(table.keys[v] + delta, static_cast<int32_t>(M));
   });
 }
 
@@ -477,7 +524,7 @@ void crf_image(const uint8_t* img, const float* unary, float* out, int64_t H, in
   auto t0 = std::chrono::steady_clock::now();
   Lattice bil;
   if (p.iterations > 0) {
-    build_lattice(bil, crf_features(img, H, W, p.bi_sxy, p.bi_srgb), N, 5, threads);
+    build_lattice<5>(bil, crf_features(img, H, W, p.bi_sxy, p.bi_srgb), N, threads);
     compute_norm(bil, threads);
   }
   const Lattice* lats[2] = {&gauss, &bil};
@@ -530,7 +577,7 @@ void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& una
     // The Gaussian lattice depends only on (H, W, pos_sxy): built once for the batch.
     Lattice gauss;
     if (iterations > 0) {
-      build_lattice(gauss, crf_features(nullptr, H, W, pos_sxy, 0.f), H * W, 2, threads);
+      build_lattice<2>(gauss, crf_features(nullptr, H, W, pos_sxy, 0.f), H * W, threads);
       compute_norm(gauss, threads);
     }
     const int outer = static_cast<int>(std::min<int64_t>(threads, B));
