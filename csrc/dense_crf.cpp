@@ -23,6 +23,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <chrono>
 
 namespace {
@@ -271,17 +272,19 @@ void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int 
     lat.wgt[dst] = lat.bary[i];
   }
   // Blur neighbours along axis j: n1 = key - 1 on every coordinate + (d+1) on axis j, n2 the
-  // opposite; absent ones point at the zero row M.
-  lat.nbr.resize(D * M * 2);
+  // opposite, so u = n1(v) exactly when v = n2(u): one lookup per pair. Absent ones point at the
+  // zero row M.
+  lat.nbr.assign(D * M * 2, static_cast<int32_t>(M));
   uint64_t unit = 0;
   for (int i = 0; i < d; ++i) unit += uint64_t(1) << shift[i];
-  parallel_for(2 * D, threads, [&](int64_t t) {
-    const int j = static_cast<int>(t / 2), side = static_cast<int>(t % 2);
-    uint64_t delta = (j < d ? (uint64_t(D) << shift[j]) : 0) - unit;
-    if (side == 1) delta = uint64_t(0) - delta;
+  parallel_for(D, threads, [&](int64_t j) {
+    const uint64_t delta = (j < d ? (uint64_t(D) << shift[j]) : 0) - unit;
     int32_t* out = &lat.nbr[j * M * 2];
-    for (int64_t v = 0; v < M; ++v)
-      out[2 * v + side] = table.find(table.keys[v] + delta, static_cast<int32_t>(M));
+    for (int64_t v = 0; v < M; ++v) {
+      const int32_t u = table.find(table.keys[v] + delta, static_cast<int32_t>(M));
+      out[2 * v] = u;
+      if (u != M) out[2 * int64_t(u) + 1] = static_cast<int32_t>(v);
+    }
   });
 }
 
@@ -367,20 +370,24 @@ inline f32x4 exp4_nonpositive(f32x4 x) {
 }
 
 // Softmax of the first L lanes of t (nv vectors) into q (max subtracted, divided by the sum); the
-// padding lanes of q are set to 0.
+// padding lanes enter as -inf, so they come out 0.
 inline void softmax_lanes(const f32x4* t, float* q, int L, int nv) {
-  float mx = t[0][0];
-  for (int l = 1; l < L; ++l) mx = std::max(mx, t[l / 4][l % 4]);
-  float s = 0.f;
+  const i32x4 lane = {0, 1, 2, 3};
+  const f32x4 lowest = f32x4{} - std::numeric_limits<float>::infinity();
+  f32x4 m = lowest;
   for (int i = 0; i < nv; ++i) {
-    f32x4 e = exp4_nonpositive(t[i] - mx);
-    for (int j = 0; j < 4; ++j) {
-      e[j] = 4 * i + j < L ? e[j] : 0.f;
-      s += e[j];
-    }
+    f32x4 x = lane + 4 * i < L ? t[i] : lowest;
+    m = m > x ? m : x;
+  }
+  const float mx = std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
+  f32x4 sum = {};
+  for (int i = 0; i < nv; ++i) {
+    f32x4 e = exp4_nonpositive((lane + 4 * i < L ? t[i] : lowest) - mx);
+    sum += e;
     store4(q + 4 * i, e);
   }
-  for (int l = 0; l < 4 * nv; ++l) q[l] = q[l] / s;
+  const float s = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+  for (int i = 0; i < nv; ++i) store4(q + 4 * i, load4(q + 4 * i) / s);
 }
 
 struct Params {
