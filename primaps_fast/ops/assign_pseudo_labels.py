@@ -49,6 +49,21 @@ def dense_ids(mask_ids: torch.Tensor, ignore_index: int):
     return out, -1, max(int(uniq.numel()), 1)
 
 
+@torch.library.custom_op("primaps_fast::assign_pseudo_labels", mutates_args=(), device_types="cpu")
+def _assign_pseudo_labels_cpu(logits: torch.Tensor, ids: torch.Tensor, num_ids: int, ignore: int) -> torch.Tensor:
+    """C++ kernel: float32 ``(B, K, h, w)`` logits, int64 ``(B, H, W)`` ids in ``[0, num_ids)`` or
+    ``ignore`` -> int64 ``(B, H, W)`` majority classes (``ignore`` where the id is ``ignore``)."""
+    out = torch.empty_like(ids)
+    _dispatch.cpp().assign_pseudo_labels(logits.numpy(), ids.numpy(), out.numpy(), num_ids, ignore,
+                                         _dispatch.num_threads())
+    return out
+
+
+@_assign_pseudo_labels_cpu.register_fake
+def _(logits, ids, num_ids, ignore):
+    return torch.empty_like(ids)
+
+
 def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore_index: int = 255,
                          backend: str | None = None) -> torch.Tensor:
     """Majority class of every pseudo mask under the argmax of the bilinearly upsampled scores.
@@ -86,9 +101,7 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore
 
         out = assign_pseudo_labels_triton(x, ids, ignore, num_ids)
     else:
-        out = torch.empty_like(ids)
-        _dispatch.cpp().assign_pseudo_labels(x.numpy(), ids.numpy(), out.numpy(), num_ids, ignore,
-                                             _dispatch.num_threads())
+        out = _assign_pseudo_labels_cpu(x, ids, num_ids, ignore)
     if ignore != ignore_index:
         out[ids == ignore] = ignore_index
     return out

@@ -84,14 +84,29 @@ def dense_crf_list(images: torch.Tensor, probs: Sequence[torch.Tensor], *, itera
     return _dense_crf_cpu(images, probs, **params)
 
 
+@torch.library.custom_op("primaps_fast::dense_crf", mutates_args=(), device_types="cpu")
+def _dense_crf_flat(images: torch.Tensor, unary: torch.Tensor, labels: torch.Tensor, iterations: int,
+                    pos_sxy: float, pos_compat: float, bi_sxy: float, bi_srgb: float,
+                    bi_compat: float) -> torch.Tensor:
+    """C++ kernel: uint8 ``(B, 3, H, W)`` images, float32 flat unary (each image's ``(L_b, H, W)`` in
+    turn), int64 ``(B,)`` label counts ``L_b`` -> the marginals Q, laid out like ``unary``."""
+    out = torch.empty_like(unary)
+    _dispatch.cpp().dense_crf(images.numpy(), unary.numpy(), labels.numpy(), out.numpy(), iterations,
+                              pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat, _dispatch.num_threads())
+    return out
+
+
+@_dense_crf_flat.register_fake
+def _(images, unary, labels, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
+    return torch.empty_like(unary)
+
+
 def _dense_crf_cpu(images, probs, *, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
     labels = torch.tensor([p.shape[0] for p in probs], dtype=torch.int64)
     # unary_from_softmax in float32; one flat buffer for the whole batch (label counts differ).
     unary = torch.cat([(-torch.log(p.detach().float().clamp(1e-5, 1.0))).reshape(-1) for p in probs])
-    out = torch.empty_like(unary)
-    img = images.detach().contiguous()
-    _dispatch.cpp().dense_crf(img.numpy(), unary.numpy(), labels.numpy(), out.numpy(), iterations,
-                              pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat, _dispatch.num_threads())
+    out = _dense_crf_flat(images.detach().contiguous(), unary, labels, iterations, pos_sxy, pos_compat,
+                          bi_sxy, bi_srgb, bi_compat)
     H, W = images.shape[-2:]
     counts = labels.tolist()
     return [q.view(L, H, W) for q, L in zip(out.split([L * H * W for L in counts]), counts)]

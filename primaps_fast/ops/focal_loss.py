@@ -13,34 +13,44 @@ def class_weights(prob_sums: torch.Tensor, num_pixels: int, gamma: float) -> tor
     return (1 - mean) ** gamma
 
 
-class _FocalLossCPU(torch.autograd.Function):
-    """C++ forward (two fused passes) with the gradient computed in the second pass."""
+@torch.library.custom_op("primaps_fast::focal_loss", mutates_args=(), device_types="cpu")
+def _focal_loss_cpu(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int,
+                    with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """C++ kernel (two fused passes) on float32 ``(B, K, h, w)`` logits and int64 ``(B, H, W)`` target:
+    the float32 mean loss and its gradient w.r.t. the logits (``(0, 0, 0, 0)`` unless ``with_grad``)."""
+    cpp = _dispatch.cpp()
+    threads = _dispatch.num_threads()
+    B, K = logits.shape[:2]
+    H, W = target.shape[-2:]
+    n = B * H * W
+    sums = torch.empty(B, K, dtype=torch.float64)
+    cpp.focal_confidence(logits.numpy(), H, W, sums.numpy(), threads)
+    weight = class_weights(sums, n, gamma)
+    loss = torch.empty(B, dtype=torch.float64)
+    grad = torch.empty_like(logits) if with_grad else torch.empty(0, 0, 0, 0)
+    cpp.focal_loss_grad(logits.numpy(), target.numpy(), weight.numpy(), ignore_index, loss.numpy(),
+                        grad.numpy(), with_grad, threads)
+    return (loss.sum() / n).to(torch.float32), grad.div_(n)
 
-    @staticmethod
-    def forward(ctx, logits, target, gamma, ignore_index):
-        cpp = _dispatch.cpp()
-        threads = _dispatch.num_threads()
-        x = logits.detach().to(torch.float32).contiguous()
-        t = target.to(torch.int64).contiguous()
-        B, K = x.shape[:2]
-        H, W = t.shape[-2:]
-        n = B * H * W
-        sums = torch.empty(B, K, dtype=torch.float64)
-        cpp.focal_confidence(x.numpy(), H, W, sums.numpy(), threads)
-        weight = class_weights(sums, n, gamma)
-        loss = torch.empty(B, dtype=torch.float64)
-        with_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(x) if with_grad else torch.empty(0, 0, 0, 0)
-        cpp.focal_loss_grad(x.numpy(), t.numpy(), weight.numpy(), ignore_index, loss.numpy(),
-                            grad.numpy(), with_grad, threads)
-        if with_grad:
-            ctx.save_for_backward(grad.div_(n))
-        return (loss.sum() / n).to(logits.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_output).to(grad_output.dtype), None, None, None
+@_focal_loss_cpu.register_fake
+def _(logits, target, gamma, ignore_index, with_grad):
+    grad_shape = logits.shape if with_grad else (0, 0, 0, 0)
+    return logits.new_empty((), dtype=torch.float32), logits.new_empty(grad_shape, dtype=torch.float32)
+
+
+def _focal_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _focal_loss_backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0:
+        raise RuntimeError("focal_loss: the gradient was not computed (the op ran with with_grad=False)")
+    return grad * grad_loss, None, None, None, None
+
+
+_focal_loss_cpu.register_autograd(_focal_loss_backward, setup_context=_focal_loss_setup)
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, ignore_index: int = 255,
@@ -78,4 +88,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
         from primaps_fast.triton.focal_loss import focal_loss_triton
 
         return focal_loss_triton(logits, target, float(gamma), ignore_index)
-    return _FocalLossCPU.apply(logits, target, float(gamma), ignore_index)
+    x = logits.to(torch.float32).contiguous()
+    with_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = _focal_loss_cpu(x, target.to(torch.int64).contiguous(), float(gamma), ignore_index, with_grad)
+    return loss.to(logits.dtype)

@@ -6,6 +6,19 @@ import torch
 from primaps_fast import _dispatch
 
 
+@torch.library.custom_op("primaps_fast::median_filter", mutates_args=(), device_types="cpu")
+def _median_filter_cpu(planes: torch.Tensor) -> torch.Tensor:
+    """C++ kernel on float32 ``(P, h, w)`` planes (raises ValueError on NaN/Inf)."""
+    out = torch.empty_like(planes)
+    _dispatch.cpp().median_filter3x3(planes.numpy(), out.numpy(), _dispatch.num_threads())
+    return out
+
+
+@_median_filter_cpu.register_fake
+def _(planes):
+    return torch.empty_like(planes)
+
+
 def median_filter(masks: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """3x3 median filter with reflect padding, each ``(h, w)`` plane independently.
 
@@ -35,7 +48,4 @@ def median_filter(masks: torch.Tensor, *, backend: str | None = None) -> torch.T
 
         return median_filter_triton(masks.float().contiguous())
     x = masks.detach().to(dtype=torch.float32).contiguous()
-    planes = x.reshape(-1, x.shape[-2], x.shape[-1])
-    out = torch.empty_like(planes)
-    _dispatch.cpp().median_filter3x3(planes.numpy(), out.numpy(), _dispatch.num_threads())
-    return out.reshape(masks.shape)
+    return _median_filter_cpu(x.reshape(-1, x.shape[-2], x.shape[-1])).reshape(masks.shape)
