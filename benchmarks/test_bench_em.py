@@ -90,14 +90,21 @@ _rss = {}
 
 
 def _step_rss_mb(provider):
+    import os
     import subprocess
     import sys
     import tempfile
 
+    import primaps_fast
+
     # cwd outside the source tree: `python -c` puts the cwd first on sys.path, and the source checkout's
-    # primaps_fast has no compiled _C unless it was built in place.
+    # primaps_fast has no compiled _C unless it was built in place. The child imports the primaps_fast
+    # this process imported (installed, or an in-place build).
+    env = dict(os.environ)
+    home = os.path.dirname(os.path.dirname(os.path.abspath(primaps_fast.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [home, env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, provider], capture_output=True, text=True,
-                         check=True, cwd=tempfile.gettempdir()).stdout.split()
+                         check=True, cwd=tempfile.gettempdir(), env=env).stdout.split()
     before, after = (int(x) / 1024 for x in out[-2:])  # Linux: KiB
     return after, after - before
 
