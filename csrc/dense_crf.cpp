@@ -57,7 +57,7 @@ struct Lattice {
 
 // Open-addressing table (linear probing) from packed lattice key to vertex id, ids numbered in
 // order of first insertion, as pydensecrf's hash table numbers its vertices. Keys are < 2^62. The
-// probed array holds only the keys (8 bytes a slot) so that it stays in cache.
+// probed array holds only the keys (8 bytes a slot); the ids sit in a parallel array.
 class VertexTable {
  public:
   explicit VertexTable(int64_t expected) {
@@ -464,8 +464,10 @@ void mean_field(const Lattice* const* lats, const float* compat, const float* un
   }
   const float alpha0 = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-lats[0]->d)));
   const float alpha1 = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-lats[1]->d)));
-  // (Fusing the next splat into this pass as a pixel-order scatter keeps the sums exact but measured
-  // 10 % slower than the CSR gather here, so the splat stays a separate gather.)
+  // (Fusing the next bilateral splat into the update pass as a pixel-order scatter keeps the sums
+  // exact, but the scatter added more to the update than the separate CSR gather costs: +15 ms vs
+  // 12 ms per clean 320x320 image, 7 labels. Numbering vertices in Morton order of their keys did not
+  // speed up the blur and slowed splat and slice: first-appearance order stays.)
   for (int it = 0; it < iterations; ++it) {
     for (int g = 0; g < 2; ++g) {
       splat<VS>(*lats[g], Q, V, vals[g], threads);
