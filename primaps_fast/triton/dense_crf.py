@@ -5,7 +5,8 @@ elevation, ``torch.unique`` for vertex ids, ``searchsorted`` on ``key +- delta``
 neighbours; deterministic, no hash table). Each iteration runs three kinds of kernels: a CSR-gather
 splat (every vertex sums its pixels in pixel order, no atomics), one blur launch per lattice axis,
 and a fused slice + Potts update + softmax over pixels. Labels are padded to a power of two lanes.
-Images are processed one after another (no cross-image lattice concatenation or CUDA graphs yet).
+The Gaussian lattice is built once per batch; images are processed one after another (no cross-image
+lattice concatenation or CUDA graphs yet).
 """
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ class _Kernel:
         return vals
 
 
-def _crf_one(image, probs, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
+def _crf_one(image, probs, gauss, iterations, bi_sxy, bi_srgb, bi_compat):
+    """One image; ``gauss``: the Gaussian kernel of the batch's grid (None when iterations == 0)."""
     L, H, W = probs.shape
     N = H * W
     V = max(2, triton.next_power_of_2(L))
@@ -133,8 +135,7 @@ def _crf_one(image, probs, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_
     q = torch.zeros(N, V, dtype=torch.float32, device=probs.device)
     q[:, :L] = torch.softmax(neg_u[:, :L], dim=1)
     if iterations > 0:
-        kernels = [_Kernel(ref.crf_features(image, pos_sxy, None), pos_compat),
-                   _Kernel(ref.crf_features(image, bi_sxy, bi_srgb), bi_compat)]
+        kernels = [gauss, _Kernel(ref.crf_features(image, bi_sxy, bi_srgb), bi_compat)]
         bufs = [(torch.zeros(k.M + 1, V, device=probs.device), torch.zeros(k.M + 1, V, device=probs.device))
                 for k in kernels]
         g, b = kernels
@@ -150,5 +151,7 @@ def _crf_one(image, probs, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_
 
 def dense_crf_triton(images, probs, *, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
     """Triton backend of ``dense_crf_list`` (validated inputs): returns B float32 (L_b, H, W)."""
-    return [_crf_one(images[b], probs[b].float(), iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat)
+    # The Gaussian kernel depends only on the grid and pos_sxy: one lattice for the batch.
+    gauss = _Kernel(ref.crf_features(images[0], pos_sxy, None), pos_compat) if iterations > 0 else None
+    return [_crf_one(images[b], probs[b].float(), gauss, iterations, bi_sxy, bi_srgb, bi_compat)
             for b in range(images.shape[0])]
