@@ -23,6 +23,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <future>
 #include <limits>
 #include <chrono>
 
@@ -526,9 +527,10 @@ std::vector<float> crf_features(const uint8_t* img, int64_t H, int64_t W, float 
   return f;
 }
 
-// One image; `gauss` is the Gaussian lattice of the (H, W) grid, shared by the batch.
+// One image; `gauss` yields the Gaussian lattice of the (H, W) grid, shared by the batch and built
+// while the first images build their bilateral lattices.
 void crf_image(const uint8_t* img, const float* unary, float* out, int64_t H, int64_t W, int L, const Params& p,
-               const Lattice& gauss, int threads, Timing* timing) {
+               const std::shared_future<const Lattice*>& gauss_future, int threads, Timing* timing) {
   const int64_t N = H * W;
   auto t0 = std::chrono::steady_clock::now();
   Lattice bil;
@@ -536,6 +538,7 @@ void crf_image(const uint8_t* img, const float* unary, float* out, int64_t H, in
     build_lattice<5>(bil, crf_features(img, H, W, p.bi_sxy, p.bi_srgb), N, threads);
     compute_norm(bil, threads);
   }
+  const Lattice& gauss = *gauss_future.get();
   const Lattice* lats[2] = {&gauss, &bil};
   auto t1 = std::chrono::steady_clock::now();
   const float compat[2] = {p.pos_compat, p.bi_compat};
@@ -583,17 +586,22 @@ void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& una
   {
     py::gil_scoped_release release;
     threads = std::max(1, threads);
-    // The Gaussian lattice depends only on (H, W, pos_sxy): built once for the batch.
+    // The Gaussian lattice depends only on (H, W, pos_sxy): built once for the batch, on its own
+    // thread, at the same time as the first bilateral lattices (it is needed only by the mean field).
+    // gauss_future is destroyed first and, as the last reference to an async state, waits for the task.
     Lattice gauss;
-    if (iterations > 0) {
-      build_lattice<2>(gauss, crf_features(nullptr, H, W, pos_sxy, 0.f), H * W, threads);
-      compute_norm(gauss, threads);
-    }
+    std::shared_future<const Lattice*> gauss_future = std::async(std::launch::async, [&]() -> const Lattice* {
+      if (iterations > 0) {
+        build_lattice<2>(gauss, crf_features(nullptr, H, W, pos_sxy, 0.f), H * W, 1);
+        compute_norm(gauss, 1);
+      }
+      return &gauss;
+    }).share();
     const int outer = static_cast<int>(std::min<int64_t>(threads, B));
     const int inner = std::max(1, threads / outer);
     parallel_for(B, outer, [&](int64_t b) {
-      crf_image(img + b * 3 * H * W, un + start[b], o + start[b], H, W, static_cast<int>(lab[b]), p, gauss,
-                inner, &tm[b]);
+      crf_image(img + b * 3 * H * W, un + start[b], o + start[b], H, W, static_cast<int>(lab[b]), p,
+                gauss_future, inner, &tm[b]);
     });
   }
   if (!timings.is_none()) {

@@ -11,6 +11,7 @@ _EXPORTS = {
     "PrincipalMasks": "primaps_fast.ops.principal_masks",
     "median_filter": "primaps_fast.ops.median_filter",
     "dense_crf": "primaps_fast.ops.dense_crf",
+    "dense_crf_list": "primaps_fast.ops.dense_crf",
     "pseudo_labels": "primaps_fast.ops.pseudo_labels",
     "assign_pseudo_labels": "primaps_fast.ops.assign_pseudo_labels",
     "focal_loss": "primaps_fast.ops.focal_loss",

@@ -188,3 +188,8 @@ def test_triton_matches_cpu():
     want = dense_crf_list(images, [p, p2[:2] / p2[:2].sum(0)], iterations=3, backend="cpu")
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
+def test_dense_crf_list_is_public():
+    assert primaps_fast.dense_crf_list is dense_crf_list
+    assert "dense_crf_list" in primaps_fast.__all__
