@@ -78,3 +78,22 @@ def test_dense_crf(benchmark, inputs, provider, batch):
             benchmark.extra_info["speedup_vs_pydensecrf"] = base / per_image
             print(f"\ndense_crf {provider} batch {batch}: {per_image * 1e3:.1f} ms/image, "
                   f"{base / per_image:.2f}x pydensecrf")
+
+
+@pytest.mark.parametrize("provider", ["pydensecrf", "cpu"])
+def test_dense_crf_large_lattice(benchmark, inputs, provider):
+    """Batch of 8 smooth colour fields (bicubic from 10x10): every pixel lands in new bilateral simplices,
+    ~378k vertices instead of ~65k, so the blur streams ~12 MB per axis and the time is memory bandwidth."""
+    benchmark.group = f"dense_crf 8x320x320 smooth images (large bilateral lattice), {L} labels"
+    g = torch.Generator().manual_seed(3)
+    field = F.interpolate(torch.rand(8, 3, 10, 10, generator=g), size=(320, 320), mode="bicubic",
+                          align_corners=False)
+    images = (field.clamp(0, 1) * 255).to(torch.uint8)
+    probs = inputs[1]
+    benchmark.pedantic(lambda: _run(provider, images, probs), rounds=3, iterations=1, warmup_rounds=1)
+    if benchmark.stats is not None:
+        _times[(provider, "large")] = benchmark.stats.stats.median
+        base = _times.get(("pydensecrf", "large"))
+        if base is not None and provider != "pydensecrf":
+            benchmark.extra_info["speedup_vs_pydensecrf"] = base / benchmark.stats.stats.median
+            print(f"\ndense_crf cpu, large lattices: {base / benchmark.stats.stats.median:.2f}x pydensecrf")
