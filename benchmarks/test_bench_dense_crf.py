@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from primaps_fast.data.synthetic import make_scenes
 from primaps_fast.ops.dense_crf import dense_crf_list
+from side_by_side import requires_cuda, time_side_by_side
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton timings need a CUDA device")
 L = 7
 
 
@@ -44,9 +44,6 @@ def _pydensecrf(images, probs):
     return out
 
 
-_times = {}
-
-
 def _run(provider, images, probs):
     if provider == "pydensecrf":
         return _pydensecrf(images, probs)
@@ -67,17 +64,12 @@ def test_dense_crf(benchmark, inputs, provider, batch):
         want = dense_crf_list(images[:1], probs[:1], backend="cpu")[0]
         assert (got[0].argmax(0) == want.argmax(0)).float().mean() >= 0.999
         assert (got[0] - want).abs().max() < 1e-3
-    rounds = 1 if provider == "reference" else 3
-    benchmark.pedantic(lambda: _run(provider, images, probs), rounds=rounds, iterations=1, warmup_rounds=1)
-    if benchmark.stats is not None:
-        per_image = benchmark.stats.stats.median / batch
-        _times[(provider, batch)] = per_image
-        benchmark.extra_info["ms_per_image"] = per_image * 1e3
-        base = _times.get(("pydensecrf", batch))
-        if base is not None and provider != "pydensecrf":
-            benchmark.extra_info["speedup_vs_pydensecrf"] = base / per_image
-            print(f"\ndense_crf {provider} batch {batch}: {per_image * 1e3:.1f} ms/image, "
-                  f"{base / per_image:.2f}x pydensecrf")
+    speedup = time_side_by_side(benchmark, lambda: _run(provider, images, probs), case=("dense_crf", batch),
+                                provider=provider, per=batch, baseline="pydensecrf", warmup_rounds=1,
+                                rounds=1 if provider == "reference" else 3)
+    if speedup is not None:
+        print(f"\ndense_crf {provider} batch {batch}: {benchmark.extra_info['ms_per_image']:.1f} ms/image, "
+              f"{speedup:.2f}x pydensecrf")
 
 
 @pytest.mark.parametrize("provider", ["pydensecrf", "cpu"])
@@ -90,10 +82,7 @@ def test_dense_crf_large_lattice(benchmark, inputs, provider):
                           align_corners=False)
     images = (field.clamp(0, 1) * 255).to(torch.uint8)
     probs = inputs[1]
-    benchmark.pedantic(lambda: _run(provider, images, probs), rounds=3, iterations=1, warmup_rounds=1)
-    if benchmark.stats is not None:
-        _times[(provider, "large")] = benchmark.stats.stats.median
-        base = _times.get(("pydensecrf", "large"))
-        if base is not None and provider != "pydensecrf":
-            benchmark.extra_info["speedup_vs_pydensecrf"] = base / benchmark.stats.stats.median
-            print(f"\ndense_crf cpu, large lattices: {base / benchmark.stats.stats.median:.2f}x pydensecrf")
+    speedup = time_side_by_side(benchmark, lambda: _run(provider, images, probs), case="dense_crf_large",
+                                provider=provider, per=8, baseline="pydensecrf", warmup_rounds=1, rounds=3)
+    if speedup is not None:
+        print(f"\ndense_crf cpu, large lattices: {speedup:.2f}x pydensecrf")

@@ -11,9 +11,8 @@ import torch
 import primaps_fast
 from primaps_fast import PriMaPsEM, reference
 from primaps_fast.data.synthetic import make_scenes
+from side_by_side import PROVIDERS, time_side_by_side
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton timings need a CUDA device")
-PROVIDERS = ["reference", "cpu", pytest.param("triton", marks=requires_cuda)]
 K, DIM = 27, 384
 
 
@@ -35,9 +34,6 @@ def _model(provider, protos):
     return em
 
 
-_times = {}
-
-
 @pytest.mark.benchmark(group="PriMaPs-EM step B x 320x320, 384x40x40, K=27")
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_em_step(benchmark, batch, provider):
@@ -53,15 +49,8 @@ def test_em_step(benchmark, batch, provider):
         assert (got["labels"].cpu() != want["labels"]).float().mean() < 1e-3
         torch.testing.assert_close(em.weight().cpu(), ref.weight(), rtol=1e-4, atol=1e-5)
         del ref
-    slow = provider == "reference"
-    benchmark.pedantic(em.step, args=(feats, masks, student), rounds=1 if slow else 5, iterations=1,
-                       warmup_rounds=0 if slow else 1)
-    if benchmark.stats is None:  # --benchmark-disable
-        return
-    _times[provider] = benchmark.stats.stats.median
-    benchmark.extra_info["ms_per_step"] = _times[provider] * 1e3
-    if provider != "reference" and "reference" in _times:
-        benchmark.extra_info["speedup_vs_reference"] = _times["reference"] / _times[provider]
+    time_side_by_side(benchmark, lambda: em.step(feats, masks, student), case="em_step", provider=provider,
+                      unit="step", rounds=1 if provider == "reference" else 5)
 
 
 # Peak memory of one batch-8 step, each provider in a fresh process: the peak RSS (VmHWM) after the inputs

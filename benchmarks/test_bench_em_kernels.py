@@ -7,9 +7,8 @@ import torch.nn.functional as F
 
 import primaps_fast
 from primaps_fast import reference
+from side_by_side import PROVIDERS, time_side_by_side
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton timings need a CUDA device")
-PROVIDERS = ["reference", "cpu", pytest.param("triton", marks=requires_cuda)]
 B, K, h, H = 8, 27, 40, 320
 
 
@@ -24,22 +23,6 @@ def inputs():
     return logits, mask_ids, target
 
 
-_times = {}
-
-
-def _run(benchmark, key, fn, rounds):
-    slow = key[1] == "reference"
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0 if slow else 1)
-    if benchmark.stats is None:  # --benchmark-disable
-        return
-    per_image = benchmark.stats.stats.median / B
-    _times[key] = per_image
-    benchmark.extra_info["ms_per_image"] = per_image * 1e3
-    ref = _times.get((key[0], "reference"))
-    if key[1] != "reference" and ref:
-        benchmark.extra_info["speedup_vs_reference"] = ref / per_image
-
-
 def _device(provider, *tensors):
     return [t.cuda() for t in tensors] if provider == "triton" else list(tensors)
 
@@ -52,7 +35,8 @@ def test_assign_pseudo_labels(benchmark, inputs, provider):
     if provider != "reference":
         assert torch.equal(primaps_fast.assign_pseudo_labels(x, ids, backend=provider).cpu(), want)
     fn = lambda: primaps_fast.assign_pseudo_labels(x, ids, backend=provider)  # noqa: E731
-    _run(benchmark, ("assign", provider), fn, 2 if provider == "reference" else 5)
+    time_side_by_side(benchmark, fn, case="assign", provider=provider, per=B,
+                      rounds=2 if provider == "reference" else 5)
 
 
 @pytest.mark.benchmark(group="focal_loss fwd+bwd 8x27x40x40 -> 320x320")
@@ -74,4 +58,5 @@ def test_focal_loss(benchmark, inputs, provider):
         v0.backward()
         torch.testing.assert_close(v.cpu(), v0.detach(), rtol=1e-5, atol=0)
         torch.testing.assert_close(g.cpu(), leaf.grad, rtol=1e-4, atol=1e-5 * float(leaf.grad.abs().max()))
-    _run(benchmark, ("focal", provider), fn, 2 if provider == "reference" else 5)
+    time_side_by_side(benchmark, fn, case="focal", provider=provider, per=B,
+                      rounds=2 if provider == "reference" else 5)

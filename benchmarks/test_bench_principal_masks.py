@@ -11,8 +11,7 @@ import torch
 import primaps_fast
 from primaps_fast import reference
 from primaps_fast.data.synthetic import make_scenes
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton timings need a CUDA device")
+from side_by_side import PROVIDERS, time_side_by_side
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +24,6 @@ def want(features):
     return reference.principal_masks(features)
 
 
-_times = {}
-
-
 def _check(got, want):
     assert torch.equal(got.counts, want.counts)
     assert torch.equal(got.masks > 0, want.masks > 0)
@@ -35,20 +31,15 @@ def _check(got, want):
 
 
 @pytest.mark.benchmark(group="principal_masks 8x384x40x40")
-@pytest.mark.parametrize("provider", ["reference", "cpu", pytest.param("triton", marks=requires_cuda)])
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_principal_masks(benchmark, features, want, provider):
     x = features.cuda() if provider == "triton" else features
     if provider != "reference":
         got = primaps_fast.principal_masks(x, backend=provider)
         _check(type(got)(got.masks.cpu(), got.counts.cpu()), want)
-    rounds = 2 if provider == "reference" else 10
-    benchmark.pedantic(lambda: primaps_fast.principal_masks(x, backend=provider), rounds=rounds,
-                       iterations=1, warmup_rounds=0 if provider == "reference" else 1)
-    if benchmark.stats is not None:
-        per_image = benchmark.stats.stats.median / x.shape[0]
-        _times[provider] = per_image
-        benchmark.extra_info["ms_per_image"] = per_image * 1e3
-        if provider != "reference" and "reference" in _times:
-            benchmark.extra_info["speedup_vs_reference"] = _times["reference"] / per_image
-            print(f"\nprincipal_masks {provider}: {per_image * 1e3:.2f} ms/image, "
-                  f"{_times['reference'] / per_image:.1f}x faster than the reference")
+    speedup = time_side_by_side(benchmark, lambda: primaps_fast.principal_masks(x, backend=provider),
+                                case="principal_masks", provider=provider, per=x.shape[0],
+                                rounds=2 if provider == "reference" else 10)
+    if speedup is not None:
+        print(f"\nprincipal_masks {provider}: {benchmark.extra_info['ms_per_image']:.2f} ms/image, "
+              f"{speedup:.1f}x faster than the reference")

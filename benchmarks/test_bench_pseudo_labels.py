@@ -8,11 +8,8 @@ import torch
 import primaps_fast
 from primaps_fast import reference
 from primaps_fast.data.synthetic import make_scenes
+from side_by_side import PROVIDERS, time_side_by_side
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton timings need a CUDA device")
-requires_crf = pytest.mark.skipif(importlib.util.find_spec("primaps_fast.ops.dense_crf") is None,
-                                  reason="primaps_fast.ops.dense_crf not available")
-PROVIDERS = ["reference", "cpu", pytest.param("triton", marks=requires_cuda)]
 
 
 @pytest.fixture(scope="module")
@@ -30,22 +27,6 @@ def want_crf(scenes):
     return reference.pseudo_labels(scenes.images, scenes.features)
 
 
-_times = {}
-
-
-def _run(benchmark, key, fn, batch, rounds):
-    slow = key[1] in ("reference", "official")  # seconds per call: no warm-up round
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0 if slow else 1)
-    if benchmark.stats is None:  # --benchmark-disable
-        return
-    per_image = benchmark.stats.stats.median / batch
-    _times[key] = per_image
-    benchmark.extra_info["ms_per_image"] = per_image * 1e3
-    ref = _times.get((key[0], "reference"))
-    if key[1] != "reference" and ref:
-        benchmark.extra_info["speedup_vs_reference"] = ref / per_image
-
-
 def _inputs(scenes, provider):
     if provider == "triton":
         return scenes.images.cuda(), scenes.features.cuda()
@@ -60,10 +41,10 @@ def test_pseudo_labels_no_crf(benchmark, scenes, want_no_crf, provider):
         got = primaps_fast.pseudo_labels(images, feats, crf=False, backend=provider).cpu()
         assert (got == want_no_crf).float().mean() >= 0.999
     fn = lambda: primaps_fast.pseudo_labels(images, feats, crf=False, backend=provider)  # noqa: E731
-    _run(benchmark, ("no_crf", provider), fn, 8, 2 if provider == "reference" else 5)
+    time_side_by_side(benchmark, fn, case="no_crf", provider=provider, per=8,
+                      rounds=2 if provider == "reference" else 5)
 
 
-@requires_crf
 @pytest.mark.benchmark(group="pseudo_labels crf=True 8x320x320")
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_pseudo_labels_crf(benchmark, scenes, want_crf, provider):
@@ -72,7 +53,8 @@ def test_pseudo_labels_crf(benchmark, scenes, want_crf, provider):
         got = primaps_fast.pseudo_labels(images, feats, backend=provider).cpu()
         assert (got == want_crf).float().mean() >= 0.99
     fn = lambda: primaps_fast.pseudo_labels(images, feats, backend=provider)  # noqa: E731
-    _run(benchmark, ("crf", provider), fn, 8, 1 if provider == "reference" else 3)
+    time_side_by_side(benchmark, fn, case="crf", provider=provider, per=8,
+                      rounds=1 if provider == "reference" else 3)
 
 
 def official_pipeline(images, features):
@@ -113,7 +95,7 @@ def test_pseudo_labels_crf_official_pydensecrf(benchmark, scenes, want_crf):
     def fn():
         result["labels"] = official_pipeline(scenes.images, scenes.features)
 
-    _run(benchmark, ("crf", "official"), fn, 8, 1)
+    time_side_by_side(benchmark, fn, case="crf", provider="official", per=8, rounds=1)
     assert (result["labels"] == want_crf).float().mean() >= 0.99
 
 
@@ -124,4 +106,5 @@ def test_median_filter(benchmark, scenes, provider):
     x = masks.cuda() if provider == "triton" else masks
     assert torch.equal(primaps_fast.median_filter(x, backend=provider).cpu(), reference.median_filter(masks))
     fn = lambda: primaps_fast.median_filter(x, backend=provider)  # noqa: E731
-    _run(benchmark, ("median", provider), fn, 8, 5 if provider == "reference" else 20)
+    time_side_by_side(benchmark, fn, case="median", provider=provider, per=8,
+                      rounds=5 if provider == "reference" else 20)
