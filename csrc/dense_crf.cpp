@@ -19,17 +19,21 @@
 // the image (elevation, keys, neighbours, splat/blur/slice split by rows) when the batch has fewer
 // images than threads.
 #include "common.h"
+#include "fast_exp.h"
 
 #include <array>
 #include <cmath>
-#include <cstring>
 #include <future>
 #include <limits>
 #include <chrono>
 
 namespace {
 
+using primaps::f32x4;
+using primaps::i32x4;
+using primaps::load4;
 using primaps::parallel_for;
+using primaps::store4;
 
 // Runs fn(begin, end) over [0, n) split into `threads` contiguous chunks.
 template <typename F>
@@ -289,17 +293,6 @@ void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int 
   });
 }
 
-// Four lanes as a GCC/Clang vector: SSE2 on any x86-64, NEON on arm64.
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x4 __attribute__((vector_size(16)));
-
-inline f32x4 load4(const float* p) {
-  f32x4 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store4(float* p, f32x4 v) { std::memcpy(p, &v, sizeof v); }
-
 // Blur along axes 0..d in place (double buffer), V values per vertex; row M stays zero.
 // SEQ: pydensecrf's scalar path (1-2 channels), which adds 0.5 * (n1 + n2) in double; otherwise
 // V is a multiple of 4 and each lane does the float arithmetic of pydensecrf's SSE path.
@@ -351,23 +344,10 @@ void compute_norm(Lattice& lat, int threads) {
   });
 }
 
-// exp of four lanes x <= 0: Cephes' expf (x = n ln 2 + r, ln 2 in two parts, degree-5 polynomial
-// in r, about 1 ulp); 0 below -87.33, where expf leaves the normal floats.
+// exp of four lanes x <= 0, 0 below -87.33 (where expf leaves the normal floats) and for -inf.
 inline f32x4 exp4_nonpositive(f32x4 x) {
   const f32x4 lo = f32x4{} - 87.33f;
-  const f32x4 big = f32x4{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting rounds to nearest
-  f32x4 v = x < lo ? lo : x;
-  f32x4 n = (v * 1.44269504088896341f + big) - big;
-  f32x4 r = (v - n * 0.693359375f) - n * -2.12194440e-4f;
-  f32x4 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  f32x4 y = p * (r * r) + r + 1.0f;
-  i32x4 bits = (__builtin_convertvector(n, i32x4) + 127) << 23;
-  f32x4 e = y * (f32x4)bits;  // a cast between vector types of one size keeps the bits
-  return x < lo ? f32x4{} : e;
+  return x < lo ? f32x4{} : primaps::exp_nonpositive(x < lo ? lo : x);
 }
 
 // Softmax of the first L lanes of t (nv vectors) into q (max subtracted, divided by the sum); the

@@ -12,31 +12,11 @@
 #include <cmath>
 
 #include "bilinear.h"
-#include <cstring>
+#include "fast_exp.h"
 
 namespace {
 
 using namespace primaps;
-
-// exp(x) for -87 <= x <= 0 (within 1 ulp; exp(x) = 2^n * e^r, |r| <= ln2/2, degree-6 minimax polynomial for
-// e^r, Cody-Waite reduction). Plain arithmetic and integer bit casts only, so the compiler vectorises
-// loops that call it (std::exp would stay a scalar libm call without -ffast-math).
-inline float exp_nonpositive(float x) {
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + magic) - magic;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float q = 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  const float e = q * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return e * scale;
-}
 
 // One output row y at a time, vectorised along the row: the upsampled scores u (K, W), their
 // exponentials e = exp(u - max) (K, W), the partition sums z (W) and the row maxima mx (W).
