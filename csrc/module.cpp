@@ -3,6 +3,5 @@
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "primaps_fast C++ kernels (CPU). Buffers are C-contiguous numpy views of torch tensors.";
-  m.def("hardware_threads", []() { return static_cast<int>(std::thread::hardware_concurrency()); });
   for (auto fn : primaps::registry()) fn(m);
 }

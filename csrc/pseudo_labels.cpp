@@ -1,6 +1,6 @@
 // PriMaPs pseudo-label post-processing (official PriMaPs._get_pseudo after the proposal loop):
-// 3x3 median filter (reflect padding) of every proposal, x10 and clamp to [0, 1], the background mask
-// clamp(mean(non-zero values) - sum of masks, 0, 1) stacked first, log_softmax over masks, bilinear
+// 3x3 median filter (reflect padding, median3x3.h) of every proposal, x10 and clamp to [0, 1], the
+// background mask clamp(mean(non-zero values) - sum of masks, 0, 1) stacked first, log_softmax over masks, bilinear
 // upsampling (align_corners=False) to the image size and either the arg-max (crf=False) or the softmax
 // probabilities the dense CRF starts from. One image per thread, GIL released.
 //
@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "common.h"
+#include "median3x3.h"
 
 // No FMA contraction in this file's plain loops: a vectorised loop body and its scalar tail must round
 // alike, or identical features at different pixels would get different cosines (and ties would break
@@ -18,67 +19,6 @@
 #pragma GCC optimize("fp-contract=off")
 
 namespace {
-
-// Exact median of 9 values arranged as three triples: with (lo, md, hi) of each triple, the median is
-// med3(max(lo...), med3(md...), min(hi...)) (sorting the triples, then the columns of the 3x3 table,
-// puts the median at the centre of the anti-diagonal).
-inline float med3(float a, float b, float c) {
-  return std::max(std::min(a, b), std::min(std::max(a, b), c));
-}
-
-inline int64_t reflect(int64_t i, int64_t n) {
-  if (n == 1) return 0;  // a 1-pixel axis cannot be reflected: the pixel itself (replicate)
-  if (i < 0) return -i;
-  if (i >= n) return 2 * n - 2 - i;
-  return i;
-}
-
-// out (h, w) = 3x3 median of in (h, w), reflect padding; scratch lo/md/hi of w floats each.
-void median3x3(const float* in, float* out, int64_t h, int64_t w, float* lo, float* md, float* hi) {
-  for (int64_t y = 0; y < h; ++y) {
-    const float* r0 = in + reflect(y - 1, h) * w;
-    const float* r1 = in + y * w;
-    const float* r2 = in + reflect(y + 1, h) * w;
-    for (int64_t x = 0; x < w; ++x) {  // sort every vertical triple
-      const float a = r0[x], b = r1[x], c = r2[x];
-      lo[x] = std::min(std::min(a, b), c);
-      hi[x] = std::max(std::max(a, b), c);
-      md[x] = med3(a, b, c);
-    }
-    float* o = out + y * w;
-    auto combine = [&](int64_t x, int64_t l, int64_t r) {
-      const float mx_lo = std::max(std::max(lo[l], lo[x]), lo[r]);
-      const float mn_hi = std::min(std::min(hi[l], hi[x]), hi[r]);
-      o[x] = med3(mx_lo, med3(md[l], md[x], md[r]), mn_hi);
-    };
-    combine(0, reflect(-1, w), reflect(1, w));
-    for (int64_t x = 1; x < w - 1; ++x) combine(x, x - 1, x + 1);  // branch-free: vectorised
-    if (w > 1) combine(w - 1, reflect(w - 2, w), reflect(w, w));
-  }
-}
-
-void median_filter_cpu(primaps::FloatArray input, primaps::FloatArray output, int threads) {
-  primaps::check_ndim(input, 3, "masks");
-  primaps::check_ndim(output, 3, "out");
-  const int64_t P = input.shape(0), h = input.shape(1), w = input.shape(2);
-  if (output.shape(0) != P || output.shape(1) != h || output.shape(2) != w)
-    throw std::invalid_argument("out: expected the shape of masks");
-  if (h < 1 || w < 1) throw std::invalid_argument("masks: empty spatial size");
-  const float* in = input.data();
-  float* out = output.mutable_data();
-  py::gil_scoped_release release;
-  primaps::parallel_for(P, threads, [&](int64_t p) {
-    // NaN/Inf check here rather than with torch in Python: a torch reduction would wake its OpenMP
-    // pool, whose spinning threads then compete with these workers.
-    const float* x = in + p * h * w;
-    bool finite = true;
-    for (int64_t i = 0; i < h * w; ++i) finite &= std::abs(x[i]) <= std::numeric_limits<float>::max();
-    if (!finite) throw std::invalid_argument("masks: contains NaN or Inf");
-    std::vector<float> scratch(3 * w);
-    median3x3(in + p * h * w, out + p * h * w, h, w, scratch.data(), scratch.data() + w,
-              scratch.data() + 2 * w);
-  });
-}
 
 // Log-probabilities (m + 1, h, w) of one image from its m raw proposals (m, h, w): median filter, x10,
 // clamp, background first, log_softmax over masks. m == 0 gives a single all-zero background channel.
@@ -90,7 +30,7 @@ void mask_logits(const float* props, int64_t m, int64_t h, int64_t w, float* log
   int64_t nz_count = 0;
   for (int64_t i = 0; i < m; ++i) {
     float* o = fg + i * n;
-    median3x3(props + i * n, o, h, w, scratch.data(), scratch.data() + w, scratch.data() + 2 * w);
+    primaps::median3x3(props + i * n, o, h, w, scratch.data(), scratch.data() + w, scratch.data() + 2 * w);
     for (int64_t p = 0; p < n; ++p) {
       const float v = std::min(std::max(o[p] * 10.0f, 0.0f), 1.0f);
       o[p] = v;
@@ -244,8 +184,6 @@ void mask_probs_cpu(primaps::FloatArray masks, primaps::Int64Array counts, prima
 }
 
 static primaps::Registrar registrar([](py::module_& m) {
-  m.def("median_filter3x3", &median_filter_cpu, py::arg("masks"), py::arg("out"), py::arg("threads"),
-        "3x3 median filter with reflect padding of every (h, w) plane of a (P, h, w) float32 array.");
   m.def("mask_labels", &mask_labels_cpu, py::arg("masks"), py::arg("counts"), py::arg("labels"),
         py::arg("ignore_index"), py::arg("threads"),
         "PriMaPs post-processing without CRF: (B, M, h, w) proposals -> (B, H, W) int64 mask ids.");

@@ -10,7 +10,7 @@ from primaps_fast import _dispatch
 def _median_filter_cpu(planes: torch.Tensor) -> torch.Tensor:
     """C++ kernel on float32 ``(P, h, w)`` planes (raises ValueError on NaN/Inf)."""
     out = torch.empty_like(planes)
-    _dispatch.cpp().median_filter3x3(planes.numpy(), out.numpy(), _dispatch.num_threads())
+    _dispatch.cpp().median_filter(planes.numpy(), out.numpy(), _dispatch.num_threads())
     return out
 
 
