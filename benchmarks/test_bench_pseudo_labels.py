@@ -65,11 +65,13 @@ def official_pipeline(images, features):
     import torch.nn.functional as F
     from pydensecrf.utils import unary_from_softmax
 
-    from primaps_fast.reference.primaps import _proposals_one, crf_image, mask_logits
+    from primaps_fast.common import crf_image
+    from primaps_fast.reference.principal_masks import proposals_one
+    from primaps_fast.reference.pseudo_labels import mask_logits
 
     out = []
     for img, feat in zip(images, features):
-        props = _proposals_one(feat, 0.4, 0.95, None)
+        props = proposals_one(feat, 0.4, 0.95, None)
         logits = mask_logits(torch.stack(props))
         H, W = img.shape[-2:]
         up = F.interpolate(logits[None], size=(H, W), mode="bilinear", align_corners=False)[0]

@@ -4,13 +4,8 @@ from __future__ import annotations
 import torch
 
 from primaps_fast import _dispatch
+from primaps_fast.common import class_weights
 from primaps_fast.ops.assign_pseudo_labels import check_labels, check_logits
-
-
-def class_weights(prob_sums: torch.Tensor, num_pixels: int, gamma: float) -> torch.Tensor:
-    """``(1 - mean softmax confidence) ** gamma`` in float32 from per-image float64 sums ``(B, K)``."""
-    mean = (prob_sums.sum(0) / num_pixels).to(torch.float32)
-    return (1 - mean) ** gamma
 
 
 @torch.library.custom_op("primaps_fast::focal_loss", mutates_args=(), device_types="cpu")
@@ -63,7 +58,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
         target: integer ``(B, H, W)`` class ids in ``[0, K)`` or ``ignore_index``.
         gamma: focal exponent of the class weights.
         ignore_index: target value of pixels that contribute 0 (they still count in the mean).
-        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "reference".
+        backend: None (C++ on CPU; CUDA C++ or Triton on CUDA), "cpu", "cuda", "triton" or "reference".
 
     Returns:
         scalar tensor ``mean over all B*H*W pixels of w_t * (logsumexp_k up_k - up_t)`` (0 at ignored
@@ -78,9 +73,9 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
         raise TypeError(f"gamma: expected a real number, got {gamma!r}")
     backend = _dispatch.choose_backend(backend, logits, target)
     if backend == "reference":
-        from primaps_fast.reference.train import focal_loss as ref
-
-        return ref(logits, target, gamma=gamma, ignore_index=ignore_index)
+        return _dispatch.reference("focal_loss")(logits, target, gamma=gamma, ignore_index=ignore_index)
+    if backend == "cuda":
+        raise _dispatch.cuda_not_wired("focal_loss")
     bad = (target != ignore_index) & ((target < 0) | (target >= logits.shape[1]))
     if bool(bad.any()):
         raise ValueError(f"target: class ids must be in [0, {logits.shape[1]}) or ignore_index={ignore_index}")

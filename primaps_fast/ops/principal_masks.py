@@ -1,20 +1,10 @@
 """PriMaPs mask proposals: the loop of the official ``PriMaPs._get_pseudo`` before the median filter."""
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from primaps_fast import _dispatch
-
-
-# Larger features overflow float32 sums of squares (norms, covariance); the C++ kernel checks the same.
-MAX_ABS = 1e15
-
-
-class PrincipalMasks(NamedTuple):
-    masks: torch.Tensor   # float32 (B, M, h, w), values in [0, 1]; rows >= counts[b] are zero
-    counts: torch.Tensor  # int64 (B,)
+from primaps_fast.common import MAX_ABS, PrincipalMasks
 
 
 def validate_args(features, threshold, stop_fraction, max_masks) -> torch.Tensor:
@@ -61,7 +51,7 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
             is at least ``threshold`` times the largest one.
         stop_fraction: in (0, 1]: stop once this fraction of the pixels belongs to a proposal.
         max_masks: optional cap on the number of proposals per image (>= 1).
-        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "reference".
+        backend: None (C++ on CPU; CUDA C++ or Triton on CUDA), "cpu", "cuda", "triton" or "reference".
 
     Returns:
         ``PrincipalMasks(masks, counts)``: ``masks`` float32 (B, M, h, w) with ``M = max(counts)``
@@ -102,9 +92,10 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
         if float(features.abs().max()) > MAX_ABS:
             raise ValueError(f"features: |value| above {MAX_ABS:g} (float32 sums of squares would overflow)")
     if backend == "reference":
-        from primaps_fast.reference.primaps import principal_masks as ref
-
-        return ref(features, threshold=threshold, stop_fraction=stop_fraction, max_masks=max_masks)
+        return _dispatch.reference("principal_masks")(features, threshold=threshold,
+                                                       stop_fraction=stop_fraction, max_masks=max_masks)
+    if backend == "cuda":
+        raise _dispatch.cuda_not_wired("principal_masks")
     if backend == "triton":
         from primaps_fast.triton.principal_masks import principal_masks_triton
 

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from primaps_fast.ops.focal_loss import class_weights
+from primaps_fast.common import class_weights
 from primaps_fast.triton.assign_pseudo_labels import bilinear_taps, source_scale
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from primaps_fast.reference.primaps import DEGENERATE_RTOL
+from primaps_fast.common import DEGENERATE_RTOL
 
 
 @triton.jit
