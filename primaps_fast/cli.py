@@ -6,7 +6,7 @@
     primaps-fast features --dataset-root DATA/cityscapes --split val --weights dino_vits8.pth --flip --cache C/val
     primaps-fast eval     --checkpoint runs/cs/last.pt --cache C/val --out runs/cs/eval
     primaps-fast demo     (synthetic data, offline, about a minute)
-    primaps-fast bench    (reference vs fast timings of the pseudo-label pipeline)
+    primaps-fast bench    (reference vs fast timings of every op; source checkout)
 
 Every long step is resumable: rerun the same command after an interrupt.
 """
@@ -234,17 +234,37 @@ def cmd_demo(args):
              num_classes=args.classes, batch_size=args.batch_size, seed=args.seed, backend=args.backend)
 
 
+def find_benchmarks():
+    """The ``benchmarks`` folder of a source checkout: next to the imported package (a source tree or an
+    editable install), else in the current folder (a checkout whose package was installed); or None."""
+    import primaps_fast
+
+    home = os.path.dirname(os.path.dirname(os.path.abspath(primaps_fast.__file__)))
+    for folder in (os.path.join(home, "benchmarks"), os.path.join(os.getcwd(), "benchmarks")):
+        if os.path.isfile(os.path.join(folder, "side_by_side.py")):
+            return folder
+    return None
+
+
 def cmd_bench(args):
     import subprocess
 
-    if args.pytest:
-        cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q"]
-        print("+ " + " ".join(cmd))
-        return subprocess.call(cmd)
-    from primaps_fast.bench import run_bench
+    import primaps_fast
 
-    run_bench(images=args.images, image_size=args.image_size, crf=args.crf, repeats=args.repeats)
-    return 0
+    folder = find_benchmarks()
+    if folder is None:
+        raise FileNotFoundError("bench: the benchmarks are not part of an installed package; they run from a "
+                                "source checkout: `cd <checkout> && primaps-fast bench` (or `pytest benchmarks "
+                                "--benchmark-only`)")
+    extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    select = [] if args.backend is None else ["-k", " or ".join(dict.fromkeys(["reference", "official", args.backend]))]
+    cmd = [sys.executable, "-m", "pytest", folder, "--benchmark-only", "-q", *select, *extra]
+    print("+ " + " ".join(cmd), flush=True)
+    # cwd: the benchmarks folder, so `-m` puts no source tree first on sys.path; PYTHONPATH: the child
+    # imports the primaps_fast this process imported (installed, or a source tree built in place)
+    home = os.path.dirname(os.path.dirname(os.path.abspath(primaps_fast.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")])))
+    return subprocess.call(cmd, cwd=folder, env=env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,14 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, choices=["cpu", "triton", "reference"], help="kernel backend")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="reference vs fast timings of the pipeline stages on synthetic data",
-                       description="Times the official-semantics reference and the fast backend on the same "
-                                   "synthetic batch and prints the table; --pytest runs the benchmark suite instead.")
-    p.add_argument("--images", type=int, default=4, help="images per timed batch (default: 4)")
-    p.add_argument("--image-size", type=int, default=320, help="image size (default: 320)")
-    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True, help="include the CRF (default: on)")
-    p.add_argument("--repeats", type=int, default=1, help="timed repeats, the median is shown (default: 1)")
-    p.add_argument("--pytest", action="store_true", help="run `pytest benchmarks --benchmark-only` (source tree)")
+    p = sub.add_parser("bench", help="reference vs fast timings of every op (pytest benchmarks, source checkout)",
+                       description="Runs `pytest benchmarks --benchmark-only` of a source checkout: every op timed "
+                                   "against the reference on the same inputs, after checking that they agree. "
+                                   "Arguments after `--` go to pytest (e.g. `-- -k median_filter`).")
+    p.add_argument("--backend", default=None, choices=["cpu", "triton", "reference"],
+                   help="time only this backend next to the reference (default: every backend)")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="arguments for pytest, after `--`")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -198,8 +198,20 @@ def test_eval_with_crf(synthetic_run, capsys):
     assert abs(want["mIoU"] - res["theta_M (EMA head) + CRF"]["mIoU"]) < 1e-6
 
 
-def test_bench_small(capsys):
-    assert main(["bench", "--images", "2", "--image-size", "64", "--no-crf"]) == 0
-    out = capsys.readouterr().out
-    assert "principal_masks" in out and "pseudo_labels (no CRF)" in out and "speed-up" in out
-    assert "dataset pseudo-label generation" in out
+def test_bench_runs_the_benchmarks_of_the_checkout(capfd):
+    import primaps_fast.cli as cli
+
+    if cli.find_benchmarks() is None:
+        pytest.skip("no benchmarks folder: the package is installed and the tests run outside a checkout")
+    assert main(["bench", "--backend", "cpu", "--", "-k", "test_median_filter", "-p", "no:cacheprovider"]) == 0
+    out = capfd.readouterr().out
+    assert "--benchmark-only" in out and "-k reference or official or cpu" in out
+    assert "2 passed" in out and "median_filter" in out  # the reference and the C++ case
+
+
+def test_bench_outside_a_checkout_says_where_benchmarks_run(monkeypatch, capsys):
+    import primaps_fast.cli as cli
+
+    monkeypatch.setattr(cli, "find_benchmarks", lambda: None)
+    assert main(["bench"]) == 1
+    assert "source checkout" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from primaps_fast.common import class_weights
-from primaps_fast.triton.assign_pseudo_labels import bilinear_taps, source_scale
+from primaps_fast.triton.bilinear import bilinear_sample, bilinear_taps, source_scale
 
 
 @triton.jit
@@ -18,19 +18,14 @@ def _upsampled_tile(x_ptr, b, K, h, w, H, W, scale_y, scale_x, offs, BLOCK_K: tl
     inside = offs < H * W
     y = offs // W
     x = offs % W
-    y0, y1, hy0, hy1 = bilinear_taps(y, scale_y, h)
-    x0, x1, wx0, wx1 = bilinear_taps(x, scale_x, w)
+    y0, y1, hy0, hy1 = bilinear_taps(y, scale_y, h, H)
+    x0, x1, wx0, wx1 = bilinear_taps(x, scale_x, w, W)
     k = tl.arange(0, BLOCK_K)
     kin = k < K
     m = inside[:, None] & kin[None, :]
     plane = x_ptr + b * K * h * w + k[None, :] * h * w
-    a = tl.load(plane + (y0 * w + x0)[:, None], mask=m, other=0.0)
-    c = tl.load(plane + (y0 * w + x1)[:, None], mask=m, other=0.0)
-    d = tl.load(plane + (y1 * w + x0)[:, None], mask=m, other=0.0)
-    e = tl.load(plane + (y1 * w + x1)[:, None], mask=m, other=0.0)
-    top = wx0[:, None] * a + wx1[:, None] * c
-    bot = wx0[:, None] * d + wx1[:, None] * e
-    up = hy0[:, None] * top + hy1[:, None] * bot
+    up = bilinear_sample(plane, y0[:, None], y1[:, None], x0[:, None], x1[:, None], hy0[:, None], hy1[:, None],
+                         wx0[:, None], wx1[:, None], w, m)
     up = tl.where(kin[None, :], up, float("-inf"))
     return up, inside, m, k, y0, y1, x0, x1, hy0, hy1, wx0, wx1
 

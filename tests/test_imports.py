@@ -1,0 +1,101 @@
+"""The package's import structure: the reference is a leaf that no production module imports, and the
+import graph of the package's modules (every import statement, at any level) has no cycle."""
+import ast
+import os
+import subprocess
+import sys
+
+import primaps_fast
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(primaps_fast.__file__))
+
+
+def _modules():
+    """``{module name: path}`` of every Python module of the package."""
+    out = {}
+    for folder, _, files in os.walk(PACKAGE_DIR):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, f), os.path.dirname(PACKAGE_DIR))[:-3]
+                name = rel.replace(os.sep, ".")
+                out[name[:-len(".__init__")] if name.endswith(".__init__") else name] = os.path.join(folder, f)
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(name):
+    """Absolute names of the modules that ``name``'s import statements (anywhere in the file) import."""
+    path = MODULES[name]
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES)
+    return found
+
+
+def _is_reference(module):
+    return module == "primaps_fast.reference" or module.startswith("primaps_fast.reference.")
+
+
+def test_the_package_has_the_expected_modules():
+    # guards the walk above: a wrong root would make every other test here pass vacuously
+    assert {"primaps_fast.ops.dense_crf", "primaps_fast.reference.dense_crf", "primaps_fast.common",
+            "primaps_fast._dispatch", "primaps_fast.cli"} <= set(MODULES)
+    assert "primaps_fast.reference.focal_loss" in _imports("primaps_fast.reference.em")
+
+
+def test_no_production_module_imports_the_reference():
+    offenders = {name: sorted(filter(_is_reference, _imports(name)))
+                 for name in MODULES if not _is_reference(name)}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_reference_imports_only_itself_and_common():
+    for name in filter(_is_reference, MODULES):
+        ours = {m for m in _imports(name) if m == "primaps_fast" or m.startswith("primaps_fast.")}
+        assert all(_is_reference(m) or m == "primaps_fast.common" for m in ours), (name, ours)
+
+
+def test_common_imports_nothing_from_the_package():
+    assert not {m for m in _imports("primaps_fast.common") if m.startswith("primaps_fast")}
+
+
+def test_no_import_cycles():
+    graph = {name: sorted(m for m in _imports(name) if m in MODULES and m != name) for name in MODULES}
+    state = {}  # name -> "open" while on the DFS stack, "done" after
+
+    def visit(name, stack):
+        state[name] = "open"
+        for nxt in graph[name]:
+            if state.get(nxt) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_importing_the_reference_loads_no_fast_path():
+    code = ("import sys, primaps_fast.reference as r; r.principal_masks, r.PriMaPsEM; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('primaps_fast'))))")
+    # the child imports the primaps_fast this process imported (installed, or a source tree on PYTHONPATH)
+    path = os.pathsep.join(filter(None, [os.path.dirname(PACKAGE_DIR), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
+    assert "primaps_fast.reference.dense_crf" in loaded
+    fast = [m for m in loaded if m.split(".")[1:2] in (["ops"], ["triton"], ["_C"], ["_C_cuda"], ["_dispatch"])]
+    assert fast == []
