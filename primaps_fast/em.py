@@ -1,10 +1,11 @@
-"""PriMaPs-EM training (API.md section PriMaPs-EM): PCA + cosine k-means initialisation, the EM step
-with a weight-normalised 1x1 conv head, its EMA copy, Adam, prediction and exact checkpoints.
+"""The PriMaPs-EM model (docs/api.md, "PriMaPs-EM"): PCA + cosine k-means initialisation, the EM step with a
+weight-normalised 1x1 conv head, its EMA copy, Adam, the epoch loop, prediction and exact state dicts.
+A training run around it (data, checkpoints, resume, history) is ``primaps_fast.train``.
 
 Every step works at feature resolution: the 1x1 conv commutes with bilinear upsampling, so the class
 scores (K channels) are computed on the ``(B, C, h, w)`` features and only ``primaps_fast.assign_pseudo_labels``
 / ``primaps_fast.focal_loss`` see the label size, without materialising upsampled ``C``-channel features
-(the official code upsamples the features first; DESIGN.md section 3).
+(the official code upsamples the features first; docs/design.md, "Where the time goes").
 
 Deliberate differences from the official code: the PCA directions come from a deterministic symmetric
 eigendecomposition of the feature covariance (the subspace of ``pca_lowrank(q=2K, niter=200)``), each
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from primaps_fast._dispatch import check_tensor
+from primaps_fast._dispatch import BACKENDS, check_tensor
 from primaps_fast.progress import progress
 
 _STATE_VERSION = 1
@@ -64,11 +65,13 @@ class PriMaPsEM:
         ignore_index: mask id / label of unassigned pixels.
         seed: seeds the random initial prototypes and the k-means batch order.
         device: device of the parameters (default CPU).
+        backend: kernel backend of the E-step and the loss (``assign_pseudo_labels``, ``focal_loss``):
+            None (auto) or one of ``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``.
     """
 
     def __init__(self, num_classes: int, dim: int, *, lr: float = 5e-3, ema_decay: float = 0.98,
                  ema_every: int = 10, focal_gamma: float = 2.0, ignore_index: int = 255, seed: int = 0,
-                 device=None):
+                 device=None, backend: str | None = None):
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes: must be an int >= 2, got {num_classes!r}")
         if not isinstance(dim, int) or dim < 1:
@@ -79,6 +82,9 @@ class PriMaPsEM:
             raise ValueError(f"ema_decay: must be in [0, 1], got {ema_decay!r}")
         if not isinstance(ema_every, int) or ema_every < 1:
             raise ValueError(f"ema_every: must be an int >= 1, got {ema_every!r}")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+        self.backend = backend
         self.num_classes, self.dim = num_classes, dim
         self.lr, self.ema_decay, self.ema_every = float(lr), float(ema_decay), ema_every
         self.focal_gamma, self.ignore_index, self.seed = float(focal_gamma), int(ignore_index), int(seed)
@@ -235,12 +241,14 @@ class PriMaPsEM:
         m = m.to(self.device)
         with torch.no_grad():
             teacher = _check_scores(_scores(self.weight(ema=True), f), "features")
-            labels = primaps_fast.assign_pseudo_labels(teacher, m, ignore_index=self.ignore_index)
+            labels = primaps_fast.assign_pseudo_labels(teacher, m, ignore_index=self.ignore_index,
+                                                       backend=self.backend)
         self.optimizer.zero_grad(set_to_none=True)
         scores = _scores(_weight_norm(self.g, self.v), s)
         if s is not f:
             _check_scores(scores.detach(), "student_features")
-        loss = primaps_fast.focal_loss(scores, labels, gamma=self.focal_gamma, ignore_index=self.ignore_index)
+        loss = primaps_fast.focal_loss(scores, labels, gamma=self.focal_gamma, ignore_index=self.ignore_index,
+                                       backend=self.backend)
         loss.backward()
         self.optimizer.step()
         k = self.global_step
@@ -249,41 +257,51 @@ class PriMaPsEM:
         self.global_step += 1
         return {"loss": float(loss.detach()), "labels": labels, "step": k}
 
+    def run_epoch(self, batches, *, desc: str = "EM epoch", total: int | None = None,
+                  show_progress: bool = True) -> float:
+        """One pass of :meth:`step` over ``batches`` (``(features, mask_ids)`` or ``(features, mask_ids,
+        student_features)``); returns the mean loss of its steps, which the progress bar shows as it goes
+        ("mean loss": the running mean of the epoch so far)."""
+        total_loss, n = 0.0, 0
+        with progress(desc=desc, total=total, unit="step", enabled=show_progress) as bar:
+            for batch in batches:
+                if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+                    raise ValueError("loader: every batch must be (features, mask_ids[, student_features])")
+                out = self.step(batch[0], batch[1], batch[2] if len(batch) == 3 else None)
+                total_loss, n = total_loss + out["loss"], n + 1
+                bar.set_postfix(f"mean loss {total_loss / n:.4f}")
+                bar.update(1)
+        if n == 0:
+            raise ValueError("loader: empty (no batches)")
+        return total_loss / n
+
     def fit(self, loader, epochs: int = 1, *, show_progress: bool = True) -> list:
         """Run ``epochs`` passes over ``loader`` (re-iterable; yields ``(features, mask_ids)`` or
         ``(features, mask_ids, student_features)``); returns the mean loss of every epoch."""
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs: must be an int >= 1, got {epochs!r}")
-        history = []
-        for epoch in range(epochs):
-            losses = []
-            total = len(loader) if hasattr(loader, "__len__") else None
-            with progress(desc=f"EM epoch {epoch + 1}/{epochs}", total=total, unit="step",
-                          enabled=show_progress) as bar:
-                for batch in loader:
-                    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
-                        raise ValueError("loader: every batch must be (features, mask_ids[, student_features])")
-                    out = self.step(batch[0], batch[1], batch[2] if len(batch) == 3 else None)
-                    losses.append(out["loss"])
-                    bar.set_postfix(f"loss {out['loss']:.4f}")
-                    bar.update(1)
-            if not losses:
-                raise ValueError("loader: empty (no batches)")
-            history.append(sum(losses) / len(losses))
-        return history
+        total = len(loader) if hasattr(loader, "__len__") else None
+        return [self.run_epoch(loader, desc=f"EM epoch {epoch + 1}/{epochs}", total=total,
+                               show_progress=show_progress) for epoch in range(epochs)]
+
+    def scores(self, features: torch.Tensor, use_ema: bool = True) -> torch.Tensor:
+        """``(B, K, h, w)`` class scores at feature resolution: the head's 1x1 conv (the EMA copy's when
+        ``use_ema``) of float ``(B, C, h, w)`` features, without gradient."""
+        f = self._check_features(features, "features")
+        with torch.no_grad():
+            return _scores(self.weight(ema=use_ema), f)
 
     def predict(self, features: torch.Tensor, size=None, use_ema: bool = True) -> torch.Tensor:
         """``(B, H, W)`` int64 class ids: argmax of the head's (EMA copy's when ``use_ema``) scores,
         bilinearly upsampled (``align_corners=False``) to ``size`` ``(H, W)`` (default: feature size)."""
-        f = self._check_features(features, "features")
-        with torch.no_grad():
-            scores = _scores(self.weight(ema=use_ema), f)
-            if size is not None:
-                size = (size, size) if isinstance(size, int) else tuple(size)
-                if len(size) != 2 or min(size) < 1:
-                    raise ValueError(f"size: expected (H, W) of positive ints, got {size!r}")
-                scores = F.interpolate(scores, size, mode="bilinear", align_corners=False)
-            return scores.argmax(1)
+        if size is not None:
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"size: expected (H, W) of positive ints, got {size!r}")
+        scores = self.scores(features, use_ema)
+        if size is not None:
+            scores = F.interpolate(scores, size, mode="bilinear", align_corners=False)
+        return scores.argmax(1)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
