@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import primaps_fast
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(primaps_fast.__file__))
@@ -99,3 +101,33 @@ def test_importing_the_reference_loads_no_fast_path():
     assert "primaps_fast.reference.dense_crf" in loaded
     fast = [m for m in loaded if m.split(".")[1:2] in (["ops"], ["triton"], ["_C"], ["_C_cuda"], ["_dispatch"])]
     assert fast == []
+
+
+def test_a_checkout_without_build_does_not_shadow_the_installed_package(tmp_path):
+    """The repository's root conftest.py: `python -m pytest` from a checkout whose package was installed
+    (no compiled module in the checkout) imports the installed package, not the source tree."""
+    import shutil
+
+    root_conftest = os.path.join(os.path.dirname(PACKAGE_DIR), "conftest.py")
+    if not os.path.isfile(root_conftest):
+        pytest.skip("the tests run outside a checkout")
+    checkout, site = tmp_path / "checkout", tmp_path / "site"
+    for folder, marker in ((checkout, "source tree"), (site, "installed")):
+        (folder / "primaps_fast").mkdir(parents=True)
+        (folder / "primaps_fast" / "__init__.py").write_text(f"WHERE = {marker!r}\n")
+    (site / "primaps_fast" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    (checkout / "tests").mkdir()
+
+    def run(want):
+        (checkout / "tests" / "test_where.py").write_text(
+            f"import primaps_fast\n\n\ndef test_where():\n    assert primaps_fast.WHERE == {want!r}\n")
+        env = dict(os.environ, PYTHONPATH=str(site))
+        return subprocess.run([sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"],
+                              cwd=checkout, env=env, capture_output=True, text=True).returncode
+
+    assert run("source tree") == 0  # what happens without the guard: the source tree comes first
+    shutil.copy(root_conftest, checkout / "conftest.py")
+    assert run("installed") == 0
+    # a checkout built in place is used as it is
+    (checkout / "primaps_fast" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    assert run("source tree") == 0
