@@ -10,10 +10,10 @@
 //   * v = top eigenvector of cov = S / n - m m^T by block subspace iteration (8 vectors, Rayleigh-Ritz,
 //     warm-started from the previous proposal) until the residual ||A u - theta u|| <= 1e-7 theta.
 //   * The fused pass: normalised features (computed once), cosine to v, anchor = first remaining pixel
-//     with the largest |cos| (the sign fix of DESIGN.md section 2), cosine to the anchor, threshold,
+//     with the largest |cos| (the sign fix of docs/design.md), cosine to the anchor, threshold,
 //     proposal, update of the remaining set.
-// Degenerate cases are defined as in primaps_fast/reference/primaps.py: trace(cov) <= 1e-10 E||x||^2 ->
-// v = normalised mean; v orthogonal to all remaining features -> stop; no empty proposal is emitted.
+// Degenerate cases are defined as in primaps_fast/reference/principal_masks.py: trace(cov) <= 1e-10 E||x||^2
+// -> v = normalised mean; v orthogonal to all remaining features -> stop; no empty proposal is emitted.
 //
 // Output: proposals are disjoint, so the stack is returned as owner (B, h, w) int64 (proposal index or
 // -1) and value (B, h, w) float32; stack_proposals then writes (B, M, h, w) once M = max(counts) is known.
@@ -40,7 +40,7 @@ namespace {
 constexpr int kBlockVectors = 8;           // subspace size of the eigen solver
 constexpr int kMaxEigIterations = 300;     // cap for flat spectra (the reference is not converged there)
 constexpr double kEigTol = 1e-7;           // residual tolerance, relative to the top eigenvalue
-constexpr double kDegenerateRtol = 1e-10;  // same constant as reference/primaps.py
+constexpr double kDegenerateRtol = 1e-10;  // DEGENERATE_RTOL of primaps_fast/common.py
 constexpr int64_t kChunk = 512;            // pixels per float32 partial sums (32 per AVX-512 lane) before float64
 constexpr float kMaxAbs = 1e15f;            // larger features overflow float32 sums of squares
 constexpr int64_t kPad = 16;               // pixel padding of packed buffers (one AVX-512 vector)

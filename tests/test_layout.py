@@ -1,5 +1,6 @@
-"""The package's import structure: the reference is a leaf that no production module imports, and the
-import graph of the package's modules (every import statement, at any level) has no cycle."""
+"""The repository's layout: the reference is a leaf that no production module imports, the import graph of
+the package's modules (every import statement, at any level) has no cycle, every op has its file in every
+layer, and the README's layout section matches the tree."""
 import ast
 import os
 import subprocess
@@ -131,3 +132,55 @@ def test_a_checkout_without_build_does_not_shadow_the_installed_package(tmp_path
     # a checkout built in place is used as it is
     (checkout / "primaps_fast" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
     assert run("source tree") == 0
+
+
+OPS = ("principal_masks", "median_filter", "pseudo_labels", "dense_crf", "assign_pseudo_labels", "focal_loss")
+
+
+def _readme_layout(checkout):
+    """The paths of the README's layout block (``<op>`` expanded, globs kept), relative to the checkout."""
+    text = open(os.path.join(checkout, "README.md")).read()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    paths, prefix = [], ""
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        names = line.strip().split("  ", 1)[0].split()
+        if not line.startswith(" "):
+            prefix = names[0] if len(names) == 1 and names[0].endswith("/") else ""
+            paths += names
+        else:
+            paths += [prefix + n for n in names]
+    return [p.replace("<op>", op) for p in paths for op in (OPS if "<op>" in p else ("",))]
+
+
+def test_every_op_has_its_file_in_every_layer():
+    checkout = os.path.dirname(PACKAGE_DIR)
+    if not os.path.isdir(os.path.join(checkout, "benchmarks")):
+        pytest.skip("the tests run outside a checkout")
+    for op in OPS:
+        for path in (f"csrc/{op}.cpp", f"primaps_fast/ops/{op}.py", f"primaps_fast/triton/{op}.py",
+                     f"primaps_fast/reference/{op}.py", f"tests/test_{op}.py", f"benchmarks/test_bench_{op}.py"):
+            assert os.path.isfile(os.path.join(checkout, path)), path
+
+
+def test_the_readme_layout_matches_the_tree():
+    import glob
+
+    checkout = os.path.dirname(PACKAGE_DIR)
+    if not os.path.isfile(os.path.join(checkout, "README.md")):
+        pytest.skip("the tests run outside a checkout")
+    listed = _readme_layout(checkout)
+    for path in listed:
+        assert glob.glob(os.path.join(checkout, path)), f"README layout lists {path}, which does not exist"
+    covered = set()
+    for path in listed:
+        covered.update(os.path.relpath(p, checkout) for p in glob.glob(os.path.join(checkout, path)))
+    folders = {p.rstrip("/") for p in listed if p.endswith("/")}
+    # every module and folder of the package, and every C++ source, is in the layout
+    for path in glob.glob(os.path.join(PACKAGE_DIR, "*.py")) + glob.glob(os.path.join(checkout, "csrc", "*.*")):
+        rel = os.path.relpath(path, checkout)
+        assert rel in covered, f"{rel} is not in the README layout"
+    for path in glob.glob(os.path.join(PACKAGE_DIR, "*", "__init__.py")):  # the subpackages
+        sub = os.path.relpath(os.path.dirname(path), checkout)
+        assert sub in folders or any(p.startswith(sub + "/") for p in listed), f"{sub}/ is not in the README layout"
