@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="official student view: the M-step sees features of a photometrically augmented image "
                         "(blur, colour jitter / grayscale), computed by the backbone of the cache (needs its weights)")
     p.add_argument("--weights", default=None, help="with --student-augs: the backbone weights used for the cache")
-    p.add_argument("--device", default="cpu", help="with --student-augs: torch device of the backbone")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of the model and, with --student-augs, of the backbone (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     _add_backend_arg(p, "the E-step and the focal loss")

@@ -58,9 +58,9 @@ def load_checkpoint(path, *, num_classes: int | None = None, dim: int | None = N
     return ckpt
 
 
-def em_from_checkpoint(ckpt: dict, *, backend: str | None = None):
-    """The model of a checkpoint read by :func:`load_checkpoint`."""
-    em = build_em(ckpt["config"], backend=backend)
+def em_from_checkpoint(ckpt: dict, *, backend: str | None = None, device=None):
+    """The model of a checkpoint read by :func:`load_checkpoint` (on ``device``, default CPU)."""
+    em = build_em(ckpt["config"], backend=backend, device=device)
     em.load_state_dict(ckpt["em"])
     return em
 
@@ -161,6 +161,7 @@ def run(cache_root, pseudo_root, out, *, num_classes: int | None = None, epochs:
     COCO-Stuff, 3 Potsdam; required for a folder dataset). ``pca_images``: the first images used for the
     PCA + k-means init (default: the official 92 batches of 32). ``student_augs``: the M-step sees
     features of a photometrically augmented image, computed by the cache's backbone with ``weights``.
+    ``device``: where the model (and the student backbone) runs; ``backend``: the kernels of its steps.
 
     Returns a summary: ``epochs``, ``history``, ``ema_updates`` (EMA updates of the run so far) and the
     checkpoint paths.
@@ -192,14 +193,14 @@ def run(cache_root, pseudo_root, out, *, num_classes: int | None = None, epochs:
         ckpt = load_checkpoint(last, num_classes=K, dim=C)
         if ckpt.get("features") != source:
             raise ValueError(f"checkpoint: {last} was trained on other features ({ckpt.get('features')})")
-        em, start = em_from_checkpoint(ckpt, backend=backend), ckpt["epoch"]
+        em, start = em_from_checkpoint(ckpt, backend=backend, device=device), ckpt["epoch"]
         # runs written before the key was named "mean_loss" stored the same epoch mean as "loss"
         history = [{"epoch": h["epoch"], "mean_loss": h.get("mean_loss", h.get("loss"))} for h in ckpt["history"]]
         torch.set_rng_state(ckpt["torch_rng"])
         log(f"resuming {last} at epoch {start}/{epochs}")
     else:
         torch.manual_seed(seed)
-        em = build_em(config, backend=backend)
+        em = build_em(config, backend=backend, device=device)
         n = len(cache) if pca_images is None else min(pca_images, len(cache))
         t = time.perf_counter()
         initialise(em, (f for _, f in cache.batches(batch_size, range(n))), kmeans_epochs=kmeans_epochs,
