@@ -381,7 +381,7 @@ def main(argv=None) -> int:
         print(f"primaps_fast.official: script: no such file: {script!r}\n{USAGE}", file=sys.stderr)
         return 2
     sys.argv = [script, *argv[1:]]
-    if not sys.flags.safe_path:
+    if not getattr(sys.flags, "safe_path", False):  # -P / PYTHONSAFEPATH (3.11+): no script folder either
         # `python -m` put the working directory first; `python script.py` puts the script's folder there.
         folder = os.path.dirname(os.path.realpath(script))
         if sys.path and sys.path[0] == os.getcwd():
