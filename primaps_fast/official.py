@@ -104,9 +104,10 @@ class PriMaPs:
         ``feat`` ``(C, h, w)``, ``cls_prior`` zeros or ``(H, W)`` -> float ``(H, W)``."""
         img = img.squeeze() if isinstance(img, torch.Tensor) else img
         _check_image(img, "img", 3)
-        if not isinstance(feat, torch.Tensor) or feat.dim() != 3:
-            shape = tuple(feat.shape) if isinstance(feat, torch.Tensor) else type(feat).__name__
-            raise ValueError(f"feat: expected a (C, h, w) tensor, got {shape}")
+        if not isinstance(feat, torch.Tensor):
+            raise TypeError(f"feat: expected a torch.Tensor, got {type(feat).__name__}")
+        if feat.dim() != 3:
+            raise ValueError(f"feat: expected shape (C, h, w), got {tuple(feat.shape)}")
         return self._labels(img[None], feat[None], [cls_prior])[0]
 
     def _apply_batched_decompose(self, tup):
@@ -169,9 +170,10 @@ def dense_crf(image_tensor, output_logits):
     official ``squeeze()`` breaks it).
     """
     _check_image(image_tensor, "image_tensor", 3)
-    if not isinstance(output_logits, torch.Tensor) or output_logits.dim() != 3:
-        shape = tuple(output_logits.shape) if isinstance(output_logits, torch.Tensor) else type(output_logits).__name__
-        raise ValueError(f"output_logits: expected a (L, h, w) tensor, got {shape}")
+    if not isinstance(output_logits, torch.Tensor):
+        raise TypeError(f"output_logits: expected a torch.Tensor, got {type(output_logits).__name__}")
+    if output_logits.dim() != 3:
+        raise ValueError(f"output_logits: expected shape (L, h, w), got {tuple(output_logits.shape)}")
     import primaps_fast
 
     logits = output_logits.detach()
