@@ -224,7 +224,8 @@ def _run(args, cwd, timeout=240):
 def test_runner_runs_the_script_with_the_replacements(tmp_path):
     checkout = write_standin(tmp_path / "checkout")
     sc = make_scenes(2, image_size=32, dim=16, seed=5)
-    x = {"imgs": normalize(sc.images), "feats": sc.features, "logits": smooth_logits(4, 4, 4, 0)[None].repeat(2, 1, 1, 1)}
+    logits = smooth_logits(4, 4, 4, 0)[None].repeat(2, 1, 1, 1)
+    x = {"imgs": normalize(sc.images), "feats": sc.features, "logits": logits}
     torch.save(x, tmp_path / "inputs.pt")
     args = ["--inputs", str(tmp_path / "inputs.pt"), "--out", str(tmp_path / "out.pt"), "--threshold", "0.35"]
     proc = _run(["train.py", *args], cwd=checkout)
