@@ -148,11 +148,16 @@ def _mask_modes(ids: torch.Tensor, prior: torch.Tensor, ignore_id) -> torch.Tens
         return out
     mask_id = ids[inside]
     values, value_idx = torch.unique(prior[inside], sorted=True, return_inverse=True)
-    counts = torch.bincount(mask_id * values.numel() + value_idx,
-                            minlength=(int(mask_id.max()) + 1) * values.numel())
-    best = counts.view(-1, values.numel()).argmax(1)  # first maximum: the smallest tied value
-    mode = values[best].to(torch.int64)  # int(): truncation toward zero
-    out[inside] = mode[mask_id].to(out.dtype)
+    V = values.numel()
+    # (mask, value) pairs that occur, with their counts: memory bounded by the pixels, whatever V is
+    pairs, counts = torch.unique(mask_id * V + value_idx, return_counts=True)
+    pair_mask, pair_value = pairs // V, pairs % V
+    n = int(mask_id.max()) + 1
+    top = torch.zeros(n, dtype=counts.dtype, device=ids.device).scatter_reduce(0, pair_mask, counts, "amax")
+    is_top = counts == top[pair_mask]
+    best = torch.full((n,), V, dtype=torch.int64, device=ids.device).scatter_reduce(  # ties: the smallest
+        0, pair_mask[is_top], pair_value[is_top], "amin")
+    out[inside] = values[best[mask_id]].to(torch.int64).to(out.dtype)  # int(): truncation toward zero
     return out
 
 
