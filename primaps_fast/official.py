@@ -19,7 +19,7 @@ which calls :func:`install` (replaces the names of :data:`REPLACEMENTS` in the o
 then runs the script as ``__main__``. ``docs/official.md`` lists what is replaced, what cannot be
 replaced from outside (code written inline in the official scripts) and the measured speed-ups.
 
-Deliberate differences shared by every backend (``primaps_fast.reference.primaps``): a deterministic
+Deliberate differences shared by every backend (``docs/design.md``): a deterministic
 sign of the principal direction (the official ``pca_lowrank`` is randomized and draws from torch's
 global RNG; ours draws nothing), no empty proposals, a defined result for degenerate features, the
 background summed over masks also for a single proposal, float images clamped to [0, 255] before the
@@ -37,6 +37,8 @@ import warnings
 
 import torch
 
+from primaps_fast.common import crf_image
+
 # Official module -> the names install() replaces there. ``primaps_modules.primaps`` binds its own
 # ``dense_crf`` at import, so that binding is replaced too (the official PriMaPs class, if a user kept a
 # reference to it, then also runs our CRF).
@@ -51,14 +53,8 @@ _saved: dict = {}  # (module name, attribute) -> the official object, while inst
 
 def _crf_images(images: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised float ``(B, 3, H, W)`` -> the uint8 BGR images the official CRF sees
-    (``to_pil_image(UnNormalize()(x))[..., ::-1]``: ``x * std + mean``, times 255, truncated), clamped
-    to [0, 255] first (the official cast wraps)."""
-    from primaps_fast.reference.primaps import IMAGENET_MEAN, IMAGENET_STD
-
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    x = (images.detach().float() * std + mean) * 255
-    return x.clamp(0, 255).to(torch.uint8).flip(1).contiguous()
+    (``to_pil_image(UnNormalize()(x))[..., ::-1]``), clamped to [0, 255] first (the official cast wraps)."""
+    return crf_image(images.detach()).flip(1).contiguous()
 
 
 def _check_image(image, name: str, ndim: int) -> None:
