@@ -23,10 +23,18 @@ official code (DESIGN.md section 2), shared by every backend:
 * **Image for the CRF.** The official ``to_pil_image(unnorm(x))`` multiplies by 255 and casts to uint8,
   which wraps values outside [0, 255]; we clamp to [0, 255] first, then truncate. uint8 RGB images are
   used as they are. Channels enter the CRF in BGR order, as in the official code.
+* **Scale.** Each image is multiplied by the power of two that brings its largest ``|value|`` into
+  [0.5, 1) before anything else: exact, so nothing changes for ordinary features, but the proposals no
+  longer depend on the scale (the official ``F.normalize`` eps of 1e-12 and float32 underflow made tiny
+  features, e.g. ``f * 1e-35``, behave differently, and huge ones overflowed).
+* **At most 254 proposals per image** by default (``DEFAULT_MAX_MASKS``; the official loop has no cap).
+  Mask ids 1..254 and the ignore id 255 then fit one uint8 label map; real images give a handful.
 * **Median filter on 1-pixel axes.** Reflect padding needs at least 2 pixels; on an axis of length 1 the
   pixel itself is used as the padding (replicate).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +44,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Degenerate-covariance test: trace(cov) <= DEGENERATE_RTOL * mean ||f||^2 (both in float64).
 DEGENERATE_RTOL = 1e-10
+
+# Default cap on the proposals per image (module docstring).
+DEFAULT_MAX_MASKS = 254
+
+
+def _power_of_two_scaled(feat: torch.Tensor) -> torch.Tensor:
+    """``feat`` (one image) times ``2**-e`` with its largest ``|value|`` ``* 2**-e`` in [0.5, 1): exact
+    (two factors, each a float64, for exponents beyond float64's range of powers of two)."""
+    e = math.frexp(float(feat.detach().abs().max()))[1]  # 0 for an all-zero image
+    return (feat.double() * 2.0 ** -(e // 2) * 2.0 ** -(e - e // 2)).to(feat.dtype)
 
 
 def _principal_direction(x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +100,7 @@ def _proposals_one(feat: torch.Tensor, threshold: float, stop_fraction: float, m
     return proposals
 
 
-def principal_masks(features, *, threshold=0.4, stop_fraction=0.95, max_masks=None):
+def principal_masks(features, *, threshold=0.4, stop_fraction=0.95, max_masks=DEFAULT_MAX_MASKS):
     """Reference of :func:`primaps_fast.principal_masks` (same arguments and result; no validation).
 
     ``features``: float (B, C, h, w) or (C, h, w). Uses ``torch.pca_lowrank(q=3, niter=100)`` as the
@@ -94,7 +112,7 @@ def principal_masks(features, *, threshold=0.4, stop_fraction=0.95, max_masks=No
     if features.dim() == 3:
         features = features[None]
     device = features.device
-    feats = features.detach().float().cpu()
+    feats = torch.stack([_power_of_two_scaled(f.detach().cpu()).float() for f in features])
     B, _, h, w = feats.shape
     per_image = [_proposals_one(f, threshold, stop_fraction, max_masks) for f in feats]
     counts = torch.tensor([len(p) for p in per_image], dtype=torch.int64)
@@ -145,7 +163,8 @@ def pseudo_labels(images, features, *, threshold=0.4, ignore_index=255, crf=True
     """Reference of :func:`primaps_fast.pseudo_labels`: the official ``_get_pseudo(img, feat, zeros)``
     per image (module docstring lists the deliberate differences). Returns int64 (B, H, W)."""
     B, _, H, W = images.shape
-    per_image = [_proposals_one(f.detach().float().cpu(), threshold, 0.95, None) for f in features]
+    per_image = [_proposals_one(_power_of_two_scaled(f.detach().cpu()).float(), threshold, 0.95,
+                                DEFAULT_MAX_MASKS) for f in features]
     max_count = max(len(p) for p in per_image)
     if 1 <= ignore_index <= max_count:
         raise ValueError(f"ignore_index: {ignore_index} clashes with the mask ids 1..{max_count}")
