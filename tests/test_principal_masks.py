@@ -5,7 +5,8 @@ code does. That is a randomized method: it converges to the top eigenvector only
 is well separated from the rest (on flat spectra 100 iterations are not enough, and two calls disagree
 with each other). Parity inputs therefore have a clear leading direction: synthetic SSL-like scenes and
 low-rank-plus-noise features with a decaying spectrum. On such inputs the backends must give the same
-counts, identical supports and values equal to 1e-5.
+counts, identical supports and values equal to 1e-5. Pure-noise features (a flat spectrum: the reference
+is not converged there) are checked for their counts, the default cap, invariants and determinism.
 """
 import pytest
 import torch
@@ -159,8 +160,8 @@ def test_bad_inputs(backend):
         x[0, 1, 2, 0] = bad
         with pytest.raises(ValueError, match="features"):
             pm(x, backend=backend)
-    with pytest.raises(ValueError, match="features"):
-        pm(good * 1e16, backend=backend)
+    with pytest.raises(ValueError, match="features.*CPU and CUDA"):
+        pm(torch.empty(1, 4, 3, 3, device="meta"), backend=backend)
     with pytest.raises(ValueError, match="features"):
         pm(torch.randn(1, 0, 3, 3), backend=backend)
     with pytest.raises(ValueError, match="features"):
@@ -174,6 +175,8 @@ def test_bad_inputs(backend):
         pm(good, max_masks=0, backend=backend)
     with pytest.raises(TypeError, match="max_masks"):
         pm(good, max_masks=2.0, backend=backend)
+    with pytest.raises(ValueError, match="max_masks"):
+        pm(good, max_masks=2**63, backend=backend)
     with pytest.raises(ValueError, match="backend"):
         pm(good, backend="gpu")
 
@@ -192,3 +195,86 @@ def test_cpu_kernel_isas_match_reference(isa, rng):
             assert_same_proposals(primaps_fast.principal_masks(f, backend="cpu"), reference.principal_masks(f))
     finally:
         cpp.principal_masks_isa("auto")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_scale_free(backend, rng):
+    """Each image is scaled by a power of two first: f times 2^-100 gives bit-identical proposals, and
+    f times 1e-20, 1e-35 (products of raw values underflow float32) or 1e30 (sums of squares overflow)
+    the same counts and supports, and values equal to 1e-5, in every backend and in the reference."""
+    skip_unavailable(backend)
+    f = low_rank_features(1 if backend == "reference" else 2, 24, 7, 9, rng)  # the reference is slow
+    f[-1, :, 0, :3] = 0.0  # zero pixels stay out at every scale
+    base = primaps_fast.principal_masks(f, backend=backend)
+    if backend != "reference":
+        assert_same_proposals(base, reference.principal_masks(f))
+    exact = primaps_fast.principal_masks(f * 2.0**-100, backend=backend)
+    if backend != "reference":  # the reference draws random numbers: equal, not identical
+        assert torch.equal(exact.masks, base.masks) and torch.equal(exact.counts, base.counts)
+    for scale in (2.0**-100, 1e-20, 1e-35, 1e30):
+        assert_same_proposals(primaps_fast.principal_masks(f * scale, backend=backend), base)
+    for scale in (1e-300, 1e300):  # float64 beyond float32's range: scaled before the cast
+        assert_same_proposals(primaps_fast.principal_masks(f.double() * scale, backend=backend), base)
+
+
+def noise_features(B, C, h, w, seed):
+    return torch.randn(B, C, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_noise_default_cap_and_unbounded():
+    """Pure noise: proposals of a pixel or a few. The default stops at DEFAULT_MAX_MASKS = 254, the
+    reference's default too (254 reference proposals take minutes: its signature is checked);
+    max_masks=None runs until 95% of the pixels are covered; both satisfy the invariants (disjoint, an
+    anchor of value 1 each), and the capped run is the start of the full one."""
+    import inspect
+
+    from primaps_fast.ops.principal_masks import DEFAULT_MAX_MASKS
+
+    assert DEFAULT_MAX_MASKS == 254
+    for fn in (primaps_fast.principal_masks, reference.principal_masks):
+        assert inspect.signature(fn).parameters["max_masks"].default == DEFAULT_MAX_MASKS
+    f = noise_features(2, 128, 20, 19, seed=5)  # 380 pixels, cosines ~ N(0, 1/128): mostly 1 pixel each
+    full = primaps_fast.principal_masks(f, max_masks=None, backend="cpu")
+    assert (full.counts > 300).all()
+    default = primaps_fast.principal_masks(f, backend="cpu")
+    assert default.counts.tolist() == [254, 254]
+    assert torch.equal(default.masks, full.masks[:, :254])
+    support = (full.masks > 0).sum(1)
+    assert support.max() <= 1 and (support.float().mean((1, 2)) >= 0.95).all()
+    for b, n in enumerate(full.counts.tolist()):
+        assert (full.masks[b, :n].flatten(1).max(1).values == 1).all()
+
+
+def test_noise_bit_identical_at_any_thread_count():
+    f = noise_features(3, 40, 9, 10, seed=6)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(primaps_fast.principal_masks(f, max_masks=None, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    for out in outs[1:]:
+        assert torch.equal(out.masks, outs[0].masks) and torch.equal(out.counts, outs[0].counts)
+
+
+def test_memory_refused_before_allocation(monkeypatch):
+    """C = 100000 channels need a float64 C x C matrix (80 GB) per image, even for 2 pixels: a clear
+    error up front. With a small memory limit, a moderate input is refused the same way."""
+    from primaps_fast.ops import principal_masks as ops
+
+    with pytest.raises(ValueError, match=r"features: .*100000 x 100000 covariance.*GiB"):
+        primaps_fast.principal_masks(torch.randn(1, 100_000, 1, 2), backend="cpu")
+    # the reference never forms a C x C matrix: two random (near-orthogonal) pixels, two proposals
+    assert reference.principal_masks(torch.randn(1, 100_000, 1, 2)).counts.tolist() == [2]
+    monkeypatch.setattr(ops, "memory_limit", lambda device: 2**20)
+    with pytest.raises(ValueError, match=r"features: .*more than the 0.0 GiB of this machine"):
+        primaps_fast.principal_masks(torch.randn(2, 512, 4, 4), backend="cpu")
+    assert primaps_fast.principal_masks(torch.randn(2, 16, 4, 4), backend="cpu").counts.shape == (2,)
+
+
+def test_max_masks_beyond_pixels_is_no_cap(rng):
+    f = low_rank_features(2, 16, 5, 6, rng)
+    want = primaps_fast.principal_masks(f, max_masks=None, backend="cpu")
+    assert_same_proposals(primaps_fast.principal_masks(f, max_masks=2**63 - 1, backend="cpu"), want)
