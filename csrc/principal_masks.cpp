@@ -273,50 +273,80 @@ struct Covariance {
   double inv_n;
 };
 
-// y = A x.
+// Lanes of a dot product, summed in a fixed order.
+inline double lane_sum(const double* a) { return (a[0] + a[1]) + (a[2] + a[3]); }
+
+// y = A x. Four rows of the triangle at a time, so each y_k is loaded and stored once per four rows.
 PRIMAPS_CLONES void apply(const Covariance& A, const double* x, double* y) {
-  const int64_t C = A.C;
+  const int64_t C = A.C, Cp = A.Cp;
   std::fill(y, y + C, 0.0);
-  for (int64_t i = 0; i < C; ++i) {
-    const double* row = A.S + i * A.Cp;
-    const double xi = x[i];
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t k = 0;
-    for (; k + 8 <= i; k += 8)
-      for (int l = 0; l < 8; ++l) {
-        acc[l] += row[k + l] * x[k + l];
-        y[k + l] += row[k + l] * xi;
+  int64_t i = 0;
+  for (; i + 4 <= C; i += 4) {
+    const double* r[4] = {A.S + i * Cp, A.S + (i + 1) * Cp, A.S + (i + 2) * Cp, A.S + (i + 3) * Cp};
+    const double x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
+    double a0[4] = {0, 0, 0, 0}, a1[4] = {0, 0, 0, 0}, a2[4] = {0, 0, 0, 0}, a3[4] = {0, 0, 0, 0};
+    for (int64_t k = 0; k < i; k += 4)  // i is a multiple of 4
+      for (int l = 0; l < 4; ++l) {
+        const double s0 = r[0][k + l], s1 = r[1][k + l], s2 = r[2][k + l], s3 = r[3][k + l];
+        const double xk = x[k + l];
+        a0[l] += s0 * xk;
+        a1[l] += s1 * xk;
+        a2[l] += s2 * xk;
+        a3[l] += s3 * xk;
+        y[k + l] += (s0 * x0 + s1 * x1) + (s2 * x2 + s3 * x3);
       }
-    for (; k < i; ++k) {
-      acc[k & 7] += row[k] * x[k];
-      y[k] += row[k] * xi;
+    const double* acc[4] = {a0, a1, a2, a3};
+    for (int q = 0; q < 4; ++q) {  // the 4 x 4 block on the diagonal
+      const int64_t ii = i + q;
+      double t = lane_sum(acc[q]);
+      for (int64_t c = i; c < ii; ++c) {
+        t += r[q][c] * x[c];
+        y[c] += r[q][c] * x[ii];
+      }
+      y[ii] += t + r[q][ii] * x[ii];
     }
-    y[i] += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + row[i] * xi;
+  }
+  for (; i < C; ++i) {  // the last C % 4 rows
+    const double* row = A.S + i * Cp;
+    double t = 0.0;
+    for (int64_t k = 0; k < i; ++k) {
+      t += row[k] * x[k];
+      y[k] += row[k] * x[i];
+    }
+    y[i] += t + row[i] * x[i];
   }
   const double mx = dot(A.mean, x, C);
   for (int64_t c = 0; c < C; ++c) y[c] = y[c] * A.inv_n - A.mean[c] * mx;
 }
 
-// Buffers of the eigen solver, rows of length C: the basis Q and A Q (up to b + 2 rows), the Ritz block
-// U and A U (b rows, U kept between proposals as the warm start), the search direction P and A P.
+// Buffers of the eigen solver, rows of length C: the basis Q and A Q (up to b + 2 rows; its first b
+// rows, the Ritz vectors, are the warm start of the next proposal), the next basis Qn and A Qn, the
+// search direction P and A P.
 struct EigenWork {
   int b;
-  std::vector<double> Q, AQ, U, AU, P, AP;
+  std::vector<double> Q, AQ, Qn, AQn, P, AP;
   EigenWork(int b_, int64_t C)
-      : b(b_), Q(static_cast<size_t>(b_ + 2) * C), AQ(Q.size()), U(static_cast<size_t>(b_) * C),
-        AU(U.size()), P(C), AP(C) {}
+      : b(b_), Q(static_cast<size_t>(b_ + 2) * C), AQ(Q.size()), Qn(Q.size()), AQn(Q.size()), P(C), AP(C) {}
 };
 
-// out_j = sum_i Z[i][j] in_i for j < cols (in: rows of length C, Z: m x m row-major).
+// out_j = sum_i Z[i][j] in_i for j < cols (in: rows of length C, Z: m x m row-major), by blocks of 8
+// channels so each output is written once.
 PRIMAPS_CLONES void combine(int m, int cols, int64_t C, const double* Z, const double* in, double* out) {
-  std::fill(out, out + static_cast<size_t>(cols) * C, 0.0);
-  for (int j = 0; j < cols; ++j)
-    for (int i = 0; i < m; ++i) {
-      const double z = Z[i * m + j];
-      const double* x = in + i * C;
-      double* o = out + j * C;
-      for (int64_t c = 0; c < C; ++c) o[c] += z * x[c];
+  for (int64_t c0 = 0; c0 < C; c0 += 8) {
+    const int64_t len = std::min<int64_t>(8, C - c0);
+    for (int j = 0; j < cols; ++j) {
+      double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int i = 0; i < m; ++i) {
+        const double z = Z[i * m + j];
+        const double* xi = in + i * C + c0;
+        if (len == 8)
+          for (int l = 0; l < 8; ++l) acc[l] += z * xi[l];
+        else
+          for (int l = 0; l < len; ++l) acc[l] += z * xi[l];
+      }
+      for (int l = 0; l < len; ++l) out[j * C + c0 + l] = acc[l];
     }
+  }
 }
 
 // x -= (x . q) q and ax -= (x . q) aq for the n rows q of Q (and aq of AQ), twice (the A-images follow
@@ -344,13 +374,12 @@ PRIMAPS_CLONES void top_eigenvector(const Covariance& A, EigenWork& ws, Lcg& rng
   const int b = ws.b;
   const int64_t C = A.C;
   double H[kMaxRitz * kMaxRitz], Z[kMaxRitz * kMaxRitz], lam[kMaxRitz];
-  double *Q = ws.Q.data(), *AQ = ws.AQ.data(), *U = ws.U.data(), *AU = ws.AU.data();
   double *P = ws.P.data(), *AP = ws.AP.data();
-  std::copy(U, U + static_cast<size_t>(b) * C, Q);
-  orthonormalise(b, C, Q, rng);
-  for (int j = 0; j < b; ++j) apply(A, Q + j * C, AQ + j * C);
+  orthonormalise(b, C, ws.Q.data(), rng);
+  for (int j = 0; j < b; ++j) apply(A, ws.Q.data() + j * C, ws.AQ.data() + j * C);
   int m = b;
   for (int step = 0;; ++step) {
+    double *Q = ws.Q.data(), *AQ = ws.AQ.data(), *Qn = ws.Qn.data(), *AQn = ws.AQn.data();
     // H = Q^T A Q. After the first step rows 0..b-1 of Q are the Ritz vectors of the last step, whose
     // block of H is diag(lam) (up to rounding): only the rows of the new directions are computed.
     const int fresh = step == 0 ? 0 : b;
@@ -360,20 +389,19 @@ PRIMAPS_CLONES void top_eigenvector(const Covariance& A, EigenWork& ws, Lcg& rng
       for (int j = 0; j <= i; ++j)
         H[i * m + j] = H[j * m + i] = 0.5 * (dot(Q + i * C, AQ + j * C, C) + dot(Q + j * C, AQ + i * C, C));
     jacobi_eigen(m, H, lam, Z);
-    combine(m, b, C, Z, Q, U);
-    combine(m, b, C, Z, AQ, AU);
-    double res = 0.0;
-    for (int64_t c = 0; c < C; ++c) {
-      const double r = AU[c] - lam[0] * U[c];
-      res += r * r;
-    }
-    res = std::sqrt(res);
+    combine(m, b, C, Z, Q, Qn);  // the Ritz vectors open the next basis
+    combine(m, b, C, Z, AQ, AQn);
+    double* r = Qn + b * C;
+    for (int64_t c = 0; c < C; ++c) r[c] = AQn[c] - lam[0] * Qn[c];
+    const double res = std::sqrt(dot(r, r, C));
     if (eig_converged(res, lam[0]) || step + 1 >= kMaxSteps) {
-      std::copy(U, U + C, v);
+      std::copy(Qn, Qn + C, v);
+      ws.Q.swap(ws.Qn);
+      ws.AQ.swap(ws.AQn);
       return;
     }
     // P: the top Ritz vector's part on the directions added last step (rows b.. of Q).
-    bool has_p = m > b;
+    const bool has_p = m > b;
     if (has_p) {
       std::fill(P, P + C, 0.0);
       std::fill(AP, AP + C, 0.0);
@@ -383,26 +411,23 @@ PRIMAPS_CLONES void top_eigenvector(const Covariance& A, EigenWork& ws, Lcg& rng
         for (int64_t c = 0; c < C; ++c) AP[c] += z * AQ[i * C + c];
       }
     }
-    // New basis: U, r / |r| (orthogonal to U up to rounding), P orthogonalised against both.
-    std::copy(U, U + static_cast<size_t>(b) * C, Q);
-    std::copy(AU, AU + static_cast<size_t>(b) * C, AQ);
-    double* r = Q + b * C;
-    for (int64_t c = 0; c < C; ++c) r[c] = AU[c] - lam[0] * U[c];
-    const double rn = orthogonalise(b, C, Q, nullptr, r, nullptr);
+    // Next basis: the Ritz vectors, r / |r| (orthogonal to them up to rounding), P orthogonalised.
+    const double rn = orthogonalise(b, C, Qn, nullptr, r, nullptr);
     for (int64_t c = 0; c < C; ++c) r[c] /= rn;
-    apply(A, r, AQ + b * C);
+    apply(A, r, AQn + b * C);
     m = b + 1;
     if (has_p) {
       const double before = std::sqrt(dot(P, P, C));
-      const double after = orthogonalise(b + 1, C, Q, AQ, P, AP);
+      const double after = orthogonalise(b + 1, C, Qn, AQn, P, AP);
       if (after > 1e-8 * before && after > 0.0) {
-        for (int64_t c = 0; c < C; ++c) Q[m * C + c] = P[c] / after, AQ[m * C + c] = AP[c] / after;
+        for (int64_t c = 0; c < C; ++c) Qn[m * C + c] = P[c] / after, AQn[m * C + c] = AP[c] / after;
         ++m;
       }
     }
+    ws.Q.swap(ws.Qn);
+    ws.AQ.swap(ws.AQn);
   }
 }
-
 
 struct Params {
   float threshold;
@@ -466,7 +491,7 @@ PRIMAPS_CLONES void proposals_one_image(const float* X, int64_t C, int64_t N, co
   std::vector<int64_t> idx;
   EigenWork ws(static_cast<int>(std::min<int64_t>(kBlockVectors, C)), C);
   Lcg rng{0x9E3779B97F4A7C15ULL};
-  for (auto& x : ws.U) x = rng.next();
+  for (size_t i = 0; i < static_cast<size_t>(ws.b) * C; ++i) ws.Q[i] = rng.next();
 
   for (int64_t p = 0; p < N; ++p) owner[p] = -1, value[p] = 0.0f;
   int64_t k = 0;

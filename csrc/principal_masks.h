@@ -85,9 +85,11 @@ PRIMAPS_HD void jacobi_eigen(int b, double* H, double* lam, double* Q) {
       for (int q = p + 1; q < b; ++q) {
         const double apq = H[p * b + q];
         if (apq == 0.0) continue;
-        // Rotation of columns p, q by phi with tan(2 phi) = 2 a_pq / (a_qq - a_pp) zeroes a_pq.
-        const double phi = 0.5 * atan2(2.0 * apq, H[q * b + q] - H[p * b + p]);
-        const double c = cos(phi), s = sin(phi);
+        // Rotation of columns p, q that zeroes a_pq: t = tan(phi) is the smaller root of
+        // t^2 + 2 theta t - 1 = 0, theta = (a_qq - a_pp) / (2 a_pq) (no trigonometric calls).
+        const double theta = (H[q * b + q] - H[p * b + p]) / (2.0 * apq);
+        const double t = (theta >= 0.0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0));
+        const double c = 1.0 / sqrt(t * t + 1.0), s = t * c;
         for (int k = 0; k < b; ++k) {
           const double kp = H[k * b + p], kq = H[k * b + q];
           H[k * b + p] = c * kp - s * kq;
