@@ -72,7 +72,7 @@ def workspace_bytes(B: int, C: int, N: int, backend: str) -> int:
         cp, npad = -(-C // 4) * 4, -(-N // 16) * 16
         per_image = 8 * cp * cp + 4 * cp * npad + 4 * C * N + 2 * cp * (N + 16) + 48 * N + 300 * C
         return min(B, _dispatch.num_threads()) * per_image + 16 * B * N
-    return B * (8 * C * C + 20 * C * N + 200 * C + 32 * N)  # S, scaled / shifted / normalised features
+    return B * (16 * C * C + 24 * C * N + 400 * C + 32 * N)  # S and A, shifted / normalised features
 
 
 def memory_limit(device: torch.device) -> int:
