@@ -152,15 +152,6 @@ using SyrkFn = void (*)(const float*, int64_t, int64_t, int64_t, double*, double
 // ---------------------------------------------------------------------------------------------------
 // Small dense linear algebra in float64 for the eigen solver.
 
-// Deterministic pseudo-random numbers in [-1, 1) (an LCG): start vectors must not depend on a seed.
-struct Lcg {
-  uint64_t state;
-  double next() {
-    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
-    return static_cast<double>(state >> 11) * (2.0 / 9007199254740992.0) - 1.0;
-  }
-};
-
 // Dot product with 8 independent partial sums (a fixed order, so every ISA clone rounds the same;
 // the compiler vectorises the lanes).
 inline double dot(const double* x, const double* y, int64_t n) {
@@ -490,7 +481,7 @@ PRIMAPS_CLONES void proposals_one_image(const float* X, int64_t C, int64_t N, co
   std::vector<float> v(C), cos(N), sim(N), anchor(C), G;
   std::vector<int64_t> idx;
   EigenWork ws(static_cast<int>(std::min<int64_t>(kBlockVectors, C)), C);
-  Lcg rng{0x9E3779B97F4A7C15ULL};
+  Lcg rng{kLcgSeed};
   for (size_t i = 0; i < static_cast<size_t>(ws.b) * C; ++i) ws.Q[i] = rng.next();
 
   for (int64_t p = 0; p < N; ++p) owner[p] = -1, value[p] = 0.0f;

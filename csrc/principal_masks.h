@@ -1,8 +1,9 @@
 // The rules of the PriMaPs proposal loop, shared by the C++ (principal_masks.cpp) and CUDA
 // (cuda/principal_masks.cu) kernels: the loop condition, the degenerate-covariance test, the anchor and
-// threshold rules, the eigen solver's convergence test and Chebyshev degree, and the small Jacobi
-// eigen-solver of its Rayleigh-Ritz step. primaps_fast/reference/primaps.py states the same rules in
-// PyTorch; the Triton backend (primaps_fast/triton/principal_masks.py) restates them in Python.
+// threshold rules, the eigen solvers' convergence test, the Chebyshev degree (CUDA's solver), the small
+// Jacobi eigen-solver of the Rayleigh-Ritz steps and the start vectors. primaps_fast/reference/primaps.py
+// states the same rules in PyTorch; the Triton backend (primaps_fast/triton/principal_masks.py) restates
+// them in Python.
 //
 // principal_masks.cpp includes this header after `#pragma GCC optimize("fp-contract=off")`, so every
 // ISA clone of its callers rounds these functions alike.
@@ -23,6 +24,17 @@ constexpr int kMaxEigIterations = 200;     // Chebyshev Rayleigh-Ritz steps befo
 constexpr int kMaxDegree = 16;             // Chebyshev degree cap per Rayleigh-Ritz step
 constexpr double kMaxAmplification = 1e12; // cap of T_d at the top Ritz value: the block keeps its rank
 constexpr double kDegenerateRtol = 1e-10;  // same constant as reference/primaps.py
+
+// Deterministic pseudo-random numbers in [-1, 1) (an LCG): the eigen solvers' start vectors (and the
+// replacement of a vector that collapses) must not depend on a seed.
+struct Lcg {
+  uint64_t state;
+  PRIMAPS_HD double next() {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return static_cast<double>(state >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+  }
+};
+constexpr uint64_t kLcgSeed = 0x9E3779B97F4A7C15ULL;
 
 // The loop goes on while the removed fraction, in float32 as the official loop, is below stop_fraction
 // and fewer than max_masks proposals exist (max_masks <= 0: no cap).

@@ -8,6 +8,8 @@ low-rank-plus-noise features with a decaying spectrum. On such inputs the backen
 counts, identical supports and values equal to 1e-5. Pure-noise features (a flat spectrum: the reference
 is not converged there) are checked for their counts, the default cap, invariants and determinism.
 """
+import os
+
 import pytest
 import torch
 
@@ -278,3 +280,62 @@ def test_max_masks_beyond_pixels_is_no_cap(rng):
     f = low_rank_features(2, 16, 5, 6, rng)
     want = primaps_fast.principal_masks(f, max_masks=None, backend="cpu")
     assert_same_proposals(primaps_fast.principal_masks(f, max_masks=2**63 - 1, backend="cpu"), want)
+
+
+# ---- GPU: the CUDA and Triton backends on CUDA tensors; skipped, with the reason, without a GPU ----
+
+def skip_gpu_unavailable(backend):
+    if not torch.cuda.is_available():
+        pytest.skip(f"principal_masks backend={backend!r} on CUDA tensors: needs an NVIDIA GPU (none here)")
+    if backend == "cuda":
+        try:
+            from primaps_fast import _C_cuda  # noqa: F401
+        except ImportError:
+            pytest.skip("CUDA backend: primaps_fast._C_cuda was not built (no nvcc at build time, or "
+                        "PRIMAPS_FAST_CUDA=0)")
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton on CUDA tensors: TRITON_INTERPRET=1 (run with PRIMAPS_FAST_TEST_DEVICE=cuda)")
+
+
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("B,C,h,w", [(1, 3, 5, 7), (3, 64, 9, 7), (2, 384, 11, 13), (1, 768, 7, 9)])
+@pytest.mark.parametrize("kind", ["scenes", "low_rank"])
+def test_gpu_matches_reference(backend, B, C, h, w, kind, rng):
+    skip_gpu_unavailable(backend)
+    f = scenes_features(B, C, h, w, seed=C + h) if kind == "scenes" else low_rank_features(B, C, h, w, rng)
+    got = primaps_fast.principal_masks(f.cuda(), backend=backend)
+    assert got.masks.is_cuda and got.counts.is_cuda
+    want = reference.principal_masks(f)
+    assert_same_proposals(type(got)(got.masks.cpu(), got.counts.cpu()), want)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_edge_cases_and_options(backend, rng):
+    """Constant, zero and one-pixel images, the caps and thresholds, the scale, and pure noise (whose
+    proposals are checked for their invariants and determinism: the reference is not converged there)."""
+    skip_gpu_unavailable(backend)
+    pm = primaps_fast.principal_masks
+    const = torch.randn(16, 1, 1, generator=rng).expand(16, 5, 3)
+    out = pm(torch.stack([const, torch.zeros(16, 5, 3)]).cuda(), backend=backend)
+    assert out.counts.tolist() == [1, 0] and torch.equal(out.masks[0, 0].cpu(), torch.ones(5, 3))
+    assert pm(torch.randn(7, 1, 1).cuda(), backend=backend).counts.tolist() == [1]
+    f = low_rank_features(3, 32, 9, 11, rng)
+    full = pm(f.cuda(), backend=backend)
+    capped = pm(f.cuda(), max_masks=2, backend=backend)
+    assert capped.counts.tolist() == full.counts.clamp(max=2).tolist()
+    torch.testing.assert_close(capped.masks, full.masks[:, :2])
+    strict = pm(f.cuda(), threshold=0.9, backend=backend)
+    assert_same_proposals(type(strict)(strict.masks.cpu(), strict.counts.cpu()), reference.principal_masks(f, threshold=0.9))
+    for scale in (2.0**-100, 1e-35, 1e30):
+        assert_same_proposals(pm(f.cuda() * scale, backend=backend), full)
+    noise = noise_features(2, 128, 20, 19, seed=5)
+    got = pm(noise.cuda(), max_masks=None, backend=backend)
+    assert (got.counts > 300).all()  # mostly one-pixel proposals (the anchors may differ from the C++ ones)
+    support = (got.masks > 0).sum(1)
+    assert support.max() <= 1 and (support.float().mean((1, 2)) >= 0.95).all()
+    assert torch.equal(pm(noise.cuda(), backend=backend).counts.cpu(), torch.tensor([254, 254]))
+    again = pm(noise.cuda(), max_masks=None, backend=backend)
+    assert torch.equal(again.masks, got.masks)  # the same result on every run

@@ -126,7 +126,7 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
             above what real images give (a handful of proposals per 40x40 feature map); it bounds
             degenerate inputs such as pure-noise features, where every proposal is one pixel (about
             1500 proposals at 40x40 without a cap).
-        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "reference".
+        backend: None (C++ on CPU, Triton on CUDA), "cpu", "cuda", "triton" or "reference".
 
     Returns:
         ``PrincipalMasks(masks, counts)``: ``masks`` float32 (B, M, h, w) with ``M = max(counts)``
@@ -160,7 +160,8 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
     loop). The others form the covariance once per image (float64 accumulation) and downdate it as
     pixels leave, and iterate ``v`` from the previous proposal's vectors to a residual
     ``||A v - theta v|| <= 1e-7 theta``: "cpu" one image per thread with a locally optimal block method
-    (LOBPCG); "triton" (and "cuda") the whole batch together with Chebyshev-filtered subspace iteration.
+    (LOBPCG); "triton" the whole batch together, round by round, and "cuda" in one launch (a thread block
+    per image runs its whole loop), both with Chebyshev-filtered subspace iteration.
 
     Memory: the C++ and GPU backends hold a float64 C x C matrix per image (per thread on the CPU, per
     batch image on the GPU); an input that needs more than the device's memory is refused up front.
@@ -176,12 +177,14 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
         from primaps_fast.reference.primaps import principal_masks as ref
 
         return ref(features, threshold=threshold, stop_fraction=stop_fraction, max_masks=max_masks)
-    if backend == "triton":
-        from primaps_fast.triton.principal_masks import principal_masks_triton
+    if backend in ("triton", "cuda"):
+        if backend == "cuda":
+            from primaps_fast.cuda.principal_masks import principal_masks_cuda as launcher
+        else:
+            from primaps_fast.triton.principal_masks import principal_masks_triton as launcher
 
-        owner, value, counts = principal_masks_triton(
-            power_of_two_scaled(features).float().contiguous(), float(threshold), float(stop_fraction),
-            max_masks)
+        owner, value, counts = launcher(power_of_two_scaled(features).float().contiguous(), float(threshold),
+                                        float(stop_fraction), max_masks)
         return PrincipalMasks(stack_proposals(owner, value, counts), counts)
     owner, value, counts = principal_masks_cpu(features, threshold, stop_fraction, max_masks)
     masks = torch.empty(owner.shape[0], max(1, int(counts.max())), *owner.shape[1:], dtype=torch.float32)
