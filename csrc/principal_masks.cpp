@@ -264,47 +264,25 @@ struct Covariance {
   double inv_n;
 };
 
-// Lanes of a dot product, summed in a fixed order.
-inline double lane_sum(const double* a) { return (a[0] + a[1]) + (a[2] + a[3]); }
-
-// y = A x. Four rows of the triangle at a time, so each y_k is loaded and stored once per four rows.
+// y = A x.
 PRIMAPS_CLONES void apply(const Covariance& A, const double* x, double* y) {
-  const int64_t C = A.C, Cp = A.Cp;
+  const int64_t C = A.C;
   std::fill(y, y + C, 0.0);
-  int64_t i = 0;
-  for (; i + 4 <= C; i += 4) {
-    const double* r[4] = {A.S + i * Cp, A.S + (i + 1) * Cp, A.S + (i + 2) * Cp, A.S + (i + 3) * Cp};
-    const double x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
-    double a0[4] = {0, 0, 0, 0}, a1[4] = {0, 0, 0, 0}, a2[4] = {0, 0, 0, 0}, a3[4] = {0, 0, 0, 0};
-    for (int64_t k = 0; k < i; k += 4)  // i is a multiple of 4
-      for (int l = 0; l < 4; ++l) {
-        const double s0 = r[0][k + l], s1 = r[1][k + l], s2 = r[2][k + l], s3 = r[3][k + l];
-        const double xk = x[k + l];
-        a0[l] += s0 * xk;
-        a1[l] += s1 * xk;
-        a2[l] += s2 * xk;
-        a3[l] += s3 * xk;
-        y[k + l] += (s0 * x0 + s1 * x1) + (s2 * x2 + s3 * x3);
+  for (int64_t i = 0; i < C; ++i) {
+    const double* row = A.S + i * A.Cp;
+    const double xi = x[i];
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = 0;
+    for (; k + 8 <= i; k += 8)
+      for (int l = 0; l < 8; ++l) {
+        acc[l] += row[k + l] * x[k + l];
+        y[k + l] += row[k + l] * xi;
       }
-    const double* acc[4] = {a0, a1, a2, a3};
-    for (int q = 0; q < 4; ++q) {  // the 4 x 4 block on the diagonal
-      const int64_t ii = i + q;
-      double t = lane_sum(acc[q]);
-      for (int64_t c = i; c < ii; ++c) {
-        t += r[q][c] * x[c];
-        y[c] += r[q][c] * x[ii];
-      }
-      y[ii] += t + r[q][ii] * x[ii];
+    for (; k < i; ++k) {
+      acc[k & 7] += row[k] * x[k];
+      y[k] += row[k] * xi;
     }
-  }
-  for (; i < C; ++i) {  // the last C % 4 rows
-    const double* row = A.S + i * Cp;
-    double t = 0.0;
-    for (int64_t k = 0; k < i; ++k) {
-      t += row[k] * x[k];
-      y[k] += row[k] * x[i];
-    }
-    y[i] += t + row[i] * x[i];
+    y[i] += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + row[i] * xi;
   }
   const double mx = dot(A.mean, x, C);
   for (int64_t c = 0; c < C; ++c) y[c] = y[c] * A.inv_n - A.mean[c] * mx;
@@ -320,24 +298,16 @@ struct EigenWork {
       : b(b_), Q(static_cast<size_t>(b_ + 2) * C), AQ(Q.size()), Qn(Q.size()), AQn(Q.size()), P(C), AP(C) {}
 };
 
-// out_j = sum_i Z[i][j] in_i for j < cols (in: rows of length C, Z: m x m row-major), by blocks of 8
-// channels so each output is written once.
+// out_j = sum_i Z[i][j] in_i for j < cols (in: rows of length C, Z: m x m row-major).
 PRIMAPS_CLONES void combine(int m, int cols, int64_t C, const double* Z, const double* in, double* out) {
-  for (int64_t c0 = 0; c0 < C; c0 += 8) {
-    const int64_t len = std::min<int64_t>(8, C - c0);
-    for (int j = 0; j < cols; ++j) {
-      double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int i = 0; i < m; ++i) {
-        const double z = Z[i * m + j];
-        const double* xi = in + i * C + c0;
-        if (len == 8)
-          for (int l = 0; l < 8; ++l) acc[l] += z * xi[l];
-        else
-          for (int l = 0; l < len; ++l) acc[l] += z * xi[l];
-      }
-      for (int l = 0; l < len; ++l) out[j * C + c0 + l] = acc[l];
+  std::fill(out, out + static_cast<size_t>(cols) * C, 0.0);
+  for (int j = 0; j < cols; ++j)
+    for (int i = 0; i < m; ++i) {
+      const double z = Z[i * m + j];
+      const double* x = in + i * C;
+      double* o = out + j * C;
+      for (int64_t c = 0; c < C; ++c) o[c] += z * x[c];
     }
-  }
 }
 
 // x -= (x . q) q and ax -= (x . q) aq for the n rows q of Q (and aq of AQ), twice (the A-images follow
