@@ -199,6 +199,61 @@ PRIMAPS_CLONES void orthonormalise(int b, int64_t C, double* V, Lcg& rng) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// y = S x for the symmetric S stored as the lower triangle of a Cp x Cp row-major array (the SYRK's):
+// each stored S_ik (k < i) serves both y_i += S_ik x_k and y_k += S_ik x_i. The dot of row i runs in 8
+// lanes (k mod 8). The AVX2 kernel and its scalar twin make the same FMAs in the same order, so every
+// ISA gives the same bits.
+
+#ifdef PRIMAPS_X86
+__attribute__((target("avx2,fma"))) void symv_avx2(const double* S, int64_t Cp, int64_t C, const double* x,
+                                                   double* y) {
+  std::fill(y, y + C, 0.0);
+  for (int64_t i = 0; i < C; ++i) {
+    const double* row = S + i * Cp;
+    const __m256d xi = _mm256_set1_pd(x[i]);
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0;
+    int64_t k = 0;
+    for (; k + 8 <= i; k += 8) {
+      const __m256d r0 = _mm256_loadu_pd(row + k), r1 = _mm256_loadu_pd(row + k + 4);
+      a0 = _mm256_fmadd_pd(r0, _mm256_loadu_pd(x + k), a0);
+      a1 = _mm256_fmadd_pd(r1, _mm256_loadu_pd(x + k + 4), a1);
+      _mm256_storeu_pd(y + k, _mm256_fmadd_pd(r0, xi, _mm256_loadu_pd(y + k)));
+      _mm256_storeu_pd(y + k + 4, _mm256_fmadd_pd(r1, xi, _mm256_loadu_pd(y + k + 4)));
+    }
+    double acc[8];
+    _mm256_storeu_pd(acc, a0);
+    _mm256_storeu_pd(acc + 4, a1);
+    for (; k < i; ++k) {
+      acc[k & 7] = std::fma(row[k], x[k], acc[k & 7]);
+      y[k] = std::fma(row[k], x[i], y[k]);
+    }
+    y[i] += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + row[i] * x[i];
+  }
+}
+#endif  // PRIMAPS_X86
+
+void symv_scalar(const double* S, int64_t Cp, int64_t C, const double* x, double* y) {
+  std::fill(y, y + C, 0.0);
+  for (int64_t i = 0; i < C; ++i) {
+    const double* row = S + i * Cp;
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = 0;
+    for (; k + 8 <= i; k += 8)
+      for (int l = 0; l < 8; ++l) {
+        acc[l] = std::fma(row[k + l], x[k + l], acc[l]);
+        y[k + l] = std::fma(row[k + l], x[i], y[k + l]);
+      }
+    for (; k < i; ++k) {
+      acc[k & 7] = std::fma(row[k], x[k], acc[k & 7]);
+      y[k] = std::fma(row[k], x[i], y[k]);
+    }
+    y[i] += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + row[i] * x[i];
+  }
+}
+
+using SymvFn = void (*)(const double*, int64_t, int64_t, const double*, double*);
+
 // Kernel selection: the best the CPU supports, or (tests) a lower ISA chosen with set_isa.
 #ifdef PRIMAPS_X86
 bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
@@ -214,16 +269,17 @@ std::string best_isa() { return "scalar"; }
 
 std::string current_isa = best_isa();
 SyrkFn syrk = nullptr;
+SymvFn symv = nullptr;
 
 std::string set_isa(const std::string& isa) {
   const std::string want = isa == "auto" ? best_isa() : isa;
   if (want == "scalar") {
-    syrk = syrk_scalar;
+    syrk = syrk_scalar, symv = symv_scalar;
 #ifdef PRIMAPS_X86
   } else if (want == "avx512" && has_avx512()) {
-    syrk = syrk_avx512;
+    syrk = syrk_avx512, symv = symv_avx2;
   } else if (want == "avx2" && has_avx2()) {
-    syrk = syrk_avx2;
+    syrk = syrk_avx2, symv = symv_avx2;
 #endif
   } else {
     throw std::invalid_argument("isa: expected 'auto', 'scalar' or one this CPU supports "
@@ -256,7 +312,6 @@ void syrk_rows(const float* Y, int64_t ld, int64_t Cp, int64_t len, double* S, d
 // scatter of the shifted features (its lower triangle, in the Cp x Cp array the SYRK writes), m their
 // mean. A is never formed, and the 0.5 C^2 doubles of the triangle stay in the L2 cache while the
 // eigen solver runs (a full A, 1.2 MB at C = 384, does not fit and made every product a trip to L3).
-// Each stored S_ik (k < i) serves both y_i += S_ik x_k and y_k += S_ik x_i.
 struct Covariance {
   const double* S;
   int64_t Cp, C;
@@ -267,23 +322,7 @@ struct Covariance {
 // y = A x.
 PRIMAPS_CLONES void apply(const Covariance& A, const double* x, double* y) {
   const int64_t C = A.C;
-  std::fill(y, y + C, 0.0);
-  for (int64_t i = 0; i < C; ++i) {
-    const double* row = A.S + i * A.Cp;
-    const double xi = x[i];
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t k = 0;
-    for (; k + 8 <= i; k += 8)
-      for (int l = 0; l < 8; ++l) {
-        acc[l] += row[k + l] * x[k + l];
-        y[k + l] += row[k + l] * xi;
-      }
-    for (; k < i; ++k) {
-      acc[k & 7] += row[k] * x[k];
-      y[k] += row[k] * xi;
-    }
-    y[i] += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + row[i] * xi;
-  }
+  symv(A.S, A.Cp, C, x, y);
   const double mx = dot(A.mean, x, C);
   for (int64_t c = 0; c < C; ++c) y[c] = y[c] * A.inv_n - A.mean[c] * mx;
 }
@@ -594,7 +633,7 @@ static primaps::Registrar registrar([](py::module_& m) {
   m.def("stack_proposals", &stack_proposals_cpu, py::arg("owner"), py::arg("value"), py::arg("masks"),
         "Scatter disjoint proposals owner/value (B, h, w) into masks (B, M, h, w).");
   m.def("principal_masks_isa", &set_isa, py::arg("isa"),
-        "Testing hook: selects the SYRK / block-product kernels ('auto', 'avx512', 'avx2', 'scalar') "
+        "Testing hook: selects the SYRK / symmetric-product kernels ('auto', 'avx512', 'avx2', 'scalar') "
         "for principal_masks and returns the one in use. Not thread-safe: do not call during a run.");
   m.def("principal_masks", &principal_masks_cpu, py::arg("features"), py::arg("owner"),
         py::arg("value"), py::arg("counts"), py::arg("threshold"), py::arg("stop_fraction"),

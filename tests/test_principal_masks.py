@@ -219,6 +219,24 @@ def test_scale_free(backend, rng):
         assert_same_proposals(primaps_fast.principal_masks(f.double() * scale, backend=backend), base)
 
 
+def test_cpu_kernel_isas_bit_identical():
+    """The SIMD kernels and their scalar twins round alike: bit-identical proposals on noise (a flat
+    spectrum, where any rounding difference would move the anchors)."""
+    cpp = primaps_fast._dispatch.cpp()
+    f = noise_features(2, 40, 9, 8, seed=7)
+    want = primaps_fast.principal_masks(f, max_masks=None, backend="cpu")
+    try:
+        for isa in ("avx512", "avx2", "scalar"):
+            try:
+                cpp.principal_masks_isa(isa)
+            except ValueError:
+                continue  # not on this CPU
+            got = primaps_fast.principal_masks(f, max_masks=None, backend="cpu")
+            assert torch.equal(got.masks, want.masks) and torch.equal(got.counts, want.counts), isa
+    finally:
+        cpp.principal_masks_isa("auto")
+
+
 def noise_features(B, C, h, w, seed):
     return torch.randn(B, C, h, w, generator=torch.Generator().manual_seed(seed))
 
