@@ -8,9 +8,9 @@
 //   * S (float64, C x C) and the channel sums of Y over the remaining pixels come from one SYRK; when a
 //     proposal removes k pixels we subtract their SYRK, or, when fewer pixels remain than were removed,
 //     recompute S from the remaining ones (cost min(k, n - k) * C^2 / 2 per proposal).
-//   * v = top eigenvector of cov = S / n - m m^T by Chebyshev-filtered block subspace iteration (8
-//     vectors, Rayleigh-Ritz, warm-started from the previous proposal's Ritz vectors) until the residual
-//     ||A u - theta u|| <= 1e-7 theta.
+//   * v = top eigenvector of cov = S / n - m m^T (applied from the lower triangle of S, never formed) by
+//     a locally optimal block method (LOBPCG: Rayleigh-Ritz on 8 Ritz vectors warm-started from the
+//     previous proposal's, the top residual and the last step) until ||A u - theta u|| <= 1e-7 theta.
 //   * The fused pass: normalised features (computed once), cosine to v, anchor = first remaining pixel
 //     with the largest |cos| (the sign fix of DESIGN.md section 2), cosine to the anchor, threshold,
 //     proposal, update of the remaining set.
@@ -23,8 +23,9 @@
 // -1) and value (B, h, w) float32; stack_proposals then writes (B, M, h, w) once M = max(counts) is known.
 //
 // Cost per image at C = 384, N = 1600 (synthetic scenes, ~4 proposals): SYRK 119 M FMAs, downdates
-// ~70 M FMAs (float32, ~75 GFMA/s on one AVX-512 core), block products ~30 M float64 FMAs. Pure noise
-// (one pixel per proposal, ~1500 proposals): ~35 block products of 1.2 M float64 FMAs per proposal.
+// ~70 M FMAs (float32, ~75 GFMA/s on one AVX-512 core), eigen solver a few M float64 FMAs. Pure noise
+// (one pixel per proposal, ~1500 proposals): ~8 + 30 products of one vector (C^2 = 0.15 M FMAs each)
+// and as much again in Rayleigh-Ritz work per proposal.
 #if defined(__x86_64__) || defined(_M_X64)
 #define PRIMAPS_X86 1
 #include <immintrin.h>

@@ -152,8 +152,10 @@ __device__ void orthonormalise(int b, int64_t C, double* V, Lcg& rng, Shared& sh
   }
 }
 
-// Top eigenvector of cov (the C++ principal_masks.cpp of Chebyshev-filtered subspace iteration): from the
-// warm block V (b x C), left holding the Ritz vectors; W, U, AU, Y1, Y2 are b x C scratch. Writes v.
+// Top eigenvector of cov by Chebyshev-filtered subspace iteration (the degree and the stopping test of
+// principal_masks.h; the C++ kernel runs LOBPCG, one vector per product, which suits a CPU core better
+// than a GPU block, and stops at the same test): from the warm block V (b x C), left holding the Ritz
+// vectors; W, U, AU, Y1, Y2 are b x C scratch. Writes v.
 __device__ void top_eigenvector(const double* S, const double* mean, double inv_n, int64_t C, int b, double* V,
                                 double* W, double* U, double* AU, double* Y1, double* Y2, double* v, Lcg& rng,
                                 Shared& sh) {

@@ -1,11 +1,10 @@
 """PriMaPs mask proposals: the loop of the official ``PriMaPs._get_pseudo`` before the median filter."""
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
-
-import os
 
 from primaps_fast import _dispatch
 from primaps_fast.reference.primaps import DEFAULT_MAX_MASKS
@@ -46,12 +45,13 @@ def validate_args(features, threshold, stop_fraction, max_masks) -> torch.Tensor
     return features
 
 
-def power_of_two_scaled(features: torch.Tensor) -> torch.Tensor:
+def scaled_float32(features: torch.Tensor) -> torch.Tensor:
     """Each image of ``features`` (B, ...) times ``2**-e``, ``e`` the binary exponent of its largest
-    ``|value|`` (which lands in [0.5, 1)), in the same dtype. A power of two changes no digit, so the
-    proposals do not depend on the scale of the features; the scaled values no longer underflow in
-    products (tiny features) or overflow in float32 sums of squares (huge ones). Every backend applies it
-    (the C++ kernel in its first pass over float32 features)."""
+    ``|value|`` (which lands in [0.5, 1)), as float32. A power of two changes no digit (the product is
+    exact in float64, then rounded once to float32, exactly for float32 and narrower inputs), so the
+    proposals do not depend on the scale of the features, and the scaled values no longer underflow in
+    products (tiny features) or overflow in float32 sums of squares (huge ones). Every backend applies
+    it (the C++ kernel itself, in its first pass over float32 features)."""
     big = features.detach().abs().amax(dim=tuple(range(1, features.dim()))).double()
     exponent = torch.frexp(big)[1].long()  # big = mantissa * 2**exponent, 0 for an all-zero image
     half = torch.div(exponent, 2, rounding_mode="floor")
@@ -59,7 +59,7 @@ def power_of_two_scaled(features: torch.Tensor) -> torch.Tensor:
     one = torch.ones_like(big)
     # two float64 factors: float64 inputs can need powers beyond float64's range (2**1074)
     scaled = features.double() * torch.ldexp(one, -half).view(shape) * torch.ldexp(one, half - exponent).view(shape)
-    return scaled.to(features.dtype)
+    return scaled.float()
 
 
 def workspace_bytes(B: int, C: int, N: int, backend: str) -> int:
@@ -183,7 +183,7 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
         else:
             from primaps_fast.triton.principal_masks import principal_masks_triton as launcher
 
-        owner, value, counts = launcher(power_of_two_scaled(features).float().contiguous(), float(threshold),
+        owner, value, counts = launcher(scaled_float32(features).contiguous(), float(threshold),
                                         float(stop_fraction), max_masks)
         return PrincipalMasks(stack_proposals(owner, value, counts), counts)
     owner, value, counts = principal_masks_cpu(features, threshold, stop_fraction, max_masks)
@@ -194,12 +194,11 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
 
 def principal_masks_cpu(features, threshold=0.4, stop_fraction=0.95, max_masks=None):
     """C++ kernel call on a (B, C, h, w) tensor: owner (B, h, w) int64, value (B, h, w) float32, counts.
-    The kernel scales float32 images by their power of two itself; wider dtypes are scaled before the
+    The kernel scales float32 images by their power of two itself; float64 ones are scaled before the
     cast (which could otherwise overflow or underflow)."""
     x = features.detach()
-    if x.dtype == torch.float64:
-        x = power_of_two_scaled(x)
-    x = x.to(dtype=torch.float32).contiguous()
+    x = scaled_float32(x) if x.dtype == torch.float64 else x.to(dtype=torch.float32)
+    x = x.contiguous()
     B, _, h, w = x.shape
     owner = torch.empty(B, h, w, dtype=torch.int64)
     value = torch.empty(B, h, w, dtype=torch.float32)

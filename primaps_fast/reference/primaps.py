@@ -49,11 +49,12 @@ DEGENERATE_RTOL = 1e-10
 DEFAULT_MAX_MASKS = 254
 
 
-def _power_of_two_scaled(feat: torch.Tensor) -> torch.Tensor:
-    """``feat`` (one image) times ``2**-e`` with its largest ``|value|`` ``* 2**-e`` in [0.5, 1): exact
-    (two factors, each a float64, for exponents beyond float64's range of powers of two)."""
+def _scaled_float32(feat: torch.Tensor) -> torch.Tensor:
+    """``feat`` (one image) times ``2**-e`` with its largest ``|value|`` ``* 2**-e`` in [0.5, 1), as
+    float32: exact in float64 (two factors, for exponents beyond float64's range of powers of two), then
+    rounded once."""
     e = math.frexp(float(feat.detach().abs().max()))[1]  # 0 for an all-zero image
-    return (feat.double() * 2.0 ** -(e // 2) * 2.0 ** -(e - e // 2)).to(feat.dtype)
+    return (feat.double() * 2.0 ** -(e // 2) * 2.0 ** -(e - e // 2)).float()
 
 
 def _principal_direction(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ def principal_masks(features, *, threshold=0.4, stop_fraction=0.95, max_masks=DE
     if features.dim() == 3:
         features = features[None]
     device = features.device
-    feats = torch.stack([_power_of_two_scaled(f.detach().cpu()).float() for f in features])
+    feats = torch.stack([_scaled_float32(f.detach().cpu()) for f in features])
     B, _, h, w = feats.shape
     per_image = [_proposals_one(f, threshold, stop_fraction, max_masks) for f in feats]
     counts = torch.tensor([len(p) for p in per_image], dtype=torch.int64)
@@ -163,8 +164,8 @@ def pseudo_labels(images, features, *, threshold=0.4, ignore_index=255, crf=True
     """Reference of :func:`primaps_fast.pseudo_labels`: the official ``_get_pseudo(img, feat, zeros)``
     per image (module docstring lists the deliberate differences). Returns int64 (B, H, W)."""
     B, _, H, W = images.shape
-    per_image = [_proposals_one(_power_of_two_scaled(f.detach().cpu()).float(), threshold, 0.95,
-                                DEFAULT_MAX_MASKS) for f in features]
+    per_image = [_proposals_one(_scaled_float32(f.detach().cpu()), threshold, 0.95, DEFAULT_MAX_MASKS)
+                 for f in features]
     max_count = max(len(p) for p in per_image)
     if 1 <= ignore_index <= max_count:
         raise ValueError(f"ignore_index: {ignore_index} clashes with the mask ids 1..{max_count}")
