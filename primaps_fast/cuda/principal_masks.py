@@ -22,7 +22,8 @@ def principal_masks_cuda(features, threshold, stop_fraction, max_masks):
     x_mean = x.double().mean(-1)
     y = (x.double() - x_mean[:, :, None]).float().contiguous()  # as the C++ kernel: float32 shifted features
     yd = y.double()
-    S = torch.bmm(yd, yd.transpose(1, 2)).contiguous()  # the first scatter; the kernel downdates it
+    S = torch.bmm(yd, yd.transpose(1, 2))  # the first scatter; the kernel downdates it symmetrically
+    S = (0.5 * (S + S.transpose(1, 2))).contiguous()  # exactly symmetric, or the residual test can stall
     sums = yd.sum(-1).contiguous()
     del yd
     ext = extension()
