@@ -430,8 +430,10 @@ static Registrar reg([](py::module_& m) {
         py::arg("value"), py::arg("counts"), py::arg("B"), py::arg("C"), py::arg("N"), py::arg("threshold"),
         py::arg("stop_fraction"), py::arg("max_masks"), py::arg("device"), py::arg("stream"),
         "PriMaPs proposals of B images (one block each): owner (B, N) int64, value (B, N) float32, counts (B,).");
-  m.def("principal_masks_workspace", [](int64_t C, int64_t N) { return py::make_tuple(work_doubles(C), work_floats(C, N)); },
-        py::arg("C"), py::arg("N"), "Per-image workspace of principal_masks: (doubles, floats).");
+  m.def(
+      "principal_masks_workspace",
+      [](int64_t C, int64_t N) { return py::make_tuple(work_doubles(C), work_floats(C, N)); }, py::arg("C"),
+      py::arg("N"), "Per-image workspace of principal_masks: (doubles, floats).");
 });
 
 }  // namespace
