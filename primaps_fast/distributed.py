@@ -29,7 +29,6 @@ import pickle
 import signal
 import time
 
-import numpy as np
 import torch
 
 TIMEOUT_ENV = "PRIMAPS_FAST_DIST_TIMEOUT"
@@ -202,14 +201,14 @@ def launch():
                                 rank=rank_, world_size=world, timeout=delta)
     except Exception as exc:
         missing = _absent(session, "joined")
+        who = f": rank(s) {_ranks(missing)} never joined" if missing else ""
         raise DistributedError(f"distributed: rank {rank_} could not start the process group of {world} ranks "
-                               f"within {limit:.0f} s" + (f": rank(s) {_ranks(missing)} never joined" if missing else "")
-                               + f" ({exc})") from exc
+                               f"within {limit:.0f} s{who} ({exc})") from exc
     session.group = dist.group.WORLD
     _session = session
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _main_thread() else None
     try:
-        barrier("start")
+        barrier("distributed: waiting for every rank to start")
         yield
     finally:
         if previous is not None:
@@ -293,10 +292,6 @@ def all_gather_object(value, what: str) -> list:
         return [value]
     got = _exchange(s, what, pickle.dumps(value), range(s.world))
     return [pickle.loads(got[r]) for r in range(s.world)]
-
-
-class _Replica:
-    """An exception of rank 0 as the other ranks re-raise it: the same type when it can be rebuilt."""
 
 
 def on_main(fn, what: str):
@@ -455,12 +450,6 @@ class DataParallel:
         all_reduce_sum([packed], "train: focal-loss class statistics")
         return packed[None, :-1], int(round(float(packed[-1])))
 
-    def sum_counts(self, values):
-        """Sums across ranks of a few float64 numbers (pixel counts, PCA sums)."""
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        all_reduce_sum([t], "train: counts")
-        return t.tolist()
-
     def sum_grads(self, params, loss: torch.Tensor, what: str) -> torch.Tensor:
         """Sum the gradients of ``params`` and the scalar ``loss`` across ranks (one collective);
         returns the summed loss."""
@@ -476,19 +465,11 @@ class DataParallel:
     def sum_(self, tensors, what: str) -> None:
         all_reduce_sum(tensors, what)
 
+    def broadcast_(self, tensors, what: str) -> None:
+        broadcast_(tensors, what)
+
 
 def data_parallel() -> DataParallel | None:
     """The reductions for a model trained on shares of each batch, or None in a single process."""
     s = _current()
     return DataParallel(s) if s is not None else None
-
-
-def first_failure(messages) -> str:
-    """Tidy list of distinct messages (for a report that collects them from several ranks)."""
-    return "; ".join(dict.fromkeys(m for m in messages if m))
-
-
-def array_split_sizes(n: int, parts: int) -> np.ndarray:
-    """Sizes of :func:`split`'s pieces."""
-    base, extra = divmod(n, parts)
-    return np.array([base + (p < extra) for p in range(parts)], dtype=np.int64)

@@ -152,7 +152,7 @@ def generate_pseudo_labels(dataset, out_root, *, cache=None, backbone=None, thre
             count.add(len(images))
             if main:
                 show()
-        distributed.barrier("pseudo: every rank finished its share", poll=show if main else None)
+        distributed.barrier("pseudo: waiting for every rank to finish its share", poll=show if main else None)
         if main:
             show()
     stats["computed"] = len(todo)

@@ -467,7 +467,7 @@ def _fill(root, manifest: dict, num_images: int, feature_shape, size: int, batch
                 count.add(len(idx))
                 if main:
                     show()
-            distributed.barrier("features: every rank finished its share", poll=show if main else None)
+            distributed.barrier("features: waiting for every rank to finish its share", poll=show if main else None)
             if main:
                 show()
     distributed.on_main(lambda: _merge_records(root, num_images), "features: merging the records")
