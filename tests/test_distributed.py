@@ -268,6 +268,21 @@ def test_rank_with_other_settings_is_refused_before_any_work(one, tmp_path):
     assert not (one / "pseudos").exists()
 
 
+def test_demo_on_two_processes_equals_one(tmp_path, monkeypatch, capsys):
+    """`primaps-fast demo --nproc 2` starts torchrun itself; its results equal the single-process demo's."""
+    args = ["--images", "8", "--epochs", "2", "--image-size", "64", "--batch-size", "4", "--no-crf"]
+    for k, v in child_env().items():
+        monkeypatch.setenv(k, v)
+    assert main(["demo", "--nproc", "2", "--out", str(tmp_path / "d2"), *args]) == 0
+    assert "torch.distributed.run --standalone --nproc_per_node=2 -m primaps_fast demo" in capsys.readouterr().out
+    assert main(["demo", "--out", str(tmp_path / "d1"), *args]) == 0
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("d1", "d2"))
+    assert two["pseudo_label_coverage"] == one["pseudo_label_coverage"] and two["em_steps"] == one["em_steps"]
+    np.testing.assert_allclose(two["em_epoch_mean_loss"], one["em_epoch_mean_loss"], rtol=1e-5)
+    for name, m in one["metrics"].items():
+        assert abs(two["metrics"][name]["mIoU"] - m["mIoU"]) < 0.05
+
+
 # ----------------------------------------------------------------------------- in-process
 def test_environment_checks(monkeypatch):
     assert distributed.launch_env({}) is None
