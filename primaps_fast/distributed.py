@@ -390,17 +390,27 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------- data channel (collectives)
+def _behind(s: _Session, seq: int) -> list:
+    """Ranks whose last recorded collective is before the ``seq``-th (best effort: [] without the store)."""
+    try:
+        return [r for r in range(s.world)
+                if not s.store.check([f"reached/{r}"]) or int(s.store.get(f"reached/{r}")) < seq]
+    except Exception:
+        return []
+
+
 def _collective(s: _Session, what: str, fn):
-    """Run the collective ``fn()``, first recording in the store that this rank reached it; a failure or
-    timeout names the ranks that never reached it."""
-    key = s.next_key("collective")
-    _store_call(s, what, lambda: s.store.set(f"{key}/{s.rank}", b"1"))
+    """Run the collective ``fn()``, first recording in the store (one key per rank, overwritten) that this
+    rank reached it; a failure or timeout names the ranks that never reached it."""
+    s.seq += 1
+    seq = s.seq
+    _store_call(s, what, lambda: s.store.set(f"reached/{s.rank}", str(seq)))
     try:
         return fn()
     except Stopped:
         raise
     except Exception as exc:
-        missing = _absent(s, key)
+        missing = _behind(s, seq)
         who = (f"rank(s) {_ranks(missing)} never reached it" if missing
                else "every rank reached it, so one of them failed during it or the network did")
         raise DistributedError(f"{what}: the collective failed on rank {s.rank} after at most "

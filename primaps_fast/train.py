@@ -103,18 +103,18 @@ class _FirstRows:
 
 class _RankBatches:
     """The global batches of a single-process epoch (``batches``: a ``BatchSampler``), each cut to this
-    rank's contiguous part (the whole batch in a single process). Lazy like ``BatchSampler``, so the
+    rank's contiguous part when ``share`` (data parallel), else whole. Lazy like ``BatchSampler``, so the
     DataLoader draws from the epoch's generator in the same order as with ``shuffle=True``."""
 
-    def __init__(self, batches):
-        self.batches = batches
+    def __init__(self, batches, share: bool):
+        self.batches, self.share = batches, share
 
     def __len__(self):
         return len(self.batches)
 
     def __iter__(self):
         for batch in self.batches:
-            yield distributed.split(batch)
+            yield distributed.split(batch) if self.share else batch
 
 
 def steps_per_epoch(num_items: int, batch_size: int) -> int:
@@ -150,15 +150,16 @@ def train_epochs(em, data, *, start_epoch: int, epochs: int, batch_size: int, se
     """
     history = []
     drop_last = len(data) >= batch_size
+    share = em.sync is not None
     smallest = batch_size if drop_last else len(data)
-    if smallest < distributed.world_size():
+    if share and smallest < distributed.world_size():
         raise ValueError(f"batch_size: {distributed.world_size()} ranks need at least as many images in every "
                          f"batch, but batches have {smallest}; use a larger --batch-size or fewer ranks")
     for epoch in range(start_epoch, epochs):
         g = torch.Generator().manual_seed(seed + epoch)
         sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(data, generator=g), batch_size,
                                                 drop_last)
-        loader = torch.utils.data.DataLoader(data, batch_sampler=_RankBatches(sampler), generator=g)
+        loader = torch.utils.data.DataLoader(data, batch_sampler=_RankBatches(sampler, share), generator=g)
         if hasattr(data, "set_epoch"):
             data.set_epoch(epoch)
 

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -341,7 +340,7 @@ def test_rank_batches_keep_the_single_process_order():
             data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(3), drop_last=drop_last)]
         g = torch.Generator().manual_seed(3)
         sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(data, generator=g), 4, drop_last)
-        got = [b[0].tolist() for b in torch.utils.data.DataLoader(data, batch_sampler=_RankBatches(sampler),
+        got = [b[0].tolist() for b in torch.utils.data.DataLoader(data, batch_sampler=_RankBatches(sampler, False),
                                                                   generator=g)]
         assert got == want
 
@@ -355,6 +354,16 @@ def test_wait_names_the_ranks_that_did_not_arrive():
     with pytest.raises(distributed.DistributedError, match=r"step x: rank\(s\) 1 did not arrive within 1 s"):
         distributed._wait_all(session, "b1", "step x", limit=1.0)
     assert time.monotonic() - t < 10
+    # a collective that fails names the ranks whose last recorded collective is an earlier one
+
+    def broken():
+        raise RuntimeError("Connection closed by peer")
+
+    session.store.set("reached/1", "0")
+    session.store.set("reached/2", "1")
+    with pytest.raises(distributed.DistributedError, match=r"train step: the collective failed on rank 0 .*rank\(s\) "
+                                                           r"1 never reached it .*Connection closed by peer"):
+        distributed._collective(session, "train step", broken)
 
 
 def test_focal_class_stats_of_two_ranks_equal_one_batch(rng):

@@ -360,7 +360,8 @@ def test_damaged_pseudo_folder_files_are_recomputed_or_named(ref, tmp_path, caps
     _garble(tmp_path / "p" / sub / "s7.png")
     if sub != "gts":  # the training data reads pseudos/ (and imgs/ for the student view)
         data = PseudoLabelData(FeatureCache(ref / "cache"), tmp_path / "p", images=True)
-        with pytest.raises(CorruptCacheError, match=f"{sub}/s3.png .*truncated or corrupt.*rerun `primaps-fast pseudo`"):
+        with pytest.raises(CorruptCacheError,
+                           match=f"{sub}/s3.png .*truncated or corrupt.*rerun `primaps-fast pseudo`"):
             data[3]
     assert main(pseudo(ref, tmp_path / "p")) == 0
     assert "2 computed, 8 already complete" in capsys.readouterr().out
