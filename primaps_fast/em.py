@@ -222,7 +222,8 @@ class PriMaPsEM:
                              if shuffle else torch.arange(n))
                     batches = (self._kmeans_share(rows, order[i:i + batch_size]) for i in range(0, n, batch_size))
                 else:
-                    batches = (self._kmeans_share(f.__getitem__, torch.arange(f.shape[0])) for f in fixed)
+                    batches = (self._kmeans_share(f.__getitem__, torch.arange(f.shape[0]))
+                               if self.sync is not None else (f, f.shape[0]) for f in fixed)
                 for f, global_batch in batches:
                     opt.zero_grad()
                     scores = _scores(v / v.norm(dim=1, keepdim=True), F.normalize(f, dim=1))

@@ -353,30 +353,30 @@ def _create(root, manifest: dict, num_images: int, feature_shape, size: int) -> 
     _unlink(os.path.join(root, CREATING))
 
 
-def _merge_records(root, n: int) -> None:
-    """Fold the per-writer records into ``done.npy`` (rank 0, while no writer runs)."""
-    done, parts = read_done(root, n)
-    if parts:
-        fileio.write_npy(os.path.join(root, RECORD), done)
-        for name in parts:
-            _unlink(os.path.join(root, name))
+def _tidy(root, n: int) -> None:
+    """Rank 0, while no writer runs: delete the temporary files killed writers left and ``creating.json``
+    (once the manifest exists), and fold the per-writer records into ``done.npy``. A read-only cache is
+    left as it is (it can still be read and checked; writing rows says that it is read-only)."""
+    try:
+        _unlink(os.path.join(root, CREATING))
+        remove_temporaries(root)
+        done, parts = read_done(root, n)
+        if parts:
+            fileio.write_npy(os.path.join(root, RECORD), done)
+            for name in parts:
+                _unlink(os.path.join(root, name))
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
 
 
 def _open_or_create(root, manifest: dict, num_images: int, feature_shape, size: int) -> None:
-    """Rank 0, before any writer starts: claim and create the folder, or tidy it for a resume (leftover
-    temporary files and ``creating.json`` removed, records merged)."""
+    """Rank 0, before any writer starts: claim and create the folder, or check and tidy it for a resume."""
     if claim_folder(root, manifest, "feature cache", "cache", _FIX_CACHE.format(root=root)):
         _create(root, manifest, num_images, feature_shape, size)
         return
     FeatureCache(root)  # every file readable and of the manifest's shape
-    try:
-        _unlink(os.path.join(root, CREATING))
-        remove_temporaries(root)
-        _merge_records(root, num_images)
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        # a read-only cache can still be checked; writing rows will say it is read-only
+    _tidy(root, num_images)
 
 
 def _pwrite_rows(path, offset, row_bytes, index, array) -> None:
@@ -470,7 +470,7 @@ def _fill(root, manifest: dict, num_images: int, feature_shape, size: int, batch
             distributed.barrier("features: waiting for every rank to finish its share", poll=show if main else None)
             if main:
                 show()
-    distributed.on_main(lambda: _merge_records(root, num_images), "features: merging the records")
+    distributed.on_main(lambda: _tidy(root, num_images), "features: merging the records on rank 0")
     return FeatureCache(root)
 
 
