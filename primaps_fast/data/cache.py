@@ -100,7 +100,7 @@ def _unlink(path) -> None:
 
 
 def not_writable(exc: OSError, root, arg: str) -> OSError:
-    """``exc`` (from writing in ``root``) with a message saying what to do, for a read-only or full folder."""
+    """``exc`` (from writing in ``root``); for a read-only folder, an error that says so and what to do."""
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return PermissionError(exc.errno, f"{arg}: cannot write in {root} ({os.strerror(exc.errno)}): the folder "
                                           f"is read-only for this user; choose a writable --{arg} folder or fix its "
