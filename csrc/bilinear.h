@@ -4,6 +4,7 @@
 // so that equal inputs give bit-identical upsampled values on both.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 

@@ -72,6 +72,13 @@ inline unsigned grid_for(int64_t n, int threads) {
   return static_cast<unsigned>(blocks < (int64_t{1} << 20) ? blocks : (int64_t{1} << 20));
 }
 
+// The block's dynamic shared memory (the launch's smem bytes), as T.
+template <typename T>
+__device__ T* dynamic_shared() {
+  extern __shared__ __align__(16) unsigned char dynamic_shared_bytes[];
+  return reinterpret_cast<T*>(dynamic_shared_bytes);
+}
+
 constexpr int kWarp = 32;
 
 // Sum over the block of every thread's v, in a fixed order (warp shuffles, then the warp sums in warp
