@@ -3,9 +3,9 @@
 //
 // One pass over the pixels (vote_kernel): each thread upsamples the K scores of its pixel with the taps
 // and the rounding of bilinear.h (bit-identical to the C++ kernel), takes the first maximum (argmax.h)
-// and votes for (mask id, class) in a histogram in shared memory, which each block then adds to the
-// image's histogram in global memory (integer atomics: the counts, hence the result, do not depend on
-// the order). When num_ids * K counts do not fit in shared memory, the votes go to global memory
+// and votes for (mask id, class) in a histogram in shared memory (one atomic per distinct vote of a
+// warp), which each block then adds to the image's histogram in global memory (integer atomics: the
+// counts, hence the result, do not depend on the order). When num_ids * K counts do not fit in shared memory, the votes go to global memory
 // directly. Then winner_kernel takes the first maximum of every (image, id) histogram (the smallest
 // class on ties, argmax.h) and write_kernel writes it to the mask's pixels.
 #include "../argmax.h"
@@ -33,18 +33,24 @@ __global__ void vote_kernel(const float* __restrict__ logits, const int64_t* __r
     for (int64_t i = threadIdx.x; i < bins; i += blockDim.x) counts[i] = 0;
     __syncthreads();
   }
-  const float* L = logits + b * K * h * w;
+  const int64_t hw = h * w;
+  const float* L = logits + b * K * hw;
   const int64_t* M = ids + b * H * W;
-  for (int j = 0; j < kPixelsPerThread; ++j) {
+  for (int j = 0; j < kPixelsPerThread; ++j) {  // every lane runs every step (the warp votes together)
     const int64_t p = tile * kTile + int64_t{j} * blockDim.x + threadIdx.x;  // coalesced over threads
-    if (p >= H * W) break;
-    const int64_t id = M[p];
-    if (id == ignore || id < 0 || id >= num_ids) continue;  // the op passes ids in [0, num_ids) or ignore
-    const Taps ty = bilinear_taps(p / W, h, H, scale_y), tx = bilinear_taps(p % W, w, W, scale_x);
-    float best = bilinear(L, w, ty, tx);
-    int cls = 0;
-    for (int k = 1; k < K; ++k) keep_first_max(bilinear(L + k * h * w, w, ty, tx), k, best, cls);
-    atomicAdd(counts + id * K + cls, 1);
+    const int64_t id = p < H * W ? M[p] : ignore;
+    long long bin = -1;  // (id, class) of this lane's vote; -1: no vote
+    if (id != ignore && id >= 0 && id < num_ids) {  // the op passes ids in [0, num_ids) or ignore
+      const Taps ty = bilinear_taps(p / W, h, H, scale_y), tx = bilinear_taps(p % W, w, W, scale_x);
+      float best = bilinear(L, w, ty, tx);
+      int cls = 0;
+      for (int k = 1; k < K; ++k) keep_first_max(bilinear(L + k * hw, w, ty, tx), k, best, cls);
+      bin = id * K + cls;
+    }
+    // Neighbouring pixels mostly vote alike: one atomic per distinct bin of the warp, by its first lane.
+    const unsigned peers = __match_any_sync(0xffffffffu, bin);
+    if (bin >= 0 && (threadIdx.x % gpu::kWarp) == static_cast<unsigned>(__ffs(peers) - 1))
+      atomicAdd(counts + bin, __popc(peers));
   }
   if (shared_hist) {
     __syncthreads();

@@ -42,13 +42,16 @@ inline cudaStream_t prepare(int device, Ptr stream, const char* what) {
   return reinterpret_cast<cudaStream_t>(stream);
 }
 
-// Dynamic shared memory above the default 48 KiB needs an opt-in per kernel, up to the device's limit.
+// Dynamic shared memory near or above the default 48 KiB per block (which also holds the kernel's static
+// shared memory, at most kStaticShared bytes here) needs an opt-in per kernel, up to the device's limit.
+constexpr size_t kStaticShared = 1024;
+
 template <typename Kernel>
 void allow_shared_memory(Kernel kernel, size_t bytes, int device, const char* what, const char* why) {
-  if (bytes <= 48 * 1024) return;
+  if (bytes + kStaticShared <= 48 * 1024) return;
   int limit = 0;
   check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), what);
-  require(bytes <= static_cast<size_t>(limit),
+  require(bytes + kStaticShared <= static_cast<size_t>(limit),
           std::string(what) + ": " + why + " needs " + std::to_string(bytes) + " bytes of shared memory, " +
               "this GPU has " + std::to_string(limit) + " per block");
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
