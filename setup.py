@@ -85,7 +85,8 @@ class build_ext(pybind11_build_ext):
         if mode != "0":
             self.nvcc = find_nvcc()
             if self.nvcc is None and mode == "1":
-                raise SystemExit("PRIMAPS_FAST_CUDA=1 but nvcc was not found ($CUDA_HOME/bin, PATH, /usr/local/cuda/bin)")
+                raise SystemExit("PRIMAPS_FAST_CUDA=1, but nvcc was not found ($CUDA_HOME/bin, PATH, "
+                                 "/usr/local/cuda/bin)")
         if self.nvcc is None:
             why = "PRIMAPS_FAST_CUDA=0" if mode == "0" else "nvcc not found ($CUDA_HOME/bin, PATH, /usr/local/cuda/bin)"
             print(f"primaps_fast: {why}: the CUDA backend (primaps_fast._C_cuda) is skipped; "

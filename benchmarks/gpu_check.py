@@ -179,7 +179,9 @@ def stages(ck: Check, B: int):
     def pm_agree(backend, out):
         if backend == "reference":
             return None  # randomized (pca_lowrank): timed only; the C++ proposals reproduce it
-        same = float(((out.masks.cpu() > 0) == (want.masks > 0)).float().mean()) if out.masks.shape == want.masks.shape else 0.0
+        same = 0.0
+        if out.masks.shape == want.masks.shape:
+            same = float(((out.masks.cpu() > 0) == (want.masks > 0)).float().mean())
         counts = bool(torch.equal(out.counts.cpu(), want.counts))
         return counts and same >= 0.99, f"counts {'equal' if counts else 'DIFFER'}, supports {100 * same:.3f}% equal"
 
@@ -240,7 +242,8 @@ def stages(ck: Check, B: int):
                 n = int(counts[b])
                 lg = mask_logits(masks[b, :n]) if n else torch.zeros(1, *masks.shape[-2:], device=dev)
                 up = F.interpolate(lg[None], size=(H, H), mode="bilinear", align_corners=False)[0]
-                gaps.append(up.topk(2, 0).values.diff(dim=0).abs()[0] if up.shape[0] > 1 else torch.full((H, H), float("inf"), device=dev))
+                top = up.topk(min(2, up.shape[0]), 0).values
+                gaps.append(top[0] - top[1] if up.shape[0] > 1 else torch.full((H, H), float("inf"), device=dev))
             margin = torch.stack(gaps).cpu()
         ties = bool((margin[differ] < 1e-5).all())
         return ties, f"{int(differ.sum())} labels differ, {'all' if ties else 'NOT all'} at reference ties"
@@ -276,15 +279,18 @@ def stages(ck: Check, B: int):
 
     bgr = crf_images(images)
     plist = [p[: int(counts[b]) + 1].contiguous() for b, p in enumerate(ref_probs.to(dev))]
-    crf_want = [q.argmax(0).cpu() for q in dense_crf_list(bgr.cpu()[:sub], [p.cpu() for p in plist[:sub]], iterations=ck.crf_iterations, backend="cpu")]
+    its = ck.crf_iterations
+    crf_want = [q.argmax(0) for q in dense_crf_list(bgr.cpu()[:sub], [p.cpu() for p in plist[:sub]], iterations=its,
+                                                     backend="cpu")]
 
     def crf_agree(backend, out):  # the reference too: it is a port, checked against the C++ CRF
         frac = statistics.mean(float((q.argmax(0).cpu() == w).float().mean()) for q, w in zip(out, crf_want))
         return frac >= 0.99, f"{100 * frac:.2f}% of the first {sub} images' labels equal the C++ CRF's"
 
-    crf_runners = {"reference": lambda: dense_crf_list(bgr[:sub], plist[:sub], iterations=ck.crf_iterations, backend="reference"),
-                   "triton": lambda: dense_crf_list(bgr, plist, iterations=ck.crf_iterations, backend="triton")}
-    row = ck.run(f"dense CRF ({ck.crf_iterations} iterations)", B, crf_runners, crf_agree, scale={"reference": (sub, B)})
+    row = ck.run(f"dense CRF ({its} iterations)", B, {
+        "reference": lambda: dense_crf_list(bgr[:sub], plist[:sub], iterations=its, backend="reference"),
+        "triton": lambda: dense_crf_list(bgr, plist, iterations=its, backend="triton"),
+    }, crf_agree, scale={"reference": (sub, B)})
     try:
         import numpy as np
         import pydensecrf.densecrf as dcrf
@@ -296,8 +302,9 @@ def stages(ck: Check, B: int):
                 d = dcrf.DenseCRF2D(H, H, p.shape[0])
                 d.setUnaryEnergy(unary_from_softmax(p))
                 d.addPairwiseGaussian(sxy=1, compat=3)
-                d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(img.permute(1, 2, 0).numpy()), compat=4)
-                d.inference(ck.crf_iterations)
+                rgb = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
+                d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=rgb, compat=4)
+                d.inference(its)
 
         ms = ck.elapsed_s(pydensecrf_run)[1] * 1e3
         row.notes.append(f"pydensecrf2 (CPU, one image at a time, as the official code): {ms * B / sub:.1f} ms "
@@ -317,9 +324,9 @@ def stages(ck: Check, B: int):
         return labels_agree(out[:sub], pipe_want["labels"], 0.98)
 
     row = ck.run("pseudo-label pipeline (proposals + median + CRF)", B, {
-        "reference": lambda: reference.pseudo_labels(sc.images[:sub], sc.features[:sub], crf_iterations=ck.crf_iterations),
-        "triton": lambda: primaps_fast.pseudo_labels(images, feats, crf_iterations=ck.crf_iterations, backend="triton"),
-        "cuda": lambda: primaps_fast.pseudo_labels(images, feats, crf_iterations=ck.crf_iterations, backend="cuda"),
+        "reference": lambda: reference.pseudo_labels(sc.images[:sub], sc.features[:sub], crf_iterations=its),
+        "triton": lambda: primaps_fast.pseudo_labels(images, feats, crf_iterations=its, backend="triton"),
+        "cuda": lambda: primaps_fast.pseudo_labels(images, feats, crf_iterations=its, backend="cuda"),
     }, pipe_agree, scale={"reference": (sub, B)})
     row.notes.append("reference: the per-image official loop (its proposals and CRF run on the CPU); "
                      + ", ".join(f"{TITLES[b]} {B / ms * 1e3:.1f} images/s" for b, ms in row.ms.items()))

@@ -5,9 +5,10 @@
 // and the rounding of bilinear.h (bit-identical to the C++ kernel), takes the first maximum (argmax.h)
 // and votes for (mask id, class) in a histogram in shared memory (one atomic per distinct vote of a
 // warp), which each block then adds to the image's histogram in global memory (integer atomics: the
-// counts, hence the result, do not depend on the order). When num_ids * K counts do not fit in shared memory, the votes go to global memory
-// directly. Then winner_kernel takes the first maximum of every (image, id) histogram (the smallest
-// class on ties, argmax.h) and write_kernel writes it to the mask's pixels.
+// counts, hence the result, do not depend on the order). When num_ids * K counts do not fit in shared
+// memory, the votes go to global memory directly. Then winner_kernel takes the first maximum of every
+// (image, id) histogram (the smallest class on ties, argmax.h) and write_kernel writes it to the mask's
+// pixels.
 #include "../argmax.h"
 #include "../bilinear.h"
 #include "common.cuh"

@@ -150,7 +150,8 @@ __global__ void grad_kernel(const float* __restrict__ rows, float* __restrict__ 
 }
 
 void check_sizes(int64_t B, int64_t K, int64_t h, int64_t w, int64_t H, int64_t W) {
-  gpu::require(B >= 1 && K >= 1 && h >= 1 && w >= 1 && H >= 1 && W >= 1, "focal_loss: empty input (every size must be >= 1)");
+  gpu::require(B >= 1 && K >= 1 && h >= 1 && w >= 1 && H >= 1 && W >= 1,
+               "focal_loss: empty input (every size must be >= 1)");
   gpu::require(B * H < (int64_t{1} << 31), "target: too many rows (B * H) for one launch");
 }
 
@@ -179,7 +180,8 @@ void focal_loss_grad(Ptr logits, Ptr target, Ptr weight, int64_t ignore_index, P
   cudaStream_t s = gpu::prepare(device, stream, what);
   // d takes kChunkFloats floats (at least one class); the per-pixel statistics 3 W words.
   const int64_t kc = with_grad ? max_hd(int64_t{1}, min_hd(K, kChunkFloats / W)) : 0;
-  const size_t smem = static_cast<size_t>(W) * (2 * sizeof(float) + sizeof(int)) + static_cast<size_t>(kc * W) * sizeof(float);
+  const size_t smem = static_cast<size_t>(W) * (2 * sizeof(float) + sizeof(int)) +
+                      static_cast<size_t>(kc * W) * sizeof(float);
   gpu::allow_shared_memory(loss_grad_kernel, smem, device, what, "the label width W");
   const float sy = source_scale(h, H);
   gpu::launch(what, loss_grad_kernel, static_cast<unsigned>(B * H), kRowThreads, smem, s, gpu::ptr<const float>(logits),

@@ -27,7 +27,8 @@ def _mask_logits(masks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def mask_labels_cuda(masks: torch.Tensor, counts: torch.Tensor, size: tuple[int, int], ignore_index: int) -> torch.Tensor:
+def mask_labels_cuda(masks: torch.Tensor, counts: torch.Tensor, size: tuple[int, int],
+                     ignore_index: int) -> torch.Tensor:
     """crf=False: (B, H, W) int64 ids 1..counts[b], ignore_index for the background.
 
     ``masks``: the raw proposals float32 ``(B, M, h, w)`` of principal_masks; ``counts``: int64 ``(B,)`` in
