@@ -133,6 +133,26 @@ def test_non_contiguous_and_empty(rng):
         primaps_fast.focal_loss(logits, target[:, :0])
 
 
+def test_shared_class_weight_rule_matches_python(rng):
+    """csrc/focal_weights.h (the CUDA kernel's rule too), through the C++ binding, against class_weights:
+    bit for bit at gamma 0, 1 and 2 (torch's pow is exact there), to float32 rounding elsewhere."""
+    from primaps_fast._dispatch import cpp
+    from primaps_fast.ops.focal_loss import class_weights
+
+    n = 7 * 13 * 3
+    sums = torch.rand(3, 6, generator=rng, dtype=torch.float64) * n / 3
+    sums[:, 0] = n / 3  # confidence 1: weight 0
+    sums[:, 1] = 0.0  # confidence 0: weight 1
+    for gamma in (2.0, 0.0, 1.0, 3.5, 0.5):
+        got = torch.empty(6)
+        cpp().focal_class_weights(sums.numpy(), n, gamma, got.numpy())
+        want = class_weights(sums, n, gamma)
+        if gamma in (0.0, 1.0, 2.0):
+            assert torch.equal(got, want), gamma
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
 # ---- GPU: the CUDA (launcher) and Triton backends on CUDA tensors; skipped, with the reason, without a GPU ----
 
 def gpu_focal(backend):
