@@ -88,7 +88,8 @@ class build_ext(pybind11_build_ext):
                 raise SystemExit("PRIMAPS_FAST_CUDA=1, but nvcc was not found ($CUDA_HOME/bin, PATH, "
                                  "/usr/local/cuda/bin)")
         if self.nvcc is None:
-            why = "PRIMAPS_FAST_CUDA=0" if mode == "0" else "nvcc not found ($CUDA_HOME/bin, PATH, /usr/local/cuda/bin)"
+            why = ("PRIMAPS_FAST_CUDA=0" if mode == "0"
+                   else "nvcc not found ($CUDA_HOME/bin, PATH, /usr/local/cuda/bin)")
             print(f"primaps_fast: {why}: the CUDA backend (primaps_fast._C_cuda) is skipped; "
                   "CUDA tensors use the Triton kernels", file=sys.stderr)
             self.extensions = [e for e in self.extensions if e.name != cuda_ext.name]
@@ -98,11 +99,6 @@ class build_ext(pybind11_build_ext):
             return super().build_extension(ext)
         out = self.get_ext_fullpath(ext.name)
         sources = list(ext.sources)
-        if not (self.force or _newer_than(sources + CUDA_DEPENDS + [__file__], out)):
-            return
-        nvcc = [self.nvcc]
-        if os.environ.get("CXX", "").split()[:1] == ["ccache"]:  # the compiler cache the C++ build uses
-            nvcc = ["ccache"] + nvcc
         arch = gencode_flags(os.environ.get("PRIMAPS_FAST_CUDA_ARCH", "80;90"))
         opt = ["-O0", "-g", "-G"] if debug else ["-O3", "-DNDEBUG"]
         includes = ["-Icsrc", f"-I{pybind11.get_include()}"]
@@ -110,6 +106,13 @@ class build_ext(pybind11_build_ext):
                                                         sysconfig.get_paths()["platinclude"]])]
         flags = ["-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", *opt, *arch, *includes]
         tmp = os.path.join(self.build_temp, "cuda")
+        stamp = os.path.join(tmp, "flags")  # a change of flags (e.g. of architectures) rebuilds too
+        same_flags = os.path.exists(stamp) and _read(stamp) == " ".join(flags)
+        if same_flags and not (self.force or _newer_than(sources + CUDA_DEPENDS + [__file__], out)):
+            return
+        nvcc = [self.nvcc]
+        if os.environ.get("CXX", "").split()[:1] == ["ccache"]:  # the compiler cache the C++ build uses
+            nvcc = ["ccache"] + nvcc
         os.makedirs(tmp, exist_ok=True)
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         objects = [os.path.join(tmp, os.path.basename(s) + ".o") for s in sources]
@@ -120,6 +123,13 @@ class build_ext(pybind11_build_ext):
         # the same process is never mixed with ours.
         _run(nvcc + ["-shared", "-o", out, *objects, "-cudart", "static", "-ldl", "-lrt", "-lpthread",
                      "-Xlinker", "--exclude-libs,ALL"])
+        with open(stamp, "w") as f:
+            f.write(" ".join(flags))
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
 
 
 def _newer_than(inputs, output):
