@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from primaps_fast.cuda import extension, launch_context
+from primaps_fast._dispatch import cuda_module
+from primaps_fast.cuda import launch_context
 
 
 def principal_masks_cuda(features, threshold, stop_fraction, max_masks):
@@ -26,7 +27,7 @@ def principal_masks_cuda(features, threshold, stop_fraction, max_masks):
     S = (0.5 * (S + S.transpose(1, 2))).contiguous()  # exactly symmetric, or the residual test can stall
     sums = yd.sum(-1).contiguous()
     del yd
-    ext = extension()
+    ext = cuda_module()
     n_double, n_float = ext.principal_masks_workspace(C, N)
     work = torch.empty(B, n_double, dtype=torch.float64, device=dev)
     fwork = torch.empty(B, n_float, dtype=torch.float32, device=dev)

@@ -18,11 +18,11 @@ def _confidence_sums(logits: torch.Tensor, H: int, W: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("primaps_fast::focal_loss", mutates_args=(), device_types="cpu")
-def _focal_loss_cpu(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int,
-                    with_grad: bool, class_sums: Optional[torch.Tensor] = None,
-                    num_pixels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """C++ kernel (two fused passes) on float32 ``(B, K, h, w)`` logits and int64 ``(B, H, W)`` target:
-    the float32 mean loss and its gradient w.r.t. the logits (``(0, 0, 0, 0)`` unless ``with_grad``).
+def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int,
+                   with_grad: bool, class_sums: Optional[torch.Tensor] = None,
+                   num_pixels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The custom op; this is its C++ kernel (two fused passes) on float32 ``(B, K, h, w)`` logits and int64
+    ``(B, H, W)`` target: the float32 mean loss and its gradient w.r.t. the logits (``(0, 0, 0, 0)`` unless ``with_grad``).
     With ``class_sums`` (float64 ``(R, K)``, see ``focal_loss(class_stats=...)``) the class weights come
     from them and the sums over pixels are divided by ``num_pixels`` instead of ``B*H*W``."""
     B = logits.shape[0]
@@ -37,7 +37,7 @@ def _focal_loss_cpu(logits: torch.Tensor, target: torch.Tensor, gamma: float, ig
     return (loss.sum() / num_pixels).to(torch.float32), grad.div_(num_pixels)
 
 
-@_focal_loss_cpu.register_fake
+@_focal_loss_op.register_fake
 def _(logits, target, gamma, ignore_index, with_grad, class_sums=None, num_pixels=0):
     grad_shape = logits.shape if with_grad else (0, 0, 0, 0)
     return logits.new_empty((), dtype=torch.float32), logits.new_empty(grad_shape, dtype=torch.float32)
@@ -54,7 +54,12 @@ def _focal_loss_backward(ctx, grad_loss, _grad_of_grad):
     return grad * grad_loss, None, None, None, None, None, None
 
 
-_focal_loss_cpu.register_autograd(_focal_loss_backward, setup_context=_focal_loss_setup)
+_focal_loss_op.register_autograd(_focal_loss_backward, setup_context=_focal_loss_setup)
+
+if _dispatch.cuda_available():
+    from primaps_fast.cuda.focal_loss import confidence_sums_cuda, focal_loss_cuda
+
+    _focal_loss_op.register_kernel("cuda")(focal_loss_cuda)
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, ignore_index: int = 255,
@@ -92,8 +97,6 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
     if backend == "reference":
         return _dispatch.reference("focal_loss")(logits, target, gamma=gamma, ignore_index=ignore_index,
                                                   class_stats=_checked(class_stats, logits.shape[1]))
-    if backend == "cuda":
-        raise _dispatch.cuda_not_wired("focal_loss")
     bad = (target != ignore_index) & ((target < 0) | (target >= logits.shape[1]))
     if bool(bad.any()):
         raise ValueError(f"target: class ids must be in [0, {logits.shape[1]}) or ignore_index={ignore_index}")
@@ -104,12 +107,13 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
     x = logits.to(torch.float32).contiguous()
     t = target.to(torch.int64).contiguous()
     with_grad = torch.is_grad_enabled() and logits.requires_grad
-    if class_stats is None:
-        loss, _ = _focal_loss_cpu(x, t, float(gamma), ignore_index, with_grad)
+    if class_stats is None:  # "cpu" or "cuda": the op's kernel for the device
+        loss, _ = _focal_loss_op(x, t, float(gamma), ignore_index, with_grad)
     else:
         H, W = t.shape[-2:]
-        sums, n = _checked(class_stats, x.shape[1])(_confidence_sums(x.detach(), H, W), x.shape[0] * H * W)
-        loss, _ = _focal_loss_cpu(x, t, float(gamma), ignore_index, with_grad, sums, n)
+        sums = confidence_sums_cuda(x.detach(), H, W) if backend == "cuda" else _confidence_sums(x.detach(), H, W)
+        sums, n = _checked(class_stats, x.shape[1])(sums, x.shape[0] * H * W)
+        loss, _ = _focal_loss_op(x, t, float(gamma), ignore_index, with_grad, sums, n)
     return loss.to(logits.dtype)
 
 

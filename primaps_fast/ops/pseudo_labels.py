@@ -92,11 +92,15 @@ def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: fl
         _dispatch.check_tensor(features, "features", finite=True)
         return _dispatch.reference("pseudo_labels")(images, features, threshold=threshold, ignore_index=ignore_index,
                                                      crf=crf, crf_iterations=crf_iterations)
-    if backend == "cuda":
-        raise _dispatch.cuda_not_wired("pseudo_labels")
     masks, counts = principal_masks(features, threshold=threshold, backend=backend)
     check_ignore_index(ignore_index, int(counts.max()))
-    if backend == "triton":
+    if backend == "cuda":  # the median filter is fused into the CUDA kernels
+        from primaps_fast.cuda.pseudo_labels import mask_labels_cuda, mask_probs_cuda
+
+        if not crf:
+            return mask_labels_cuda(masks, counts, (H, W), ignore_index)
+        probs = mask_probs_cuda(masks, counts, (H, W))
+    elif backend == "triton":
         from primaps_fast.triton.median_filter import median_filter_triton
         from primaps_fast.triton.pseudo_labels import mask_labels_triton, mask_probs_triton
 
@@ -104,17 +108,15 @@ def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: fl
         if not crf:
             return mask_labels_triton(filtered, counts, (H, W), ignore_index)
         probs = mask_probs_triton(filtered, counts, (H, W))
-        labels = _crf_argmax(images, probs, counts, crf_iterations, backend)
-        return torch.where(labels == 0, torch.full_like(labels, ignore_index), labels)
-    cpp = _dispatch.cpp()
-    B = masks.shape[0]
-    if not crf:
-        labels = torch.empty(B, H, W, dtype=torch.int64)
-        cpp.mask_labels(masks.numpy(), counts.numpy(), labels.numpy(), int(ignore_index),
-                        _dispatch.num_threads())
-        return labels
-    probs = torch.empty(B, masks.shape[1] + 1, H, W, dtype=torch.float32)
-    cpp.mask_probs(masks.numpy(), counts.numpy(), probs.numpy(), _dispatch.num_threads())
+    else:
+        cpp = _dispatch.cpp()
+        if not crf:
+            labels = torch.empty(masks.shape[0], H, W, dtype=torch.int64)
+            cpp.mask_labels(masks.numpy(), counts.numpy(), labels.numpy(), int(ignore_index),
+                            _dispatch.num_threads())
+            return labels
+        probs = torch.empty(masks.shape[0], masks.shape[1] + 1, H, W, dtype=torch.float32)
+        cpp.mask_probs(masks.numpy(), counts.numpy(), probs.numpy(), _dispatch.num_threads())
     labels = _crf_argmax(images, probs, counts, crf_iterations, backend)
     return torch.where(labels == 0, torch.full_like(labels, ignore_index), labels)
 
