@@ -13,13 +13,81 @@ direction's sign fixed so that its largest-magnitude entry is positive.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import glob
+import math
+import os
+
 import torch
 import torch.nn.functional as F
 
-from primaps_fast._dispatch import BACKENDS, check_tensor
+from primaps_fast._dispatch import BACKENDS, check_device, check_int, check_memory, check_tensor
 from primaps_fast.progress import progress
 
 _STATE_VERSION = 1
+_STATE_KEYS = ("num_classes", "dim", "g", "v", "ema_g", "ema_v", "global_step", "ema_calls", "adam")
+# the head has num_classes rows; the E-step kernel takes fewer than 2**24 classes
+MAX_CLASSES = (1 << 24) - 1
+
+
+@functools.lru_cache(maxsize=None)
+def _mkl_set_num_threads_local():
+    """MKL's ``mkl_set_num_threads_local`` in torch's own MKL (exported by ``libtorch_cpu``), or None when
+    torch was built without MKL or does not export it."""
+    if not torch.backends.mkl.is_available():
+        return None
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "*torch_cpu.*"))):
+        try:
+            fn = ctypes.CDLL(path).MKL_Set_Num_Threads_Local
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        return fn
+    return None
+
+
+@contextlib.contextmanager
+def deterministic_blas():
+    """Run the block's matrix products with one MKL thread, in the calling thread only.
+
+    MKL's float32/float64 GEMM splits its work differently at different thread counts (e.g. at 2 threads
+    for the head's ``(K, C) x (C, h*w)`` products), so results would differ in the last bits with
+    ``torch.set_num_threads``; on one thread a GEMM's summation order is fixed. The setting is MKL's
+    thread-local one (``mkl_set_num_threads_local``), restored on exit: torch's own thread count and other
+    threads are untouched. Every other op of a step is thread-count independent (elementwise ops,
+    reductions that split over outputs, and the package's C++ kernels). Without MKL (torch builds for
+    ARM or macOS) this does nothing, and results depend on that BLAS.
+    """
+    fn = _mkl_set_num_threads_local()
+    if fn is None:
+        yield
+        return
+    previous = fn(1)
+    try:
+        yield
+    finally:
+        fn(previous)
+
+
+def _deterministic(method):
+    """Run ``method`` under :func:`deterministic_blas`."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with deterministic_blas():
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
+def _check_number(value, name: str, lo: float, hi: float = math.inf, *, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi):
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ValueError(f"{name}: expected a finite number in {interval}, got {value!r}")
+    return float(value)
 
 
 def _weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -52,8 +120,8 @@ class PriMaPsEM:
     its EMA copy ``theta_M`` and the Adam optimiser.
 
     Args:
-        num_classes: number of classes ``K`` (>= 2).
-        dim: feature channels ``C``.
+        num_classes: number of classes ``K`` (an int in ``[2, 2**24)``).
+        dim: feature channels ``C`` (>= 1).
         lr: Adam learning rate of the head (official 5e-3); also the k-means learning rate.
         ema_decay: EMA decay (official 0.98), with the official warm-up: the n-th EMA update copies the
             head for n <= 1 and otherwise uses decay ``min(ema_decay, 1 - 1/(n + 1))`` (the official
@@ -61,10 +129,13 @@ class PriMaPsEM:
             is computed, so the decays run 2/3, 3/4, ... up to ``ema_decay``).
         ema_every: after the Adam update of step ``k`` (counted from 0), the EMA is updated when
             ``k > 0 and k % ema_every == 0``.
-        focal_gamma: exponent of the focal loss class weights.
-        ignore_index: mask id / label of unassigned pixels.
-        seed: seeds the random initial prototypes and the k-means batch order.
-        device: device of the parameters (default CPU).
+        focal_gamma: exponent of the focal loss class weights (finite, >= 0).
+        ignore_index: mask id / label of unassigned pixels (an int64).
+        seed: seeds the random initial prototypes and the k-means batch order (an int64).
+        device: device of the parameters (default CPU; CPU or CUDA).
+
+    Training is identical at any ``torch.set_num_threads`` on the CPU: the matrix products of the
+    initialisation, the steps and the predictions run under :func:`deterministic_blas`.
         backend: kernel backend of the E-step and the loss (``assign_pseudo_labels``, ``focal_loss``):
             None (auto) or one of ``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``.
     """
@@ -72,23 +143,24 @@ class PriMaPsEM:
     def __init__(self, num_classes: int, dim: int, *, lr: float = 5e-3, ema_decay: float = 0.98,
                  ema_every: int = 10, focal_gamma: float = 2.0, ignore_index: int = 255, seed: int = 0,
                  device=None, backend: str | None = None):
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes: must be an int >= 2, got {num_classes!r}")
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim: must be a positive int, got {dim!r}")
-        if not lr > 0:
-            raise ValueError(f"lr: must be > 0, got {lr!r}")
-        if not 0 <= ema_decay <= 1:
-            raise ValueError(f"ema_decay: must be in [0, 1], got {ema_decay!r}")
-        if not isinstance(ema_every, int) or ema_every < 1:
-            raise ValueError(f"ema_every: must be an int >= 1, got {ema_every!r}")
+        check_int(num_classes, "num_classes", lo=2, hi=MAX_CLASSES)
+        check_int(dim, "dim", lo=1)
+        lr = _check_number(lr, "lr", 0.0, lo_open=True)
+        ema_decay = _check_number(ema_decay, "ema_decay", 0.0, 1.0)
+        check_int(ema_every, "ema_every", lo=1)
+        focal_gamma = _check_number(focal_gamma, "focal_gamma", 0.0)
+        check_int(ignore_index, "ignore_index")
+        check_int(seed, "seed")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+        self.device = check_device(device if device is not None else "cpu", "device")
+        # head, EMA copy, gradient and Adam's two moments: five (K, C) float32 tensors
+        check_memory(5 * 4 * num_classes * dim, "num_classes", f"a head of {num_classes} x {dim} weights",
+                     self.device)
         self.backend = backend
         self.num_classes, self.dim = num_classes, dim
-        self.lr, self.ema_decay, self.ema_every = float(lr), float(ema_decay), ema_every
-        self.focal_gamma, self.ignore_index, self.seed = float(focal_gamma), int(ignore_index), int(seed)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.lr, self.ema_decay, self.ema_every = lr, ema_decay, ema_every
+        self.focal_gamma, self.ignore_index, self.seed = focal_gamma, ignore_index, seed
         gen = torch.Generator().manual_seed(self.seed)
         self.init_prototypes(torch.randn(num_classes, dim, generator=gen))
 
@@ -125,6 +197,7 @@ class PriMaPsEM:
             out.append(f.to(self.device, torch.float32))
         return out
 
+    @_deterministic
     def init_pca(self, features) -> torch.Tensor:
         """Official PCA init from ``(N, C, h, w)`` features or an iterable of such batches: the top-K
         principal directions of the centred pixel features (deterministic eigendecomposition of the
@@ -151,6 +224,7 @@ class PriMaPsEM:
         self.init_prototypes(protos)
         return protos
 
+    @_deterministic
     def init_kmeans(self, features, epochs: int = 2, *, batch_size: int = 32, shuffle: bool = True,
                     show_progress: bool = False) -> torch.Tensor:
         """Official baseline stage: cosine k-means (``ClusterLoss``: maximise the cosine of every
@@ -159,8 +233,8 @@ class PriMaPsEM:
         h, w)`` (split into batches of ``batch_size``, shuffled with ``seed + epoch`` when ``shuffle``)
         or an iterable of batches (used in order). Sets the head from the centres with ``g = 1``, as
         ``init_prototypes``, and returns them ``(K, C)``."""
-        if not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"epochs: must be an int >= 0, got {epochs!r}")
+        check_int(epochs, "epochs", lo=0)
+        check_int(batch_size, "batch_size", lo=1)
         if isinstance(features, torch.Tensor):
             feats = self._feature_batches(features, "features")[0]
             n = feats.shape[0]
@@ -218,6 +292,7 @@ class PriMaPsEM:
             self.ema_g.lerp_(self.g, 1 - decay)
             self.ema_v.lerp_(self.v, 1 - decay)
 
+    @_deterministic
     def step(self, features: torch.Tensor, mask_ids: torch.Tensor, student_features=None) -> dict:
         """One EM step.
 
@@ -284,6 +359,7 @@ class PriMaPsEM:
         return [self.run_epoch(loader, desc=f"EM epoch {epoch + 1}/{epochs}", total=total,
                                show_progress=show_progress) for epoch in range(epochs)]
 
+    @_deterministic
     def scores(self, features: torch.Tensor, use_ema: bool = True) -> torch.Tensor:
         """``(B, K, h, w)`` class scores at feature resolution: the head's 1x1 conv (the EMA copy's when
         ``use_ema``) of float ``(B, C, h, w)`` features, without gradient."""
@@ -295,9 +371,14 @@ class PriMaPsEM:
         """``(B, H, W)`` int64 class ids: argmax of the head's (EMA copy's when ``use_ema``) scores,
         bilinearly upsampled (``align_corners=False``) to ``size`` ``(H, W)`` (default: feature size)."""
         if size is not None:
-            size = (size, size) if isinstance(size, int) else tuple(size)
-            if len(size) != 2 or min(size) < 1:
-                raise ValueError(f"size: expected (H, W) of positive ints, got {size!r}")
+            pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+            if not isinstance(pair, (tuple, list, torch.Size)) or len(pair) != 2:
+                raise TypeError(f"size: expected an int or (H, W), got {size!r}")
+            size = tuple(check_int(x, "size", lo=1) for x in pair)
+            f = self._check_features(features, "features")
+            # the upsampled (B, K, H, W) float32 scores and the (B, H, W) int64 ids
+            check_memory(f.shape[0] * size[0] * size[1] * (4 * self.num_classes + 8), "size",
+                         f"predicting {f.shape[0]} images at {size[0]}x{size[1]}", self.device)
         scores = self.scores(features, use_ema)
         if size is not None:
             scores = F.interpolate(scores, size, mode="bilinear", align_corners=False)
@@ -316,9 +397,19 @@ class PriMaPsEM:
                                   for k, t in st.items()} for i, st in opt["state"].items()}}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore a ``state_dict``; another ``num_classes``/``dim`` raises ``ValueError``."""
+        """Restore a ``state_dict``; another ``num_classes``/``dim`` or a missing entry raises ``ValueError``
+        naming it."""
         if not isinstance(sd, dict) or "v" not in sd or "g" not in sd:
             raise ValueError("sd: not a PriMaPsEM state_dict")
+        missing = [key for key in _STATE_KEYS if key not in sd]
+        if missing:
+            raise ValueError(f"sd: the state has no {', '.join(repr(k) for k in missing)} entry (a truncated or "
+                             "foreign state_dict; the optimiser state is 'adam')")
+        for key in ("g", "v", "ema_g", "ema_v"):
+            if not isinstance(sd[key], torch.Tensor):
+                raise ValueError(f"sd: {key!r} is a {type(sd[key]).__name__}, not a tensor")
+        if not isinstance(sd["adam"], dict):
+            raise ValueError(f"sd: 'adam' is a {type(sd['adam']).__name__}, not Adam's state")
         if sd.get("num_classes") != self.num_classes or sd.get("dim") != self.dim:
             raise ValueError(f"sd: state of num_classes={sd.get('num_classes')}, dim={sd.get('dim')} does not "
                              f"fit this PriMaPsEM (num_classes={self.num_classes}, dim={self.dim})")

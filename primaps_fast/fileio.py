@@ -57,8 +57,15 @@ def write_bytes(path, data: bytes) -> None:
 
 
 def write_json(path, obj) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """Write ``obj`` as indented JSON to ``path`` atomically. Always valid JSON: NaN and infinities (which
+    ``json`` would write as the bare, non-standard ``NaN``/``Infinity``) raise ``ValueError`` before
+    anything is written; store them as ``None`` (null) where they mean "undefined"."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(f"obj: cannot write {os.fspath(path)} as JSON: it contains NaN or an infinity "
+                         f"({exc}), which JSON cannot represent") from None
+    write_bytes(path, (text + "\n").encode())
 
 
 def read_json(path):

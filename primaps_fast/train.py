@@ -51,6 +51,13 @@ def load_checkpoint(path, *, num_classes: int | None = None, dim: int | None = N
         raise ValueError(f"checkpoint: cannot read {path}: {exc}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "primaps-em":
         raise ValueError(f"checkpoint: {path} is not a primaps_fast PriMaPs-EM checkpoint")
+    for key in ("num_classes", "dim", "epoch", "config", "history", "em", "torch_rng"):
+        if key not in ckpt:
+            raise ValueError(f"checkpoint: {path} has no {key!r} entry (truncated or written by another program)")
+    for key in ("num_classes", "dim", "lr", "ema_decay", "ema_every", "focal_gamma", "seed"):  # build_em's
+        if not isinstance(ckpt["config"], dict) or key not in ckpt["config"]:
+            raise ValueError(f"checkpoint: {path} has no 'config' entry {key!r} (truncated or written by another "
+                             "program)")
     for key, want in (("num_classes", num_classes), ("dim", dim)):
         if want is not None and ckpt[key] != want:
             raise ValueError(f"checkpoint: {path} has {key}={ckpt[key]}, but this run needs {key}={want} "

@@ -170,9 +170,48 @@ def test_validation():
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_lattice_key_overflow_is_an_error(backend):
+    """The message names the argument that is too small, before any kernel runs."""
     img, p = scene(16, 16, 2, 51, texture=60.0)
-    with pytest.raises(ValueError, match="sxy/srgb"):
+    with pytest.raises(ValueError, match="^bi_srgb: 1e-08 is too small"):
         dense_crf_list(img[None], [p], bi_srgb=1e-8, backend=backend)
+    with pytest.raises(ValueError, match="^bi_sxy: 1e-08 is too small"):
+        dense_crf_list(img[None], [p], bi_sxy=1e-8, backend=backend)
+    with pytest.raises(ValueError, match="^pos_sxy: 1e-07 is too small"):
+        dense_crf_list(img[None], [p], pos_sxy=1e-7, backend=backend)
+    with pytest.raises(ValueError, match="^bi_srgb: 1e-08 is too small"):
+        primaps_fast.dense_crf(img[None], p[None].log(), bi_srgb=1e-8, backend=backend)
+
+
+def test_lattice_check_refuses_exactly_what_the_kernel_cannot_do():
+    """The Python check before the kernel agrees with the C++ kernel's own (backstop) check: on a log grid of
+    bi_srgb / bi_sxy / pos_sxy, the public op refuses exactly the values the raw kernel refuses (up to the
+    float32 rounding of a value within 1 % of the limit), so nothing that works is refused."""
+    from primaps_fast.ops.dense_crf import _dense_crf_cpu
+
+    gen = torch.Generator().manual_seed(3)
+    images = [torch.randint(0, 256, (1, 3, 9, 11), generator=gen, dtype=torch.uint8),
+              torch.randint(100, 140, (2, 3, 6, 5), generator=gen, dtype=torch.uint8)]
+    params = dict(iterations=1, pos_sxy=1.0, pos_compat=3.0, bi_sxy=67.0, bi_srgb=3.0, bi_compat=4.0)
+    for img in images:
+        probs = [torch.full((2, *img.shape[-2:]), 0.5) for _ in range(img.shape[0])]
+        for name in ("bi_srgb", "bi_sxy", "pos_sxy"):
+            grid = torch.logspace(-9, 1, 41, dtype=torch.float64).tolist()
+            kernel_ok = []
+            for value in grid:
+                try:
+                    _dense_crf_cpu(img, probs, **{**params, name: value})
+                    kernel_ok.append(True)
+                except ValueError:
+                    kernel_ok.append(False)
+            assert not all(kernel_ok) and any(kernel_ok)  # the grid crosses the limit
+            for value, ok in zip(grid, kernel_ok):
+                try:
+                    dense_crf_list(img, probs, **{**params, name: value})
+                    assert ok, (name, value)
+                except ValueError as exc:
+                    near = any(abs(value / v - 1) < 0.01 for v, o in zip(grid, kernel_ok) if o != ok)
+                    assert not ok or near, (name, value, str(exc))
+                    assert str(exc).startswith(name + ":") or not ok
 
 
 def test_lattice_sizes_match_pydensecrf_statistics():

@@ -1,11 +1,22 @@
 """M-step loss of PriMaPs-EM: the official ``FocalLoss`` on bilinearly upsampled class scores."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from primaps_fast import _dispatch
 from primaps_fast.common import class_weights
 from primaps_fast.ops.assign_pseudo_labels import check_labels, check_logits
+
+
+def check_gamma(gamma, name: str = "gamma") -> None:
+    """The focal exponent: a finite number >= 0 (a negative one turns the weights of confident classes into
+    infinities)."""
+    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool):
+        raise TypeError(f"{name}: expected a real number, got {gamma!r}")
+    if not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {gamma!r}")
 
 
 @torch.library.custom_op("primaps_fast::focal_loss", mutates_args=(), device_types="cpu")
@@ -48,6 +59,9 @@ def _focal_loss_backward(ctx, grad_loss, _grad_of_grad):
 _focal_loss_cpu.register_autograd(_focal_loss_backward, setup_context=_focal_loss_setup)
 
 
+_dispatch.skip_dynamo_import(_focal_loss_cpu)
+
+
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, ignore_index: int = 255,
                backend: str | None = None) -> torch.Tensor:
     """The official ``FocalLoss`` on ``F.interpolate(logits, target size, bilinear, align_corners=False)``.
@@ -56,8 +70,8 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
         logits: float ``(B, K, h, w)``, ``K >= 2``, finite, differentiable: class scores at feature
             resolution (C++/Triton compute in float32 and return the dtype of ``logits``).
         target: integer ``(B, H, W)`` class ids in ``[0, K)`` or ``ignore_index``.
-        gamma: focal exponent of the class weights.
-        ignore_index: target value of pixels that contribute 0 (they still count in the mean).
+        gamma: focal exponent of the class weights, finite and >= 0.
+        ignore_index: target value (an int64) of pixels that contribute 0 (they still count in the mean).
         backend: None (C++ on CPU; CUDA C++ or Triton on CUDA), "cpu", "cuda", "triton" or "reference".
 
     Returns:
@@ -69,8 +83,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
     """
     check_logits(logits)
     check_labels(target, logits, "target", ignore_index)
-    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or gamma != gamma:
-        raise TypeError(f"gamma: expected a real number, got {gamma!r}")
+    check_gamma(gamma)
     backend = _dispatch.choose_backend(backend, logits, target)
     if backend == "reference":
         return _dispatch.reference("focal_loss")(logits, target, gamma=gamma, ignore_index=ignore_index)

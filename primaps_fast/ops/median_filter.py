@@ -19,6 +19,9 @@ def _(planes):
     return torch.empty_like(planes)
 
 
+_dispatch.skip_dynamo_import(_median_filter_cpu)
+
+
 def median_filter(masks: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """3x3 median filter with reflect padding, each ``(h, w)`` plane independently.
 
