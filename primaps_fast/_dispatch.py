@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import glob
 import importlib
+import math
 import os
 import sys
 
@@ -185,6 +186,22 @@ def check_int(value, name: str, *, lo: int = INT64_MIN, hi: int = INT64_MAX) -> 
     if not lo <= value <= hi:
         raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {value}")
     return int(value)
+
+
+def check_number(value, name: str, *, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False) -> float:
+    """``value`` (an int or a float, not a bool) as a finite float in ``[lo, hi]`` (``(lo, hi]`` when
+    ``lo_open``); ``TypeError`` for another type, ``ValueError`` otherwise (ints too large for a float
+    included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    try:
+        x = float(value)
+    except OverflowError:
+        x = math.inf
+    if not (math.isfinite(x) and (x > lo if lo_open else x >= lo) and x <= hi):
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ValueError(f"{name}: expected a finite number in {interval}, got {value!r}")
+    return x
 
 
 def device_memory(device: torch.device) -> int:

@@ -17,13 +17,12 @@ import contextlib
 import ctypes
 import functools
 import glob
-import math
 import os
 
 import torch
 import torch.nn.functional as F
 
-from primaps_fast._dispatch import BACKENDS, check_device, check_int, check_memory, check_tensor
+from primaps_fast._dispatch import BACKENDS, check_device, check_int, check_memory, check_number, check_tensor
 from primaps_fast.progress import progress
 
 _STATE_VERSION = 1
@@ -81,15 +80,6 @@ def _deterministic(method):
     return wrapper
 
 
-def _check_number(value, name: str, lo: float, hi: float = math.inf, *, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi):
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-        raise ValueError(f"{name}: expected a finite number in {interval}, got {value!r}")
-    return float(value)
-
-
 def _weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return g[:, None] * v / v.norm(dim=1, keepdim=True)
 
@@ -145,10 +135,10 @@ class PriMaPsEM:
                  device=None, backend: str | None = None):
         check_int(num_classes, "num_classes", lo=2, hi=MAX_CLASSES)
         check_int(dim, "dim", lo=1)
-        lr = _check_number(lr, "lr", 0.0, lo_open=True)
-        ema_decay = _check_number(ema_decay, "ema_decay", 0.0, 1.0)
+        lr = check_number(lr, "lr", lo=0.0, lo_open=True)
+        ema_decay = check_number(ema_decay, "ema_decay", lo=0.0, hi=1.0)
         check_int(ema_every, "ema_every", lo=1)
-        focal_gamma = _check_number(focal_gamma, "focal_gamma", 0.0)
+        focal_gamma = check_number(focal_gamma, "focal_gamma", lo=0.0)
         check_int(ignore_index, "ignore_index")
         check_int(seed, "seed")
         if backend is not None and backend not in BACKENDS:

@@ -28,14 +28,11 @@ _MAX_KEY_BITS = 62
 
 def _check_params(iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
     _dispatch.check_int(iterations, "iterations", lo=0, hi=MAX_ITERATIONS)
-    for name, value in (("pos_sxy", pos_sxy), ("pos_compat", pos_compat), ("bi_sxy", bi_sxy),
-                        ("bi_srgb", bi_srgb), ("bi_compat", bi_compat)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name}: expected a finite number > 0, got {value}")
-        if name.endswith("compat") and value > 1e30:  # compat * (filtered Q <= N) must stay finite in float32
-            raise ValueError(f"{name}: expected at most 1e30, got {value:g}")
+    for name, value in (("pos_sxy", pos_sxy), ("bi_sxy", bi_sxy), ("bi_srgb", bi_srgb)):
+        _dispatch.check_number(value, name, lo=0.0, lo_open=True)
+    for name, value in (("pos_compat", pos_compat), ("bi_compat", bi_compat)):
+        # compat times the filtered marginals (at most the pixel count) must stay finite in float32
+        _dispatch.check_number(value, name, lo=0.0, hi=1e30, lo_open=True)
 
 
 def _elevation(d: int) -> torch.Tensor:
@@ -75,6 +72,7 @@ def _check_lattice(images: torch.Tensor, pos_sxy: float, bi_sxy: float, bi_srgb:
     positions and of the batch's colour range, and only when that box does not fit, each image's own
     pixels (so nothing that fits is refused; the kernels' own check stays as a backstop)."""
     B, _, H, W = images.shape
+    pos_sxy, bi_sxy, bi_srgb = float(pos_sxy), float(bi_sxy), float(bi_srgb)
     zero = torch.zeros(2, dtype=torch.float64)
     pos_hi = torch.tensor([W - 1.0, H - 1.0], dtype=torch.float64)
     if not _box_fits(_elevation(2), zero, pos_hi / pos_sxy):

@@ -1,8 +1,6 @@
 """M-step loss of PriMaPs-EM: the official ``FocalLoss`` on bilinearly upsampled class scores."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from primaps_fast import _dispatch
@@ -10,13 +8,10 @@ from primaps_fast.common import class_weights
 from primaps_fast.ops.assign_pseudo_labels import check_labels, check_logits
 
 
-def check_gamma(gamma, name: str = "gamma") -> None:
+def check_gamma(gamma, name: str = "gamma") -> float:
     """The focal exponent: a finite number >= 0 (a negative one turns the weights of confident classes into
     infinities)."""
-    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool):
-        raise TypeError(f"{name}: expected a real number, got {gamma!r}")
-    if not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"{name}: expected a finite number >= 0, got {gamma!r}")
+    return _dispatch.check_number(gamma, name, lo=0.0)
 
 
 @torch.library.custom_op("primaps_fast::focal_loss", mutates_args=(), device_types="cpu")
