@@ -22,4 +22,11 @@ ext = Pybind11Extension(
     extra_link_args=["-pthread"],
 )
 
+# PRIMAPS_FAST_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer, any UB report fatal (.ci/run builds a
+# copy of the checkout this way and runs the tests there, with libasan and libstdc++ preloaded).
+if os.environ.get("PRIMAPS_FAST_SANITIZE", "0") == "1":
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+    ext.extra_compile_args += sanitize + ["-O1", "-g"]
+    ext.extra_link_args += sanitize
+
 setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})

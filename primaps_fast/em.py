@@ -13,6 +13,7 @@ direction's sign fixed so that its largest-magnitude entry is positive.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import functools
@@ -49,15 +50,13 @@ def _mkl_set_num_threads_local():
 
 @contextlib.contextmanager
 def deterministic_blas():
-    """Run the block's matrix products with one MKL thread, in the calling thread only.
+    """Run the block's MKL calls with one thread, in the calling thread only (MKL's thread-local setting
+    ``mkl_set_num_threads_local``, restored on exit: torch's thread count and other threads are untouched).
 
-    MKL's float32/float64 GEMM splits its work differently at different thread counts (e.g. at 2 threads
-    for the head's ``(K, C) x (C, h*w)`` products), so results would differ in the last bits with
-    ``torch.set_num_threads``; on one thread a GEMM's summation order is fixed. The setting is MKL's
-    thread-local one (``mkl_set_num_threads_local``), restored on exit: torch's own thread count and other
-    threads are untouched. Every other op of a step is thread-count independent (elementwise ops,
-    reductions that split over outputs, and the package's C++ kernels). Without MKL (torch builds for
-    ARM or macOS) this does nothing, and results depend on that BLAS.
+    MKL's GEMM and LAPACK split their sums differently at different thread counts (e.g. at 2 threads for
+    the head's ``(K, C) x (C, h*w)`` products), so results would differ in the last bits with
+    ``torch.set_num_threads``; on one thread the summation order is fixed. Without MKL (torch builds for ARM
+    or macOS) this does nothing, and results depend on that BLAS.
     """
     fn = _mkl_set_num_threads_local()
     if fn is None:
@@ -70,14 +69,75 @@ def deterministic_blas():
         fn(previous)
 
 
-def _deterministic(method):
-    """Run ``method`` under :func:`deterministic_blas`."""
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        with deterministic_blas():
-            return method(*args, **kwargs)
+# The model's large products on the CPU are cut into tasks of at most _COLUMNS pixels (a cut that does not
+# depend on the thread count), each a one-thread GEMM; the tasks run on a pool of torch.get_num_threads()
+# threads and partial sums are added in task order. So every result is the same at any thread count, and
+# the products still use every core.
+_COLUMNS = 4096
+_pool = {"size": 0, "executor": None}
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads
+    os.register_at_fork(after_in_child=lambda: _pool.update(size=0, executor=None))
 
-    return wrapper
+
+def _one_mkl_thread():
+    fn = _mkl_set_num_threads_local()
+    if fn is not None:
+        fn(1)
+
+
+def _run(tasks: list) -> list:
+    """The results of the zero-argument callables ``tasks``, in order, each run with one MKL thread."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or len(tasks) <= 1:
+        with deterministic_blas():
+            return [task() for task in tasks]
+    if _pool["size"] != threads:
+        if _pool["executor"] is not None:
+            _pool["executor"].shutdown(wait=False)
+        _pool.update(size=threads, executor=concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix="primaps-em", initializer=_one_mkl_thread))
+    return list(_pool["executor"].map(lambda task: task(), tasks))
+
+
+def _spans(batch: int, pixels: int) -> list:
+    return [(b, c0, min(pixels, c0 + _COLUMNS)) for b in range(batch) for c0 in range(0, pixels, _COLUMNS)]
+
+
+class _Scores(torch.autograd.Function):
+    """``(K, C)`` weight x ``(B, C, P)`` features -> ``(B, K, P)`` on the CPU, by the fixed tasks of ``_run``;
+    the weight's gradient is the sum of the tasks' partial products in task order."""
+
+    @staticmethod
+    def forward(ctx, weight, features):
+        ctx.save_for_backward(weight, features)
+        w, f = weight.detach(), features.detach()  # the tasks run in other threads (their own grad mode)
+        out = f.new_empty(f.shape[0], w.shape[0], f.shape[2])
+
+        def task(b, c0, c1):
+            out[b, :, c0:c1] = torch.mm(w, f[b, :, c0:c1])
+
+        _run([functools.partial(task, *span) for span in _spans(f.shape[0], f.shape[2])])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, features = ctx.saved_tensors
+        w, f, g = weight.detach(), features.detach(), grad.detach().contiguous()
+        spans = _spans(f.shape[0], f.shape[2])
+        grad_w = grad_f = None
+        if ctx.needs_input_grad[0]:
+            grad_w = torch.zeros_like(w)
+            for part in _run([functools.partial(lambda b, c0, c1: torch.mm(g[b, :, c0:c1], f[b, :, c0:c1].t()),
+                                                *span) for span in spans]):
+                grad_w += part
+        if ctx.needs_input_grad[1]:
+            grad_f = torch.empty_like(f)
+
+            def task(b, c0, c1):
+                grad_f[b, :, c0:c1] = torch.mm(w.t(), g[b, :, c0:c1])
+
+            _run([functools.partial(task, *span) for span in spans])
+        return grad_w, grad_f
 
 
 def _weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -85,9 +145,12 @@ def _weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(weight: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """1x1 conv without bias: ``(K, C)`` x ``(B, C, h, w)`` -> ``(B, K, h, w)`` (one batched GEMM)."""
+    """1x1 conv without bias: ``(K, C)`` x ``(B, C, h, w)`` -> ``(B, K, h, w)`` (on the CPU by ``_Scores``, the
+    same at any thread count)."""
     b, c, h, w = features.shape
-    return torch.matmul(weight, features.reshape(b, c, h * w)).reshape(b, weight.shape[0], h, w)
+    x = features.reshape(b, c, h * w)
+    out = _Scores.apply(weight, x) if x.device.type == "cpu" else torch.matmul(weight, x)
+    return out.reshape(b, weight.shape[0], h, w)
 
 
 def _check_scores(scores: torch.Tensor, name: str) -> torch.Tensor:
@@ -124,8 +187,9 @@ class PriMaPsEM:
         seed: seeds the random initial prototypes and the k-means batch order (an int64).
         device: device of the parameters (default CPU; CPU or CUDA).
 
-    Training is identical at any ``torch.set_num_threads`` on the CPU: the matrix products of the
-    initialisation, the steps and the predictions run under :func:`deterministic_blas`.
+    Training is identical at any ``torch.set_num_threads`` on the CPU: the matrix products are cut into
+    tasks that do not depend on the thread count, each a one-thread MKL product (``_run``), and the
+    eigendecomposition of the PCA runs on one MKL thread (:func:`deterministic_blas`).
         backend: kernel backend of the E-step and the loss (``assign_pseudo_labels``, ``focal_loss``):
             None (auto) or one of ``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``.
     """
@@ -187,7 +251,6 @@ class PriMaPsEM:
             out.append(f.to(self.device, torch.float32))
         return out
 
-    @_deterministic
     def init_pca(self, features) -> torch.Tensor:
         """Official PCA init from ``(N, C, h, w)`` features or an iterable of such batches: the top-K
         principal directions of the centred pixel features (deterministic eigendecomposition of the
@@ -199,12 +262,16 @@ class PriMaPsEM:
             x = f.permute(1, 0, 2, 3).reshape(self.dim, -1).double()
             n += x.shape[1]
             s += x.sum(1)
-            ss = x @ x.t() if ss is None else ss + x @ x.t()
+            # x x^T as fixed column tasks added in order (_run): the same at any thread count
+            for part in _run([functools.partial(lambda c0: x[:, c0:c0 + _COLUMNS] @ x[:, c0:c0 + _COLUMNS].t(), c0)
+                              for c0 in range(0, x.shape[1], _COLUMNS)]):
+                ss = part if ss is None else ss + part
         if n < 2:
             raise ValueError("features: PCA needs at least 2 pixels")
         mean = s / n
         cov = (ss - n * torch.outer(mean, mean)) / (n - 1)
-        _, vecs = torch.linalg.eigh(cov)
+        with deterministic_blas():  # LAPACK's threads would change the last bits
+            _, vecs = torch.linalg.eigh(cov)
         k = min(self.num_classes, self.dim)
         directions = vecs[:, -k:].flip(1).t()
         if k < self.num_classes:
@@ -214,7 +281,6 @@ class PriMaPsEM:
         self.init_prototypes(protos)
         return protos
 
-    @_deterministic
     def init_kmeans(self, features, epochs: int = 2, *, batch_size: int = 32, shuffle: bool = True,
                     show_progress: bool = False) -> torch.Tensor:
         """Official baseline stage: cosine k-means (``ClusterLoss``: maximise the cosine of every
@@ -282,7 +348,6 @@ class PriMaPsEM:
             self.ema_g.lerp_(self.g, 1 - decay)
             self.ema_v.lerp_(self.v, 1 - decay)
 
-    @_deterministic
     def step(self, features: torch.Tensor, mask_ids: torch.Tensor, student_features=None) -> dict:
         """One EM step.
 
@@ -349,7 +414,6 @@ class PriMaPsEM:
         return [self.run_epoch(loader, desc=f"EM epoch {epoch + 1}/{epochs}", total=total,
                                show_progress=show_progress) for epoch in range(epochs)]
 
-    @_deterministic
     def scores(self, features: torch.Tensor, use_ema: bool = True) -> torch.Tensor:
         """``(B, K, h, w)`` class scores at feature resolution: the head's 1x1 conv (the EMA copy's when
         ``use_ema``) of float ``(B, C, h, w)`` features, without gradient."""

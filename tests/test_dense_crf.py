@@ -249,3 +249,31 @@ def test_triton_matches_cpu():
 def test_dense_crf_list_is_public():
     assert primaps_fast.dense_crf_list is dense_crf_list
     assert "dense_crf_list" in primaps_fast.__all__
+
+
+def test_messages_name_the_users_arguments():
+    """Bounds are checked before the kernel, with the name of the argument the user passed: no 'labels:' or
+    'probs[0]:' from dense_crf, whose arguments are images and logits."""
+    images = torch.randint(0, 256, (1, 3, 4, 5), dtype=torch.uint8)
+    logits = torch.randn(1, 2, 4, 5)
+    with pytest.raises(ValueError, match=r"^iterations: expected an int in \[0, 1000\], got 1000000000"):
+        primaps_fast.dense_crf(images, logits, iterations=10 ** 9)
+    with pytest.raises(TypeError, match="^iterations: "):
+        primaps_fast.dense_crf(images, logits, iterations=2 ** 63 * 1.0)
+    with pytest.raises(ValueError, match="^logits: values beyond the float32 range"):
+        primaps_fast.dense_crf(images, logits.double() * 1e300)
+    with pytest.raises(ValueError, match="^logits: 1048577 labels, more than the 1048576"):
+        primaps_fast.dense_crf(images[:, :, :1, :1], torch.zeros(1, 2 ** 20 + 1, 1, 1))
+    with pytest.raises(ValueError, match=r"^probs\[0\]: 1048577 labels"):
+        dense_crf_list(images[:, :, :1, :1], [torch.full((2 ** 20 + 1, 1, 1), 1e-6)])
+    for name in ("pos_compat", "bi_compat"):
+        with pytest.raises(ValueError, match=f"^{name}: expected a finite number"):
+            primaps_fast.dense_crf(images, logits, **{name: 1e300})
+    with pytest.raises(ValueError, match="^bi_sxy: expected a finite number"):
+        primaps_fast.dense_crf(images, logits, bi_sxy=10 ** 400)
+    with pytest.raises(ValueError, match=r"^logits: the dense CRF of 1 images of 100000x100000 pixels with 2 labels "
+                                         r"needs [0-9.]+ GiB"):
+        primaps_fast.dense_crf(torch.zeros(1, 3, 1, 1, dtype=torch.uint8).expand(1, 3, 10 ** 5, 10 ** 5), logits)
+    # the largest iteration count and the extreme float32 logits still work
+    q = primaps_fast.dense_crf(images, logits.double() * 1e37, iterations=1)
+    assert bool(torch.isfinite(q).all())
