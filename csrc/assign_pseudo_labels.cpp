@@ -1,15 +1,16 @@
 // E-step of PriMaPs-EM: majority class of every pseudo mask under the argmax of the bilinearly
 // upsampled class scores, without materialising the (B, K, H, W) upsampled scores.
 //
-// Upsampling follows PyTorch's bilinear, align_corners=False: src = scale * (dst + 0.5) - 0.5 clamped
-// at 0 (scale = in / out in float), i0 = floor(src), i1 = i0 + 1 unless at the last row/column, and
-// the value h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d) (width inside, height outside, no FMA).
-// PyTorch's own kernel may contract some of these into FMAs depending on the CPU, so the argmax agrees
-// with F.interpolate(...).argmax(1) except at pixels whose top two scores tie to float32 rounding.
+// Upsampling follows PyTorch's bilinear, align_corners=False (taps and order of the products in
+// bilinear.h, shared with the CUDA kernel): width inside, height outside, no FMA. PyTorch's own kernel
+// may contract some of these into FMAs depending on the CPU, so the argmax agrees with
+// F.interpolate(...).argmax(1) except at pixels whose top two scores tie to float32 rounding. Ties:
+// argmax.h (the first class of the pixel's maximum, the smallest class of the mask's majority).
 #include "common.h"
 
 #include <cmath>
 
+#include "argmax.h"
 #include "bilinear.h"
 
 namespace {
@@ -35,7 +36,7 @@ void assign_pseudo_labels(FloatArray logits, Int64Array mask_ids, Int64Array out
   for (int64_t i = 0, n = B * H * W; i < n; ++i)
     if (M[i] != ignore_index && (M[i] < 0 || M[i] >= num_ids))
       throw std::invalid_argument("mask_ids: id out of range [0, num_ids)");
-  const Axis ay = make_axis(h, H), ax = make_axis(w, W);
+  const Axis ay(h, H), ax(w, W);
   {
     py::gil_scoped_release release;
     parallel_for(B, threads, [&](int64_t b) {
@@ -58,22 +59,10 @@ void assign_pseudo_labels(FloatArray logits, Int64Array mask_ids, Int64Array out
           const float* __restrict c = xs.data() + (ay.i1[y] * K + k) * W;
           const float kk = static_cast<float>(k);
           if (k == 0) {
-            for (int64_t x = 0; x < W; ++x) {
-              const float p = hy0 * a[x];
-              const float q = hy1 * c[x];
-              bv[x] = p + q;
-              bi[x] = 0.f;
-            }
+            for (int64_t x = 0; x < W; ++x) bv[x] = lerp(hy0, a[x], hy1, c[x]), bi[x] = 0.f;
             continue;
           }
-          for (int64_t x = 0; x < W; ++x) {
-            const float p = hy0 * a[x];
-            const float q = hy1 * c[x];
-            const float v = p + q;
-            const float take = static_cast<float>(v > bv[x]);  // 1 or 0: exact blend of small ints
-            bi[x] = bi[x] + take * (kk - bi[x]);
-            bv[x] = v > bv[x] ? v : bv[x];
-          }
+          for (int64_t x = 0; x < W; ++x) keep_first_max(lerp(hy0, a[x], hy1, c[x]), kk, bv[x], bi[x]);
         }
         for (int64_t x = 0; x < W; ++x) {
           const int64_t id = mb[y * W + x];
@@ -87,14 +76,8 @@ void assign_pseudo_labels(FloatArray logits, Int64Array mask_ids, Int64Array out
         }
       }
       // Majority per slot, the first (smallest) class on ties.
-      std::vector<int64_t> winner(hist.size() / (K ? K : 1));
-      for (size_t s = 0; s < winner.size(); ++s) {
-        const int64_t* hs = hist.data() + s * K;
-        int64_t best = 0;
-        for (int64_t k = 1; k < K; ++k)
-          if (hs[k] > hs[best]) best = k;
-        winner[s] = best;
-      }
+      std::vector<int64_t> winner(hist.size() / K);
+      for (size_t s = 0; s < winner.size(); ++s) winner[s] = first_argmax(hist.data() + s * K, K);
       int64_t* ob = O + b * H * W;
       for (int64_t i = 0; i < H * W; ++i) {
         const int64_t id = mb[i];

@@ -5,14 +5,16 @@
 // focal_loss_grad: per-image sums of w_t * CE (pass 2) and, when requested, the gradient of
 //   sum_pixels w_t * CE w.r.t. the low-resolution logits (the caller scales by grad_output / N):
 //   dL/dup_k = w_t * (p_k - [k == t]) at non-ignored pixels, scattered back through the bilinear taps.
+// focal_class_weights: the class weights from the pass-1 sums (focal_weights.h, shared with CUDA).
 // Threads run over images; every image accumulates into its own buffers in a fixed order, so the
-// results are deterministic. Upsampling as PyTorch's, to float32 rounding (see assign_pseudo_labels.cpp).
+// results are deterministic. Upsampling as PyTorch's, to float32 rounding (bilinear.h).
 #include "common.h"
 
 #include <cmath>
 
 #include "bilinear.h"
 #include "fast_exp.h"
+#include "focal_weights.h"
 
 namespace {
 
@@ -32,11 +34,7 @@ struct RowSoftmax {
       const float* __restrict a = xs.data() + (ay.i0[y] * K + k) * W;
       const float* __restrict c = xs.data() + (ay.i1[y] * K + k) * W;
       float* __restrict uk = u.data() + k * W;
-      for (int64_t x = 0; x < W; ++x) {
-        const float s = h0 * a[x];
-        const float t = h1 * c[x];
-        uk[x] = s + t;
-      }
+      for (int64_t x = 0; x < W; ++x) uk[x] = lerp(h0, a[x], h1, c[x]);
       if (k == 0) {
         for (int64_t x = 0; x < W; ++x) mxp[x] = uk[x];
       } else {
@@ -66,7 +64,7 @@ void focal_confidence(FloatArray logits, int64_t H, int64_t W, DoubleArray sums,
   if (K < 1 || h < 1 || w < 1 || H < 1 || W < 1) throw std::invalid_argument("focal_confidence: empty input");
   const float* L = logits.data();
   double* S = sums.mutable_data();
-  const Axis ay = make_axis(h, H), ax = make_axis(w, W);
+  const Axis ay(h, H), ax(w, W);
   py::gil_scoped_release release;
   parallel_for(B, threads, [&](int64_t b) {
     std::vector<float> xs;
@@ -88,6 +86,22 @@ void focal_confidence(FloatArray logits, int64_t H, int64_t W, DoubleArray sums,
       S[b * K + k] = s;
     }
   });
+}
+
+// weight (K,) from sums (B, K): the per-image sums added in image order, then focal_class_weight.
+void focal_class_weights(DoubleArray sums, double num_pixels, float gamma, FloatArray weight) {
+  check_ndim(sums, 2, "sums");
+  check_ndim(weight, 1, "weight");
+  const int64_t B = sums.shape(0), K = sums.shape(1);
+  if (weight.shape(0) != K) throw std::invalid_argument("weight: expected shape (K,) of sums (B, K)");
+  if (!(num_pixels > 0)) throw std::invalid_argument("num_pixels: must be > 0");
+  const double* S = sums.data();
+  float* Wt = weight.mutable_data();
+  for (int64_t k = 0; k < K; ++k) {
+    double total = 0.0;
+    for (int64_t b = 0; b < B; ++b) total += S[b * K + k];
+    Wt[k] = focal_class_weight(total, num_pixels, gamma);
+  }
 }
 
 // loss[b] = sum over pixels of image b of weight[t] * (lse - up_t); grad (B, K, h, w) or empty.
@@ -115,7 +129,7 @@ void focal_loss_grad(FloatArray logits, Int64Array target, FloatArray weight, in
   const float* Wt = weight.data();
   double* Lo = loss.mutable_data();
   float* G = with_grad ? grad.mutable_data() : nullptr;
-  const Axis ay = make_axis(h, H), ax = make_axis(w, W);
+  const Axis ay(h, H), ax(w, W);
   py::gil_scoped_release release;
   parallel_for(B, threads, [&](int64_t b) {
     std::vector<float> xs, wt(W), d(W);
@@ -181,6 +195,9 @@ static Registrar reg([](py::module_& m) {
   m.def("focal_confidence", &focal_confidence, py::arg("logits"), py::arg("H"), py::arg("W"),
         py::arg("sums"), py::arg("threads"),
         "Per-image sums of softmax of the bilinearly upsampled logits, (B, K) float64.");
+  m.def("focal_class_weights", &focal_class_weights, py::arg("sums"), py::arg("num_pixels"),
+        py::arg("gamma"), py::arg("weight"),
+        "Focal class weights (1 - sum_b sums[b, k] / num_pixels) ** gamma, float32 (K,).");
   m.def("focal_loss_grad", &focal_loss_grad, py::arg("logits"), py::arg("target"), py::arg("weight"),
         py::arg("ignore_index"), py::arg("loss"), py::arg("grad"), py::arg("with_grad"),
         py::arg("threads"),

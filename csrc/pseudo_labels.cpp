@@ -5,12 +5,16 @@
 // probabilities the dense CRF starts from. One image per thread, GIL released.
 //
 // Rounding follows PyTorch's CPU kernels where it decides ties: the bilinear weights and the order of
-// the products are those of ATen's upsample_bilinear2d (row interpolation first, then the two rows),
-// so equal low-resolution logits give bit-identical upsampled values and the same first-max arg-max.
+// the products are those of ATen's upsample_bilinear2d (bilinear.h: row interpolation first, then the
+// two rows), so equal low-resolution logits give bit-identical upsampled values and the same first-max
+// arg-max (argmax.h). The CUDA kernel shares these rules.
 #include <cmath>
 #include <limits>
 
+#include "argmax.h"
+#include "bilinear.h"
 #include "common.h"
+#include "mask_logits.h"
 #include "median3x3.h"
 
 // No FMA contraction in this file's plain loops: a vectorised loop body and its scalar tail must round
@@ -21,7 +25,8 @@
 namespace {
 
 // Log-probabilities (m + 1, h, w) of one image from its m raw proposals (m, h, w): median filter, x10,
-// clamp, background first, log_softmax over masks. m == 0 gives a single all-zero background channel.
+// clamp, background first, log_softmax over masks (mask_logits.h). m == 0 gives a single all-zero
+// background channel.
 void mask_logits(const float* props, int64_t m, int64_t h, int64_t w, float* logits) {
   const int64_t n = h * w;
   std::vector<float> scratch(3 * w);
@@ -32,7 +37,7 @@ void mask_logits(const float* props, int64_t m, int64_t h, int64_t w, float* log
     float* o = fg + i * n;
     primaps::median3x3(props + i * n, o, h, w, scratch.data(), scratch.data() + w, scratch.data() + 2 * w);
     for (int64_t p = 0; p < n; ++p) {
-      const float v = std::min(std::max(o[p] * 10.0f, 0.0f), 1.0f);
+      const float v = primaps::mask_gain(o[p]);
       o[p] = v;
       if (v != 0.0f) nz_sum += v, ++nz_count;
     }
@@ -41,55 +46,23 @@ void mask_logits(const float* props, int64_t m, int64_t h, int64_t w, float* log
   const float level = nz_count ? static_cast<float>(nz_sum / static_cast<double>(nz_count)) : 0.0f;
   float* bg = logits;
   for (int64_t p = 0; p < n; ++p) {
-    float s = 0.0f;  // sum over masks, in mask order (as torch's sum(dim=0))
-    for (int64_t i = 0; i < m; ++i) s += fg[i * n + p];
-    bg[p] = std::min(std::max(level - s, 0.0f), 1.0f);
-  }
-  const int64_t L = m + 1;
-  for (int64_t p = 0; p < n; ++p) {
-    float mx = logits[p];
-    for (int64_t l = 1; l < L; ++l) mx = std::max(mx, logits[l * n + p]);
     float s = 0.0f;
-    for (int64_t l = 0; l < L; ++l) s += std::exp(logits[l * n + p] - mx);
-    const float ls = std::log(s);
-    for (int64_t l = 0; l < L; ++l) logits[l * n + p] = logits[l * n + p] - mx - ls;
+    for (int64_t i = 0; i < m; ++i) s += fg[i * n + p];
+    bg[p] = primaps::background(level, s);
   }
+  for (int64_t p = 0; p < n; ++p) primaps::log_softmax_strided(logits + p, m + 1, n);
 }
 
-// Bilinear source indices and weights of ATen's upsample_bilinear2d, align_corners=False.
-struct Axis {
-  std::vector<int64_t> i0, i1;
-  std::vector<float> w0, w1;
-  Axis(int64_t in, int64_t out) : i0(out), i1(out), w0(out), w1(out) {
-    const float scale = static_cast<float>(in) / static_cast<float>(out);
-    for (int64_t o = 0; o < out; ++o) {
-      if (in == out) {
-        i0[o] = o, i1[o] = o, w0[o] = 1.0f, w1[o] = 0.0f;
-        continue;
-      }
-      float src = scale * (static_cast<float>(o) + 0.5f) - 0.5f;
-      if (src < 0.0f) src = 0.0f;
-      const int64_t a = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
-      const float lam = std::min(std::max(src - static_cast<float>(a), 0.0f), 1.0f);
-      i0[o] = a;
-      i1[o] = a + (a < in - 1 ? 1 : 0);
-      w1[o] = lam;
-      w0[o] = 1.0f - lam;
-    }
-  }
-};
-
 // One output row y of channel `src` (h, w) upsampled to width W into row (W floats).
-inline void upsample_row(const float* src, int64_t w, const Axis& ay, const Axis& ax, int64_t y,
-                         int64_t W, float* row) {
+inline void upsample_row(const float* src, int64_t w, const primaps::Axis& ay, const primaps::Axis& ax,
+                         int64_t y, int64_t W, float* row) {
   const float* s0 = src + ay.i0[y] * w;
   const float* s1 = src + ay.i1[y] * w;
-  const float wy0 = ay.w0[y], wy1 = ay.w1[y];
+  const float wy0 = ay.l0[y], wy1 = ay.l1[y];
   for (int64_t x = 0; x < W; ++x) {
     const int64_t a = ax.i0[x], b = ax.i1[x];
-    const float t0 = s0[a] * ax.w0[x] + s0[b] * ax.w1[x];
-    const float t1 = s1[a] * ax.w0[x] + s1[b] * ax.w1[x];
-    row[x] = t0 * wy0 + t1 * wy1;
+    row[x] = primaps::lerp(wy0, primaps::lerp(ax.l0[x], s0[a], ax.l1[x], s0[b]), wy1,
+                           primaps::lerp(ax.l0[x], s1[a], ax.l1[x], s1[b]));
   }
 }
 
@@ -118,7 +91,7 @@ void mask_labels_cpu(primaps::FloatArray masks, primaps::Int64Array counts, prim
   const int64_t* cnt = counts.data();
   int64_t* out = labels.mutable_data();
   py::gil_scoped_release release;
-  const Axis ay(h, H), ax(w, W);
+  const primaps::Axis ay(h, H), ax(w, W);
   primaps::parallel_for(B, threads, [&](int64_t b) {
     const int64_t L = cnt[b] + 1, n = h * w;
     std::vector<float> logits(L * n), row(W), best(W);
@@ -129,8 +102,7 @@ void mask_labels_cpu(primaps::FloatArray masks, primaps::Int64Array counts, prim
       std::fill(o, o + W, int64_t{0});
       for (int64_t l = 1; l < L; ++l) {
         upsample_row(logits.data() + l * n, w, ay, ax, y, W, row.data());
-        for (int64_t x = 0; x < W; ++x)
-          if (row[x] > best[x]) best[x] = row[x], o[x] = l;
+        for (int64_t x = 0; x < W; ++x) primaps::keep_first_max(row[x], l, best[x], o[x]);
       }
       for (int64_t x = 0; x < W; ++x)
         if (o[x] == 0) o[x] = ignore_index;
@@ -152,7 +124,7 @@ void mask_probs_cpu(primaps::FloatArray masks, primaps::Int64Array counts, prima
   const int64_t* cnt = counts.data();
   float* out = probs.mutable_data();
   py::gil_scoped_release release;
-  const Axis ay(h, H), ax(w, W);
+  const primaps::Axis ay(h, H), ax(w, W);
   primaps::parallel_for(B, threads, [&](int64_t b) {
     const int64_t L = cnt[b] + 1, n = h * w, HW = H * W;
     std::vector<float> logits(L * n), mx(W), sum(W);

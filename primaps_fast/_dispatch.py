@@ -75,11 +75,6 @@ def cuda_module():
     return _C_cuda
 
 
-def cuda_not_wired(op: str) -> NotImplementedError:
-    """The error of an op whose CUDA kernel is not connected to its Python op yet."""
-    return NotImplementedError(f"{op}: the CUDA backend of this op is not available yet; use backend='triton'")
-
-
 def reference(name: str):
     """``primaps_fast.reference.<name>``, resolved by name at call time.
 

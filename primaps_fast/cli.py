@@ -9,6 +9,10 @@
     primaps-fast bench    (reference vs fast timings of every op; source checkout)
 
 Every long step is resumable: rerun the same command after an interrupt.
+
+Many GPUs and nodes: the same commands under torchrun (docs/distributed.md), e.g.
+
+    torchrun --nproc_per_node=8 -m primaps_fast pseudo --dataset-root DATA/cityscapes --cache C/train --out C/pseudos
 """
 from __future__ import annotations
 
@@ -16,6 +20,15 @@ import argparse
 import os
 import sys
 import time
+
+
+def _report(msg: str) -> None:
+    """Print a command's summary (rank 0 only under torchrun: every rank has the same)."""
+    from primaps_fast import distributed
+
+    if distributed.is_main():
+        print(msg)
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -97,8 +110,8 @@ def cmd_features(args):
     t = time.perf_counter()
     cache = compute_features(ds, bb, args.cache, batch_size=args.batch_size, flip=args.flip, device=args.device,
                              num_workers=args.num_workers)
-    print(f"feature cache {args.cache}: {len(cache)} images, features {cache.feature_shape} float16 "
-          f"({time.perf_counter() - t:.1f} s)")
+    _report(f"feature cache {args.cache}: {len(cache)} images, features {cache.feature_shape} float16 "
+            f"({time.perf_counter() - t:.1f} s)")
 
 
 def cmd_pseudo(args):
@@ -118,8 +131,8 @@ def cmd_pseudo(args):
     stats = generate_pseudo_labels(ds, args.out, threshold=args.threshold, crf=args.crf,
                                    crf_iterations=args.crf_iterations, batch_size=args.batch_size,
                                    backend=args.backend, num_workers=args.num_workers, **source)
-    print(f"pseudo labels in {args.out}: {stats['computed']} computed, {stats['skipped']} already complete"
-          + (f", {stats['images_per_s']:.2f} images/s" if stats["computed"] else ""))
+    _report(f"pseudo labels in {args.out}: {stats['computed']} computed, {stats['skipped']} already complete"
+            + (f", {stats['images_per_s']:.2f} images/s" if stats["computed"] else ""))
 
 
 def cmd_train(args):
@@ -142,10 +155,36 @@ def cmd_eval(args):
 
 
 def cmd_demo(args):
+    from primaps_fast import distributed
     from primaps_fast.demo import run_demo
 
+    if args.nproc > 1 and distributed.launch_env() is None:  # start the launcher, which runs this demo N times
+        return launch_local(args.nproc, ["demo", *_without_nproc(args.argv)])
     run_demo(args.out, images=args.images, epochs=args.epochs, crf=args.crf, image_size=args.image_size,
              num_classes=args.classes, batch_size=args.batch_size, seed=args.seed, backend=args.backend)
+
+
+def _without_nproc(argv) -> list:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch_local(nproc: int, argv) -> int:
+    """Run ``primaps-fast <argv>`` on ``nproc`` local processes under torchrun (``--standalone``: a
+    rendezvous on a free local port) and return its exit status."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "primaps_fast", *argv]
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
 
 
 def find_benchmarks():
@@ -184,6 +223,10 @@ def run_benchmarks(backend=None, pytest_args=()) -> int:
 
 
 def cmd_bench(args):
+    from primaps_fast import distributed
+
+    if distributed.is_active():
+        raise ValueError("bench: timings are per process; run it without torchrun")
     extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     return run_benchmarks(args.backend, extra)
 
@@ -276,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True,
                    help="CRF on pseudo labels (default: on)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="run the demo on N local processes under torchrun (pseudo labels shared, data-parallel "
+                        "EM; default: 1)")
     _add_backend_arg(p)
     p.set_defaults(func=cmd_demo)
 
@@ -290,14 +336,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]
+    from primaps_fast import distributed
     from primaps_fast.data.datasets import DataError
 
+    # under torchrun, messages say which rank they come from; an error that every rank received from
+    # rank 0 (exc.replica) is printed by rank 0 only
+    where = ""
     try:
-        rc = args.func(args)
-    except KeyboardInterrupt:
-        print("\nprimaps-fast: interrupted; rerun the same command to resume (finished work is kept)",
-              file=sys.stderr)
+        with distributed.launch():
+            if distributed.is_active():
+                where = f" [rank {distributed.rank()}/{distributed.world_size()}]"
+            rc = args.func(args)
+    except KeyboardInterrupt as exc:
+        why = str(exc) or "interrupted"
+        print(f"\nprimaps-fast {args.command}{where}: {why}; rerun the same command to resume (finished work "
+              "is kept)", file=sys.stderr)
         return 130
     except ImportError as exc:
         if os.environ.get("PRIMAPS_FAST_DEBUG") == "1" or not (exc.name or "").startswith("primaps_fast"):
@@ -308,7 +364,8 @@ def main(argv=None) -> int:
     except (DataError, ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as exc:
         if os.environ.get("PRIMAPS_FAST_DEBUG") == "1":
             raise
-        print(f"primaps-fast {args.command}: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "replica", False):
+            print(f"primaps-fast {args.command}{where}: error: {exc}", file=sys.stderr)
         return 1
     return rc or 0
 

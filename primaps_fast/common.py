@@ -18,8 +18,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # DEGENERATE_RTOL times their mean squared norm (both in float64); the direction is then their mean.
 DEGENERATE_RTOL = 1e-10
 
-# principal_masks: larger |features| overflow float32 sums of squares (norms, covariance).
-MAX_ABS = 1e15
+# principal_masks: at most this many proposals per image by default: mask ids 1..254, the background
+# and the ignore id 255 then fit one uint8 label map (the official loop has no cap; real images give a
+# handful of proposals, pure noise about one per pixel).
+DEFAULT_MAX_MASKS = 254
 
 # Dense CRF unary: probabilities are clipped to [CRF_CLIP, 1] before -log (pydensecrf.utils.unary_from_softmax).
 CRF_CLIP = 1e-5
@@ -57,3 +59,20 @@ def class_weights(prob_sums: torch.Tensor, num_pixels: int, gamma: float) -> tor
     backends; the reference computes the same rule from the upsampled scores)."""
     mean = (prob_sums.sum(0) / num_pixels).to(torch.float32)
     return (1 - mean) ** gamma
+
+
+def scaled_float32(features: torch.Tensor) -> torch.Tensor:
+    """Each image of ``features`` (B, ...) times ``2**-e``, ``e`` the binary exponent of its largest
+    ``|value|`` (which lands in [0.5, 1)), as float32. A power of two changes no digit (the product is
+    exact in float64, then rounded once to float32, exactly for float32 and narrower inputs), so the
+    proposals do not depend on the scale of the features, and the scaled values no longer underflow in
+    products (tiny features) or overflow in float32 sums of squares (huge ones). Every backend applies
+    it (the C++ kernel itself, in its first pass over float32 features)."""
+    big = features.detach().abs().amax(dim=tuple(range(1, features.dim()))).double()
+    exponent = torch.frexp(big)[1].long()  # big = mantissa * 2**exponent, 0 for an all-zero image
+    half = torch.div(exponent, 2, rounding_mode="floor")
+    shape = (-1,) + (1,) * (features.dim() - 1)
+    one = torch.ones_like(big)
+    # two float64 factors: float64 inputs can need powers beyond float64's range (2**1074)
+    scaled = features.double() * torch.ldexp(one, -half).view(shape) * torch.ldexp(one, half - exponent).view(shape)
+    return scaled.float()

@@ -9,6 +9,10 @@ colours (predictions coloured with the Hungarian matching, so colours agree with
 
 The output folder is created if needed; a non-empty folder not made by the demo is refused, so no
 unrelated file is ever overwritten.
+
+``primaps-fast demo --nproc N`` runs it under ``torchrun`` on N local processes: the pseudo labels are
+shared between the ranks (round-robin batches, gathered), PCA + k-means and PriMaPs-EM are data parallel
+(``primaps_fast.distributed``), and rank 0 writes the results, equal to those of one process.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from primaps_fast import fileio, pictures, train
+from primaps_fast import distributed, fileio, pictures, train
 from primaps_fast.evaluate import evaluate_batches
 from primaps_fast.progress import progress
 
@@ -54,7 +58,10 @@ def run_demo(out="primaps_out", *, images: int = 32, epochs: int = 6, crf: bool 
 
     if images < 2 or epochs < 0 or image_size % 8 or image_size < 32:
         raise ValueError("images >= 2, epochs >= 0 and image_size a multiple of 8 (>= 32) are required")
-    out = prepare_out(out)
+    main = distributed.is_main()
+    if not main:
+        log, show_progress = (lambda msg: None), False
+    out = distributed.on_main(lambda: prepare_out(out), "demo: preparing the output folder on rank 0")
     torch.manual_seed(seed)
     times = {}
     log(f"demo: making {images} synthetic scenes of {image_size}x{image_size} ({num_classes} classes) with "
@@ -66,14 +73,16 @@ def run_demo(out="primaps_out", *, images: int = 32, epochs: int = 6, crf: bool 
 
     pseudo_stage = "PriMaPs pseudo labels" + (" + CRF" if crf else "")
 
-    def pseudo_all():
+    def pseudo_all():  # each rank its round-robin batches, gathered in order (uint8: the ids are <= 255)
+        count = distributed.Progress("demo-pseudo")
         with progress(desc="pseudo labels", total=images, unit="img", enabled=show_progress) as bar:
-            parts = []
-            for s in starts:
-                parts.append(primaps_fast.pseudo_labels(scenes.images[s:s + batch_size], feats[s:s + batch_size],
-                                                        crf=crf, backend=backend))
-                bar.update(len(parts[-1]))
-        return torch.cat(parts)
+            parts = {}
+            for s in distributed.round_robin(starts):
+                parts[s] = primaps_fast.pseudo_labels(scenes.images[s:s + batch_size], feats[s:s + batch_size],
+                                                      crf=crf, backend=backend).to(torch.uint8)
+                bar.update(count.add(len(parts[s])) - bar.count)
+            everyone = distributed.all_gather_object(parts, "demo: pseudo labels")
+        return torch.cat([next(p[s] for p in everyone if s in p) for s in starts]).long()
 
     pseudo = _timed(times, pseudo_stage, pseudo_all)
     log(f"demo: pseudo labels {times[pseudo_stage]:.2f} s ({images / times[pseudo_stage]:.1f} images/s)")
@@ -90,6 +99,8 @@ def run_demo(out="primaps_out", *, images: int = 32, epochs: int = 6, crf: bool 
     history = _timed(times, f"PriMaPs-EM ({epochs} epochs)", train.train_epochs, em, data, start_epoch=0,
                      epochs=epochs, batch_size=batch_size, seed=seed, show_progress=show_progress)
     predictions["PriMaPs-EM"] = torch.cat([em.predict(b, size=(S, S)) for b in batches])
+    if not main:  # every rank holds the same model; rank 0 evaluates and writes
+        return {}
 
     rows, results = [], {}
     for name, pred in predictions.items():

@@ -192,6 +192,12 @@ class PriMaPsEM:
     eigendecomposition of the PCA runs on one MKL thread (:func:`deterministic_blas`).
         backend: kernel backend of the E-step and the loss (``assign_pseudo_labels``, ``focal_loss``):
             None (auto) or one of ``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``.
+
+    Data parallel: with ``em.sync = primaps_fast.distributed.data_parallel()`` (set by ``primaps_fast.train``
+    under ``torchrun``), each rank passes its share of every global batch to :meth:`step` and the global
+    data to the initialisations, which take their shares themselves; the batch statistics, the gradients
+    and the sums are reduced across ranks, so every rank holds the same head, EMA copy and Adam state,
+    equal (to float rounding) to one process running the global batches.
     """
 
     def __init__(self, num_classes: int, dim: int, *, lr: float = 5e-3, ema_decay: float = 0.98,
@@ -212,6 +218,7 @@ class PriMaPsEM:
         check_memory(5 * 4 * num_classes * dim, "num_classes", f"a head of {num_classes} x {dim} weights",
                      self.device)
         self.backend = backend
+        self.sync = None  # data-parallel reductions (class docstring); not part of the state
         self.num_classes, self.dim = num_classes, dim
         self.lr, self.ema_decay, self.ema_every = lr, ema_decay, ema_every
         self.focal_gamma, self.ignore_index, self.seed = focal_gamma, ignore_index, seed
@@ -251,21 +258,24 @@ class PriMaPsEM:
             out.append(f.to(self.device, torch.float32))
         return out
 
-    def init_pca(self, features) -> torch.Tensor:
-        """Official PCA init from ``(N, C, h, w)`` features or an iterable of such batches: the top-K
-        principal directions of the centred pixel features (deterministic eigendecomposition of the
-        covariance in float64; signs fixed so each direction's largest-magnitude entry is positive).
-        Sets the head as ``init_prototypes`` would and returns the ``(K, C)`` directions."""
-        batches = self._feature_batches(features, "features")
-        n, s, ss = 0, torch.zeros(self.dim, dtype=torch.float64, device=self.device), None
-        for f in batches:
+    def init_pca(self, features, *, batch_size: int = 32) -> torch.Tensor:
+        """Official PCA init from ``(N, C, h, w)`` features, an iterable of such batches, or rows (anything
+        with ``len()`` and ``get_features(indices)``, such as a feature cache, read ``batch_size`` images at
+        a time): the top-K principal directions of the centred pixel features (deterministic
+        eigendecomposition of the covariance in float64; signs fixed so each direction's largest-magnitude
+        entry is positive). Sets the head as ``init_prototypes`` would and returns the ``(K, C)`` directions."""
+        n, s = 0, torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        ss = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        for f in self._pca_batches(features, batch_size):
             x = f.permute(1, 0, 2, 3).reshape(self.dim, -1).double()
             n += x.shape[1]
             s += x.sum(1)
             # x x^T as fixed column tasks added in order (_run): the same at any thread count
             for part in _run([functools.partial(lambda c0: x[:, c0:c0 + _COLUMNS] @ x[:, c0:c0 + _COLUMNS].t(), c0)
                               for c0 in range(0, x.shape[1], _COLUMNS)]):
-                ss = part if ss is None else ss + part
+                ss += part
+        if self.sync is not None:
+            n = self._sum_pca(n, s, ss)
         if n < 2:
             raise ValueError("features: PCA needs at least 2 pixels")
         mean = s / n
@@ -278,8 +288,36 @@ class PriMaPsEM:
             raise ValueError(f"features: PCA gives at most dim={self.dim} directions, "
                              f"num_classes={self.num_classes} needed")
         protos = _fix_signs(directions).float()
+        if self.sync is not None:  # identical on every rank even where eigh's last bits could differ
+            self.sync.broadcast_([protos], "init: PCA directions")
         self.init_prototypes(protos)
         return protos
+
+    def _pca_batches(self, features, batch_size: int):
+        """The batches of ``init_pca``'s input that this rank sums (all of them in a single process; with
+        ``sync``, its contiguous rows of a tensor or its round-robin share of the batches)."""
+        from primaps_fast import distributed
+
+        if hasattr(features, "get_features"):
+            chunks = [range(i, min(i + batch_size, len(features))) for i in range(0, len(features), batch_size)]
+            if not chunks:
+                raise ValueError("features: no feature batches (empty)")
+            for idx in (distributed.round_robin(chunks) if self.sync is not None else chunks):
+                yield self._check_features(features.get_features(list(idx)), "features")
+            return
+        batches = self._feature_batches(features, "features")
+        if self.sync is None:
+            yield from batches
+        elif isinstance(features, torch.Tensor):
+            yield distributed.split(batches[0])
+        else:
+            yield from distributed.round_robin(batches)
+
+    def _sum_pca(self, n: int, s: torch.Tensor, ss: torch.Tensor) -> int:
+        """Sums of the PCA statistics over the ranks (in place); returns the global pixel count."""
+        count = torch.tensor([float(n)], dtype=torch.float64, device=self.device)
+        self.sync.sum_([count, s, ss], "init: PCA sums")
+        return int(count.item())
 
     def init_kmeans(self, features, epochs: int = 2, *, batch_size: int = 32, shuffle: bool = True,
                     show_progress: bool = False) -> torch.Tensor:
@@ -287,40 +325,63 @@ class PriMaPsEM:
         L2-normalised pixel feature with its arg-max prototype ``v / |v|``; Adam, ``lr``) for ``epochs``
         passes from the current head's ``v`` (the PCA init after ``init_pca``). ``features``: ``(N, C,
         h, w)`` (split into batches of ``batch_size``, shuffled with ``seed + epoch`` when ``shuffle``)
-        or an iterable of batches (used in order). Sets the head from the centres with ``g = 1``, as
+        or an iterable of batches (used in order), or rows (``len()`` and ``get_features(indices)``, read a
+        batch at a time, in the order of a tensor). Sets the head from the centres with ``g = 1``, as
         ``init_prototypes``, and returns them ``(K, C)``."""
         check_int(epochs, "epochs", lo=0)
         check_int(batch_size, "batch_size", lo=1)
+        rows = None
         if isinstance(features, torch.Tensor):
             feats = self._feature_batches(features, "features")[0]
-            n = feats.shape[0]
-            if n == 0:
-                raise ValueError("features: empty")
+            n, rows = feats.shape[0], feats.__getitem__
+        elif hasattr(features, "get_features"):
+            n = len(features)
+            rows = lambda idx: self._check_features(features.get_features(idx.tolist()), "features",  # noqa: E731
+                                                    nonempty=False)
         else:
             fixed = self._feature_batches(features, "features")
+        if rows is not None and n == 0:
+            raise ValueError("features: empty")
         v = self.v.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([v], lr=self.lr)
-        total = epochs * (-(-n // batch_size) if isinstance(features, torch.Tensor) else len(fixed))
+        total = epochs * (-(-n // batch_size) if rows is not None else len(fixed))
         with progress(desc="k-means", total=total, unit="step", enabled=show_progress) as bar:
             for epoch in range(epochs):
-                if isinstance(features, torch.Tensor):
+                if rows is not None:
                     order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
                              if shuffle else torch.arange(n))
-                    batches = [feats[order[i:i + batch_size]] for i in range(0, n, batch_size)]
+                    batches = (self._kmeans_share(rows, order[i:i + batch_size]) for i in range(0, n, batch_size))
                 else:
-                    batches = fixed
-                for f in batches:
+                    batches = (self._kmeans_share(f.__getitem__, torch.arange(f.shape[0]))
+                               if self.sync is not None else (f, f.shape[0]) for f in fixed)
+                for f, global_batch in batches:
                     opt.zero_grad()
                     scores = _scores(v / v.norm(dim=1, keepdim=True), F.normalize(f, dim=1))
                     # -(one_hot(argmax) * scores).sum(1).mean() of the official ClusterLoss
-                    loss = -scores.max(dim=1).values.double().mean()
-                    loss.backward()
+                    top = scores.max(dim=1).values.double()
+                    if self.sync is None:
+                        loss = -top.mean()
+                        loss.backward()
+                    else:  # this rank's pixels' part of the global mean; the parts' gradients are summed
+                        loss = -top.sum() / (global_batch * top[0].numel() if top.shape[0] else 1)
+                        loss.backward()
+                        loss = self.sync.sum_grads([v], loss, "init: k-means gradients")
                     opt.step()
                     bar.set_postfix(f"loss {float(loss.detach()):.4f}")
                     bar.update(1)
         centres = v.detach().clone()
+        if self.sync is not None:
+            self.sync.broadcast_([centres], "init: k-means centres")
         self.init_prototypes(centres)
         return centres
+
+    def _kmeans_share(self, rows, batch: torch.Tensor):
+        """``(features of this rank's part of the global batch of indices batch, global batch size)``."""
+        if self.sync is None:
+            return rows(batch), len(batch)
+        from primaps_fast import distributed
+
+        return rows(distributed.split(batch)), len(batch)
 
     # ------------------------------------------------------------------ head
     def weight(self, ema: bool = False) -> torch.Tensor:
@@ -328,8 +389,9 @@ class PriMaPsEM:
         with torch.no_grad():
             return _weight_norm(self.ema_g, self.ema_v) if ema else _weight_norm(self.g, self.v)
 
-    def _check_features(self, features, name: str, batch=None, finite: bool = True) -> torch.Tensor:
-        f = check_tensor(features, name, ndim=4, floating=True, finite=finite)
+    def _check_features(self, features, name: str, batch=None, finite: bool = True,
+                        nonempty: bool = True) -> torch.Tensor:
+        f = check_tensor(features, name, ndim=4, floating=True, finite=finite, nonempty=nonempty)
         if f.shape[1] != self.dim:
             raise ValueError(f"{name}: expected {self.dim} channels, got {f.shape[1]}")
         if batch is not None and f.shape[0] != batch:
@@ -378,8 +440,11 @@ class PriMaPsEM:
         if s is not f:
             _check_scores(scores.detach(), "student_features")
         loss = primaps_fast.focal_loss(scores, labels, gamma=self.focal_gamma, ignore_index=self.ignore_index,
-                                       backend=self.backend)
+                                       backend=self.backend,
+                                       class_stats=None if self.sync is None else self.sync.class_stats)
         loss.backward()
+        if self.sync is not None:  # the sum of the ranks' parts is the gradient of the global batch's loss
+            loss = self.sync.sum_grads([self.v, self.g], loss, "train: gradients of the head")
         self.optimizer.step()
         k = self.global_step
         if k > 0 and k % self.ema_every == 0:

@@ -1,6 +1,10 @@
 """Evaluation of a PriMaPs-EM model over a dataset: predictions (optionally refined by the dense CRF, as the
 official ``test.py``) and the official metrics (Hungarian-matched mIoU and pixel accuracy), from a feature
-cache; ``run`` also writes ``results.json`` and a labelled ``confusion.png``."""
+cache; ``run`` also writes ``results.json`` and a labelled ``confusion.png``.
+
+Under ``torchrun`` (``primaps_fast.distributed``) each rank predicts its round-robin share of the batches
+and the confusion matrices are summed across ranks (integers: the results equal one process's exactly);
+rank 0 reads the checkpoint, prints and writes."""
 from __future__ import annotations
 
 import os
@@ -8,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from primaps_fast import fileio
+from primaps_fast import distributed, fileio
 from primaps_fast.progress import progress
 
 # --head choices: which head's predictions are evaluated, and their names in tables and results.json
@@ -44,26 +48,31 @@ def evaluate_batches(batches, num_classes: int) -> dict:
 def evaluate_cache(em, cache, *, heads: str = "both", crf_dataset=None, batch_size: int = 16, backend=None,
                    show_progress: bool = True) -> dict:
     """``{name: metrics}`` of the heads ``heads`` (a key of ``HEADS``) on a complete feature cache, at the
-    cache's resolution; with ``crf_dataset`` (the cache's dataset, for its images) also with the CRF."""
+    cache's resolution; with ``crf_dataset`` (the cache's dataset, for its images) also with the CRF.
+    In a process group each rank predicts its share and the confusion matrices are summed."""
+    from primaps_fast.metrics import UnsupervisedMetrics
     from primaps_fast.ops.pseudo_labels import crf_images
 
     S = cache.manifest["resolution"]
-    n_batches = -(-len(cache) // batch_size)
+    mine = distributed.round_robin(range(0, len(cache), batch_size))
+    main = distributed.is_main()
     results = {}
     for crf in ([False, True] if crf_dataset is not None else [False]):
         for name, use_ema in HEADS[heads]:
             label = name + (" + CRF" if crf else "")
-
-            def batches():
-                with progress(desc=label, total=n_batches, unit="batch", enabled=show_progress and crf) as bar:
-                    for idx, feats in cache.batches(batch_size):
-                        images = (crf_images(torch.stack([crf_dataset[int(i)][0] for i in idx])) if crf
-                                  else None)
-                        yield (predict(em, feats, (S, S), use_ema=use_ema, crf_images=images, backend=backend),
-                               cache.get_labels(idx))
-                        bar.update(1)
-
-            results[label] = evaluate_batches(batches(), em.num_classes)
+            metrics, count = UnsupervisedMetrics(em.num_classes), distributed.Progress("eval")
+            with progress(desc=label, total=len(cache), unit="img", enabled=show_progress and crf and main) as bar:
+                for start in mine:
+                    idx = list(range(start, min(start + batch_size, len(cache))))
+                    feats = cache.get_features(idx)
+                    images = crf_images(torch.stack([crf_dataset[i][0] for i in idx])) if crf else None
+                    metrics.update(predict(em, feats, (S, S), use_ema=use_ema, crf_images=images, backend=backend),
+                                   cache.get_labels(idx))
+                    total = count.add(len(idx))
+                    if main:
+                        bar.update(total - bar.count)
+            distributed.all_reduce_sum([metrics.stats], f"eval: confusion matrix of {label}")
+            results[label] = metrics.compute()
     return results
 
 
@@ -91,10 +100,15 @@ def run(checkpoint, cache_root, *, heads: str = "both", crf_dataset=None, num_cl
 
     if heads not in HEADS:
         raise ValueError(f"heads: expected one of {sorted(HEADS)}, got {heads!r}")
+    main = distributed.is_main()
+    log, show_progress = (log, show_progress) if main else (lambda msg: None, False)
     cache = FeatureCache(cache_root)
     cache.require_complete()
     _require_labels(cache)
-    ckpt = load_checkpoint(checkpoint, dim=cache.feature_shape[0])
+    distributed.check_same({"heads": heads, "crf": crf_dataset is not None, "batch_size": batch_size,
+                            "num_classes": num_classes, "backend": backend, "cache": cache.manifest}, "eval")
+    ckpt = distributed.on_main(lambda: load_checkpoint(checkpoint, dim=cache.feature_shape[0]),
+                               "eval: reading the checkpoint on rank 0")
     K = ckpt["num_classes"]
     if num_classes and num_classes != K:
         raise ValueError(f"checkpoint: {checkpoint} has num_classes={K}, not {num_classes}")
@@ -107,7 +121,7 @@ def run(checkpoint, cache_root, *, heads: str = "both", crf_dataset=None, num_cl
                              backend=backend, show_progress=show_progress)
     log(format_table([[k, f"{r['mIoU']:.2f}", f"{r['Accuracy']:.2f}"] for k, r in results.items()],
                      ["prediction", "mIoU (%)", "Accuracy (%)"]))
-    if out:
+    if out and main:
         os.makedirs(out, exist_ok=True)
         first = next(iter(results))
         names = class_names(cache.manifest["dataset"]["kind"], K)

@@ -1,4 +1,4 @@
-"""assign_pseudo_labels: C++ and Triton against the reference (official E-step loop) and F.interpolate."""
+"""assign_pseudo_labels: C++, Triton and CUDA against the reference (official E-step loop) and F.interpolate."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,6 +6,8 @@ import torch.nn.functional as F
 import primaps_fast
 from primaps_fast import reference
 from primaps_fast._dispatch import triton_available
+
+from cuda_backend import GPU_BACKENDS, requires_cuda_backend
 
 IGNORE = 255
 
@@ -164,3 +166,60 @@ def test_ignore_index_must_fit_int64():
     assert out[0, 0, 0] == 2 ** 63 - 1 and bool((out.view(-1)[1:] < 3).all())
     with pytest.raises(ValueError, match="^mask_ids: meta tensors are not supported"):
         primaps_fast.assign_pseudo_labels(logits, ids.to("meta"))
+
+
+# ---- GPU: the CUDA and Triton backends on CUDA tensors; skipped, with the reason, without a GPU ----
+
+def gpu_assign(logits, ids, backend, ignore_index=IGNORE):
+    """The backend on CUDA copies of ``logits`` and ``ids`` (ids small enough to be used directly)."""
+    logits, ids = logits.cuda(), ids.cuda()
+    return primaps_fast.assign_pseudo_labels(logits, ids, ignore_index=ignore_index, backend=backend)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", CASES + [(2, 4, 9, 8, 5, 3), (2, 3, 6, 6, 6, 6), (1, 3, 1, 1, 70, 70)])
+def test_gpu_matches_cpu_and_reference(case, backend, rng):
+    B, K, h, w, H, W = case  # also downsampling, equal sizes, a 1x1 score map
+    logits = torch.randn(B, K, h, w, generator=rng)
+    ids = make_masks(B, H, W, rng)
+    got = gpu_assign(logits, ids, backend)
+    assert got.is_cuda and got.dtype == torch.int64 and got.shape == (B, H, W)
+    assert torch.equal(got.cpu(), reference.assign_pseudo_labels(logits, ids))
+    if backend == "cuda":  # the upsampled scores are the C++ kernel's, bit for bit
+        assert torch.equal(got.cpu(), primaps_fast.assign_pseudo_labels(logits, ids, backend="cpu"))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_one_mask_per_pixel(case, backend, rng):
+    """Per-pixel masks: many ids, the CUDA votes go to global memory (num_ids * K above the shared table)."""
+    B, K, h, w, H, W = case
+    logits = torch.randn(B, K, h, w, generator=rng)
+    ids = torch.arange(H * W).view(1, H, W).repeat(B, 1, 1)
+    ids[:, 0] = -1
+    got = gpu_assign(logits, ids, backend, ignore_index=-1).cpu()
+    assert (got[:, 0] == -1).all()
+    assert_upsampled_argmax(got[:, 1:], logits)
+    if backend == "cuda":
+        assert torch.equal(got, primaps_fast.assign_pseudo_labels(logits, ids, ignore_index=-1, backend="cpu"))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_ties_and_all_ignored(backend):
+    logits = torch.zeros(2, 3, 2, 2)
+    logits[:, 2, 0] = 1.0
+    logits[:, 1, 1] = 1.0  # pixel classes [[2, 2], [1, 1]] in one mask: 1 wins
+    ids = torch.zeros(2, 2, 2, dtype=torch.int64)
+    ids[1] = IGNORE
+    got = gpu_assign(logits, ids, backend).cpu()
+    assert (got[0] == 1).all() and (got[1] == IGNORE).all()
+
+
+@requires_cuda_backend
+def test_cuda_custom_op(rng):
+    import primaps_fast.ops.assign_pseudo_labels  # noqa: F401  (defines the op, registers its CUDA kernel)
+
+    logits = torch.randn(2, 4, 5, 6, generator=rng).cuda()
+    ids = torch.randint(0, 7, (2, 20, 24), generator=rng)
+    ids[:, :3] = 255
+    torch.library.opcheck(torch.ops.primaps_fast.assign_pseudo_labels.default, (logits, ids.cuda(), 7, 255))

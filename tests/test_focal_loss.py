@@ -1,4 +1,4 @@
-"""focal_loss: C++ and Triton value and gradient against autograd of the reference (official FocalLoss)."""
+"""focal_loss: C++, Triton and CUDA value and gradient against autograd of the reference (official FocalLoss)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,6 +6,8 @@ import torch.nn.functional as F
 import primaps_fast
 from primaps_fast import reference
 from primaps_fast._dispatch import triton_available
+
+from cuda_backend import GPU_BACKENDS, requires_cuda_backend
 
 IGNORE = 255
 
@@ -136,3 +138,119 @@ def test_non_contiguous_and_empty(rng):
     assert_matches(value_and_grad(primaps_fast.focal_loss, logits, target, backend="cpu"), want)
     with pytest.raises(ValueError, match="target"):
         primaps_fast.focal_loss(logits, target[:, :0])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("split", [1, 2])
+def test_class_stats_splits_a_batch(backend, split, rng):
+    """``class_stats``: a batch split into two calls (two data-parallel ranks) whose hook supplies the
+    statistics of the whole batch gives losses and gradients that add up to those of one call."""
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton not available")
+    B, K, h, w, H, W = 3, 5, 4, 5, 13, 11
+    logits = 2 * torch.randn(B, K, h, w, generator=rng)
+    target = make_target(B, K, H, W, rng)
+    want = value_and_grad(primaps_fast.focal_loss, logits, target, gamma=1.5, backend=backend)
+    parts = [slice(0, split), slice(split, B)]
+    seen = {}
+
+    def record(i):
+        def hook(sums, n):
+            assert sums.dtype == torch.float64 and sums.shape == (parts[i].stop - parts[i].start, K)
+            seen[i] = (sums, n)
+            return sums, n
+        return hook
+
+    for i, p in enumerate(parts):  # phase 1: each part's own statistics
+        primaps_fast.focal_loss(logits[p], target[p], backend=backend, class_stats=record(i))
+    total = (torch.cat([seen[0][0], seen[1][0]]), seen[0][1] + seen[1][1])
+    got = [value_and_grad(primaps_fast.focal_loss, logits[p], target[p], gamma=1.5, backend=backend,
+                          class_stats=lambda s, n: total) for p in parts]
+    assert_matches((got[0][0] + got[1][0], torch.cat([got[0][1], got[1][1]])), want)
+    # identity statistics: the same as no hook
+    alone = value_and_grad(primaps_fast.focal_loss, logits, target, gamma=1.5, backend=backend,
+                           class_stats=lambda s, n: (s, n))
+    assert_matches(alone, want, rtol=1e-6)
+
+
+def test_class_stats_bad_hooks():
+    logits, target = torch.randn(2, 3, 4, 4), torch.zeros(2, 8, 8, dtype=torch.int64)
+    f = primaps_fast.focal_loss
+    with pytest.raises(TypeError, match="class_stats"):
+        f(logits, target, class_stats=3)
+    with pytest.raises(TypeError, match="class_stats"):
+        f(logits, target, class_stats=lambda s, n: s)
+    with pytest.raises(ValueError, match="class_stats"):
+        f(logits, target, class_stats=lambda s, n: (s[:, :2], n))
+    with pytest.raises(ValueError, match="class_stats"):
+        f(logits, target, class_stats=lambda s, n: (s, 0))
+
+
+def test_shared_class_weight_rule_matches_python(rng):
+    """csrc/focal_weights.h (the CUDA kernel's rule too), through the C++ binding, against class_weights:
+    bit for bit at gamma 0, 1 and 2 (torch's pow is exact there), to float32 rounding elsewhere."""
+    from primaps_fast._dispatch import cpp
+    from primaps_fast.ops.focal_loss import class_weights
+
+    n = 7 * 13 * 3
+    sums = torch.rand(3, 6, generator=rng, dtype=torch.float64) * n / 3
+    sums[:, 0] = n / 3  # confidence 1: weight 0
+    sums[:, 1] = 0.0  # confidence 0: weight 1
+    for gamma in (2.0, 0.0, 1.0, 3.5, 0.5):
+        got = torch.empty(6)
+        cpp().focal_class_weights(sums.numpy(), n, gamma, got.numpy())
+        want = class_weights(sums, n, gamma)
+        if gamma in (0.0, 1.0, 2.0):
+            assert torch.equal(got, want), gamma
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+# ---- GPU: the CUDA and Triton backends on CUDA tensors; skipped, with the reason, without a GPU ----
+
+def gpu_focal(backend):
+    """``focal_loss(logits, target, gamma=...)`` of the backend (CUDA tensors in, differentiable)."""
+    return lambda x, t, gamma=2.0: primaps_fast.focal_loss(x, t, gamma=gamma, backend=backend)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", CASES + [(2, 4, 9, 8, 5, 3), (2, 3, 6, 6, 6, 6), (1, 3, 4, 8, 3, 4100)])
+@pytest.mark.parametrize("gamma", [2.0, 3.5])
+def test_gpu_matches_reference_autograd(case, gamma, backend, rng):
+    B, K, h, w, H, W = case  # also downsampling, equal sizes, and rows too wide for 48 KiB of shared memory
+    logits = 2 * torch.randn(B, K, h, w, generator=rng)
+    target = make_target(B, K, H, W, rng)
+    want = value_and_grad(reference.focal_loss, logits, target, gamma=gamma)
+    v, g = value_and_grad(gpu_focal(backend), logits.cuda(), target.cuda(), gamma=gamma)
+    assert v.is_cuda and g.is_cuda and v.shape == () and v.dtype == torch.float32
+    assert_matches((v.cpu(), g.cpu()), want)
+
+
+@requires_cuda_backend
+def test_cuda_deterministic_matches_cpu_and_scales(rng):
+    logits = torch.randn(3, 6, 8, 8, generator=rng)
+    target = make_target(3, 6, 30, 30, rng)
+    f = gpu_focal("cuda")
+    a = value_and_grad(f, logits.cuda(), target.cuda())
+    b = value_and_grad(f, logits.cuda(), target.cuda())
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # no float atomics: bit-identical runs
+    assert_matches((a[0].cpu(), a[1].cpu()), value_and_grad(primaps_fast.focal_loss, logits, target, backend="cpu"))
+    with torch.no_grad():
+        assert torch.equal(f(logits.cuda(), target.cuda()), a[0])
+    x = logits.double().cuda().requires_grad_(True)  # float64 in: computed in float32, returned as float64
+    (3 * f(x, target.cuda())).backward()
+    assert x.grad.dtype == torch.float64
+    torch.testing.assert_close(x.grad.float().cpu(), 3 * a[1].cpu(), rtol=1e-6, atol=0)
+    v, g = value_and_grad(f, logits.cuda(), torch.full_like(target, IGNORE).cuda())
+    assert v == 0 and not g.any()
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_cuda_custom_op(rng, with_grad):
+    import primaps_fast.ops.focal_loss  # noqa: F401  (defines the op, registers its CUDA kernel)
+
+    logits = torch.randn(2, 4, 5, 6, generator=rng).cuda().requires_grad_(with_grad)
+    target = torch.randint(0, 4, (2, 20, 24), generator=rng)
+    target[0, :2] = IGNORE
+    torch.library.opcheck(torch.ops.primaps_fast.focal_loss.default, (logits, target.cuda(), 2.0, IGNORE, with_grad))

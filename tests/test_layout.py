@@ -135,10 +135,12 @@ def test_a_checkout_without_build_does_not_shadow_the_installed_package(tmp_path
 
 
 OPS = ("principal_masks", "median_filter", "pseudo_labels", "dense_crf", "assign_pseudo_labels", "focal_loss")
+CUDA_OPS = tuple(op for op in OPS if op != "dense_crf")  # on CUDA tensors the CRF is Triton's
 
 
 def _readme_layout(checkout):
-    """The paths of the README's layout block (``<op>`` expanded, globs kept), relative to the checkout."""
+    """The paths of the README's layout block (``<op>`` and ``<cuda-op>`` expanded, globs kept), relative
+    to the checkout."""
     text = open(os.path.join(checkout, "README.md")).read()
     block = text.split("## Layout", 1)[1].split("```", 2)[1]
     paths, prefix = [], ""
@@ -151,7 +153,8 @@ def _readme_layout(checkout):
             paths += names
         else:
             paths += [prefix + n for n in names]
-    return [p.replace("<op>", op) for p in paths for op in (OPS if "<op>" in p else ("",))]
+    paths = [p.replace("<op>", op) for p in paths for op in (OPS if "<op>" in p else ("",))]
+    return [p.replace("<cuda-op>", op) for p in paths for op in (CUDA_OPS if "<cuda-op>" in p else ("",))]
 
 
 def test_every_op_has_its_file_in_every_layer():
@@ -161,6 +164,9 @@ def test_every_op_has_its_file_in_every_layer():
     for op in OPS:
         for path in (f"csrc/{op}.cpp", f"primaps_fast/ops/{op}.py", f"primaps_fast/triton/{op}.py",
                      f"primaps_fast/reference/{op}.py", f"tests/test_{op}.py", f"benchmarks/test_bench_{op}.py"):
+            assert os.path.isfile(os.path.join(checkout, path)), path
+    for op in CUDA_OPS:
+        for path in (f"csrc/cuda/{op}.cu", f"primaps_fast/cuda/{op}.py"):
             assert os.path.isfile(os.path.join(checkout, path)), path
 
 

@@ -1,4 +1,4 @@
-"""median_filter: C++ and Triton against the reference (official MedianPool2d semantics) and numpy."""
+"""median_filter: C++, Triton and CUDA against the reference (official MedianPool2d semantics) and numpy."""
 import numpy as np
 import pytest
 import torch
@@ -6,6 +6,8 @@ import torch
 import primaps_fast
 from primaps_fast import reference
 from primaps_fast._dispatch import triton_available
+
+from cuda_backend import GPU_BACKENDS, requires_cuda_backend
 
 
 def numpy_median3x3(x):
@@ -59,3 +61,37 @@ def test_bad_inputs():
         primaps_fast.median_filter(torch.tensor([[float("nan"), 0.0]]))
     with pytest.raises(ValueError, match="masks"):
         primaps_fast.median_filter(torch.ones(2, 0, 3))
+
+
+# ---- GPU: the CUDA and Triton backends on CUDA tensors; skipped, with the reason, without a GPU ----
+
+def gpu_median(x, backend):
+    return primaps_fast.median_filter(x, backend=backend)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES + [(3, 70, 33), (300, 5, 6), (2, 1, 1, 9)])
+def test_gpu_matches_cpu_and_reference(shape, backend, rng):
+    x = torch.randn(shape, generator=rng).clamp_min(0)
+    got = gpu_median(x.cuda(), backend)
+    assert got.is_cuda and got.dtype == torch.float32 and got.shape == x.shape
+    assert torch.equal(got.cpu(), primaps_fast.median_filter(x, backend="cpu"))
+    assert torch.equal(got, reference.median_filter(x.cuda()))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_known_answer(backend):
+    x = torch.zeros(2, 5, 5)
+    x[0, 2, 2] = 1.0
+    x[0, :, 3:] = 0.5
+    got = gpu_median(x.cuda(), backend).cpu()
+    assert got[0, 2, 2] == 0 and (got[0, :, 3:] == 0.5).all() and not got[0, :, :3].any() and not got[1].any()
+
+
+@requires_cuda_backend
+def test_cuda_custom_op(rng):
+    import primaps_fast.ops.median_filter  # noqa: F401  (defines the op, registers its CUDA kernel)
+
+    planes = torch.rand(5, 7, 9, generator=rng).cuda()
+    torch.library.opcheck(torch.ops.primaps_fast.median_filter.default, (planes,))
+    assert torch.equal(torch.ops.primaps_fast.median_filter(planes).cpu(), primaps_fast.median_filter(planes.cpu()))

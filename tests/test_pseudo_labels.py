@@ -17,6 +17,8 @@ from primaps_fast.data.synthetic import make_scenes
 from primaps_fast.common import IMAGENET_MEAN, IMAGENET_STD, crf_image
 from primaps_fast.reference.pseudo_labels import mask_logits
 
+from cuda_backend import GPU_BACKENDS, requires_cuda_backend, requires_triton_gpu
+
 HAS_CRF = importlib.util.find_spec("primaps_fast.ops.dense_crf") is not None
 requires_crf = pytest.mark.skipif(not HAS_CRF, reason="primaps_fast.ops.dense_crf not available")
 
@@ -223,3 +225,70 @@ def test_int_arguments_are_bounded():
         primaps_fast.pseudo_labels(images, features, ignore_index=2 ** 63)
     with pytest.raises(TypeError, match="^crf_iterations: expected an int"):
         primaps_fast.pseudo_labels(images, features, crf_iterations=float("inf"))
+
+
+# ---- GPU: the CUDA and Triton backends on CUDA tensors; skipped, with the reason, without a GPU ----
+
+def cpu_post_processing(masks, counts, size, ignore_index=255):
+    """The C++ mask_labels / mask_probs of CPU proposals."""
+    from primaps_fast._dispatch import cpp
+
+    B, M = masks.shape[:2]
+    labels = torch.empty(B, *size, dtype=torch.int64)
+    cpp().mask_labels(masks.numpy(), counts.numpy(), labels.numpy(), ignore_index, 1)
+    probs = torch.empty(B, M + 1, *size)
+    cpp().mask_probs(masks.numpy(), counts.numpy(), probs.numpy(), 1)
+    return labels, probs
+
+
+def gpu_post_processing(masks, counts, size, backend, ignore_index=255):
+    """(labels, probs) of the backend from the raw proposals, on CUDA copies."""
+    masks, counts = masks.cuda(), counts.cuda()
+    if backend == "cuda":
+        from primaps_fast.cuda.pseudo_labels import mask_labels_cuda, mask_probs_cuda
+
+        return mask_labels_cuda(masks, counts, size, ignore_index), mask_probs_cuda(masks, counts, size)
+    from primaps_fast.triton.median_filter import median_filter_triton
+    from primaps_fast.triton.pseudo_labels import mask_labels_triton, mask_probs_triton
+
+    filtered = median_filter_triton(masks)
+    return mask_labels_triton(filtered, counts, size, ignore_index), mask_probs_triton(filtered, counts, size)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("size,patch,B", [(64, 8, 3), ((40, 56), 8, 2), ((27, 21), 3, 1), ((20, 12), 4, 3), (16, 1, 2)])
+def test_gpu_post_processing_matches_cpu(size, patch, B, backend):
+    """Labels equal the C++ kernel's except at reference ties (exactly equal for CUDA, whose upsampling is
+    the C++ arithmetic); probabilities to float32 rounding. Patch 1: equal sizes (no upsampling)."""
+    sc = make_scenes(B, image_size=size, patch=patch, dim=16, seed=B)
+    feats = sc.features
+    if B > 2:
+        feats[1] = 0.0  # no proposal: background only
+    masks, counts = primaps_fast.principal_masks(feats, backend="cpu")
+    H, W = sc.images.shape[-2:]
+    labels, probs = cpu_post_processing(masks, counts, (H, W))
+    got_labels, got_probs = gpu_post_processing(masks, counts, (H, W), backend)
+    assert got_labels.is_cuda and got_probs.is_cuda and got_probs.shape == probs.shape
+    assert_labels_match(got_labels.cpu(), labels, feats)
+    torch.testing.assert_close(got_probs.cpu(), probs, atol=1e-6, rtol=1e-5)
+
+
+@requires_cuda_backend
+def test_cuda_post_processing_of_random_masks(rng):
+    """Arbitrary proposal values (gained values below 1, so the background level is a real mean), counts 0
+    and M, a 1-pixel-wide grid; labels exactly the C++ kernel's."""
+    for shape, counts, size in [((3, 5, 7, 9), [5, 0, 2], (15, 20)), ((2, 3, 1, 6), [3, 1], (4, 18))]:
+        masks = 0.2 * torch.rand(shape, generator=rng) * (torch.rand(shape, generator=rng) > 0.4)
+        counts = torch.tensor(counts)
+        labels, probs = cpu_post_processing(masks, counts, size, ignore_index=-1)
+        got_labels, got_probs = gpu_post_processing(masks, counts, size, "cuda", ignore_index=-1)
+        assert torch.equal(got_labels.cpu(), labels)
+        torch.testing.assert_close(got_probs.cpu(), probs, atol=1e-6, rtol=1e-5)
+
+
+@requires_triton_gpu
+def test_gpu_triton_pipeline_no_crf_matches_reference():
+    sc = make_scenes(2, image_size=(48, 40), patch=8, dim=32, seed=5)
+    got = primaps_fast.pseudo_labels(sc.images.cuda(), sc.features.cuda(), crf=False, backend="triton")
+    assert got.is_cuda
+    assert_labels_match(got.cpu(), reference.pseudo_labels(sc.images, sc.features, crf=False), sc.features)

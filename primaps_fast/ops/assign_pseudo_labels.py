@@ -51,8 +51,8 @@ def dense_ids(mask_ids: torch.Tensor, ignore_index: int):
 
 
 @torch.library.custom_op("primaps_fast::assign_pseudo_labels", mutates_args=(), device_types="cpu")
-def _assign_pseudo_labels_cpu(logits: torch.Tensor, ids: torch.Tensor, num_ids: int, ignore: int) -> torch.Tensor:
-    """C++ kernel: float32 ``(B, K, h, w)`` logits, int64 ``(B, H, W)`` ids in ``[0, num_ids)`` or
+def _assign_pseudo_labels_op(logits: torch.Tensor, ids: torch.Tensor, num_ids: int, ignore: int) -> torch.Tensor:
+    """The custom op; this is its C++ kernel: float32 ``(B, K, h, w)`` logits, int64 ``(B, H, W)`` ids in ``[0, num_ids)`` or
     ``ignore`` -> int64 ``(B, H, W)`` majority classes (``ignore`` where the id is ``ignore``)."""
     out = torch.empty_like(ids)
     _dispatch.cpp().assign_pseudo_labels(logits.numpy(), ids.numpy(), out.numpy(), num_ids, ignore,
@@ -60,12 +60,18 @@ def _assign_pseudo_labels_cpu(logits: torch.Tensor, ids: torch.Tensor, num_ids: 
     return out
 
 
-@_assign_pseudo_labels_cpu.register_fake
+@_assign_pseudo_labels_op.register_fake
 def _(logits, ids, num_ids, ignore):
     return torch.empty_like(ids)
 
 
-_dispatch.skip_dynamo_import(_assign_pseudo_labels_cpu)
+if _dispatch.cuda_available():
+    from primaps_fast.cuda.assign_pseudo_labels import assign_pseudo_labels_cuda
+
+    _assign_pseudo_labels_op.register_kernel("cuda")(assign_pseudo_labels_cuda)
+
+
+_dispatch.skip_dynamo_import(_assign_pseudo_labels_op)
 
 
 def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore_index: int = 255,
@@ -96,16 +102,14 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore
     backend = _dispatch.choose_backend(backend, logits, mask_ids)
     if backend == "reference":
         return _dispatch.reference("assign_pseudo_labels")(logits, mask_ids, ignore_index=ignore_index)
-    if backend == "cuda":
-        raise _dispatch.cuda_not_wired("assign_pseudo_labels")
     x = logits.detach().to(torch.float32).contiguous()
     ids, ignore, num_ids = dense_ids(mask_ids, ignore_index)
     if backend == "triton":
         from primaps_fast.triton.assign_pseudo_labels import assign_pseudo_labels_triton
 
         out = assign_pseudo_labels_triton(x, ids, ignore, num_ids)
-    else:
-        out = _assign_pseudo_labels_cpu(x, ids, num_ids, ignore)
+    else:  # "cpu" or "cuda": the op's kernel for the device
+        out = _assign_pseudo_labels_op(x, ids, num_ids, ignore)
     if ignore != ignore_index:
         out[ids == ignore] = ignore_index
     return out

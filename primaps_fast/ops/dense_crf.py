@@ -159,9 +159,7 @@ def dense_crf_list(images: torch.Tensor, probs: Sequence[torch.Tensor], *, itera
                   bi_sxy=float(bi_sxy), bi_srgb=float(bi_srgb), bi_compat=float(bi_compat))
     if backend == "reference":
         return _dispatch.reference("dense_crf_list")(images, list(probs), **params)
-    if backend == "cuda":
-        raise _dispatch.cuda_not_wired("dense_crf")
-    if backend == "triton":
+    if backend in ("triton", "cuda"):  # the CUDA backend has no CRF kernel of its own: Triton's runs
         from primaps_fast.triton.dense_crf import dense_crf_triton
 
         return dense_crf_triton(images, [p.float() for p in probs], **params)

@@ -7,19 +7,25 @@ from primaps_fast import _dispatch
 
 
 @torch.library.custom_op("primaps_fast::median_filter", mutates_args=(), device_types="cpu")
-def _median_filter_cpu(planes: torch.Tensor) -> torch.Tensor:
-    """C++ kernel on float32 ``(P, h, w)`` planes (raises ValueError on NaN/Inf)."""
+def _median_filter_op(planes: torch.Tensor) -> torch.Tensor:
+    """The custom op on float32 ``(P, h, w)`` planes; this is its C++ kernel (raises ValueError on NaN/Inf)."""
     out = torch.empty_like(planes)
     _dispatch.cpp().median_filter(planes.numpy(), out.numpy(), _dispatch.num_threads())
     return out
 
 
-@_median_filter_cpu.register_fake
+@_median_filter_op.register_fake
 def _(planes):
     return torch.empty_like(planes)
 
 
-_dispatch.skip_dynamo_import(_median_filter_cpu)
+if _dispatch.cuda_available():
+    from primaps_fast.cuda.median_filter import median_filter_cuda
+
+    _median_filter_op.register_kernel("cuda")(median_filter_cuda)
+
+
+_dispatch.skip_dynamo_import(_median_filter_op)
 
 
 def median_filter(masks: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -44,11 +50,9 @@ def median_filter(masks: torch.Tensor, *, backend: str | None = None) -> torch.T
         _dispatch.check_tensor(masks, "masks", finite=True)
     if backend == "reference":
         return _dispatch.reference("median_filter")(masks)
-    if backend == "cuda":
-        raise _dispatch.cuda_not_wired("median_filter")
     if backend == "triton":
         from primaps_fast.triton.median_filter import median_filter_triton
 
         return median_filter_triton(masks.float().contiguous())
-    x = masks.detach().to(dtype=torch.float32).contiguous()
-    return _median_filter_cpu(x.reshape(-1, x.shape[-2], x.shape[-1])).reshape(masks.shape)
+    x = masks.detach().to(dtype=torch.float32).contiguous()  # "cpu" or "cuda": the op's kernel for the device
+    return _median_filter_op(x.reshape(-1, x.shape[-2], x.shape[-1])).reshape(masks.shape)

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from primaps_fast import _dispatch
-from primaps_fast.common import MAX_ABS, crf_image
+from primaps_fast.common import crf_image
 from primaps_fast.ops.dense_crf import MAX_ITERATIONS
 from primaps_fast.ops.principal_masks import principal_masks, validate_args
 
@@ -87,19 +87,21 @@ def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: fl
     (H, W) = images.shape[-2:]
     if backend == "reference":
         _dispatch.check_tensor(features, "features", finite=True)
-        if float(features.abs().max()) > MAX_ABS:
-            raise ValueError(f"features: |value| above {MAX_ABS:g} (float32 sums of squares would overflow)")
         return _dispatch.reference("pseudo_labels")(images, features, threshold=threshold, ignore_index=ignore_index,
                                                      crf=crf, crf_iterations=crf_iterations)
-    if backend == "cuda":
-        raise _dispatch.cuda_not_wired("pseudo_labels")
     masks, counts = principal_masks(features, threshold=threshold, backend=backend)
     check_ignore_index(ignore_index, int(counts.max()))
     # (B, M + 1, H, W) float32 probabilities, and the CRF's buffers of the same size
     _dispatch.check_memory((5 if crf else 1) * 4 * masks.shape[0] * (masks.shape[1] + 1) * H * W, "features",
                            f"the pseudo labels of {masks.shape[0]} images of {H}x{W} pixels with up to "
                            f"{masks.shape[1]} proposals", masks.device)
-    if backend == "triton":
+    if backend == "cuda":  # the median filter is fused into the CUDA kernels
+        from primaps_fast.cuda.pseudo_labels import mask_labels_cuda, mask_probs_cuda
+
+        if not crf:
+            return mask_labels_cuda(masks, counts, (H, W), ignore_index)
+        probs = mask_probs_cuda(masks, counts, (H, W))
+    elif backend == "triton":
         from primaps_fast.triton.median_filter import median_filter_triton
         from primaps_fast.triton.pseudo_labels import mask_labels_triton, mask_probs_triton
 
@@ -107,17 +109,15 @@ def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: fl
         if not crf:
             return mask_labels_triton(filtered, counts, (H, W), ignore_index)
         probs = mask_probs_triton(filtered, counts, (H, W))
-        labels = _crf_argmax(images, probs, counts, crf_iterations, backend)
-        return torch.where(labels == 0, torch.full_like(labels, ignore_index), labels)
-    cpp = _dispatch.cpp()
-    B = masks.shape[0]
-    if not crf:
-        labels = torch.empty(B, H, W, dtype=torch.int64)
-        cpp.mask_labels(masks.numpy(), counts.numpy(), labels.numpy(), int(ignore_index),
-                        _dispatch.num_threads())
-        return labels
-    probs = torch.empty(B, masks.shape[1] + 1, H, W, dtype=torch.float32)
-    cpp.mask_probs(masks.numpy(), counts.numpy(), probs.numpy(), _dispatch.num_threads())
+    else:
+        cpp = _dispatch.cpp()
+        if not crf:
+            labels = torch.empty(masks.shape[0], H, W, dtype=torch.int64)
+            cpp.mask_labels(masks.numpy(), counts.numpy(), labels.numpy(), int(ignore_index),
+                            _dispatch.num_threads())
+            return labels
+        probs = torch.empty(masks.shape[0], masks.shape[1] + 1, H, W, dtype=torch.float32)
+        cpp.mask_probs(masks.numpy(), counts.numpy(), probs.numpy(), _dispatch.num_threads())
     labels = _crf_argmax(images, probs, counts, crf_iterations, backend)
     return torch.where(labels == 0, torch.full_like(labels, ignore_index), labels)
 

@@ -18,13 +18,19 @@ official code (docs/design.md, "Deliberate differences"), shared by every backen
   to every remaining normalised feature (in particular when all remaining features are zero) the loop
   stops. Zero-norm features normalise to zero (``F.normalize``, eps 1e-12): they never join a proposal
   and never give NaN.
+* **Scale.** Each image is multiplied by the power of two that brings its largest ``|value|`` into
+  [0.5, 1) before anything else: exact, so nothing changes for ordinary features, but the proposals no
+  longer depend on the scale (the official ``F.normalize`` eps of 1e-12 and float32 underflow made tiny
+  features, e.g. ``f * 1e-35``, behave differently, and huge ones overflowed).
+* **At most ``DEFAULT_MAX_MASKS`` (254) proposals per image** by default (the official loop has no cap).
+  Mask ids 1..254 and the ignore id 255 then fit one uint8 label map; real images give a handful.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from primaps_fast.common import DEGENERATE_RTOL, PrincipalMasks
+from primaps_fast.common import DEFAULT_MAX_MASKS, DEGENERATE_RTOL, PrincipalMasks, scaled_float32
 
 
 def _principal_direction(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +77,7 @@ def proposals_one(feat: torch.Tensor, threshold: float, stop_fraction: float, ma
     return proposals
 
 
-def principal_masks(features, *, threshold=0.4, stop_fraction=0.95, max_masks=None):
+def principal_masks(features, *, threshold=0.4, stop_fraction=0.95, max_masks=DEFAULT_MAX_MASKS):
     """Reference of :func:`primaps_fast.principal_masks` (same arguments and result; no validation).
 
     ``features``: float (B, C, h, w) or (C, h, w). Uses ``torch.pca_lowrank(q=3, niter=100)`` as the
@@ -81,7 +87,7 @@ def principal_masks(features, *, threshold=0.4, stop_fraction=0.95, max_masks=No
     if features.dim() == 3:
         features = features[None]
     device = features.device
-    feats = features.detach().float().cpu()
+    feats = scaled_float32(features.detach().cpu())
     B, _, h, w = feats.shape
     per_image = [proposals_one(f, threshold, stop_fraction, max_masks) for f in feats]
     counts = torch.tensor([len(p) for p in per_image], dtype=torch.int64)

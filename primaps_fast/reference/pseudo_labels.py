@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from primaps_fast.common import crf_image
+from primaps_fast.common import DEFAULT_MAX_MASKS, crf_image, scaled_float32
 from primaps_fast.reference.dense_crf import dense_crf
 from primaps_fast.reference.median_filter import median_filter
 from primaps_fast.reference.principal_masks import proposals_one
@@ -35,7 +35,8 @@ def pseudo_labels(images, features, *, threshold=0.4, ignore_index=255, crf=True
     """Reference of :func:`primaps_fast.pseudo_labels`: the official ``_get_pseudo(img, feat, zeros)``
     per image (module docstring lists the deliberate differences). Returns int64 (B, H, W)."""
     B, _, H, W = images.shape
-    per_image = [proposals_one(f.detach().float().cpu(), threshold, 0.95, None) for f in features]
+    per_image = [proposals_one(f, threshold, 0.95, DEFAULT_MAX_MASKS)
+                 for f in scaled_float32(features.detach().cpu())]
     max_count = max(len(p) for p in per_image)
     if 1 <= ignore_index <= max_count:
         raise ValueError(f"ignore_index: {ignore_index} clashes with the mask ids 1..{max_count}")

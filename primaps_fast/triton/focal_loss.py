@@ -83,7 +83,7 @@ _BLOCK = 64
 
 class _FocalLossTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, gamma, ignore_index):
+    def forward(ctx, logits, target, gamma, ignore_index, class_stats):
         x = logits.detach().to(torch.float32).contiguous()
         t = target.to(torch.int64).contiguous()
         B, K, h, w = x.shape
@@ -94,7 +94,10 @@ class _FocalLossTriton(torch.autograd.Function):
         sy, sx = source_scale(h, H), source_scale(w, W)
         part = torch.empty(B, grid[1], block_k, dtype=torch.float32, device=x.device)
         _confidence_kernel[grid](x, part, K, h, w, H, W, sy, sx, BLOCK=_BLOCK, BLOCK_K=block_k)
-        weight = class_weights(part[..., :K].double().sum(1), n, gamma).contiguous()
+        sums = part[..., :K].double().sum(1)
+        if class_stats is not None:  # a batch split across calls: its statistics and pixel count
+            sums, n = class_stats(sums, n)
+        weight = class_weights(sums, n, gamma).contiguous()
         loss = torch.empty(B, H, W, dtype=torch.float32, device=x.device)
         with_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(x) if with_grad else x  # never written without WITH_GRAD
@@ -107,9 +110,11 @@ class _FocalLossTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output).to(grad_output.dtype), None, None, None
+        return (grad * grad_output).to(grad_output.dtype), None, None, None, None
 
 
-def focal_loss_triton(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int) -> torch.Tensor:
-    """focal_loss on validated inputs (``target`` ids in ``[0, K)`` or ``ignore_index``); differentiable."""
-    return _FocalLossTriton.apply(logits, target, gamma, ignore_index)
+def focal_loss_triton(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int,
+                      class_stats=None) -> torch.Tensor:
+    """focal_loss on validated inputs (``target`` ids in ``[0, K)`` or ``ignore_index``); differentiable.
+    ``class_stats``: as ``focal_loss``'s (checked by it)."""
+    return _FocalLossTriton.apply(logits, target, gamma, ignore_index, class_stats)

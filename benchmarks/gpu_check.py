@@ -1,0 +1,493 @@
+"""The timing half of the GPU check (``benchmarks/gpu_check.sh`` runs it after the build and the tests).
+
+Every stage of the pseudo-label and PriMaPs-EM pipelines, timed side by side on one GPU at batch 8 and 32
+(320x320 images, 384 x 40 x 40 features, K = 27): the reference (``primaps_fast.reference``: the official
+semantics in plain PyTorch, on CUDA tensors where it runs there), the Triton kernels and the CUDA C++
+kernels, each after an agreement check. Times are medians of CUDA-event timings after a warm-up call;
+the slow per-image references are timed on a few images and scaled to the batch (they loop over images).
+Writes ``OUT_DIR/gpu_report.md`` and ``OUT_DIR/gpu_report.json``; exits 1 when an agreement check fails
+or a stage raises.
+
+``--dry-run`` checks the script itself on a machine without a GPU: CPU tensors, Triton interpreted
+(TRITON_INTERPRET=1), tiny shapes, the CUDA column skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+TITLES = {"reference": "reference", "cpu": "C++ (CPU)", "triton": "Triton", "cuda": "CUDA"}
+
+
+@dataclass
+class Row:
+    stage: str
+    batch: int
+    ms: dict = field(default_factory=dict)  # backend -> milliseconds per call (whole batch)
+    agree: dict = field(default_factory=dict)  # backend -> "ok: ..." or "FAIL: ..."
+    notes: list = field(default_factory=list)
+
+
+class Check:
+    """Inputs, timer and results of one run."""
+
+    def __init__(self, args):
+        import torch
+
+        self.torch = torch
+        self.dry = args.dry_run
+        self.device = torch.device("cpu" if self.dry else "cuda")
+        self.deadline = time.monotonic() + args.budget_s
+        self.round_s = 0.02 if self.dry else 0.4  # time budget of one backend's timed rounds
+        self.rows: list[Row] = []
+        self.failed = False
+        from primaps_fast._dispatch import cuda_available
+
+        cuda = not self.dry and cuda_available()
+        self.backends = ["reference", "triton"] + (["cuda"] if cuda else [])
+        # the dry run's CRF takes one iteration: the interpreted Triton CRF takes minutes for ten
+        shape = (dict(batches=(2,), image=32, dim=16, patch=8, K=5, crf_iterations=1) if self.dry
+                 else dict(batches=(8, 32), image=320, dim=384, patch=8, K=27, crf_iterations=10))
+        self.__dict__.update(shape)
+
+    # ------------------------------------------------------------------ timing
+    def sync(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def elapsed_s(self, fn):
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        self.sync()
+        return out, time.perf_counter() - t0
+
+    def time_ms(self, fn, first_s, jit) -> tuple[float, int]:
+        """(median ms, rounds) of fn, whose first call took first_s. A call slower than the round budget is
+        measured once: by that first call, or by a second one when the first compiled kernels (jit)."""
+        if first_s >= self.round_s and jit:
+            first_s = self.elapsed_s(fn)[1]
+        if first_s >= self.round_s:
+            return first_s * 1e3, 1
+        rounds = int(min(20, max(3, self.round_s / max(first_s, 1e-6))))
+        times = []
+        for _ in range(rounds):
+            if self.device.type == "cuda":
+                start, end = (self.torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                times.append(self.elapsed_s(fn)[1] * 1e3)
+        return statistics.median(times), rounds
+
+    def left_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+    # ------------------------------------------------------------------ one stage, all backends
+    def run(self, stage, batch, runners, agree, *, scale=None):
+        """Time ``runners[backend]()`` for each backend, after ``agree(backend, output of its first call)`` ->
+        (ok, detail), or None for a baseline not checked; the reference runs first, so agree can keep its
+        output for the others.
+
+        ``scale``: {backend: (images timed, batch)} for references timed on a subset of the images.
+        A runner raising NotImplementedError, or a backend the public API does not know yet, is skipped
+        with a note; any other exception fails the check.
+        """
+        row = Row(stage, batch)
+        self.rows.append(row)
+        for backend, fn in runners.items():
+            if backend not in self.backends and backend != "cpu":
+                continue
+            if backend == "reference" and self.left_s() < 0:
+                row.notes.append("reference skipped: time budget spent")
+                continue
+            try:
+                out, first_s = self.elapsed_s(fn)
+                verdict = agree(backend, out)
+                if verdict is not None:
+                    ok, detail = verdict
+                    row.agree[backend] = ("ok" if ok else "FAIL") + (f": {detail}" if detail else "")
+                    self.failed |= not ok
+                ms, rounds = self.time_ms(fn, first_s, jit=backend != "reference" and not self.dry)
+            except NotImplementedError as exc:
+                row.notes.append(f"{TITLES[backend]}: not implemented ({exc})")
+                continue
+            except ValueError as exc:
+                if str(exc).startswith("backend"):
+                    row.notes.append(f"{TITLES[backend]}: not available through the public API ({exc})")
+                    continue
+                self.fail(row, backend, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - reported, and the check fails
+                self.fail(row, backend, exc)
+                continue
+            if scale and backend in scale:
+                n, total = scale[backend]
+                ms *= total / n
+                row.notes.append(f"{TITLES[backend]}: timed on {n} of {total} images, scaled")
+            row.ms[backend] = ms
+            if rounds == 1:
+                row.notes.append(f"{TITLES[backend]}: one call")
+        print(f"{stage} (B={batch}): " + ", ".join(f"{TITLES[b]} {ms:.2f} ms" for b, ms in row.ms.items())
+              + ("" if not row.agree else "  [" + "; ".join(f"{TITLES[b]} {a}" for b, a in row.agree.items()) + "]"),
+              flush=True)
+        return row
+
+    def fail(self, row, backend, exc):
+        self.failed = True
+        row.agree[backend] = f"FAIL: {type(exc).__name__}: {exc}"
+        traceback.print_exc()
+
+
+def to(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+def labels_agree(got, want, min_fraction):
+    frac = float((got.cpu() == want.cpu()).float().mean())
+    return frac >= min_fraction, f"{100 * frac:.3f}% labels equal"
+
+
+def stages(ck: Check, B: int):
+    """All stages at batch B."""
+    import torch
+    import torch.nn.functional as F
+
+    import primaps_fast
+    from primaps_fast import reference
+    from primaps_fast.data.synthetic import make_scenes
+    from primaps_fast.reference.primaps import mask_logits
+
+    dev, H, K = ck.device, ck.image, ck.K
+    sc = make_scenes(B, image_size=H, dim=ck.dim, patch=ck.patch, seed=B)
+    feats, images = to(dev, sc.features, sc.images)
+    sub = min(B, 2 if ck.dry else 4)  # images the slow per-image references are timed on
+
+    # ---- principal masks (the C++ kernel's proposals are the oracle: it reproduces the reference exactly)
+    want = primaps_fast.principal_masks(sc.features, backend="cpu")
+
+    def pm_agree(backend, out):
+        if backend == "reference":
+            return None  # randomized (pca_lowrank): timed only; the C++ proposals reproduce it
+        same = 0.0
+        if out.masks.shape == want.masks.shape:
+            same = float(((out.masks.cpu() > 0) == (want.masks > 0)).float().mean())
+        counts = bool(torch.equal(out.counts.cpu(), want.counts))
+        return counts and same >= 0.99, f"counts {'equal' if counts else 'DIFFER'}, supports {100 * same:.3f}% equal"
+
+    ck.run("principal_masks", B, {
+        "reference": lambda: reference.principal_masks(feats[:sub]),
+        "triton": lambda: primaps_fast.principal_masks(feats, backend="triton"),
+        "cuda": lambda: primaps_fast.principal_masks(feats, backend="cuda"),
+    }, pm_agree, scale={"reference": (sub, B)})
+    masks, counts = to(dev, want.masks, want.counts)
+    M = masks.shape[1]
+
+    # ---- median filter of the proposals
+    med = primaps_fast.median_filter(want.masks, backend="cpu")
+
+    def exact(want_cpu):
+        def check(backend, out):
+            same = bool(torch.equal(out.cpu(), want_cpu))
+            return same, "bit-exact" if same else "differs"
+        return check
+
+    from primaps_fast.triton.median_filter import median_filter_triton
+
+    ck.run(f"median_filter ({M} proposals of 40x40)" if not ck.dry else "median_filter", B, {
+        "reference": lambda: reference.median_filter(masks),
+        "triton": lambda: primaps_fast.median_filter(masks, backend="triton"),
+        "cuda": lambda: primaps_fast.median_filter(masks, backend="cuda"),
+    }, exact(med))
+
+    # ---- post-processing to labels (crf=False) and to the CRF's probabilities (crf=True)
+    def ref_post(probs):
+        outs = []
+        for b in range(B):
+            n = int(counts[b])
+            lg = mask_logits(masks[b, :n]) if n else torch.zeros(1, *masks.shape[-2:], device=dev)
+            up = F.interpolate(lg[None], size=(H, H), mode="bilinear", align_corners=False)[0]
+            outs.append(up.softmax(0) if probs else up)
+        if probs:
+            return torch.stack([F.pad(p, (0, 0, 0, 0, 0, M + 1 - p.shape[0])) for p in outs])
+        return torch.stack([torch.where(u.argmax(0) == 0, 255, u.argmax(0)) for u in outs])
+
+    ref_up = ref_post(False)
+    margin = None
+
+    def labels_vs_ref(backend, out):
+        nonlocal margin
+        if backend == "reference":
+            return None
+        differ = out.cpu() != ref_up.cpu()
+        if not differ.any():
+            return True, "equal"
+        if margin is None:  # gap between the two best upsampled log-probabilities of the reference
+            gaps = []
+            for b in range(B):
+                n = int(counts[b])
+                lg = mask_logits(masks[b, :n]) if n else torch.zeros(1, *masks.shape[-2:], device=dev)
+                up = F.interpolate(lg[None], size=(H, H), mode="bilinear", align_corners=False)[0]
+                top = up.topk(min(2, up.shape[0]), 0).values
+                gaps.append(top[0] - top[1] if up.shape[0] > 1 else torch.full((H, H), float("inf"), device=dev))
+            margin = torch.stack(gaps).cpu()
+        ties = bool((margin[differ] < 1e-5).all())
+        return ties, f"{int(differ.sum())} labels differ, {'all' if ties else 'NOT all'} at reference ties"
+
+    from primaps_fast.triton.pseudo_labels import mask_labels_triton, mask_probs_triton
+
+    def cuda_post(probs):
+        from primaps_fast.cuda.pseudo_labels import mask_labels_cuda, mask_probs_cuda
+        return mask_probs_cuda(masks, counts, (H, H)) if probs else mask_labels_cuda(masks, counts, (H, H), 255)
+
+    ck.run("median + background + log-softmax + upsample + arg-max (crf=False)", B, {
+        "reference": lambda: ref_post(False),
+        "triton": lambda: mask_labels_triton(median_filter_triton(masks), counts, (H, H), 255),
+        "cuda": lambda: cuda_post(False),
+    }, labels_vs_ref)
+    ref_probs = ref_post(True).cpu()
+
+    def probs_agree(backend, out):
+        if backend == "reference":
+            return None
+        err = float((out.cpu() - ref_probs).abs().max())
+        return err <= 1e-5, f"max abs. diff {err:.1e}"
+
+    ck.run("median + background + log-softmax + upsample + softmax (crf=True)", B, {
+        "reference": lambda: ref_post(True),
+        "triton": lambda: mask_probs_triton(median_filter_triton(masks), counts, (H, H)),
+        "cuda": lambda: cuda_post(True),
+    }, probs_agree)
+
+    # ---- dense CRF on those probabilities (the CUDA backend uses the Triton CRF)
+    from primaps_fast.ops.dense_crf import dense_crf_list
+    from primaps_fast.ops.pseudo_labels import crf_images
+
+    bgr = crf_images(images)
+    plist = [p[: int(counts[b]) + 1].contiguous() for b, p in enumerate(ref_probs.to(dev))]
+    its = ck.crf_iterations
+    crf_want = [q.argmax(0) for q in dense_crf_list(bgr.cpu()[:sub], [p.cpu() for p in plist[:sub]], iterations=its,
+                                                     backend="cpu")]
+
+    def crf_agree(backend, out):  # the reference too: it is a port, checked against the C++ CRF
+        frac = statistics.mean(float((q.argmax(0).cpu() == w).float().mean()) for q, w in zip(out, crf_want))
+        return frac >= 0.99, f"{100 * frac:.2f}% of the first {sub} images' labels equal the C++ CRF's"
+
+    row = ck.run(f"dense CRF ({its} iterations)", B, {
+        "reference": lambda: dense_crf_list(bgr[:sub], plist[:sub], iterations=its, backend="reference"),
+        "triton": lambda: dense_crf_list(bgr, plist, iterations=its, backend="triton"),
+    }, crf_agree, scale={"reference": (sub, B)})
+    try:
+        import numpy as np
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
+
+        def pydensecrf_run():
+            for img, p in zip(bgr.cpu()[:sub], plist[:sub]):
+                p = p.cpu().numpy()
+                d = dcrf.DenseCRF2D(H, H, p.shape[0])
+                d.setUnaryEnergy(unary_from_softmax(p))
+                d.addPairwiseGaussian(sxy=1, compat=3)
+                rgb = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
+                d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=rgb, compat=4)
+                d.inference(its)
+
+        ms = ck.elapsed_s(pydensecrf_run)[1] * 1e3
+        row.notes.append(f"pydensecrf2 (CPU, one image at a time, as the official code): {ms * B / sub:.1f} ms "
+                         f"(timed on {sub} images, scaled)")
+    except ImportError:
+        row.notes.append("pydensecrf2 not installed: no pydensecrf row")
+
+    # ---- the whole pseudo-label pipeline (proposals + post-processing + CRF), images/s
+    pipe_want = {}
+
+    def pipe_agree(backend, out):
+        if backend == "reference":
+            pipe_want["labels"] = out
+            return None
+        if not pipe_want:
+            return True, "no reference (time budget)"
+        return labels_agree(out[:sub], pipe_want["labels"], 0.98)
+
+    row = ck.run("pseudo-label pipeline (proposals + median + CRF)", B, {
+        "reference": lambda: reference.pseudo_labels(sc.images[:sub], sc.features[:sub], crf_iterations=its),
+        "triton": lambda: primaps_fast.pseudo_labels(images, feats, crf_iterations=its, backend="triton"),
+        "cuda": lambda: primaps_fast.pseudo_labels(images, feats, crf_iterations=its, backend="cuda"),
+    }, pipe_agree, scale={"reference": (sub, B)})
+    row.notes.append("reference: the per-image official loop (its proposals and CRF run on the CPU); "
+                     + ", ".join(f"{TITLES[b]} {B / ms * 1e3:.1f} images/s" for b, ms in row.ms.items()))
+
+    # ---- EM kernels: E-step (assign_pseudo_labels) and M-step loss (focal_loss forward + backward)
+    g = torch.Generator().manual_seed(B)
+    h = H // ck.patch
+    logits = torch.randn(B, K, h, h, generator=g)
+    coarse = torch.randint(0, 12, (B, 1, 8, 8), generator=g).float()
+    ids = F.interpolate(coarse, (H, H), mode="nearest").long().squeeze(1)
+    ids[torch.rand(B, H, H, generator=g) < 0.1] = 255
+    assign_want = primaps_fast.assign_pseudo_labels(logits, ids, backend="cpu")
+    x, ids_d = to(dev, logits, ids)
+
+    def assign_agree(backend, out):
+        if backend == "reference":
+            return None
+        if backend == "cuda":  # the C++ kernel's upsampled scores, bit for bit
+            return exact(assign_want)(backend, out)
+        return labels_agree(out, assign_want, 0.999)
+
+    ck.run(f"E-step: assign_pseudo_labels ({K}x{h}x{h} -> {H}x{H})", B, {
+        "reference": lambda: reference.assign_pseudo_labels(x, ids_d),
+        "triton": lambda: primaps_fast.assign_pseudo_labels(x, ids_d, backend="triton"),
+        "cuda": lambda: primaps_fast.assign_pseudo_labels(x, ids_d, backend="cuda"),
+    }, assign_agree)
+
+    target = assign_want.to(dev)
+
+    def focal(backend):
+        def fn():
+            leaf = x.clone().requires_grad_(True)
+            if backend == "reference":
+                loss = reference.focal_loss(leaf, target)
+            else:
+                loss = primaps_fast.focal_loss(leaf, target, backend=backend)
+            loss.backward()
+            return loss.detach(), leaf.grad
+        return fn
+
+    v0, g0 = focal("reference")()
+
+    def focal_agree(backend, out):
+        if backend == "reference":
+            return None
+        v, gr = out
+        dv = abs(float(v) - float(v0)) / abs(float(v0))
+        dg = float((gr - g0).abs().max()) / float(g0.abs().max())
+        return dv <= 1e-4 and dg <= 1e-4, f"loss rel. diff {dv:.1e}, grad max diff {dg:.1e} of max |grad|"
+
+    ck.run(f"M-step: focal_loss forward + backward ({K}x{h}x{h} -> {H}x{H})", B,
+           {b: focal(b) for b in ("reference", "triton", "cuda")}, focal_agree)
+
+    # ---- one PriMaPs-EM step (E-step + focal M-step + Adam + EMA), the public model on its auto backend
+    from primaps_fast import PriMaPsEM
+    from primaps_fast._dispatch import choose_backend
+
+    auto = choose_backend(None, feats)
+    protos = torch.randn(K, ck.dim, generator=g)
+    labels_in = primaps_fast.pseudo_labels(sc.images, sc.features, crf=False, backend="cpu").to(dev)
+    student = feats + 0.1 * torch.randn(feats.shape, generator=g).to(dev)
+
+    def ref_model():
+        em = reference.PriMaPsEM(K, ck.dim, ema_every=1)
+        em.init_prototypes(protos.to(dev))
+        # the reference keeps g on the CPU: put its parameters and optimiser on the device
+        em.g = torch.ones(K, device=dev, requires_grad=True)
+        em.ema_g = em.g.detach().clone()
+        em.opt = torch.optim.Adam([em.v, em.g], lr=em.lr)
+        return em
+
+    def fast_model():
+        em = PriMaPsEM(K, ck.dim, ema_every=1, device=dev)
+        em.init_prototypes(protos)
+        return em
+
+    models = {}
+    first = {}
+
+    def em_step(backend):
+        def fn():
+            if backend not in models:
+                models[backend] = ref_model() if backend == "reference" else fast_model()
+            return models[backend].step(feats, labels_in, student)
+        return fn
+
+    def em_agree(backend, out):
+        first[backend] = out
+        if backend == "reference":
+            return None
+        if "reference" not in first:
+            return True, "no reference (time budget)"
+        want_ = first["reference"]
+        dl = abs(out["loss"] - want_["loss"]) / abs(want_["loss"])
+        mis = float((out["labels"].cpu() != want_["labels"].cpu()).float().mean())
+        return dl <= 1e-4 and mis < 1e-3, f"loss rel. diff {dl:.1e}, {100 * mis:.3f}% labels differ"
+
+    row = ck.run(f"PriMaPs-EM step ({ck.dim}x{h}x{h} features, {H}x{H} masks, K={K})", B,
+                 {"reference": em_step("reference"), auto: em_step(auto)}, em_agree)
+    row.notes.append(f"the model runs its ops on the auto backend for {dev.type} tensors: {TITLES[auto]}")
+
+
+def report(ck: Check, args):
+    import torch
+
+    import triton
+
+    gpu = torch.cuda.get_device_name() if ck.device.type == "cuda" else "none (dry run on the CPU)"
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+                "torch CUDA": torch.version.cuda, "nvcc": os.environ.get("PRIMAPS_FAST_NVCC_VERSION", "?")}
+    used = [b for b in BACKENDS if any(b in r.ms or b in r.agree for r in ck.rows)]
+    data = {"gpu": gpu, "versions": versions, "dry_run": ck.dry, "passed": not ck.failed,
+            "build_seconds": args.build_seconds, "tests": args.tests_summary,
+            "rows": [r.__dict__ for r in ck.rows]}
+    lines = [f"# GPU check: {gpu}", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+             f"Build (this GPU's architecture only): {args.build_seconds} s. Tests: {args.tests_summary}.",
+             f"Agreement checks: {'all passed' if not ck.failed else 'FAILED (see the agreement column)'}.",
+             "", "Milliseconds per call for the whole batch (median of CUDA-event timings after a warm-up "
+             "call); speed-ups against the reference.", ""]
+    for batch in ck.batches:
+        head = ["stage"] + [f"{TITLES[b]} ms" for b in used]
+        head += [f"{TITLES[b]} speed-up" for b in used if b != "reference"] + ["agreement", "notes"]
+        lines += [f"## Batch {batch}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in (r for r in ck.rows if r.batch == batch):
+            ref = r.ms.get("reference")
+            cells = [r.stage] + [f"{r.ms[b]:.2f}" if b in r.ms else "-" for b in used]
+            cells += [f"{ref / r.ms[b]:.1f}x" if ref and b in r.ms else "-" for b in used if b != "reference"]
+            cells += ["; ".join(f"{TITLES[b]} {a}" for b, a in r.agree.items()) or "-", "; ".join(r.notes) or ""]
+            lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        lines.append("")
+    os.makedirs(args.out_dir, exist_ok=True)
+    for name, text in (("gpu_report.md", "\n".join(lines)), ("gpu_report.json", json.dumps(data, indent=1))):
+        path = os.path.join(args.out_dir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    print(f"wrote {args.out_dir}/gpu_report.md and gpu_report.json")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir")
+    p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreted, tiny shapes, no CUDA column")
+    p.add_argument("--budget-s", type=float, default=180.0, help="after this, the slow references are skipped")
+    p.add_argument("--build-seconds", default="?", help="for the report")
+    p.add_argument("--tests-summary", default="not run", help="for the report")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit runs
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("gpu_check: unset TRITON_INTERPRET (or pass --dry-run)")
+    ck = Check(args)
+    if not ck.dry and not ck.torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device (use --dry-run on a machine without a GPU)")
+    if "cuda" not in ck.backends and not ck.dry:
+        print("primaps_fast._C_cuda is not built: the CUDA column is empty", flush=True)
+        ck.failed = True
+    ck.torch.manual_seed(0)
+    for batch in ck.batches:
+        stages(ck, batch)
+    report(ck, args)
+    return 1 if ck.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
