@@ -144,4 +144,12 @@ def _run(cmd):
     subprocess.run(cmd, check=True)
 
 
+# PRIMAPS_FAST_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer, any UB report fatal (.ci/run builds a
+# copy of the checkout this way and runs the tests there, with libasan and libstdc++ preloaded).
+if os.environ.get("PRIMAPS_FAST_SANITIZE", "0") == "1":
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+    cpu_ext.extra_compile_args += sanitize + ["-O1", "-g"]
+    cpu_ext.extra_link_args += sanitize
+
+
 setup(ext_modules=[cpu_ext, cuda_ext], cmdclass={"build_ext": build_ext})

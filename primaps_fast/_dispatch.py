@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import glob
 import importlib
+import math
 import os
 import sys
 
@@ -120,21 +121,115 @@ def choose_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     return backend
 
 
+def skip_dynamo_import(op) -> None:
+    """Let eager calls of the torch custom op ``op`` skip the import of ``torch._dynamo`` (~2 s).
+
+    ``torch.library.custom_op`` wraps each kernel in ``torch._disable_dynamo``, whose first call imports
+    ``torch._dynamo`` to build a wrapper that keeps Dynamo from tracing into the kernel, even in a program
+    that compiles nothing. While ``torch._dynamo`` is not imported nothing can be tracing, so the kernel
+    itself is called; from the first call after something imported it (``torch.compile``), torch's own
+    wrapper takes over. The wrapper caches its result on the kernel under ``__dynamo_disable``: this
+    pre-fills that cache, only when the wrapper's code is the one expected (else nothing changes and
+    the import is paid, as before).
+    """
+    for wrapper in getattr(op, "_backend_fns", {}).values():
+        kernel = getattr(wrapper, "__wrapped__", None)
+        code = getattr(wrapper, "__code__", None)
+        if kernel is None or code is None or "__dynamo_disable" not in code.co_consts:
+            continue
+
+        def eager(*args, _kernel=kernel, _wrapper=wrapper, **kwargs):
+            if "torch._dynamo" not in sys.modules:
+                return _kernel(*args, **kwargs)
+            _kernel.__dict__.pop("__dynamo_disable", None)  # torch's wrapper builds the real one
+            return _wrapper(*args, **kwargs)
+
+        setattr(kernel, "__dynamo_disable", eager)
+
+
 def num_threads() -> int:
     """Threads for the C++ kernels: torch's intra-op setting, so one knob controls both."""
     return max(1, torch.get_num_threads())
+
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def check_device(device, name: str) -> torch.device:
+    """``device`` (a ``torch.device`` or its name) as a ``torch.device``, if its type is supported.
+
+    Every op runs on CPU and CUDA tensors only: ``meta`` tensors (no data), ``mps``, ``xpu``, ... get this
+    message instead of an error from deep inside a kernel or a data-dependent check.
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{name}: not a device: {device!r} ({exc})") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"{name}: {device.type} tensors are not supported; primaps_fast runs on "
+                         f"{' and '.join(t.upper() for t in DEVICE_TYPES)} tensors")
+    return device
+
+
+def check_int(value, name: str, *, lo: int = INT64_MIN, hi: int = INT64_MAX) -> int:
+    """``value`` as an int in ``[lo, hi]`` (default: what an int64 kernel argument holds); ``TypeError``
+    for a non-int (bool and float included: ``inf`` and ``1.5`` are not ints), ``ValueError`` outside."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {value}")
+    return int(value)
+
+
+def check_number(value, name: str, *, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False) -> float:
+    """``value`` (an int or a float, not a bool) as a finite float in ``[lo, hi]`` (``(lo, hi]`` when
+    ``lo_open``); ``TypeError`` for another type, ``ValueError`` otherwise (ints too large for a float
+    included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    try:
+        x = float(value)
+    except OverflowError:
+        x = math.inf
+    if not (math.isfinite(x) and (x > lo if lo_open else x >= lo) and x <= hi):
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ValueError(f"{name}: expected a finite number in {interval}, got {value!r}")
+    return x
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of ``device``: the machine's RAM for the CPU, the GPU's memory for CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 1 << 40
+
+
+def check_memory(nbytes: int, name: str, what: str, device=torch.device("cpu")) -> None:
+    """Refuse (``ValueError`` naming ``name``) a computation whose ``what`` needs ``nbytes`` bytes, more
+    than the memory of ``device``: a clear message before the allocation, not a MemoryError or an abort."""
+    total = device_memory(torch.device(device))
+    if nbytes > total:
+        raise ValueError(f"{name}: {what} needs {nbytes / 2 ** 30:.1f} GiB, more than the "
+                         f"{total / 2 ** 30:.1f} GiB of memory of this {torch.device(device).type.upper()} "
+                         "device")
 
 
 def check_tensor(x, name: str, *, ndim=None, floating=False, integer=False, finite=False,
                  nonempty=True) -> torch.Tensor:
     """Validate one input tensor; every message starts with ``name``.
 
-    ``ndim`` may be an int or a tuple of accepted ranks. ``floating``/``integer`` require a dtype
-    kind (``TypeError`` otherwise). ``finite`` rejects NaN/Inf. ``nonempty`` rejects zero-size
-    tensors.
+    The device must be CPU or CUDA (``check_device``). ``ndim`` may be an int or a tuple of accepted
+    ranks. ``floating``/``integer`` require a dtype kind (``TypeError`` otherwise). ``finite`` rejects
+    NaN/Inf. ``nonempty`` rejects zero-size tensors.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    check_device(x.device, name)
     if ndim is not None:
         ranks = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if x.dim() not in ranks:

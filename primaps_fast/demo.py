@@ -16,7 +16,6 @@ shared between the ranks (round-robin batches, gathered), PCA + k-means and PriM
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -132,7 +131,7 @@ def run_demo(out="primaps_out", *, images: int = 32, epochs: int = 6, crf: bool 
             f"{'on' if crf else 'off'}, {epochs} EM epochs\n\n{table}\n\n{ttable}\n\n"
             "Overlays (overlays/scene_*.png): " + " | ".join(titles) + "\n")
     fileio.write_bytes(os.path.join(out, "results.md"), text.encode())
-    fileio.write_bytes(os.path.join(out, "results.json"), (json.dumps(summary, indent=2) + "\n").encode())
+    fileio.write_json(os.path.join(out, "results.json"), summary)
     log("\n" + table + "\n\n" + ttable + f"\n\nwritten to {os.path.abspath(out)}/ (results.md, results.json, "
         f"overlays/scene_*.png)")
     return summary

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import builtins
 import hashlib
+import io
 import json
 import os
-import pickle
 import signal
 import time
 
@@ -285,13 +286,27 @@ def _exchange(s: _Session, what: str, mine: bytes | None, senders) -> dict:
     return {r: _store_call(s, what, lambda r=r: s.store.get(f"{key}/v{r}")) for r in senders}
 
 
+def _encode(value) -> bytes:
+    """``value`` (tensors, numbers, strings, None and lists, tuples and dicts of them) as bytes for the
+    store; :func:`_decode` reads it back with ``weights_only=True``, so bytes that reach the store from
+    anywhere else cannot run code (unlike pickle)."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _decode(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
 def all_gather_object(value, what: str) -> list:
-    """``[value of rank 0, value of rank 1, ...]`` (``[value]`` in a single process)."""
+    """``[value of rank 0, value of rank 1, ...]`` (``[value]`` in a single process); ``value`` made of
+    tensors, numbers, strings, None, lists, tuples and dicts."""
     s = _current()
     if s is None:
         return [value]
-    got = _exchange(s, what, pickle.dumps(value), range(s.world))
-    return [pickle.loads(got[r]) for r in range(s.world)]
+    got = _exchange(s, what, _encode(value), range(s.world))
+    return [_decode(got[r]) for r in range(s.world)]
 
 
 def on_main(fn, what: str):
@@ -305,23 +320,17 @@ def on_main(fn, what: str):
         try:
             payload = ("ok", fn())
         except Exception as exc:
-            payload = ("error", type(exc), str(exc))
-            try:
-                data = pickle.dumps(payload)
-            except Exception:
-                data = pickle.dumps(("error", RuntimeError, str(exc)))
-            _exchange(s, what, data, [])
+            _exchange(s, what, _encode(("error", type(exc).__name__, str(exc))), [])
             raise
-        _exchange(s, what, pickle.dumps(payload), [])
+        _exchange(s, what, _encode(payload), [])
         return payload[1]
-    payload = pickle.loads(_exchange(s, what, None, [0])[0])
+    payload = _decode(_exchange(s, what, None, [0])[0])
     if payload[0] == "ok":
         return payload[1]
     _, kind, message = payload
-    try:
-        exc = kind(message)
-    except Exception:
-        exc = RuntimeError(message)
+    # the same built-in exception type (ValueError, FileNotFoundError, ...); others as DistributedError's base
+    kind = getattr(builtins, kind, None)
+    exc = kind(message) if isinstance(kind, type) and issubclass(kind, Exception) else RuntimeError(message)
     exc.replica = True
     raise exc
 

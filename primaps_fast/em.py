@@ -13,13 +13,131 @@ direction's sign fixed so that its largest-magnitude entry is positive.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import ctypes
+import functools
+import glob
+import os
+
 import torch
 import torch.nn.functional as F
 
-from primaps_fast._dispatch import BACKENDS, check_tensor
+from primaps_fast._dispatch import BACKENDS, check_device, check_int, check_memory, check_number, check_tensor
 from primaps_fast.progress import progress
 
 _STATE_VERSION = 1
+_STATE_KEYS = ("num_classes", "dim", "g", "v", "ema_g", "ema_v", "global_step", "ema_calls", "adam")
+# the head has num_classes rows; the E-step kernel takes fewer than 2**24 classes
+MAX_CLASSES = (1 << 24) - 1
+
+
+@functools.lru_cache(maxsize=None)
+def _mkl_set_num_threads_local():
+    """MKL's ``mkl_set_num_threads_local`` in torch's own MKL (exported by ``libtorch_cpu``), or None when
+    torch was built without MKL or does not export it."""
+    if not torch.backends.mkl.is_available():
+        return None
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "*torch_cpu.*"))):
+        try:
+            fn = ctypes.CDLL(path).MKL_Set_Num_Threads_Local
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        return fn
+    return None
+
+
+@contextlib.contextmanager
+def deterministic_blas():
+    """Run the block's MKL calls with one thread, in the calling thread only (MKL's thread-local setting
+    ``mkl_set_num_threads_local``, restored on exit: torch's thread count and other threads are untouched).
+
+    MKL's GEMM and LAPACK split their sums differently at different thread counts (e.g. at 2 threads for
+    the head's ``(K, C) x (C, h*w)`` products), so results would differ in the last bits with
+    ``torch.set_num_threads``; on one thread the summation order is fixed. Without MKL (torch builds for ARM
+    or macOS) this does nothing, and results depend on that BLAS.
+    """
+    fn = _mkl_set_num_threads_local()
+    if fn is None:
+        yield
+        return
+    previous = fn(1)
+    try:
+        yield
+    finally:
+        fn(previous)
+
+
+# The model's large products on the CPU are cut into tasks of at most _COLUMNS pixels (a cut that does not
+# depend on the thread count), each a one-thread GEMM; the tasks run on a pool of torch.get_num_threads()
+# threads and partial sums are added in task order. So every result is the same at any thread count, and
+# the products still use every core.
+_COLUMNS = 4096
+_pool = {"size": 0, "executor": None}
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads
+    os.register_at_fork(after_in_child=lambda: _pool.update(size=0, executor=None))
+
+
+def _one_mkl_thread():
+    fn = _mkl_set_num_threads_local()
+    if fn is not None:
+        fn(1)
+
+
+def _run(tasks: list) -> list:
+    """The results of the zero-argument callables ``tasks``, in order, each run with one MKL thread."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or len(tasks) <= 1:
+        with deterministic_blas():
+            return [task() for task in tasks]
+    if _pool["size"] != threads:
+        if _pool["executor"] is not None:
+            _pool["executor"].shutdown(wait=False)
+        _pool.update(size=threads, executor=concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix="primaps-em", initializer=_one_mkl_thread))
+    return list(_pool["executor"].map(lambda task: task(), tasks))
+
+
+def _spans(batch: int, pixels: int) -> list:
+    return [(b, c0, min(pixels, c0 + _COLUMNS)) for b in range(batch) for c0 in range(0, pixels, _COLUMNS)]
+
+
+class _Scores(torch.autograd.Function):
+    """``(K, C)`` weight x ``(B, C, P)`` features -> ``(B, K, P)`` on the CPU, by the fixed tasks of ``_run``;
+    the weight's gradient is the sum of the tasks' partial products in task order."""
+
+    @staticmethod
+    def forward(ctx, weight, features):
+        ctx.save_for_backward(weight, features)
+        w, f = weight.detach(), features.detach()  # the tasks run in other threads (their own grad mode)
+        out = f.new_empty(f.shape[0], w.shape[0], f.shape[2])
+
+        def task(b, c0, c1):
+            out[b, :, c0:c1] = torch.mm(w, f[b, :, c0:c1])
+
+        _run([functools.partial(task, *span) for span in _spans(f.shape[0], f.shape[2])])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, features = ctx.saved_tensors
+        w, f, g = weight.detach(), features.detach(), grad.detach().contiguous()
+        spans = _spans(f.shape[0], f.shape[2])
+        grad_w = grad_f = None
+        if ctx.needs_input_grad[0]:
+            grad_w = torch.zeros_like(w)
+            for part in _run([functools.partial(lambda b, c0, c1: torch.mm(g[b, :, c0:c1], f[b, :, c0:c1].t()),
+                                                *span) for span in spans]):
+                grad_w += part
+        if ctx.needs_input_grad[1]:
+            grad_f = torch.empty_like(f)
+
+            def task(b, c0, c1):
+                grad_f[b, :, c0:c1] = torch.mm(w.t(), g[b, :, c0:c1])
+
+            _run([functools.partial(task, *span) for span in spans])
+        return grad_w, grad_f
 
 
 def _weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -27,9 +145,12 @@ def _weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(weight: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """1x1 conv without bias: ``(K, C)`` x ``(B, C, h, w)`` -> ``(B, K, h, w)`` (one batched GEMM)."""
+    """1x1 conv without bias: ``(K, C)`` x ``(B, C, h, w)`` -> ``(B, K, h, w)`` (on the CPU by ``_Scores``, the
+    same at any thread count)."""
     b, c, h, w = features.shape
-    return torch.matmul(weight, features.reshape(b, c, h * w)).reshape(b, weight.shape[0], h, w)
+    x = features.reshape(b, c, h * w)
+    out = _Scores.apply(weight, x) if x.device.type == "cpu" else torch.matmul(weight, x)
+    return out.reshape(b, weight.shape[0], h, w)
 
 
 def _check_scores(scores: torch.Tensor, name: str) -> torch.Tensor:
@@ -52,8 +173,8 @@ class PriMaPsEM:
     its EMA copy ``theta_M`` and the Adam optimiser.
 
     Args:
-        num_classes: number of classes ``K`` (>= 2).
-        dim: feature channels ``C``.
+        num_classes: number of classes ``K`` (an int in ``[2, 2**24)``).
+        dim: feature channels ``C`` (>= 1).
         lr: Adam learning rate of the head (official 5e-3); also the k-means learning rate.
         ema_decay: EMA decay (official 0.98), with the official warm-up: the n-th EMA update copies the
             head for n <= 1 and otherwise uses decay ``min(ema_decay, 1 - 1/(n + 1))`` (the official
@@ -61,10 +182,14 @@ class PriMaPsEM:
             is computed, so the decays run 2/3, 3/4, ... up to ``ema_decay``).
         ema_every: after the Adam update of step ``k`` (counted from 0), the EMA is updated when
             ``k > 0 and k % ema_every == 0``.
-        focal_gamma: exponent of the focal loss class weights.
-        ignore_index: mask id / label of unassigned pixels.
-        seed: seeds the random initial prototypes and the k-means batch order.
-        device: device of the parameters (default CPU).
+        focal_gamma: exponent of the focal loss class weights (finite, >= 0).
+        ignore_index: mask id / label of unassigned pixels (an int64).
+        seed: seeds the random initial prototypes and the k-means batch order (an int64).
+        device: device of the parameters (default CPU; CPU or CUDA).
+
+    Training is identical at any ``torch.set_num_threads`` on the CPU: the matrix products are cut into
+    tasks that do not depend on the thread count, each a one-thread MKL product (``_run``), and the
+    eigendecomposition of the PCA runs on one MKL thread (:func:`deterministic_blas`).
         backend: kernel backend of the E-step and the loss (``assign_pseudo_labels``, ``focal_loss``):
             None (auto) or one of ``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``.
 
@@ -78,24 +203,25 @@ class PriMaPsEM:
     def __init__(self, num_classes: int, dim: int, *, lr: float = 5e-3, ema_decay: float = 0.98,
                  ema_every: int = 10, focal_gamma: float = 2.0, ignore_index: int = 255, seed: int = 0,
                  device=None, backend: str | None = None):
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes: must be an int >= 2, got {num_classes!r}")
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim: must be a positive int, got {dim!r}")
-        if not lr > 0:
-            raise ValueError(f"lr: must be > 0, got {lr!r}")
-        if not 0 <= ema_decay <= 1:
-            raise ValueError(f"ema_decay: must be in [0, 1], got {ema_decay!r}")
-        if not isinstance(ema_every, int) or ema_every < 1:
-            raise ValueError(f"ema_every: must be an int >= 1, got {ema_every!r}")
+        check_int(num_classes, "num_classes", lo=2, hi=MAX_CLASSES)
+        check_int(dim, "dim", lo=1)
+        lr = check_number(lr, "lr", lo=0.0, lo_open=True)
+        ema_decay = check_number(ema_decay, "ema_decay", lo=0.0, hi=1.0)
+        check_int(ema_every, "ema_every", lo=1)
+        focal_gamma = check_number(focal_gamma, "focal_gamma", lo=0.0)
+        check_int(ignore_index, "ignore_index")
+        check_int(seed, "seed")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+        self.device = check_device(device if device is not None else "cpu", "device")
+        # head, EMA copy, gradient and Adam's two moments: five (K, C) float32 tensors
+        check_memory(5 * 4 * num_classes * dim, "num_classes", f"a head of {num_classes} x {dim} weights",
+                     self.device)
         self.backend = backend
         self.sync = None  # data-parallel reductions (class docstring); not part of the state
         self.num_classes, self.dim = num_classes, dim
-        self.lr, self.ema_decay, self.ema_every = float(lr), float(ema_decay), ema_every
-        self.focal_gamma, self.ignore_index, self.seed = float(focal_gamma), int(ignore_index), int(seed)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.lr, self.ema_decay, self.ema_every = lr, ema_decay, ema_every
+        self.focal_gamma, self.ignore_index, self.seed = focal_gamma, ignore_index, seed
         gen = torch.Generator().manual_seed(self.seed)
         self.init_prototypes(torch.randn(num_classes, dim, generator=gen))
 
@@ -144,14 +270,18 @@ class PriMaPsEM:
             x = f.permute(1, 0, 2, 3).reshape(self.dim, -1).double()
             n += x.shape[1]
             s += x.sum(1)
-            ss += x @ x.t()
+            # x x^T as fixed column tasks added in order (_run): the same at any thread count
+            for part in _run([functools.partial(lambda c0: x[:, c0:c0 + _COLUMNS] @ x[:, c0:c0 + _COLUMNS].t(), c0)
+                              for c0 in range(0, x.shape[1], _COLUMNS)]):
+                ss += part
         if self.sync is not None:
             n = self._sum_pca(n, s, ss)
         if n < 2:
             raise ValueError("features: PCA needs at least 2 pixels")
         mean = s / n
         cov = (ss - n * torch.outer(mean, mean)) / (n - 1)
-        _, vecs = torch.linalg.eigh(cov)
+        with deterministic_blas():  # LAPACK's threads would change the last bits
+            _, vecs = torch.linalg.eigh(cov)
         k = min(self.num_classes, self.dim)
         directions = vecs[:, -k:].flip(1).t()
         if k < self.num_classes:
@@ -198,8 +328,8 @@ class PriMaPsEM:
         or an iterable of batches (used in order), or rows (``len()`` and ``get_features(indices)``, read a
         batch at a time, in the order of a tensor). Sets the head from the centres with ``g = 1``, as
         ``init_prototypes``, and returns them ``(K, C)``."""
-        if not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"epochs: must be an int >= 0, got {epochs!r}")
+        check_int(epochs, "epochs", lo=0)
+        check_int(batch_size, "batch_size", lo=1)
         rows = None
         if isinstance(features, torch.Tensor):
             feats = self._feature_batches(features, "features")[0]
@@ -360,9 +490,14 @@ class PriMaPsEM:
         """``(B, H, W)`` int64 class ids: argmax of the head's (EMA copy's when ``use_ema``) scores,
         bilinearly upsampled (``align_corners=False``) to ``size`` ``(H, W)`` (default: feature size)."""
         if size is not None:
-            size = (size, size) if isinstance(size, int) else tuple(size)
-            if len(size) != 2 or min(size) < 1:
-                raise ValueError(f"size: expected (H, W) of positive ints, got {size!r}")
+            pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+            if not isinstance(pair, (tuple, list, torch.Size)) or len(pair) != 2:
+                raise TypeError(f"size: expected an int or (H, W), got {size!r}")
+            size = tuple(check_int(x, "size", lo=1) for x in pair)
+            f = self._check_features(features, "features")
+            # the upsampled (B, K, H, W) float32 scores and the (B, H, W) int64 ids
+            check_memory(f.shape[0] * size[0] * size[1] * (4 * self.num_classes + 8), "size",
+                         f"predicting {f.shape[0]} images at {size[0]}x{size[1]}", self.device)
         scores = self.scores(features, use_ema)
         if size is not None:
             scores = F.interpolate(scores, size, mode="bilinear", align_corners=False)
@@ -381,9 +516,19 @@ class PriMaPsEM:
                                   for k, t in st.items()} for i, st in opt["state"].items()}}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore a ``state_dict``; another ``num_classes``/``dim`` raises ``ValueError``."""
+        """Restore a ``state_dict``; another ``num_classes``/``dim`` or a missing entry raises ``ValueError``
+        naming it."""
         if not isinstance(sd, dict) or "v" not in sd or "g" not in sd:
             raise ValueError("sd: not a PriMaPsEM state_dict")
+        missing = [key for key in _STATE_KEYS if key not in sd]
+        if missing:
+            raise ValueError(f"sd: the state has no {', '.join(repr(k) for k in missing)} entry (a truncated or "
+                             "foreign state_dict; the optimiser state is 'adam')")
+        for key in ("g", "v", "ema_g", "ema_v"):
+            if not isinstance(sd[key], torch.Tensor):
+                raise ValueError(f"sd: {key!r} is a {type(sd[key]).__name__}, not a tensor")
+        if not isinstance(sd["adam"], dict):
+            raise ValueError(f"sd: 'adam' is a {type(sd['adam']).__name__}, not Adam's state")
         if sd.get("num_classes") != self.num_classes or sd.get("dim") != self.dim:
             raise ValueError(f"sd: state of num_classes={sd.get('num_classes')}, dim={sd.get('dim')} does not "
                              f"fit this PriMaPsEM (num_classes={self.num_classes}, dim={self.dim})")

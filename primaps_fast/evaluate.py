@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from primaps_fast import distributed, fileio
@@ -75,6 +76,17 @@ def evaluate_cache(em, cache, *, heads: str = "both", crf_dataset=None, batch_si
     return results
 
 
+def _require_labels(cache) -> None:
+    """Refuse a cache without ground truth (every label 255: e.g. a folder dataset without ``--labels``)
+    before the checkpoint is loaded: its metrics are undefined."""
+    labels = cache.labels.reshape(len(cache), -1)
+    for i in range(0, len(cache), 64):  # a few MB at a time from the memory-mapped file
+        if bool((np.asarray(labels[i:i + 64]) != 255).any()):
+            return
+    raise ValueError(f"cache: {cache.root} has no labelled pixels (every label is 255, unlabelled: its dataset "
+                     "had no ground truth); `eval` needs a cache of a dataset with labels")
+
+
 def run(checkpoint, cache_root, *, heads: str = "both", crf_dataset=None, num_classes: int | None = None,
         batch_size: int = 16, out=None, backend=None, log=print, show_progress: bool = True) -> dict:
     """Evaluate the checkpoint ``checkpoint`` (from ``primaps-fast train``) on the feature cache ``cache_root``
@@ -92,6 +104,7 @@ def run(checkpoint, cache_root, *, heads: str = "both", crf_dataset=None, num_cl
     log, show_progress = (log, show_progress) if main else (lambda msg: None, False)
     cache = FeatureCache(cache_root)
     cache.require_complete()
+    _require_labels(cache)
     distributed.check_same({"heads": heads, "crf": crf_dataset is not None, "batch_size": batch_size,
                             "num_classes": num_classes, "backend": backend, "cache": cache.manifest}, "eval")
     ckpt = distributed.on_main(lambda: load_checkpoint(checkpoint, dim=cache.feature_shape[0]),
@@ -115,6 +128,8 @@ def run(checkpoint, cache_root, *, heads: str = "both", crf_dataset=None, num_cl
         confusion_png(os.path.join(out, "confusion.png"), results[first]["confusion"], names, title=first)
         fileio.write_json(os.path.join(out, "results.json"),
                           {k: {"mIoU": v["mIoU"], "Accuracy": v["Accuracy"],
-                               "class_iou": [float(x) for x in v["class_iou"]]} for k, v in results.items()})
+                               # NaN (a class neither present nor predicted) is not JSON: null
+                               "class_iou": [float(x) if x == x else None for x in v["class_iou"]]}
+                           for k, v in results.items()})
         log(f"written {out}/results.json and confusion.png ({first}, rows = classes, row-normalised)")
     return results

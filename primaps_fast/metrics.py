@@ -8,8 +8,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from primaps_fast._dispatch import check_tensor
+from primaps_fast._dispatch import check_int, check_tensor
 from primaps_fast.progress import progress
+
+# Bound of num_classes + extra_clusters (see UnsupervisedMetrics).
+MAX_CLUSTERS = 4096
 
 
 class UnsupervisedMetrics:
@@ -17,16 +20,16 @@ class UnsupervisedMetrics:
 
     Args:
         num_classes: ground-truth classes ``K`` (>= 2).
-        extra_clusters: predicted clusters beyond ``K`` (cluster ids in ``[0, K + extra_clusters)``).
+        extra_clusters: predicted clusters beyond ``K`` (cluster ids in ``[0, K + extra_clusters)``);
+            ``K + extra_clusters <= MAX_CLUSTERS`` (4096: the confusion matrix is ``(K + E) x K`` int64 and
+            the Hungarian matching cubic; 4096 clusters take ~10 s and 128 MB).
         hungarian: match clusters to classes with ``scipy.optimize.linear_sum_assignment`` (maximise);
             ``False``: cluster ``k`` is class ``k`` (linear probe).
     """
 
     def __init__(self, num_classes: int, extra_clusters: int = 0, hungarian: bool = True):
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes: must be an int >= 2, got {num_classes!r}")
-        if not isinstance(extra_clusters, int) or extra_clusters < 0:
-            raise ValueError(f"extra_clusters: must be an int >= 0, got {extra_clusters!r}")
+        check_int(num_classes, "num_classes", lo=2, hi=MAX_CLUSTERS)
+        check_int(extra_clusters, "extra_clusters", lo=0, hi=MAX_CLUSTERS - num_classes)
         self.num_classes, self.extra_clusters, self.hungarian = num_classes, extra_clusters, bool(hungarian)
         self.reset()
 
@@ -52,12 +55,20 @@ class UnsupervisedMetrics:
         self.stats += counts.reshape(self.num_classes, n_clusters).t()
 
     def compute(self) -> dict:
-        """``{"mIoU", "Accuracy", "class_iou"}`` in percent (mIoU averages the classes with a defined IoU),
-        plus ``"mapping"`` (int64 numpy ``(clusters,)``: the class each predicted cluster is matched to) and
-        ``"confusion"`` (int64 numpy ``(K, K)``: rows = ground-truth class, columns = matched prediction)."""
+        """``{"mIoU", "Accuracy", "class_iou"}`` in percent (mIoU averages the classes with a defined IoU;
+        ``class_iou`` is NaN for a class that neither occurs nor is predicted), plus ``"mapping"`` (int64
+        numpy ``(clusters,)``: the class each predicted cluster is matched to) and ``"confusion"`` (int64
+        numpy ``(K, K)``: rows = ground-truth class, columns = matched prediction).
+
+        Raises ``ValueError`` when no labelled pixel was seen (every target outside ``[0, num_classes)``):
+        the metrics are undefined there."""
         from scipy.optimize import linear_sum_assignment
 
         stats = self.stats
+        if int(stats.sum()) == 0:
+            raise ValueError(f"target: no labelled pixels: every target seen by update() was outside [0, "
+                             f"{self.num_classes}) (ignored), so mIoU and accuracy are undefined; evaluate on "
+                             "data with ground-truth labels")
         if self.hungarian:
             rows, cols = linear_sum_assignment(stats.numpy(), maximize=True)
             mapping = np.zeros(stats.shape[0], dtype=np.int64)

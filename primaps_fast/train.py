@@ -43,10 +43,12 @@ def build_em(config: dict, *, backend: str | None = None, device=None):
 
 
 def save_checkpoint(path, em, *, epoch: int, config: dict, history: list, extra: dict | None = None) -> None:
-    """Atomically write a PriMaPs-EM checkpoint (the head, its EMA copy, Adam state, progress)."""
-    fileio.torch_save(path, {"format": CKPT_FORMAT, "kind": "primaps-em", "num_classes": config["num_classes"],
-                             "dim": config["dim"], "epoch": int(epoch), "config": config, "history": history,
-                             "em": em.state_dict(), "torch_rng": torch.get_rng_state(), **(extra or {})})
+    """Atomically write a PriMaPs-EM checkpoint (the head, its EMA copy, Adam state, progress) with the
+    checksum of its contents (``fileio.digest``)."""
+    ckpt = {"format": CKPT_FORMAT, "kind": "primaps-em", "num_classes": config["num_classes"],
+            "dim": config["dim"], "epoch": int(epoch), "config": config, "history": history,
+            "em": em.state_dict(), "torch_rng": torch.get_rng_state(), **(extra or {})}
+    fileio.torch_save(path, {**ckpt, "digest": fileio.digest(ckpt)})
 
 
 def load_checkpoint(path, *, num_classes: int | None = None, dim: int | None = None) -> dict:
@@ -56,9 +58,19 @@ def load_checkpoint(path, *, num_classes: int | None = None, dim: int | None = N
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"checkpoint: cannot read {path}: {exc}") from exc
+        raise ValueError(f"checkpoint: cannot read {path} (truncated, corrupt or not a checkpoint): {exc}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "primaps-em":
         raise ValueError(f"checkpoint: {path} is not a primaps_fast PriMaPs-EM checkpoint")
+    if "digest" in ckpt and fileio.digest({k: v for k, v in ckpt.items() if k != "digest"}) != ckpt.pop("digest"):
+        raise ValueError(f"checkpoint: {path} is corrupt (its contents do not match the checksum written with "
+                         "them); use another checkpoint (init.pt) or train again")
+    for key in ("num_classes", "dim", "epoch", "config", "history", "em", "torch_rng"):
+        if key not in ckpt:
+            raise ValueError(f"checkpoint: {path} has no {key!r} entry (truncated or written by another program)")
+    for key in ("num_classes", "dim", "lr", "ema_decay", "ema_every", "focal_gamma", "seed"):  # build_em's
+        if not isinstance(ckpt["config"], dict) or key not in ckpt["config"]:
+            raise ValueError(f"checkpoint: {path} has no 'config' entry {key!r} (truncated or written by another "
+                             "program)")
     for key, want in (("num_classes", num_classes), ("dim", dim)):
         if want is not None and ckpt[key] != want:
             raise ValueError(f"checkpoint: {path} has {key}={ckpt[key]}, but this run needs {key}={want} "

@@ -154,6 +154,20 @@ def test_non_contiguous_and_empty(rng):
         primaps_fast.assign_pseudo_labels(logits, ids[:, :0])
 
 
+def test_ignore_index_must_fit_int64():
+    """2**63 reached the kernel as 'incompatible function arguments' or a can't-convert overflow."""
+    logits, ids = torch.randn(1, 3, 2, 2), torch.zeros(1, 4, 4, dtype=torch.int64)
+    for ignore_index, err in ((2 ** 63, ValueError), (-(2 ** 63) - 1, ValueError), (1.0, TypeError),
+                              (True, TypeError)):
+        with pytest.raises(err, match="^ignore_index: expected an int"):
+            primaps_fast.assign_pseudo_labels(logits, ids, ignore_index=ignore_index)
+    ids[0, 0, 0] = 2 ** 63 - 1
+    out = primaps_fast.assign_pseudo_labels(logits, ids, ignore_index=2 ** 63 - 1)
+    assert out[0, 0, 0] == 2 ** 63 - 1 and bool((out.view(-1)[1:] < 3).all())
+    with pytest.raises(ValueError, match="^mask_ids: meta tensors are not supported"):
+        primaps_fast.assign_pseudo_labels(logits, ids.to("meta"))
+
+
 # ---- GPU: the CUDA and Triton backends on CUDA tensors; skipped, with the reason, without a GPU ----
 
 def gpu_assign(logits, ids, backend, ignore_index=IGNORE):

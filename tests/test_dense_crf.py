@@ -170,9 +170,48 @@ def test_validation():
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_lattice_key_overflow_is_an_error(backend):
+    """The message names the argument that is too small, before any kernel runs."""
     img, p = scene(16, 16, 2, 51, texture=60.0)
-    with pytest.raises(ValueError, match="sxy/srgb"):
+    with pytest.raises(ValueError, match="^bi_srgb: 1e-08 is too small"):
         dense_crf_list(img[None], [p], bi_srgb=1e-8, backend=backend)
+    with pytest.raises(ValueError, match="^bi_sxy: 1e-08 is too small"):
+        dense_crf_list(img[None], [p], bi_sxy=1e-8, backend=backend)
+    with pytest.raises(ValueError, match="^pos_sxy: 1e-07 is too small"):
+        dense_crf_list(img[None], [p], pos_sxy=1e-7, backend=backend)
+    with pytest.raises(ValueError, match="^bi_srgb: 1e-08 is too small"):
+        primaps_fast.dense_crf(img[None], p[None].log(), bi_srgb=1e-8, backend=backend)
+
+
+def test_lattice_check_refuses_exactly_what_the_kernel_cannot_do():
+    """The Python check before the kernel agrees with the C++ kernel's own (backstop) check: on a log grid of
+    bi_srgb / bi_sxy / pos_sxy, the public op refuses exactly the values the raw kernel refuses (up to the
+    float32 rounding of a value within 1 % of the limit), so nothing that works is refused."""
+    from primaps_fast.ops.dense_crf import _dense_crf_cpu
+
+    gen = torch.Generator().manual_seed(3)
+    images = [torch.randint(0, 256, (1, 3, 9, 11), generator=gen, dtype=torch.uint8),
+              torch.randint(100, 140, (2, 3, 6, 5), generator=gen, dtype=torch.uint8)]
+    params = dict(iterations=1, pos_sxy=1.0, pos_compat=3.0, bi_sxy=67.0, bi_srgb=3.0, bi_compat=4.0)
+    for img in images:
+        probs = [torch.full((2, *img.shape[-2:]), 0.5) for _ in range(img.shape[0])]
+        for name in ("bi_srgb", "bi_sxy", "pos_sxy"):
+            grid = torch.logspace(-9, 1, 41, dtype=torch.float64).tolist()
+            kernel_ok = []
+            for value in grid:
+                try:
+                    _dense_crf_cpu(img, probs, **{**params, name: value})
+                    kernel_ok.append(True)
+                except ValueError:
+                    kernel_ok.append(False)
+            assert not all(kernel_ok) and any(kernel_ok)  # the grid crosses the limit
+            for value, ok in zip(grid, kernel_ok):
+                try:
+                    dense_crf_list(img, probs, **{**params, name: value})
+                    assert ok, (name, value)
+                except ValueError as exc:
+                    near = any(abs(value / v - 1) < 0.01 for v, o in zip(grid, kernel_ok) if o != ok)
+                    assert not ok or near, (name, value, str(exc))
+                    assert str(exc).startswith(name + ":") or not ok
 
 
 def test_lattice_sizes_match_pydensecrf_statistics():
@@ -210,3 +249,31 @@ def test_triton_matches_cpu():
 def test_dense_crf_list_is_public():
     assert primaps_fast.dense_crf_list is dense_crf_list
     assert "dense_crf_list" in primaps_fast.__all__
+
+
+def test_messages_name_the_users_arguments():
+    """Bounds are checked before the kernel, with the name of the argument the user passed: no 'labels:' or
+    'probs[0]:' from dense_crf, whose arguments are images and logits."""
+    images = torch.randint(0, 256, (1, 3, 4, 5), dtype=torch.uint8)
+    logits = torch.randn(1, 2, 4, 5)
+    with pytest.raises(ValueError, match=r"^iterations: expected an int in \[0, 1000\], got 1000000000"):
+        primaps_fast.dense_crf(images, logits, iterations=10 ** 9)
+    with pytest.raises(TypeError, match="^iterations: "):
+        primaps_fast.dense_crf(images, logits, iterations=2 ** 63 * 1.0)
+    with pytest.raises(ValueError, match="^logits: values beyond the float32 range"):
+        primaps_fast.dense_crf(images, logits.double() * 1e300)
+    with pytest.raises(ValueError, match="^logits: 1048577 labels, more than the 1048576"):
+        primaps_fast.dense_crf(images[:, :, :1, :1], torch.zeros(1, 2 ** 20 + 1, 1, 1))
+    with pytest.raises(ValueError, match=r"^probs\[0\]: 1048577 labels"):
+        dense_crf_list(images[:, :, :1, :1], [torch.full((2 ** 20 + 1, 1, 1), 1e-6)])
+    for name in ("pos_compat", "bi_compat"):
+        with pytest.raises(ValueError, match=f"^{name}: expected a finite number"):
+            primaps_fast.dense_crf(images, logits, **{name: 1e300})
+    with pytest.raises(ValueError, match="^bi_sxy: expected a finite number"):
+        primaps_fast.dense_crf(images, logits, bi_sxy=10 ** 400)
+    with pytest.raises(ValueError, match=r"^logits: the dense CRF of 1 images of 100000x100000 pixels with 2 labels "
+                                         r"needs [0-9.]+ GiB"):
+        primaps_fast.dense_crf(torch.zeros(1, 3, 1, 1, dtype=torch.uint8).expand(1, 3, 10 ** 5, 10 ** 5), logits)
+    # the largest iteration count and the extreme float32 logits still work
+    q = primaps_fast.dense_crf(images, logits.double() * 1e37, iterations=1)
+    assert bool(torch.isfinite(q).all())

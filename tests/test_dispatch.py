@@ -64,3 +64,93 @@ def test_missing_build_names_a_shadowing_source_tree(tmp_path, monkeypatch):
     (source / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
     msg = _dispatch._missing_build("primaps_fast._C", "its C++ extension", "reinstall", here=str(source))
     assert "shadows" not in msg
+
+
+# ----------------------------------------------------------------------------- checks shared by every op
+def _calls_of_every_op(device):
+    """Each public entry point called with its tensors on ``device`` (its first tensor argument named)."""
+    z = lambda *s, dtype=torch.float32: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+    img = z(1, 3, 4, 4, dtype=torch.uint8)
+    return [
+        ("features", lambda: primaps_fast.principal_masks(z(1, 3, 4, 4))),
+        ("masks", lambda: primaps_fast.median_filter(z(2, 4, 4))),
+        ("images", lambda: primaps_fast.pseudo_labels(img, z(1, 3, 2, 2))),
+        ("images", lambda: primaps_fast.dense_crf(img, z(1, 2, 4, 4))),
+        ("images", lambda: primaps_fast.dense_crf_list(img, [z(2, 4, 4)])),
+        ("logits", lambda: primaps_fast.assign_pseudo_labels(z(1, 2, 2, 2), z(1, 4, 4, dtype=torch.int64))),
+        ("logits", lambda: primaps_fast.focal_loss(z(1, 2, 2, 2), z(1, 4, 4, dtype=torch.int64))),
+        ("mask_ids", lambda: primaps_fast.PriMaPsEM(2, 3).step(z(1, 3, 2, 2), z(1, 4, 4, dtype=torch.int64))),
+        ("preds", lambda: primaps_fast.UnsupervisedMetrics(3).update(z(5, dtype=torch.int64),
+                                                                     z(5, dtype=torch.int64))),
+    ]
+
+
+@pytest.mark.parametrize("device", ["meta", "xpu"])
+def test_unsupported_devices_are_named(device):
+    """Meta tensors (and any device other than CPU and CUDA) get one clear message from every op, not
+    'Tensor.item() cannot be called on meta tensors' from deep inside."""
+    if device == "xpu":
+        try:
+            torch.zeros(1, device="xpu")
+        except (RuntimeError, AssertionError):
+            pytest.skip("this torch cannot create xpu tensors (the meta case covers the check)")
+    for name, call in _calls_of_every_op(device):
+        with pytest.raises(ValueError, match=f"^{name}: {device} tensors are not supported; primaps_fast "
+                                             "runs on CPU and CUDA tensors"):
+            call()
+    with pytest.raises(ValueError, match="^device: meta tensors are not supported"):
+        primaps_fast.PriMaPsEM(2, 3, device="meta")
+    with pytest.raises(ValueError, match="^device: not a device"):
+        primaps_fast.PriMaPsEM(2, 3, device="bogus")
+
+
+def test_every_op_runs_on_cpu_tensors_of_the_device_check():
+    for _, call in _calls_of_every_op("cpu"):
+        call()
+
+
+def test_check_int_and_number():
+    assert _dispatch.check_int(2 ** 63 - 1, "n") == 2 ** 63 - 1
+    for bad, err in ((2 ** 63, ValueError), (-(2 ** 63) - 1, ValueError), (1.0, TypeError), (True, TypeError),
+                     (float("inf"), TypeError), ("3", TypeError), (None, TypeError)):
+        with pytest.raises(err, match="^n: expected an int"):
+            _dispatch.check_int(bad, "n")
+    with pytest.raises(ValueError, match=r"^n: expected an int in \[1, 5\], got 6"):
+        _dispatch.check_int(6, "n", lo=1, hi=5)
+    assert _dispatch.check_number(10 ** 30, "x") == 1e30
+    for bad in (float("nan"), float("inf"), 10 ** 400, -1.0):
+        with pytest.raises(ValueError, match="^x: expected a finite number"):
+            _dispatch.check_number(bad, "x", lo=0.0)
+    with pytest.raises(TypeError, match="^x: expected a number"):
+        _dispatch.check_number("1", "x")
+
+
+def test_check_memory_names_the_argument_and_the_sizes():
+    _dispatch.check_memory(1 << 20, "size", "a small thing")
+    total = _dispatch.device_memory(torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"^size: predicting needs [0-9.]+ GiB, more than the [0-9.]+ GiB of memory "
+                                         "of this CPU device"):
+        _dispatch.check_memory(total + 1, "size", "predicting")
+
+
+def test_eager_custom_op_calls_do_not_import_dynamo():
+    """The first custom-op call used to import torch._dynamo (~2 s, torch._disable_dynamo's wrapper): eager
+    calls of every op skip it now, and torch.compile still goes through the ops (test_custom_ops).
+    (``PriMaPsEM`` is not in this list: torch wraps the methods of every ``torch.optim`` optimizer in
+    ``torch._disable_dynamo`` itself, so creating its Adam optimizer imports torch._dynamo.)"""
+    import subprocess
+
+    code = ("import sys, torch, primaps_fast\n"
+            "x = torch.rand(1, 3, 4, 4); ids = torch.randint(0, 3, (1, 8, 8))\n"
+            "primaps_fast.median_filter(x)\n"
+            "primaps_fast.assign_pseudo_labels(x, ids)\n"
+            "l = primaps_fast.focal_loss(x.requires_grad_(), ids); l.backward()\n"
+            "primaps_fast.dense_crf(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), x.detach())\n"
+            "primaps_fast.pseudo_labels(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.rand(1, 5, 4, 4))\n"
+            "m = primaps_fast.UnsupervisedMetrics(3); m.update(ids, ids); m.compute()\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))\n"
+            "f = torch.compile(lambda a: primaps_fast.median_filter(a) + 1, backend='eager')\n"
+            "assert torch.equal(f(x.detach()), primaps_fast.median_filter(x.detach()) + 1)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

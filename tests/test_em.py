@@ -230,3 +230,80 @@ def test_scores_are_the_heads_1x1_conv(rng):
     f = torch.randn(B, C, h, h, generator=rng)
     for ema in (True, False):
         torch.testing.assert_close(em.scores(f, use_ema=ema), torch.einsum("kc,bchw->bkhw", em.weight(ema=ema), f))
+
+
+def test_bounds_are_checked_before_anything_is_allocated(rng):
+    """Python ints that do not fit the kernels, non-finite numbers and sizes whose memory cannot be had are
+    refused at the API with the argument's name (not pybind11's or torch's overflow messages)."""
+    import math
+
+    for kw, name, err in ((dict(seed=2 ** 64), "seed", ValueError), (dict(seed=math.inf), "seed", TypeError),
+                          (dict(seed=1.5), "seed", TypeError), (dict(ignore_index=2 ** 63), "ignore_index", ValueError),
+                          (dict(lr=math.inf), "lr", ValueError), (dict(lr="1e-3"), "lr", TypeError),
+                          (dict(focal_gamma=-1.0), "focal_gamma", ValueError),
+                          (dict(ema_decay=math.nan), "ema_decay", ValueError),
+                          (dict(ema_every=2 ** 70), "ema_every", ValueError)):
+        with pytest.raises(err, match=f"^{name}: "):
+            PriMaPsEM(K, C, **kw)
+    for k in (2 ** 63, 2 ** 24):
+        with pytest.raises(ValueError, match="^num_classes: "):
+            PriMaPsEM(k, C)
+    with pytest.raises(ValueError, match=r"^num_classes: a head of 10000000 x 100000 weights needs [0-9.]+ GiB"):
+        PriMaPsEM(10 ** 7, 10 ** 5)
+    em = PriMaPsEM(K, C, seed=2 ** 63 - 1, ignore_index=-1)
+    f, m, _ = _batch(rng, student=False)
+    m[m == 255] = -1
+    em.step(f, m)
+    with pytest.raises(ValueError, match=r"^size: predicting 2 images at 100000x100000 needs [0-9.]+ GiB, more than"):
+        em.predict(f, size=(10 ** 5, 10 ** 5))
+    for size, err in (((0, 3), ValueError), ((2 ** 70, 1), ValueError), ((1.5, 2), TypeError), ("ab", TypeError),
+                      ((1, 2, 3), TypeError)):
+        with pytest.raises(err, match="^size: "):
+            em.predict(f, size=size)
+    with pytest.raises(ValueError, match="^epochs: "):
+        em.init_kmeans(f, epochs=-1)
+
+
+def test_missing_state_entries_are_named(rng):
+    em = PriMaPsEM(K, C)
+    f, m, _ = _batch(rng, student=False)
+    em.step(f, m)
+    for key in ("adam", "ema_g", "global_step", "num_classes"):
+        sd = em.state_dict()
+        del sd[key]
+        with pytest.raises(ValueError, match=f"no '{key}' entry"):
+            PriMaPsEM(K, C).load_state_dict(sd)
+    sd = em.state_dict()
+    sd["adam"] = [1, 2]
+    with pytest.raises(ValueError, match="'adam' is a list"):
+        PriMaPsEM(K, C).load_state_dict(sd)
+
+
+def test_training_is_identical_at_any_thread_count():
+    """MKL's GEMMs split their sums differently at 2 threads than at 1, 3 or 4 (the head's (K, C) x (C, h*w)
+    products): PriMaPsEM runs them under deterministic_blas, so the initialisation, training and predictions
+    are bit-identical at any torch.set_num_threads (without it, 2 threads differ in the last bits)."""
+    import hashlib
+
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(8, 384, 12, 10, generator=gen) + 0.5
+    m = torch.randint(0, 6, (8, 96, 80), generator=gen)
+
+    def digest(threads):
+        torch.set_num_threads(threads)
+        em = PriMaPsEM(5, 384, ema_every=2)
+        em.init_pca(f)
+        em.init_kmeans(f, epochs=2, batch_size=3)
+        for i in range(4):
+            em.step(f[i % 2 * 4:(i % 2 + 1) * 4], m[i % 2 * 4:(i % 2 + 1) * 4])
+        h = hashlib.sha256()
+        for t in (em.g, em.v, em.ema_v, em.predict(f, size=(96, 80))):
+            h.update(t.detach().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    before = torch.get_num_threads()
+    try:
+        digests = {t: digest(t) for t in (1, 2, 3, 4)}
+    finally:
+        torch.set_num_threads(before)
+    assert len(set(digests.values())) == 1, digests

@@ -1,11 +1,16 @@
 """UnsupervisedMetrics vs an independent computation (brute-force matching), and the linear probe."""
 import itertools
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from primaps_fast import UnsupervisedMetrics
+from primaps_fast import UnsupervisedMetrics, fileio
+from primaps_fast.cli import main
+from primaps_fast.data.cache import store_features
+from primaps_fast.data.datasets import FolderDataset
+from primaps_fast.data.synthetic import make_scenes
 from primaps_fast.metrics import linear_probe
 
 
@@ -103,3 +108,67 @@ def test_linear_probe_learns_separable_features(rng):
     assert out["Accuracy"] > 90
     with pytest.raises(ValueError, match="labels"):
         linear_probe(feats, target[:3], k)
+
+
+def test_class_count_is_bounded_before_allocating():
+    """20000 classes aborted the process inside scipy and 100000 asked for 80 GB at creation."""
+    for k in (20000, 100000, 2 ** 40):
+        with pytest.raises(ValueError, match=r"^num_classes: expected an int in \[2, 4096\]"):
+            UnsupervisedMetrics(k)
+    with pytest.raises(ValueError, match="^extra_clusters: "):
+        UnsupervisedMetrics(4000, extra_clusters=100)
+    with pytest.raises(TypeError, match="^num_classes: "):
+        UnsupervisedMetrics(3.0)
+    UnsupervisedMetrics(4000, extra_clusters=96)
+
+
+def test_no_labelled_pixels_is_an_error_not_nan():
+    m = UnsupervisedMetrics(3)
+    m.update(torch.zeros(10, dtype=torch.long), torch.full((10,), 255))
+    m.update(torch.zeros(4, dtype=torch.long), torch.tensor([3, 4, -1, 7]))  # outside [0, 3): ignored too
+    with pytest.raises(ValueError, match="^target: no labelled pixels"):
+        m.compute()
+    m.update(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    assert m.compute()["Accuracy"] == 100
+
+
+def test_json_written_by_the_package_is_valid(tmp_path):
+    fileio.write_json(tmp_path / "ok.json", {"a": [1.5, None]})
+    for bad in (float("nan"), float("inf"), [1.0, float("-inf")]):
+        with pytest.raises(ValueError, match="^obj: cannot write .*bad.json as JSON: it contains NaN or an infinity"):
+            fileio.write_json(tmp_path / "bad.json", {"x": bad})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json"]  # nothing written, no temporary left
+
+
+def _unlabelled_run(tmp_path):
+    """A folder dataset without labels: its cache has only unlabelled pixels (255)."""
+    scenes = make_scenes(4, num_classes=3, image_size=32, seed=5)
+    for i, (im, lab) in enumerate(zip(scenes.images, scenes.labels)):
+        fileio.write_png(tmp_path / "imgs" / f"s{i}.png", im.permute(1, 2, 0).numpy())
+        fileio.write_png(tmp_path / "labels" / f"s{i}.png", lab.numpy().astype(np.uint8))
+    store_features(FolderDataset(tmp_path / "imgs", size=32), scenes.features, tmp_path / "nolabels",
+                   backbone="synthetic", weights="synthetic")
+    ds = FolderDataset(tmp_path / "imgs", labels_root=tmp_path / "labels", size=32, num_classes=3)
+    store_features(ds, scenes.features, tmp_path / "cache", backbone="synthetic", weights="synthetic")
+    assert main(["pseudo", "--dataset-root", str(tmp_path / "imgs"), "--labels", str(tmp_path / "labels"),
+                 "--resolution", "32", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "pseudo"),
+                 "--no-crf"]) == 0
+    assert main(["train", "--cache", str(tmp_path / "cache"), "--pseudo", str(tmp_path / "pseudo"), "--out",
+                 str(tmp_path / "run"), "--num-classes", "3", "--batch-size", "2", "--epochs", "1"]) == 0
+
+
+def test_eval_without_labels_fails_before_loading_anything(tmp_path, capsys):
+    """`eval` on a cache without ground truth used to exit 0 printing nan and write a results.json that is not
+    JSON; it now stops before the checkpoint is read (a missing checkpoint is not even noticed)."""
+    _unlabelled_run(tmp_path)
+    for ckpt in (tmp_path / "run" / "last.pt", tmp_path / "missing.pt"):
+        assert main(["eval", "--checkpoint", str(ckpt), "--cache", str(tmp_path / "nolabels"), "--out",
+                     str(tmp_path / "eval")]) == 1
+        assert "has no labelled pixels" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
+    # with labels, a class that is neither present nor predicted has an undefined IoU: null in valid JSON
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--cache", str(tmp_path / "cache"),
+                 "--num-classes", "3", "--out", str(tmp_path / "eval")]) == 0
+    text = (tmp_path / "eval" / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text)

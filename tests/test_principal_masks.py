@@ -282,14 +282,14 @@ def test_noise_bit_identical_at_any_thread_count():
 def test_memory_refused_before_allocation(monkeypatch):
     """C = 100000 channels need a float64 C x C matrix (80 GB) per image, even for 2 pixels: a clear
     error up front. With a small memory limit, a moderate input is refused the same way."""
-    from primaps_fast.ops import principal_masks as ops
+    from primaps_fast import _dispatch
 
     with pytest.raises(ValueError, match=r"features: .*100000 x 100000 covariance.*GiB"):
         primaps_fast.principal_masks(torch.randn(1, 100_000, 1, 2), backend="cpu")
     # the reference never forms a C x C matrix: two random (near-orthogonal) pixels, two proposals
     assert reference.principal_masks(torch.randn(1, 100_000, 1, 2)).counts.tolist() == [2]
-    monkeypatch.setattr(ops, "memory_limit", lambda device: 2**20)
-    with pytest.raises(ValueError, match=r"features: .*more than the 0.0 GiB of this machine"):
+    monkeypatch.setattr(_dispatch, "device_memory", lambda device: 2**20)
+    with pytest.raises(ValueError, match=r"features: .*more than the 0.0 GiB of memory of this CPU device"):
         primaps_fast.principal_masks(torch.randn(2, 512, 4, 4), backend="cpu")
     assert primaps_fast.principal_masks(torch.randn(2, 16, 4, 4), backend="cpu").counts.shape == (2,)
 

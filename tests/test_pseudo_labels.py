@@ -217,6 +217,16 @@ def test_triton_post_processing_matches_cpu(rng):
     torch.testing.assert_close(mask_probs_triton(filtered, counts, (20, 12)), probs, atol=1e-6, rtol=1e-5)
 
 
+def test_int_arguments_are_bounded():
+    images, features = torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.rand(1, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"^crf_iterations: expected an int in \[1, 1000\]"):
+        primaps_fast.pseudo_labels(images, features, crf_iterations=10 ** 9)
+    with pytest.raises(ValueError, match="^ignore_index: expected an int in"):
+        primaps_fast.pseudo_labels(images, features, ignore_index=2 ** 63)
+    with pytest.raises(TypeError, match="^crf_iterations: expected an int"):
+        primaps_fast.pseudo_labels(images, features, crf_iterations=float("inf"))
+
+
 # ---- GPU: the CUDA and Triton backends on CUDA tensors; skipped, with the reason, without a GPU ----
 
 def cpu_post_processing(masks, counts, size, ignore_index=255):

@@ -23,6 +23,7 @@ Layouts (``root`` is the dataset folder):
 from __future__ import annotations
 
 import os
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -77,6 +78,31 @@ class DataError(RuntimeError):
     """A missing, unreadable or inconsistent dataset file (the message names the file)."""
 
 
+def check_name(name: str, where: str) -> str:
+    """An image name becomes output paths (``pseudos/<name>.png``): one that is absolute (``/x``, ``\\x``,
+    ``C:x``), has a ``..`` component or a NUL byte could write outside the output folder, and is refused
+    (``DataError`` naming ``where``) before anything is written."""
+    parts = re.split(r"[\\/]", name)
+    if (not name or os.path.isabs(name) or name[0] in "/\\" or re.match(r"[A-Za-z]:", name) or ".." in parts
+            or "\0" in name):
+        raise DataError(f"{where}: image name {name!r} is empty, absolute or contains '..': names must be "
+                        "relative ids (e.g. 000000000139), as they become output file names")
+    return name
+
+
+def read_list(path) -> list:
+    """The image names of a list file (one per line, blank lines skipped), each checked by ``check_name``."""
+    names = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    names.append(check_name(line.strip(), f"{path}, line {number}"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a text list of image names ({exc})") from None
+    return names
+
+
 class Sample(NamedTuple):
     name: str
     image: str
@@ -93,7 +119,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
                  num_classes: int | None = None, split: str = ""):
         if not samples:
             raise DataError(f"{self.kind} dataset at {root} (split {split!r}) has no images")
-        names = [s.name for s in samples]
+        names = [check_name(s.name, f"{self.kind} dataset at {root}") for s in samples]
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})[:3]
             raise DataError(f"{self.kind} dataset at {root}: image names are not unique (e.g. {dup})")
@@ -211,12 +237,9 @@ class CocoStuffDataset(SegmentationDataset):
         for d in dirs[split]:
             lst = os.path.join(root, "curated", d, COCO_LISTS[subset])
             _require(lst, "cocostuff image list", self.HELP)
-            with open(lst) as f:
-                for line in f:
-                    img_id = line.strip()
-                    if img_id:
-                        samples.append(Sample(img_id, os.path.join(root, "images", d, img_id + ".jpg"),
-                                              os.path.join(root, "annotations", d, img_id + ".png")))
+            for img_id in read_list(lst):
+                samples.append(Sample(img_id, os.path.join(root, "images", d, img_id + ".jpg"),
+                                      os.path.join(root, "annotations", d, img_id + ".png")))
         super().__init__(root, samples, size=size, lut=COCOSTUFF_LUT, split=split)
 
 
@@ -233,13 +256,10 @@ class PotsdamDataset(SegmentationDataset):
         for lst in POTSDAM_SPLITS[split]:
             path = os.path.join(root, lst)
             _require(path, "potsdam image list", self.HELP)
-            with open(path) as f:
-                for line in f:
-                    img_id = line.strip()
-                    if img_id:
-                        gt = os.path.join(root, "gt", img_id + ".mat")
-                        samples.append(Sample(img_id, os.path.join(root, "imgs", img_id + ".mat"),
-                                              gt if os.path.exists(gt) else None))
+            for img_id in read_list(path):
+                gt = os.path.join(root, "gt", img_id + ".mat")
+                samples.append(Sample(img_id, os.path.join(root, "imgs", img_id + ".mat"),
+                                      gt if os.path.exists(gt) else None))
         super().__init__(root, samples, size=size, lut=POTSDAM_LUT, split=split)
 
     @staticmethod

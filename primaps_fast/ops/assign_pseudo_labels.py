@@ -23,8 +23,9 @@ def check_labels(labels: torch.Tensor, logits: torch.Tensor, name: str, ignore_i
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(f"{name}: batch size {labels.shape[0]} does not match logits batch size "
                          f"{logits.shape[0]}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if labels.device != logits.device:
+        raise ValueError(f"{name}: on {labels.device}, but logits are on {logits.device}")
+    _dispatch.check_int(ignore_index, "ignore_index")
     negative = labels < 0
     if ignore_index < 0:
         negative &= labels != ignore_index
@@ -70,6 +71,9 @@ if _dispatch.cuda_available():
     _assign_pseudo_labels_op.register_kernel("cuda")(assign_pseudo_labels_cuda)
 
 
+_dispatch.skip_dynamo_import(_assign_pseudo_labels_op)
+
+
 def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore_index: int = 255,
                          backend: str | None = None) -> torch.Tensor:
     """Majority class of every pseudo mask under the argmax of the bilinearly upsampled scores.
@@ -80,7 +84,7 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore
             The C++ and Triton backends compute in float32.
         mask_ids: integer ``(B, H, W)``: pseudo-mask id of every pixel, ``ignore_index`` for pixels in
             no mask; other ids must be >= 0 (any size: large ids are renumbered).
-        ignore_index: id of unassigned pixels, written to them in the output.
+        ignore_index: id of unassigned pixels (an int64), written to them in the output.
         backend: None (C++ on CPU; CUDA C++ or Triton on CUDA), "cpu", "cuda", "triton" or "reference".
 
     Returns:

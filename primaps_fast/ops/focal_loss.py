@@ -10,6 +10,12 @@ from primaps_fast.common import class_weights
 from primaps_fast.ops.assign_pseudo_labels import check_labels, check_logits
 
 
+def check_gamma(gamma, name: str = "gamma") -> float:
+    """The focal exponent: a finite number >= 0 (a negative one turns the weights of confident classes into
+    infinities)."""
+    return _dispatch.check_number(gamma, name, lo=0.0)
+
+
 def _confidence_sums(logits: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """C++ pass 1 on float32 ``(B, K, h, w)`` logits: float64 ``(B, K)`` sums of the upsampled softmax."""
     sums = torch.empty(logits.shape[0], logits.shape[1], dtype=torch.float64)
@@ -62,6 +68,9 @@ if _dispatch.cuda_available():
     _focal_loss_op.register_kernel("cuda")(focal_loss_cuda)
 
 
+_dispatch.skip_dynamo_import(_focal_loss_op)
+
+
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, ignore_index: int = 255,
                backend: str | None = None, class_stats=None) -> torch.Tensor:
     """The official ``FocalLoss`` on ``F.interpolate(logits, target size, bilinear, align_corners=False)``.
@@ -70,8 +79,8 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
         logits: float ``(B, K, h, w)``, ``K >= 2``, finite, differentiable: class scores at feature
             resolution (C++/Triton compute in float32 and return the dtype of ``logits``).
         target: integer ``(B, H, W)`` class ids in ``[0, K)`` or ``ignore_index``.
-        gamma: focal exponent of the class weights.
-        ignore_index: target value of pixels that contribute 0 (they still count in the mean).
+        gamma: focal exponent of the class weights, finite and >= 0.
+        ignore_index: target value (an int64) of pixels that contribute 0 (they still count in the mean).
         backend: None (C++ on CPU; CUDA C++ or Triton on CUDA), "cpu", "cuda", "triton" or "reference".
         class_stats: optional callable ``(sums, num_pixels) -> (sums, num_pixels)`` for a batch split
             across calls (data-parallel ranks: ``primaps_fast.distributed``): it receives this call's
@@ -89,8 +98,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
     """
     check_logits(logits)
     check_labels(target, logits, "target", ignore_index)
-    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or gamma != gamma:
-        raise TypeError(f"gamma: expected a real number, got {gamma!r}")
+    check_gamma(gamma)
     if class_stats is not None and not callable(class_stats):
         raise TypeError(f"class_stats: expected a callable or None, got {type(class_stats).__name__}")
     backend = _dispatch.choose_backend(backend, logits, target)

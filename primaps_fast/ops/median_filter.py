@@ -25,6 +25,9 @@ if _dispatch.cuda_available():
     _median_filter_op.register_kernel("cuda")(median_filter_cuda)
 
 
+_dispatch.skip_dynamo_import(_median_filter_op)
+
+
 def median_filter(masks: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """3x3 median filter with reflect padding, each ``(h, w)`` plane independently.
 

@@ -1,8 +1,6 @@
 """PriMaPs mask proposals: the loop of the official ``PriMaPs._get_pseudo`` before the median filter."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from primaps_fast import _dispatch
@@ -49,26 +47,15 @@ def workspace_bytes(B: int, C: int, N: int, backend: str) -> int:
     return B * (16 * C * C + 24 * C * N + 400 * C + 32 * N)  # S and A, shifted / normalised features
 
 
-def memory_limit(device: torch.device) -> int:
-    """Bytes principal_masks may ask for: the machine's physical memory (CPU) or the GPU's memory."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def check_memory(features: torch.Tensor, backend: str) -> None:
     """A clear ValueError, before anything is allocated, when the input needs more memory than the
     device has (e.g. C = 100000 channels: an 80 GB covariance per image, even for 2 pixels)."""
     B, C, h, w = features.shape
-    need = workspace_bytes(B, C, h * w, backend)
-    limit = memory_limit(features.device)
-    if need > limit:
-        raise ValueError(
-            f"features: {B} image(s) of {C} channels x {h * w} pixels need about {need / 2**30:.1f} GiB of "
-            f"working memory on the {backend!r} backend (a float64 {C} x {C} covariance per image, "
-            f"{8 * C * C / 2**30:.1f} GiB each), more than the {limit / 2**30:.1f} GiB of "
-            f"{'this GPU' if features.device.type == 'cuda' else 'this machine'}; reduce the channels "
-            "(e.g. by PCA) or the batch size")
+    _dispatch.check_memory(
+        workspace_bytes(B, C, h * w, backend), "features",
+        f"the proposals of {B} image(s) of {C} channels x {h * w} pixels on the {backend!r} backend (a float64 "
+        f"{C} x {C} covariance per image, {8 * C * C / 2**30:.1f} GiB each; reduce the channels, e.g. by PCA, "
+        "or the batch size)", features.device)
 
 
 def stack_proposals(owner: torch.Tensor, value: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

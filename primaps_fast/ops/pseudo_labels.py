@@ -6,6 +6,7 @@ import torch
 
 from primaps_fast import _dispatch
 from primaps_fast.common import crf_image
+from primaps_fast.ops.dense_crf import MAX_ITERATIONS
 from primaps_fast.ops.principal_masks import principal_masks, validate_args
 
 
@@ -32,12 +33,8 @@ def _check_args(images, features, threshold, ignore_index, crf_iterations):
     (H, W), (h, w) = images.shape[-2:], features.shape[-2:]
     if H % h or W % w:
         raise ValueError(f"images/features: image size {(H, W)} is not a multiple of the feature grid {(h, w)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    if isinstance(crf_iterations, bool) or not isinstance(crf_iterations, int):
-        raise TypeError(f"crf_iterations: expected an int, got {type(crf_iterations).__name__}")
-    if crf_iterations < 1:
-        raise ValueError(f"crf_iterations: expected >= 1, got {crf_iterations}")
+    _dispatch.check_int(ignore_index, "ignore_index")
+    _dispatch.check_int(crf_iterations, "crf_iterations", lo=1, hi=MAX_ITERATIONS)
 
 
 def check_ignore_index(ignore_index: int, max_count: int) -> None:
@@ -64,9 +61,9 @@ def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: fl
             transforms), or uint8 RGB. Only the CRF looks at them.
         features: float ``(B, C, h, w)``, finite; ``H`` and ``W`` must be multiples of ``h`` and ``w``.
         threshold: psi of :func:`primaps_fast.principal_masks`.
-        ignore_index: label of background pixels; must not be one of the mask ids ``1..M``.
+        ignore_index: label of background pixels, an int64; must not be one of the mask ids ``1..M``.
         crf: refine with the dense CRF (pydensecrf parameters of the official code) or not.
-        crf_iterations: mean-field iterations (>= 1).
+        crf_iterations: mean-field iterations, in ``[1, 1000]`` (``dense_crf.MAX_ITERATIONS``).
         backend: None (C++ on CPU; CUDA C++ or Triton on CUDA), "cpu", "cuda", "triton" or "reference".
 
     Returns:
@@ -94,6 +91,10 @@ def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: fl
                                                      crf=crf, crf_iterations=crf_iterations)
     masks, counts = principal_masks(features, threshold=threshold, backend=backend)
     check_ignore_index(ignore_index, int(counts.max()))
+    # (B, M + 1, H, W) float32 probabilities, and the CRF's buffers of the same size
+    _dispatch.check_memory((5 if crf else 1) * 4 * masks.shape[0] * (masks.shape[1] + 1) * H * W, "features",
+                           f"the pseudo labels of {masks.shape[0]} images of {H}x{W} pixels with up to "
+                           f"{masks.shape[1]} proposals", masks.device)
     if backend == "cuda":  # the median filter is fused into the CUDA kernels
         from primaps_fast.cuda.pseudo_labels import mask_labels_cuda, mask_probs_cuda
 
