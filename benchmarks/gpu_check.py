@@ -167,7 +167,7 @@ def stages(ck: Check, B: int):
     import primaps_fast
     from primaps_fast import reference
     from primaps_fast.data.synthetic import make_scenes
-    from primaps_fast.reference.primaps import mask_logits
+    from primaps_fast.reference.pseudo_labels import mask_logits
 
     dev, H, K = ck.device, ck.image, ck.K
     sc = make_scenes(B, image_size=H, dim=ck.dim, patch=ck.patch, seed=B)
