@@ -11,15 +11,15 @@
 // is chosen for locality:
 // - vertices in key order: a blur pass reads its neighbours from a window of a few slabs of the most
 //   significant key coordinate;
-// - the bilateral term runs over the pixels in the order of their simplices, so a run of pixels
-//   slices from and splats into nearby vertices;
-// - the Gaussian term runs in raster order (its vertices come row by row), and the update pass
-//   exchanges one row per pixel with it, prefetched a few pixels ahead like the bilateral slice.
+// - the Gaussian term runs in raster order (its vertices come row by row); so does the bilateral
+//   term, unless its lattice is large (textured images), where its pixels go in the order of their
+//   simplices and the update pass exchanges one row per pixel with the Gaussian's raster order;
+// - the update pass prefetches the rows it gathers (bilateral slice, exchange) a few pixels ahead.
 // Measured and dropped (320 px, 7 labels, one thread, interleaved runs): fusing the splat and all
 // blur axes into one wavefront with ring buffers (+11 % on a photo, +19 % on a textured scene: the
 // blur neighbours reach 2.8k-13.5k vertices, so the rings do not stay in L2); the Gaussian term as a
 // row pipeline on its grid (slower than the lattice passes); moving the exchange rows through
-// band-ordered slots (+12-24 %); the bilateral term in raster order (+6 % photo, +17 % textured).
+// band-ordered slots (+12-24 %); prefetching the splat's and blur's rows.
 // Label rows are padded to a multiple of 4 lanes (4-lane vectors, SSE2 on x86-64; the padding lanes
 // of -U are -inf); per lane the operations and their order are pydensecrf's. Threads: one image per
 // thread, or one image on a team of threads that split vertices and pixels into fixed ranges.
@@ -299,7 +299,7 @@ void mean_field_any(const Lattice& gauss, const Lattice& bil, const Params& p, c
 }
 
 void build_bilateral(Lattice& bil, const uint8_t* img, int64_t H, int64_t W, const Params& p, int threads) {
-  build_lattice<5>(bil, crf_features(img, H, W, p.bi_sxy, p.bi_srgb), H * W, true, threads);
+  build_lattice<5>(bil, crf_features(img, H, W, p.bi_sxy, p.bi_srgb), H * W, 2 * H * W, threads);
   compute_norm(bil, threads);
 }
 

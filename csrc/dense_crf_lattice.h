@@ -74,7 +74,7 @@ inline void radix_sort(std::vector<uint64_t>& key, std::vector<uint32_t>& idx, i
 }
 
 // A permutohedral lattice over N pixels. Pixels are numbered in the lattice's pixel order: raster
-// order, or (sorted = true) the order of each pixel's remainder-0 vertex, raster within a vertex;
+// order, or (large lattices) the order of each pixel's remainder-0 vertex, raster within a vertex;
 // `raster` maps a position to its raster pixel.
 struct Lattice {
   int d = 0;
@@ -149,10 +149,13 @@ inline bool elevate(const float* f, const float* sf, int32_t* r0_out, int8_t* ra
 // Builds the lattice of features feat (N, d), raster order: elevation, keys packed into 64 bits
 // (coordinates 1..d, coordinate d most significant: any d coordinates of a vertex determine it), a
 // stable radix sort of the N (d+1) keys (vertex ids in key order, the CSR list in raster order within
-// a vertex), blur neighbours by merging the sorted keys with key + delta. sorted: number the pixels
-// in the order of their remainder-0 vertex.
+// a vertex), blur neighbours by merging the sorted keys with key + delta. With more than sort_above
+// vertices, the pixels are numbered in the order of their remainder-0 vertex: on large lattices a run
+// of pixels then slices from and splats into nearby vertices (textured scenes, ~3 vertices per
+// pixel: up to 9 % faster at 320-480 px); on smaller ones raster order is faster (photographs, 0.6-1.1
+// vertices per pixel: 3-27 % faster, no exchange with the Gaussian term's raster order).
 template <int d>
-void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, bool sorted, int threads) {
+void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int64_t sort_above, int threads) {
   constexpr int D = d + 1;
   if (N * D > INT32_MAX) throw std::invalid_argument("images: too many pixels");
   lat.d = d;
@@ -239,7 +242,7 @@ void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, bool
   keys = {};
   // Pixel positions: raster order, or the order of the remainder-0 entries in the sorted list.
   std::vector<int32_t> pos(N);
-  if (sorted) {
+  if (M > sort_above) {
     lat.raster.resize(N);
     int64_t p = 0;
     for (int64_t i = 0; i < n; ++i)
@@ -424,7 +427,7 @@ inline std::vector<float> crf_features(const uint8_t* img, int64_t H, int64_t W,
 
 inline void build_gaussian(Lattice& gauss, int64_t H, int64_t W, float sxy, int threads) {
   if (!build_grid_lattice(gauss, H, W, sxy, threads))
-    build_lattice<2>(gauss, crf_features(nullptr, H, W, sxy, 0.f), H * W, false, threads);
+    build_lattice<2>(gauss, crf_features(nullptr, H, W, sxy, 0.f), H * W, INT64_MAX, threads);
   compute_norm(gauss, threads);
 }
 
