@@ -1,11 +1,12 @@
 // Dense CRF: the mean field of pydensecrf (Krähenbühl's "v2" code), batched, GIL released.
 //
-// Same arithmetic as pydensecrf's SSE path, step by step (the lattices: dense_crf_lattice.h): splat
-// in raster order, one-ring blur along axes 0..d, slice with alpha, symmetric normalisation computed
-// through the lattice, Potts -w, parallel update, softmax with the max subtracted (a vectorised
-// Cephes expf, as Eigen's exp in pydensecrf). No sum depends on how vertices or pixels are numbered
-// (each vertex accumulates its pixels in raster order; blur and slice are per vertex and per pixel),
-// so results match pydensecrf up to the last bits of exp/log, and do not depend on the thread count.
+// Same arithmetic as pydensecrf's SSE path, step by step (docs/dense_crf.md; the lattices:
+// dense_crf_lattice.h): splat in raster order, one-ring blur along axes 0..d, slice with alpha,
+// symmetric normalisation computed through the lattice, Potts -w, parallel update, softmax with the
+// max subtracted (a vectorised Cephes expf, as Eigen's exp in pydensecrf). No sum depends on how
+// vertices or pixels are numbered (each vertex accumulates its pixels in raster order; blur and slice
+// are per vertex and per pixel), so results match pydensecrf up to the last bits of exp/log, and do
+// not depend on the thread count.
 //
 // The time goes into moving label rows through the lattices (memory, not arithmetic), so the layout
 // is chosen for locality:

@@ -2,24 +2,30 @@
 // one call, one image per thread, GIL released.
 //
 // Per image (features X: C x N, channel-major, N = h * w pixels):
+//   * X times 2^-e, max |X| 2^-e in [0.5, 1) (exact): results do not depend on the scale of the features.
 //   * Y = X - mean_image(X) (float32). Covariance is shift invariant; the shift removes the large common
 //     component of SSL features, so S = Y^T Y loses no digits to cancellation when it is downdated.
 //   * S (float64, C x C) and the channel sums of Y over the remaining pixels come from one SYRK; when a
 //     proposal removes k pixels we subtract their SYRK, or, when fewer pixels remain than were removed,
 //     recompute S from the remaining ones (cost min(k, n - k) * C^2 / 2 per proposal).
-//   * v = top eigenvector of cov = S / n - m m^T by block subspace iteration (8 vectors, Rayleigh-Ritz,
-//     warm-started from the previous proposal) until the residual ||A u - theta u|| <= 1e-7 theta.
+//   * v = top eigenvector of cov = S / n - m m^T (applied from the lower triangle of S, never formed) by
+//     a locally optimal block method (LOBPCG: Rayleigh-Ritz on 8 Ritz vectors warm-started from the
+//     previous proposal's, the top residual and the last step) until ||A u - theta u|| <= 1e-7 theta.
 //   * The fused pass: normalised features (computed once), cosine to v, anchor = first remaining pixel
-//     with the largest |cos| (the sign fix of DESIGN.md section 2), cosine to the anchor, threshold,
+//     with the largest |cos| (the sign fix of docs/design.md), cosine to the anchor, threshold,
 //     proposal, update of the remaining set.
-// Degenerate cases are defined as in primaps_fast/reference/primaps.py: trace(cov) <= 1e-10 E||x||^2 ->
-// v = normalised mean; v orthogonal to all remaining features -> stop; no empty proposal is emitted.
+// The rules (loop condition, degenerate test, anchor, threshold, convergence) are in principal_masks.h,
+// shared with the CUDA kernel. Degenerate cases are defined as in primaps_fast/reference/principal_masks.py:
+// trace(cov) <= 1e-10 E||x||^2 -> v = normalised mean; v orthogonal to all remaining features -> stop;
+// no empty proposal is emitted.
 //
 // Output: proposals are disjoint, so the stack is returned as owner (B, h, w) int64 (proposal index or
 // -1) and value (B, h, w) float32; stack_proposals then writes (B, M, h, w) once M = max(counts) is known.
 //
 // Cost per image at C = 384, N = 1600 (synthetic scenes, ~4 proposals): SYRK 119 M FMAs, downdates
-// ~70 M FMAs (float32, ~75 GFMA/s on one AVX-512 core), block products ~30 M float64 FMAs.
+// ~70 M FMAs (float32, ~75 GFMA/s on one AVX-512 core), eigen solver a few M float64 FMAs. Pure noise
+// (one pixel per proposal, ~1500 proposals): ~8 + 30 products of one vector (C^2 = 0.15 M FMAs each)
+// and as much again in Rayleigh-Ritz work per proposal.
 #if defined(__x86_64__) || defined(_M_X64)
 #define PRIMAPS_X86 1
 #include <immintrin.h>
@@ -27,6 +33,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "common.h"
 
@@ -35,15 +42,16 @@
 // by position). The explicit FMA intrinsics are unaffected.
 #pragma GCC optimize("fp-contract=off")
 
+#include "principal_masks.h"  // after the pragma: its rules round alike in every clone
+
 namespace {
 
-constexpr int kBlockVectors = 8;           // subspace size of the eigen solver
-constexpr int kMaxEigIterations = 300;     // cap for flat spectra (the reference is not converged there)
-constexpr double kEigTol = 1e-7;           // residual tolerance, relative to the top eigenvalue
-constexpr double kDegenerateRtol = 1e-10;  // same constant as reference/primaps.py
-constexpr int64_t kChunk = 512;            // pixels per float32 partial sums (32 per AVX-512 lane) before float64
-constexpr float kMaxAbs = 1e15f;            // larger features overflow float32 sums of squares
-constexpr int64_t kPad = 16;               // pixel padding of packed buffers (one AVX-512 vector)
+using namespace primaps::pm;
+
+constexpr int kMaxSteps = 5000;  // eigen-solver steps before giving up (a safety net)
+
+constexpr int64_t kChunk = 512;  // pixels per float32 partial sums (32 per AVX-512 lane) before float64
+constexpr int64_t kPad = 16;     // pixel padding of packed buffers (one AVX-512 vector)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -145,15 +153,6 @@ using SyrkFn = void (*)(const float*, int64_t, int64_t, int64_t, double*, double
 // ---------------------------------------------------------------------------------------------------
 // Small dense linear algebra in float64 for the eigen solver.
 
-// Deterministic pseudo-random numbers in [-1, 1) (an LCG): start vectors must not depend on a seed.
-struct Lcg {
-  uint64_t state;
-  double next() {
-    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
-    return static_cast<double>(state >> 11) * (2.0 / 9007199254740992.0) - 1.0;
-  }
-};
-
 // Dot product with 8 independent partial sums (a fixed order, so every ISA clone rounds the same;
 // the compiler vectorises the lanes).
 inline double dot(const double* x, const double* y, int64_t n) {
@@ -173,56 +172,6 @@ inline double sum_floats(const float* x, int64_t n) {
     for (int l = 0; l < 8; ++l) acc[l] += static_cast<double>(x[c + l]);
   for (; c < n; ++c) acc[c & 7] += static_cast<double>(x[c]);
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
-// Cyclic Jacobi eigen-decomposition of the symmetric b x b matrix H (destroyed). Eigenvalues sorted in
-// descending order into lam, eigenvectors as columns of Q (row-major b x b).
-void jacobi_eigen(int b, double* H, double* lam, double* Q) {
-  double Qw[kBlockVectors * kBlockVectors];
-  for (int i = 0; i < b; ++i)
-    for (int j = 0; j < b; ++j) Qw[i * b + j] = (i == j) ? 1.0 : 0.0;
-  for (int sweep = 0; sweep < 60; ++sweep) {
-    double off = 0.0, diag = 0.0;
-    for (int i = 0; i < b; ++i) {
-      diag += H[i * b + i] * H[i * b + i];
-      for (int j = i + 1; j < b; ++j) off += H[i * b + j] * H[i * b + j];
-    }
-    if (off <= 1e-30 * diag || off == 0.0) break;
-    for (int p = 0; p < b; ++p) {
-      for (int q = p + 1; q < b; ++q) {
-        const double apq = H[p * b + q];
-        if (apq == 0.0) continue;
-        // Rotation of columns p, q by phi with tan(2 phi) = 2 a_pq / (a_qq - a_pp) zeroes a_pq.
-        const double phi = 0.5 * std::atan2(2.0 * apq, H[q * b + q] - H[p * b + p]);
-        const double c = std::cos(phi), s = std::sin(phi);
-        for (int k = 0; k < b; ++k) {
-          const double kp = H[k * b + p], kq = H[k * b + q];
-          H[k * b + p] = c * kp - s * kq;
-          H[k * b + q] = s * kp + c * kq;
-        }
-        for (int k = 0; k < b; ++k) {
-          const double pk = H[p * b + k], qk = H[q * b + k];
-          H[p * b + k] = c * pk - s * qk;
-          H[q * b + k] = s * pk + c * qk;
-        }
-        H[p * b + q] = H[q * b + p] = 0.0;
-        for (int k = 0; k < b; ++k) {
-          const double kp = Qw[k * b + p], kq = Qw[k * b + q];
-          Qw[k * b + p] = c * kp - s * kq;
-          Qw[k * b + q] = s * kp + c * kq;
-        }
-      }
-    }
-  }
-  int order[kBlockVectors];
-  for (int i = 0; i < b; ++i) order[i] = i;
-  for (int i = 1; i < b; ++i)  // stable insertion sort, descending eigenvalue
-    for (int j = i; j > 0 && H[order[j] * b + order[j]] > H[order[j - 1] * b + order[j - 1]]; --j)
-      std::swap(order[j], order[j - 1]);
-  for (int j = 0; j < b; ++j) {
-    lam[j] = H[order[j] * b + order[j]];
-    for (int i = 0; i < b; ++i) Q[i * b + j] = Qw[i * b + order[j]];
-  }
 }
 
 // Orthonormalises the b rows (length C) of V in place (modified Gram-Schmidt, twice); a row that
@@ -251,72 +200,60 @@ PRIMAPS_CLONES void orthonormalise(int b, int64_t C, double* V, Lcg& rng) {
   }
 }
 
-// W = A V for a block of exactly 8 vectors stored transposed: Vt, Wt are C x 8 (one 8-double row per
-// channel, i.e. one AVX-512 register). Four rows of A at a time: per k one load of Vt[k], four
-// broadcasts of A[i..i+3][k] and four FMAs; A is read once per product.
+// ---------------------------------------------------------------------------------------------------
+// y = S x for the symmetric S stored as the lower triangle of a Cp x Cp row-major array (the SYRK's):
+// each stored S_ik (k < i) serves both y_i += S_ik x_k and y_k += S_ik x_i. The dot of row i runs in 8
+// lanes (k mod 8). The AVX2 kernel and its scalar twin make the same FMAs in the same order, so every
+// ISA gives the same bits.
+
 #ifdef PRIMAPS_X86
-__attribute__((target("avx512f"))) void multiply8_avx512(int64_t C, const double* A, const double* Vt,
-                                                         double* Wt) {
-  int64_t i = 0;
-  for (; i + 4 <= C; i += 4) {
-    const double *a0 = A + i * C, *a1 = a0 + C, *a2 = a1 + C, *a3 = a2 + C;
-    __m512d c0 = _mm512_setzero_pd(), c1 = c0, c2 = c0, c3 = c0;
-    for (int64_t k = 0; k < C; ++k) {
-      const __m512d vk = _mm512_loadu_pd(Vt + k * 8);
-      c0 = _mm512_fmadd_pd(_mm512_set1_pd(a0[k]), vk, c0);
-      c1 = _mm512_fmadd_pd(_mm512_set1_pd(a1[k]), vk, c1);
-      c2 = _mm512_fmadd_pd(_mm512_set1_pd(a2[k]), vk, c2);
-      c3 = _mm512_fmadd_pd(_mm512_set1_pd(a3[k]), vk, c3);
+__attribute__((target("avx2,fma"))) void symv_avx2(const double* S, int64_t Cp, int64_t C, const double* x,
+                                                   double* y) {
+  std::fill(y, y + C, 0.0);
+  for (int64_t i = 0; i < C; ++i) {
+    const double* row = S + i * Cp;
+    const __m256d xi = _mm256_set1_pd(x[i]);
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0;
+    int64_t k = 0;
+    for (; k + 8 <= i; k += 8) {
+      const __m256d r0 = _mm256_loadu_pd(row + k), r1 = _mm256_loadu_pd(row + k + 4);
+      a0 = _mm256_fmadd_pd(r0, _mm256_loadu_pd(x + k), a0);
+      a1 = _mm256_fmadd_pd(r1, _mm256_loadu_pd(x + k + 4), a1);
+      _mm256_storeu_pd(y + k, _mm256_fmadd_pd(r0, xi, _mm256_loadu_pd(y + k)));
+      _mm256_storeu_pd(y + k + 4, _mm256_fmadd_pd(r1, xi, _mm256_loadu_pd(y + k + 4)));
     }
-    _mm512_storeu_pd(Wt + (i + 0) * 8, c0);
-    _mm512_storeu_pd(Wt + (i + 1) * 8, c1);
-    _mm512_storeu_pd(Wt + (i + 2) * 8, c2);
-    _mm512_storeu_pd(Wt + (i + 3) * 8, c3);
-  }
-  for (; i < C; ++i) {
-    __m512d c0 = _mm512_setzero_pd();
-    for (int64_t k = 0; k < C; ++k)
-      c0 = _mm512_fmadd_pd(_mm512_set1_pd(A[i * C + k]), _mm512_loadu_pd(Vt + k * 8), c0);
-    _mm512_storeu_pd(Wt + i * 8, c0);
-  }
-}
-
-__attribute__((target("avx2,fma"))) void multiply8_avx2(int64_t C, const double* A, const double* Vt,
-                                                        double* Wt) {
-  for (int64_t i = 0; i < C; i += 2) {
-    const int64_t rows = std::min<int64_t>(2, C - i);
-    const double* a0 = A + i * C;
-    const double* a1 = A + (i + rows - 1) * C;  // == a0 for a last odd row (result discarded)
-    __m256d c00 = _mm256_setzero_pd(), c01 = c00, c10 = c00, c11 = c00;
-    for (int64_t k = 0; k < C; ++k) {
-      const __m256d lo = _mm256_loadu_pd(Vt + k * 8), hi = _mm256_loadu_pd(Vt + k * 8 + 4);
-      const __m256d x0 = _mm256_set1_pd(a0[k]), x1 = _mm256_set1_pd(a1[k]);
-      c00 = _mm256_fmadd_pd(x0, lo, c00);
-      c01 = _mm256_fmadd_pd(x0, hi, c01);
-      c10 = _mm256_fmadd_pd(x1, lo, c10);
-      c11 = _mm256_fmadd_pd(x1, hi, c11);
+    double acc[8];
+    _mm256_storeu_pd(acc, a0);
+    _mm256_storeu_pd(acc + 4, a1);
+    for (; k < i; ++k) {
+      acc[k & 7] = std::fma(row[k], x[k], acc[k & 7]);
+      y[k] = std::fma(row[k], x[i], y[k]);
     }
-    _mm256_storeu_pd(Wt + i * 8, c00);
-    _mm256_storeu_pd(Wt + i * 8 + 4, c01);
-    if (rows == 2) {
-      _mm256_storeu_pd(Wt + (i + 1) * 8, c10);
-      _mm256_storeu_pd(Wt + (i + 1) * 8 + 4, c11);
-    }
+    y[i] += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + row[i] * x[i];
   }
 }
-
 #endif  // PRIMAPS_X86
 
-void multiply8_scalar(int64_t C, const double* A, const double* Vt, double* Wt) {
+void symv_scalar(const double* S, int64_t Cp, int64_t C, const double* x, double* y) {
+  std::fill(y, y + C, 0.0);
   for (int64_t i = 0; i < C; ++i) {
+    const double* row = S + i * Cp;
     double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t k = 0; k < C; ++k)
-      for (int l = 0; l < 8; ++l) acc[l] = std::fma(A[i * C + k], Vt[k * 8 + l], acc[l]);
-    for (int l = 0; l < 8; ++l) Wt[i * 8 + l] = acc[l];
+    int64_t k = 0;
+    for (; k + 8 <= i; k += 8)
+      for (int l = 0; l < 8; ++l) {
+        acc[l] = std::fma(row[k + l], x[k + l], acc[l]);
+        y[k + l] = std::fma(row[k + l], x[i], y[k + l]);
+      }
+    for (; k < i; ++k) {
+      acc[k & 7] = std::fma(row[k], x[k], acc[k & 7]);
+      y[k] = std::fma(row[k], x[i], y[k]);
+    }
+    y[i] += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + row[i] * x[i];
   }
 }
 
-using Multiply8Fn = void (*)(int64_t, const double*, const double*, double*);
+using SymvFn = void (*)(const double*, int64_t, int64_t, const double*, double*);
 
 // Kernel selection: the best the CPU supports, or (tests) a lower ISA chosen with set_isa.
 #ifdef PRIMAPS_X86
@@ -333,17 +270,17 @@ std::string best_isa() { return "scalar"; }
 
 std::string current_isa = best_isa();
 SyrkFn syrk = nullptr;
-Multiply8Fn multiply8 = nullptr;
+SymvFn symv = nullptr;
 
 std::string set_isa(const std::string& isa) {
   const std::string want = isa == "auto" ? best_isa() : isa;
   if (want == "scalar") {
-    syrk = syrk_scalar, multiply8 = multiply8_scalar;
+    syrk = syrk_scalar, symv = symv_scalar;
 #ifdef PRIMAPS_X86
   } else if (want == "avx512" && has_avx512()) {
-    syrk = syrk_avx512, multiply8 = multiply8_avx512;
+    syrk = syrk_avx512, symv = symv_avx2;
   } else if (want == "avx2" && has_avx2()) {
-    syrk = syrk_avx2, multiply8 = multiply8_avx2;
+    syrk = syrk_avx2, symv = symv_avx2;
 #endif
   } else {
     throw std::invalid_argument("isa: expected 'auto', 'scalar' or one this CPU supports "
@@ -371,84 +308,127 @@ void syrk_rows(const float* Y, int64_t ld, int64_t Cp, int64_t len, double* S, d
   });
 }
 
-// W (b x C) = V (b x C) A (C x C symmetric, row-major, full); T is C x 8 scratch when b == 8.
-PRIMAPS_CLONES void multiply_block(int b, int64_t C, const double* A, const double* V, double* W,
-                                   double* T) {
-  if (b == kBlockVectors) {
-    double* Vt = T;
-    double* Wt = T + C * kBlockVectors;
-    for (int j = 0; j < b; ++j)
-      for (int64_t c = 0; c < C; ++c) Vt[c * 8 + j] = V[j * C + c];
-    multiply8(C, A, Vt, Wt);
-    for (int j = 0; j < b; ++j)
-      for (int64_t c = 0; c < C; ++c) W[j * C + c] = Wt[c * 8 + j];
-    return;
-  }
-  std::fill(W, W + b * C, 0.0);  // small C (< 8 channels)
-  for (int64_t k = 0; k < C; ++k) {
-    const double* ak = A + k * C;
-    for (int j = 0; j < b; ++j) {
-      const double vjk = V[j * C + k];
-      double* wj = W + j * C;
-      for (int64_t c = 0; c < C; ++c) wj[c] += vjk * ak[c];  // row k of A = column k (symmetric)
-    }
-  }
+// ---------------------------------------------------------------------------------------------------
+// The covariance of the remaining pixels as an operator, A x = S x / n - m (m . x): S is the float64
+// scatter of the shifted features (its lower triangle, in the Cp x Cp array the SYRK writes), m their
+// mean. A is never formed, and the 0.5 C^2 doubles of the triangle stay in the L2 cache while the
+// eigen solver runs (a full A, 1.2 MB at C = 384, does not fit and made every product a trip to L3).
+struct Covariance {
+  const double* S;
+  int64_t Cp, C;
+  const double* mean;
+  double inv_n;
+};
+
+// y = A x.
+PRIMAPS_CLONES void apply(const Covariance& A, const double* x, double* y) {
+  const int64_t C = A.C;
+  symv(A.S, A.Cp, C, x, y);
+  const double mx = dot(A.mean, x, C);
+  for (int64_t c = 0; c < C; ++c) y[c] = y[c] * A.inv_n - A.mean[c] * mx;
 }
 
-// Top eigenvector of the symmetric PSD matrix A (C x C) by block subspace iteration with
-// Rayleigh-Ritz, warm-started from the rows of V (b x C, orthonormal or arbitrary). Writes v (C).
-PRIMAPS_CLONES void top_eigenvector(int64_t C, const double* A, int b, std::vector<double>& V, Lcg& rng,
-                     std::vector<double>& W, double* v) {
-  double H[kBlockVectors * kBlockVectors], Q[kBlockVectors * kBlockVectors], lam[kBlockVectors];
-  std::vector<double> U(static_cast<size_t>(b) * C), T(2 * kBlockVectors * C);
-  orthonormalise(b, C, V.data(), rng);
-  for (int it = 0;; ++it) {
-    multiply_block(b, C, A, V.data(), W.data(), T.data());
-    for (int i = 0; i < b; ++i)
-      for (int j = 0; j < b; ++j) {
-        H[i * b + j] = dot(V.data() + i * C, W.data() + j * C, C);
-      }
-    for (int i = 0; i < b; ++i)  // symmetrise (rounding)
-      for (int j = i + 1; j < b; ++j) H[i * b + j] = H[j * b + i] = 0.5 * (H[i * b + j] + H[j * b + i]);
-    jacobi_eigen(b, H, lam, Q);
-    // Ritz vectors U = Q^T V and A U = Q^T W; residual of the top pair.
-    std::fill(U.begin(), U.end(), 0.0);
-    std::fill(v, v + C, 0.0);
-    for (int j = 0; j < b; ++j) {
-      double* uj = U.data() + j * C;
-      for (int i = 0; i < b; ++i) {
-        const double q = Q[i * b + j];
-        const double* wi = W.data() + i * C;
-        for (int64_t c = 0; c < C; ++c) uj[c] += q * wi[c];  // next subspace: A times Ritz vectors
-      }
+// Buffers of the eigen solver, rows of length C: the basis Q and A Q (up to b + 2 rows; its first b
+// rows, the Ritz vectors, are the warm start of the next proposal), the next basis Qn and A Qn, the
+// search direction P and A P.
+struct EigenWork {
+  int b;
+  std::vector<double> Q, AQ, Qn, AQn, P, AP;
+  EigenWork(int b_, int64_t C)
+      : b(b_), Q(static_cast<size_t>(b_ + 2) * C), AQ(Q.size()), Qn(Q.size()), AQn(Q.size()), P(C), AP(C) {}
+};
+
+// out_j = sum_i Z[i][j] in_i for j < cols (in: rows of length C, Z: m x m row-major).
+PRIMAPS_CLONES void combine(int m, int cols, int64_t C, const double* Z, const double* in, double* out) {
+  std::fill(out, out + static_cast<size_t>(cols) * C, 0.0);
+  for (int j = 0; j < cols; ++j)
+    for (int i = 0; i < m; ++i) {
+      const double z = Z[i * m + j];
+      const double* x = in + i * C;
+      double* o = out + j * C;
+      for (int64_t c = 0; c < C; ++c) o[c] += z * x[c];
     }
-    for (int i = 0; i < b; ++i) {
-      const double q = Q[i * b];
-      const double* vi = V.data() + i * C;
-      for (int64_t c = 0; c < C; ++c) v[c] += q * vi[c];
+}
+
+// x -= (x . q) q and ax -= (x . q) aq for the n rows q of Q (and aq of AQ), twice (the A-images follow
+// the vector, so A x is never recomputed). Returns ||x|| after.
+PRIMAPS_CLONES double orthogonalise(int n, int64_t C, const double* Q, const double* AQ, double* x, double* ax) {
+  for (int pass = 0; pass < 2; ++pass)
+    for (int i = 0; i < n; ++i) {
+      const double d = dot(Q + i * C, x, C);
+      for (int64_t c = 0; c < C; ++c) x[c] -= d * Q[i * C + c];
+      if (ax != nullptr)
+        for (int64_t c = 0; c < C; ++c) ax[c] -= d * AQ[i * C + c];
     }
-    double res = 0.0;
-    for (int64_t c = 0; c < C; ++c) {
-      const double r = U[c] - lam[0] * v[c];
-      res += r * r;
-    }
-    if (std::sqrt(res) <= kEigTol * std::abs(lam[0]) || it + 1 >= kMaxEigIterations) {
-      // keep the Ritz vectors as the warm start of the next proposal
-      for (int j = 0; j < b; ++j)
-        for (int64_t c = 0; c < C; ++c) {
-          double u = 0.0;
-          for (int i = 0; i < b; ++i) u += Q[i * b + j] * V[i * C + c];
-          U[j * C + c] = u;
-        }
-      V.swap(U);
+  return std::sqrt(dot(x, x, C));
+}
+
+// Top eigenvector v of the covariance A by a locally optimal block method (LOBPCG with a thick block):
+// Rayleigh-Ritz on the basis [U, r, P], U the b top Ritz vectors (warm-started from the previous
+// proposal's), r the residual of the top one and P its last step; converged when the top residual
+// ||A u - theta u|| <= 1e-7 theta (principal_masks.h). One product with A per step (A r; the other
+// images follow by linear combination), b at the start of a proposal. On noise features, where the top
+// of the spectrum is flat (theta_1 / theta_8 ~ 1.06) and every proposal removes one pixel, this takes
+// ~30 products of one vector per proposal where Chebyshev-filtered subspace iteration took ~28 products
+// of 8 and plain subspace iteration did not converge in 300.
+PRIMAPS_CLONES void top_eigenvector(const Covariance& A, EigenWork& ws, Lcg& rng, double* v) {
+  const int b = ws.b;
+  const int64_t C = A.C;
+  double H[kMaxRitz * kMaxRitz], Z[kMaxRitz * kMaxRitz], lam[kMaxRitz];
+  double *P = ws.P.data(), *AP = ws.AP.data();
+  orthonormalise(b, C, ws.Q.data(), rng);
+  for (int j = 0; j < b; ++j) apply(A, ws.Q.data() + j * C, ws.AQ.data() + j * C);
+  int m = b;
+  for (int step = 0;; ++step) {
+    double *Q = ws.Q.data(), *AQ = ws.AQ.data(), *Qn = ws.Qn.data(), *AQn = ws.AQn.data();
+    // H = Q^T A Q. After the first step rows 0..b-1 of Q are the Ritz vectors of the last step, whose
+    // block of H is diag(lam) (up to rounding): only the rows of the new directions are computed.
+    const int fresh = step == 0 ? 0 : b;
+    for (int i = 0; i < fresh; ++i)
+      for (int j = 0; j < fresh; ++j) H[i * m + j] = i == j ? lam[i] : 0.0;
+    for (int i = fresh; i < m; ++i)
+      for (int j = 0; j <= i; ++j)
+        H[i * m + j] = H[j * m + i] = 0.5 * (dot(Q + i * C, AQ + j * C, C) + dot(Q + j * C, AQ + i * C, C));
+    jacobi_eigen(m, H, lam, Z);
+    combine(m, b, C, Z, Q, Qn);  // the Ritz vectors open the next basis
+    combine(m, b, C, Z, AQ, AQn);
+    double* r = Qn + b * C;
+    for (int64_t c = 0; c < C; ++c) r[c] = AQn[c] - lam[0] * Qn[c];
+    const double res = std::sqrt(dot(r, r, C));
+    if (eig_converged(res, lam[0]) || step + 1 >= kMaxSteps) {
+      std::copy(Qn, Qn + C, v);
+      ws.Q.swap(ws.Qn);
+      ws.AQ.swap(ws.AQn);
       return;
     }
-    V.swap(U);
-    orthonormalise(b, C, V.data(), rng);
+    // P: the top Ritz vector's part on the directions added last step (rows b.. of Q).
+    const bool has_p = m > b;
+    if (has_p) {
+      std::fill(P, P + C, 0.0);
+      std::fill(AP, AP + C, 0.0);
+      for (int i = b; i < m; ++i) {
+        const double z = Z[i * m];
+        for (int64_t c = 0; c < C; ++c) P[c] += z * Q[i * C + c];
+        for (int64_t c = 0; c < C; ++c) AP[c] += z * AQ[i * C + c];
+      }
+    }
+    // Next basis: the Ritz vectors, r / |r| (orthogonal to them up to rounding), P orthogonalised.
+    const double rn = orthogonalise(b, C, Qn, nullptr, r, nullptr);
+    for (int64_t c = 0; c < C; ++c) r[c] /= rn;
+    apply(A, r, AQn + b * C);
+    m = b + 1;
+    if (has_p) {
+      const double before = std::sqrt(dot(P, P, C));
+      const double after = orthogonalise(b + 1, C, Qn, AQn, P, AP);
+      if (after > 1e-8 * before && after > 0.0) {
+        for (int64_t c = 0; c < C; ++c) Qn[m * C + c] = P[c] / after, AQn[m * C + c] = AP[c] / after;
+        ++m;
+      }
+    }
+    ws.Q.swap(ws.Qn);
+    ws.AQ.swap(ws.AQn);
   }
 }
-
-// ---------------------------------------------------------------------------------------------------
 
 struct Params {
   float threshold;
@@ -456,39 +436,47 @@ struct Params {
   int64_t max_masks;  // <= 0: no cap
 };
 
-PRIMAPS_CLONES void proposals_one_image(const float* X, int64_t C, int64_t N, const Params& prm, int64_t* owner,
-                         float* value, int64_t* count, int inner_threads) {
+PRIMAPS_CLONES void proposals_one_image(const float* X, int64_t C, int64_t N, const Params& prm,
+                                        int64_t* owner, float* value, int64_t* count, int inner_threads) {
   const int64_t Cp = round_up(C, 4);
   const int64_t Np = round_up(N, kPad);
+  // Finiteness and the largest |value|, then the image times 2^-e with max |x| 2^-e in [0.5, 1): exact
+  // (a float64 product of a float32 and a power of two, rounded once back to float32), and the results
+  // no longer depend on the scale of the features (no underflow of products for tiny features, no
+  // overflow of float32 sums of squares for huge ones). The scaled image goes to fn, normalised below.
+  float big = 0.0f;
+  bool finite = true;
+  for (int64_t i = 0; i < C * N; ++i) {
+    const float a = std::abs(X[i]);
+    finite &= a <= std::numeric_limits<float>::max();
+    big = a > big ? a : big;
+  }
+  if (!finite) throw std::invalid_argument("features: contains NaN or Inf");
+  int exponent = 0;
+  if (big > 0.0f) std::frexp(big, &exponent);
+  const double scale = std::ldexp(1.0, -exponent);
+  std::vector<float> fn(static_cast<size_t>(C * N));
+  for (int64_t i = 0; i < C * N; ++i) fn[i] = static_cast<float>(static_cast<double>(X[i]) * scale);
   // Image mean (float64) and shifted features Y (Cp x Np, zero padded).
   std::vector<double> mu(C);
   std::vector<float> Y(static_cast<size_t>(Cp * Np), 0.0f);
   for (int64_t c = 0; c < C; ++c) {
-    const float* xc = X + c * N;
-    const double s = sum_floats(xc, N);
-    // A float64 sum of float32 values cannot overflow: it is finite iff every value is finite.
-    if (!std::isfinite(s)) throw std::invalid_argument("features: contains NaN or Inf");
-    float big = 0.0f;
-    for (int64_t p = 0; p < N; ++p) big = std::max(big, std::abs(xc[p]));
-    if (big > kMaxAbs)
-      throw std::invalid_argument("features: |value| above 1e15 (float32 sums of squares would overflow)");
-    mu[c] = s / static_cast<double>(N);
+    const float* xc = fn.data() + c * N;
+    mu[c] = sum_floats(xc, N) / static_cast<double>(N);
     float* yc = Y.data() + c * Np;
     for (int64_t p = 0; p < N; ++p) yc[p] = static_cast<float>(static_cast<double>(xc[p]) - mu[c]);
   }
-  // Normalised features (F.normalize: x / max(||x||, 1e-12)), computed once.
+  // Normalised features (F.normalize: x / max(||x||, 1e-12)), computed once, in place.
   std::vector<double> nrm2(N, 0.0);
   for (int64_t c = 0; c < C; ++c) {
-    const float* xc = X + c * N;
+    const float* xc = fn.data() + c * N;
     for (int64_t p = 0; p < N; ++p) nrm2[p] += static_cast<double>(xc[p]) * xc[p];
   }
   std::vector<float> norm(N);
   for (int64_t p = 0; p < N; ++p) norm[p] = static_cast<float>(std::max(std::sqrt(nrm2[p]), 1e-12));
-  std::vector<float> fn(static_cast<size_t>(C * N));
   for (int64_t c = 0; c < C; ++c) {
-    const float* xc = X + c * N;
     float* fc = fn.data() + c * N;
-    for (int64_t p = 0; p < N; ++p) fc[p] = xc[p] / norm[p];
+    for (int64_t p = 0; p < N; ++p) fc[p] /= norm[p];
   }
 
   // S and channel sums over all pixels.
@@ -499,43 +487,36 @@ PRIMAPS_CLONES void proposals_one_image(const float* X, int64_t C, int64_t N, co
 
   std::vector<uint8_t> remaining(N, 1);
   int64_t n_rem = N;
-  std::vector<double> A(static_cast<size_t>(C * C)), mean(C), vd(C);
+  std::vector<double> mean(C), vd(C);
   std::vector<float> v(C), cos(N), sim(N), anchor(C), G;
   std::vector<int64_t> idx;
-  const int b = static_cast<int>(std::min<int64_t>(kBlockVectors, C));
-  std::vector<double> V(static_cast<size_t>(b) * C), W(static_cast<size_t>(b) * C);
-  Lcg rng{0x9E3779B97F4A7C15ULL};
-  for (auto& x : V) x = rng.next();
+  EigenWork ws(static_cast<int>(std::min<int64_t>(kBlockVectors, C)), C);
+  Lcg rng{kLcgSeed};
+  for (size_t i = 0; i < static_cast<size_t>(ws.b) * C; ++i) ws.Q[i] = rng.next();
 
   for (int64_t p = 0; p < N; ++p) owner[p] = -1, value[p] = 0.0f;
   int64_t k = 0;
-  while (static_cast<float>(N - n_rem) / static_cast<float>(N) < prm.stop_fraction) {
-    if (prm.max_masks > 0 && k >= prm.max_masks) break;
+  while (keep_going(N - n_rem, N, prm.stop_fraction, k, prm.max_masks)) {
     // Covariance of the remaining pixels (shifted coordinates) and the degenerate test.
     const double inv_n = 1.0 / static_cast<double>(n_rem);
     double trace = 0.0, mean_sq = 0.0;
-    for (int64_t c = 0; c < C; ++c) mean[c] = sum[c] * inv_n;
-    for (int64_t i0 = 0; i0 < C; i0 += 16)  // 16 x 16 tiles: the mirrored writes stay in cache
-      for (int64_t j0 = 0; j0 <= i0; j0 += 16)
-        for (int64_t i = i0; i < std::min(C, i0 + 16); ++i)
-          for (int64_t j = j0; j < std::min(i + 1, j0 + 16); ++j)
-            A[i * C + j] = A[j * C + i] = S[i * Cp + j] * inv_n - mean[i] * mean[j];
     for (int64_t c = 0; c < C; ++c) {
-      trace += A[c * C + c];
+      mean[c] = sum[c] * inv_n;
+      trace += S[c * Cp + c] * inv_n - mean[c] * mean[c];
       const double m = mean[c] + mu[c];
       mean_sq += m * m;
     }
     mean_sq += trace;
-    if (trace <= kDegenerateRtol * mean_sq) {
+    if (degenerate_covariance(trace, mean_sq)) {
       double nn = 0.0;
       for (int64_t c = 0; c < C; ++c) nn += (mean[c] + mu[c]) * (mean[c] + mu[c]);
       const double inv = 1.0 / std::max(std::sqrt(nn), 1e-12);
       for (int64_t c = 0; c < C; ++c) v[c] = static_cast<float>((mean[c] + mu[c]) * inv);
     } else {
-      top_eigenvector(C, A.data(), b, V, rng, W, vd.data());
+      top_eigenvector(Covariance{S.data(), Cp, C, mean.data(), inv_n}, ws, rng, vd.data());
       for (int64_t c = 0; c < C; ++c) v[c] = static_cast<float>(vd[c]);
     }
-    // Cosine to v; anchor = first remaining pixel with the largest |cos| (sign fix).
+    // Cosine to v and the anchor (the sign fix of docs/design.md).
     std::fill(cos.begin(), cos.end(), 0.0f);
     for (int64_t c = 0; c < C; ++c) {
       const float vc = v[c];
@@ -544,11 +525,8 @@ PRIMAPS_CLONES void proposals_one_image(const float* X, int64_t C, int64_t N, co
     }
     int64_t a = -1;
     float best = 0.0f;
-    for (int64_t p = 0; p < N; ++p) {
-      if (!remaining[p]) continue;
-      const float m = std::abs(cos[p]);
-      if (m > best) best = m, a = p;
-    }
+    for (int64_t p = 0; p < N; ++p)
+      if (remaining[p] && anchor_before(std::abs(cos[p]), p, best, a)) best = std::abs(cos[p]), a = p;
     if (a < 0) break;  // v orthogonal to every remaining feature (e.g. all of them zero)
     for (int64_t c = 0; c < C; ++c) anchor[c] = fn[c * N + a];
     std::fill(sim.begin(), sim.end(), 0.0f);
@@ -558,16 +536,13 @@ PRIMAPS_CLONES void proposals_one_image(const float* X, int64_t C, int64_t N, co
       for (int64_t p = 0; p < N; ++p) sim[p] += ac * fc[p];
     }
     float mx = 0.0f;  // max over all pixels, 0 outside remaining (as the official sim[~mask] = 0)
-    for (int64_t p = 0; p < N; ++p) {
-      if (!remaining[p]) sim[p] = 0.0f;
-      mx = std::max(mx, sim[p]);
-    }
+    for (int64_t p = 0; p < N; ++p)
+      if (remaining[p]) mx = std::max(mx, sim[p]);
     if (!(mx > 0.0f)) break;  // anchor of (sub)denormal norm: its self-similarity underflows
-    const float cut = prm.threshold * mx;
     idx.clear();
     for (int64_t p = 0; p < N; ++p) {
-      if (!remaining[p] || sim[p] < cut) continue;
-      const float val = sim[p] / mx;
+      if (!remaining[p]) continue;
+      const float val = proposal_value(sim[p], prm.threshold, mx);
       if (!(val > 0.0f)) continue;
       owner[p] = k;
       value[p] = val;
@@ -578,9 +553,7 @@ PRIMAPS_CLONES void proposals_one_image(const float* X, int64_t C, int64_t N, co
     const int64_t removed = static_cast<int64_t>(idx.size());
     n_rem -= removed;
     // Update S and the sums unless the loop ends here.
-    if (n_rem == 0 || !(static_cast<float>(N - n_rem) / static_cast<float>(N) < prm.stop_fraction) ||
-        (prm.max_masks > 0 && k >= prm.max_masks))
-      break;
+    if (n_rem == 0 || !keep_going(N - n_rem, N, prm.stop_fraction, k, prm.max_masks)) break;
     const bool downdate = removed <= n_rem;
     if (!downdate) {
       idx.clear();
@@ -661,7 +634,7 @@ static primaps::Registrar registrar([](py::module_& m) {
   m.def("stack_proposals", &stack_proposals_cpu, py::arg("owner"), py::arg("value"), py::arg("masks"),
         "Scatter disjoint proposals owner/value (B, h, w) into masks (B, M, h, w).");
   m.def("principal_masks_isa", &set_isa, py::arg("isa"),
-        "Testing hook: selects the SYRK / block-product kernels ('auto', 'avx512', 'avx2', 'scalar') "
+        "Testing hook: selects the SYRK / symmetric-product kernels ('auto', 'avx512', 'avx2', 'scalar') "
         "for principal_masks and returns the one in use. Not thread-safe: do not call during a run.");
   m.def("principal_masks", &principal_masks_cpu, py::arg("features"), py::arg("owner"),
         py::arg("value"), py::arg("counts"), py::arg("threshold"), py::arg("stop_fraction"),

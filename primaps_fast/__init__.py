@@ -1,4 +1,4 @@
-"""primaps_fast: fast PriMaPs-EM for unsupervised semantic segmentation (the API of shared/API.md).
+"""primaps_fast: fast PriMaPs-EM for unsupervised semantic segmentation (the API of docs/api.md).
 
 Names resolve lazily, so ``import primaps_fast`` stays cheap (no Triton, no timm) until an op is used.
 """

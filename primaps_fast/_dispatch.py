@@ -1,17 +1,41 @@
 """Input validation and backend choice, shared by every op.
 
-Every public op takes ``backend=None`` (auto: C++ for CPU tensors, Triton for CUDA tensors) or one of
-``"cpu"``, ``"triton"``, ``"reference"``. Validation errors are ``ValueError``/``TypeError`` whose
-message starts with the argument's name.
+Every public op takes ``backend=None`` (auto: C++ for CPU tensors; for CUDA tensors the CUDA C++ module
+when it was built, else Triton) or one of ``BACKENDS``. Validation errors are ``ValueError``/``TypeError``
+whose message starts with the argument's name.
 """
 from __future__ import annotations
 
 import functools
+import glob
+import importlib
 import os
+import sys
 
 import torch
 
-BACKENDS = ("cpu", "triton", "reference")
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _missing_build(module: str, what: str, how: str, *, here: str = _PACKAGE_DIR) -> str:
+    """The message for a compiled ``module`` that does not import from the package folder ``here``.
+
+    When ``here`` has no build but another ``primaps_fast`` on ``sys.path`` has one, a source tree is
+    shadowing the installed package (``python -m pytest`` from the repository root puts the source tree
+    first on ``sys.path``): say that, since "not built" would be wrong.
+    """
+    stem = module.rsplit(".", 1)[-1]
+    if not glob.glob(os.path.join(here, stem + ".*.so")):
+        for entry in sys.path:
+            other = os.path.join(os.path.abspath(entry or os.curdir), "primaps_fast")
+            if os.path.realpath(other) != os.path.realpath(here) and glob.glob(os.path.join(other, stem + ".*.so")):
+                return (f"{module} is missing in {here}: this source tree, which has no build, shadows the "
+                        f"installed package at {other} (it comes first on sys.path, e.g. because Python was "
+                        "started from the repository root). Run from another folder, or build the source tree "
+                        "in place with `pip install -e .` or `python setup.py build_ext --inplace`")
+    return f"primaps_fast was not built with {what} ({module} is missing): {how}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,11 +44,49 @@ def cpp():
     try:
         from primaps_fast import _C
     except ImportError as exc:  # pragma: no cover - only on a broken install
-        raise RuntimeError(
-            "primaps_fast was not built with its C++ extension (primaps_fast._C is missing): "
-            "reinstall with `pip install .` from the source tree"
-        ) from exc
+        raise RuntimeError(_missing_build(
+            "primaps_fast._C", "its C++ extension",
+            "reinstall with `pip install .`, or build a source tree in place with "
+            "`python setup.py build_ext --inplace`")) from exc
     return _C
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_available() -> bool:
+    """True when the CUDA C++ module ``primaps_fast._C_cuda`` imports (built when nvcc was found at
+    install time)."""
+    try:
+        from primaps_fast import _C_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_module():
+    """The compiled CUDA module ``primaps_fast._C_cuda``; a clear error when it was not built."""
+    if not cuda_available():
+        raise RuntimeError(_missing_build(
+            "primaps_fast._C_cuda", "its CUDA module",
+            "backend='cuda' needs nvcc (the CUDA toolkit) at install time; reinstall with it on the PATH "
+            "or use backend='triton'"))
+    from primaps_fast import _C_cuda
+
+    return _C_cuda
+
+
+def cuda_not_wired(op: str) -> NotImplementedError:
+    """The error of an op whose CUDA kernel is not connected to its Python op yet."""
+    return NotImplementedError(f"{op}: the CUDA backend of this op is not available yet; use backend='triton'")
+
+
+def reference(name: str):
+    """``primaps_fast.reference.<name>``, resolved by name at call time.
+
+    The reference is the oracle of the tests and the baseline of the benchmarks: it imports nothing from
+    the fast paths so that it checks them independently, and no production module imports it. The
+    public API still offers ``backend="reference"``; this is the one place that reaches it.
+    """
+    return getattr(importlib.import_module("primaps_fast.reference"), name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,11 +106,17 @@ def choose_backend(backend: str | None, *tensors: torch.Tensor) -> str:
         raise ValueError(f"inputs are on different devices: {sorted(map(str, devices))}")
     device = devices.pop() if devices else torch.device("cpu")
     if backend is None:
-        return "triton" if device.type == "cuda" else "cpu"
+        if device.type != "cuda":
+            return "cpu"
+        return "cuda" if cuda_available() else "triton"
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        cuda_module()
     if backend == "triton" and not triton_available():
         raise RuntimeError(
             "backend='triton' needs the triton package and a CUDA device "

@@ -45,11 +45,15 @@ WEIGHTS_HELP = (
     "omitting --weights downloads them through timm once (cached in ~/.cache/huggingface).")
 
 
-def file_sha256(path, chunk: int = 1 << 22) -> str:
+def tensors_sha256(state_dict: dict) -> str:
+    """SHA-256 of a state dict's tensors (names, dtypes, shapes and bytes, in name order): the identity of
+    the weights themselves, so the same weights as ``.pth`` or ``.safetensors`` (or with other key names
+    before timm's mapping) are recognised as the same."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -122,8 +126,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 class Backbone(nn.Module):
     """A frozen ViT returning ``(B, C, H / patch, W / patch)`` normalised patch tokens.
 
-    ``weights_id`` identifies the weights (``sha256:<hash>`` of a file, ``timm-hub:<name>`` or
-    ``random:<seed>``) so feature caches made with other weights are rejected.
+    ``weights_id`` identifies the weights (``tensors-sha256:<hash>`` of the loaded model's tensors, whatever
+    file or hub download they came from, or ``random:<seed>``) so feature caches made with other weights are
+    rejected.
     """
 
     def __init__(self, name: str = "dino_vits8", weights=None, *, allow_download: bool | None = None,
@@ -140,11 +145,9 @@ class Backbone(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 self.model = timm.create_model(self.spec.timm_name, pretrained=False, **kwargs)
-            self.weights_id = f"random:{seed}"
         elif weights is not None:
             self.model = timm.create_model(self.spec.timm_name, pretrained=False, **kwargs)
             _load_weights(self.model, os.fspath(weights), name)
-            self.weights_id = "sha256:" + file_sha256(weights)
         else:
             if allow_download is None:
                 allow_download = not any(os.environ.get(v, "0") not in ("0", "") for v in
@@ -164,7 +167,8 @@ class Backbone(nn.Module):
                 raise RuntimeError(
                     f"backbone {name}: pretrained weights are not available ({exc}). "
                     + WEIGHTS_HELP.format(timm_name=self.spec.timm_name)) from exc
-            self.weights_id = f"timm-hub:{self.spec.timm_name}"
+        self.weights_id = (f"random:{seed}" if weights == "random"
+                           else "tensors-sha256:" + tensors_sha256(self.model.state_dict()))
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

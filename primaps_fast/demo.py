@@ -3,22 +3,29 @@
 Synthetic scenes (``primaps_fast.data.synthetic.make_scenes``: images, labels and SSL-like features,
 so no backbone weights are needed) -> PriMaPs pseudo labels -> PCA + cosine k-means (the baseline) ->
 PriMaPs-EM -> a results table (mIoU, accuracy, timings), printed and written to ``<out>/results.md``
-and ``<out>/results.json``, and one PNG per shown scene in ``<out>/overlays/``: image | PriMaPs
-proposals | pseudo labels | k-means | PriMaPs-EM | ground truth (predictions coloured with the
-Hungarian matching, so colours agree with the ground truth).
+and ``<out>/results.json``, and one PNG per shown scene in ``<out>/overlays/``: titled panels image |
+PriMaPs proposals | pseudo labels | k-means | PriMaPs-EM | ground truth over a legend of the class
+colours (predictions coloured with the Hungarian matching, so colours agree with the ground truth).
 
 The output folder is created if needed; a non-empty folder not made by the demo is refused, so no
 unrelated file is ever overwritten.
+
+``primaps-fast demo --nproc N`` runs it under ``torchrun`` on N local processes: the pseudo labels are
+shared between the ranks (round-robin batches, gathered), PCA + k-means and PriMaPs-EM are data parallel
+(``primaps_fast.distributed``), and rank 0 writes the results, equal to those of one process.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import torch
 
-from primaps_fast import fileio, pipeline
+from primaps_fast import distributed, fileio, pictures, train
+from primaps_fast.evaluate import evaluate_batches
+from primaps_fast.progress import progress
 
 MARKER = ".primaps_fast_demo"
 
@@ -36,12 +43,11 @@ def prepare_out(out) -> str:
     return out
 
 
-def format_table(rows, header) -> str:
-    cells = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [line(r) for r in cells[1:]])
+def _timed(times: dict, name: str, fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    times[name] = time.perf_counter() - t
+    return out
 
 
 def run_demo(out="primaps_out", *, images: int = 32, epochs: int = 6, crf: bool = True, image_size: int = 320,
@@ -53,77 +59,107 @@ def run_demo(out="primaps_out", *, images: int = 32, epochs: int = 6, crf: bool 
 
     if images < 2 or epochs < 0 or image_size % 8 or image_size < 32:
         raise ValueError("images >= 2, epochs >= 0 and image_size a multiple of 8 (>= 32) are required")
-    out = prepare_out(out)
+    main = distributed.is_main()
+    if not main:
+        log, show_progress = (lambda msg: None), False
+    out = distributed.on_main(lambda: prepare_out(out), "demo: preparing the output folder on rank 0")
     torch.manual_seed(seed)
     times = {}
-    scenes, times["scenes + features (synthetic)"] = pipeline.timed(
-        make_scenes, images, num_classes=num_classes, image_size=image_size, seed=seed)
+    log(f"demo: making {images} synthetic scenes of {image_size}x{image_size} ({num_classes} classes) with "
+        "SSL-like features")
+    scenes = _timed(times, "scenes + features (synthetic)", make_scenes, images, num_classes=num_classes,
+                    image_size=image_size, seed=seed, show_progress=show_progress)
     feats, S = scenes.features, image_size
-    log(f"demo: {images} synthetic scenes of {S}x{S}, {num_classes} classes, features {tuple(feats.shape[1:])}")
+    starts = range(0, images, batch_size)
 
-    def pseudo_all():
-        return torch.cat([primaps_fast.pseudo_labels(scenes.images[s:s + batch_size], feats[s:s + batch_size],
-                                                     crf=crf, backend=backend)
-                          for s in range(0, images, batch_size)])
+    pseudo_stage = "PriMaPs pseudo labels" + (" + CRF" if crf else "")
 
-    pseudo, times["PriMaPs pseudo labels" + (" + CRF" if crf else "")] = pipeline.timed(pseudo_all)
-    log(f"demo: pseudo labels {times['PriMaPs pseudo labels' + (' + CRF' if crf else '')]:.2f} s "
-        f"({images / times['PriMaPs pseudo labels' + (' + CRF' if crf else '')]:.1f} images/s)")
+    def pseudo_all():  # each rank its round-robin batches, gathered in order (uint8: the ids are <= 255)
+        count = distributed.Progress("demo-pseudo")
+        with progress(desc="pseudo labels", total=images, unit="img", enabled=show_progress) as bar:
+            parts = {}
+            for s in distributed.round_robin(starts):
+                parts[s] = primaps_fast.pseudo_labels(scenes.images[s:s + batch_size], feats[s:s + batch_size],
+                                                      crf=crf, backend=backend).to(torch.uint8)
+                bar.update(count.add(len(parts[s])) - bar.count)
+            everyone = distributed.all_gather_object(parts, "demo: pseudo labels")
+        return torch.cat([next(p[s] for p in everyone if s in p) for s in starts]).long()
+
+    pseudo = _timed(times, pseudo_stage, pseudo_all)
+    log(f"demo: pseudo labels {times[pseudo_stage]:.2f} s ({images / times[pseudo_stage]:.1f} images/s)")
 
     predictions = {}
     config = {"num_classes": num_classes, "dim": feats.shape[1], "lr": 5e-3, "ema_decay": 0.98,
               "ema_every": 10, "focal_gamma": 2.0, "seed": seed}
-    em = pipeline.build_em(config)
-    batches = [feats[s:s + batch_size] for s in range(0, images, batch_size)]
-    _, times["PCA + k-means init"] = pipeline.timed(pipeline.initialise, em, batches)
+    em = train.build_em(config, backend=backend)
+    batches = [feats[s:s + batch_size] for s in starts]
+    _timed(times, "PCA + k-means init", train.initialise, em, batches, show_progress=show_progress)
     predictions["k-means baseline"] = torch.cat([em.predict(b, size=(S, S)) for b in batches])
     data = torch.utils.data.TensorDataset(feats, pseudo, torch.arange(images))
-    history, times[f"PriMaPs-EM ({epochs} epochs)"] = pipeline.timed(
-        pipeline.train_epochs, em, data, start_epoch=0, epochs=epochs, batch_size=batch_size, seed=seed,
-        show_progress=show_progress)
+    train.check_ema_schedule(train.steps_per_epoch(images, batch_size), epochs, config["ema_every"], log)
+    history = _timed(times, f"PriMaPs-EM ({epochs} epochs)", train.train_epochs, em, data, start_epoch=0,
+                     epochs=epochs, batch_size=batch_size, seed=seed, show_progress=show_progress)
     predictions["PriMaPs-EM"] = torch.cat([em.predict(b, size=(S, S)) for b in batches])
+    if not main:  # every rank holds the same model; rank 0 evaluates and writes
+        return {}
 
     rows, results = [], {}
     for name, pred in predictions.items():
-        r = pipeline.evaluate_batches([(pred, scenes.labels)], num_classes)
+        r = evaluate_batches([(pred, scenes.labels)], num_classes)
         results[name] = r
         rows.append([name, f"{r['mIoU']:.2f}", f"{r['Accuracy']:.2f}"])
     # pseudo labels leave the background (255) unlabelled: report how much of the image they cover
     covered = pseudo != 255
     masks_per_image = float(np.mean([p[p != 255].unique().numel() for p in pseudo]))
-    table = format_table(rows, ["method", "mIoU (%)", "Accuracy (%)"]) + (
+    mean_losses = ", ".join(f"{h['mean_loss']:.4f}" for h in history) or "-"
+    table = pictures.format_table(rows, ["method", "mIoU (%)", "Accuracy (%)"]) + (
         f"\n\npseudo labels: {masks_per_image:.1f} masks per image, covering "
-        f"{100 * covered.float().mean():.1f}% of the pixels")
-    ttable = format_table([[k, f"{v:.2f}"] for k, v in times.items()], ["stage", "time (s)"])
+        f"{100 * covered.float().mean():.1f}% of the pixels\n"
+        f"PriMaPs-EM: {em.global_step} steps, {em.ema_calls} EMA updates of theta_M (ema_every "
+        f"{config['ema_every']}); mean loss per epoch: {mean_losses}")
+    ttable = pictures.format_table([[k, f"{v:.2f}"] for k, v in times.items()], ["stage", "time (s)"])
 
-    # overlays
-    masks = primaps_fast.principal_masks(feats[:show], backend=backend)
-    for i in range(min(show, images)):
-        img = scenes.images[i].permute(1, 2, 0).numpy()
-        m = masks.masks[i, : int(masks.counts[i])]
-        prop = torch.nn.functional.interpolate(m[None], size=(S, S), mode="nearest")[0]
-        prop_ids = torch.where(prop.max(0).values > 0, prop.argmax(0), torch.tensor(-1)).numpy()
-        npal = max(num_classes, int(masks.counts.max()) + 1, 10)
-        pse = pseudo[i].numpy().astype(np.int64)
-        panels = [img, pipeline.blend(img, pipeline.colorize(prop_ids, npal)),
-                  pipeline.blend(img, pipeline.colorize(np.where(pse == 255, -1, pse - 1), npal))]
-        for name, pred in predictions.items():
-            mapped = results[name]["mapping"][pred[i].numpy()]
-            panels.append(pipeline.blend(img, pipeline.colorize(mapped, num_classes)))
-        panels.append(pipeline.blend(img, pipeline.colorize(scenes.labels[i].numpy(), num_classes)))
-        fileio.write_png(os.path.join(out, "overlays", f"scene_{i:03d}.png"), pipeline.strip(panels))
+    titles = ["image", "PriMaPs proposals", "pseudo labels", *predictions, "ground truth"]
+    _overlays(out, scenes, pseudo, predictions, results, titles, num_classes, min(show, images), backend)
 
     summary = {"images": images, "image_size": S, "num_classes": num_classes, "epochs": epochs, "crf": crf,
                "metrics": {k: {"mIoU": v["mIoU"], "Accuracy": v["Accuracy"]} for k, v in results.items()},
                "pseudo_label_coverage": float(covered.float().mean()), "times_s": times,
-               "pseudo_images_per_s": images / times["PriMaPs pseudo labels" + (" + CRF" if crf else "")],
-               "em_loss": [h["loss"] for h in history]}
+               "pseudo_images_per_s": images / times[pseudo_stage],
+               "em_steps": em.global_step, "ema_updates": em.ema_calls,
+               "em_epoch_mean_loss": [h["mean_loss"] for h in history]}
     text = (f"# primaps-fast demo\n\n{images} synthetic scenes, {S}x{S}, {num_classes} classes, CRF "
             f"{'on' if crf else 'off'}, {epochs} EM epochs\n\n{table}\n\n{ttable}\n\n"
-            "Overlays (overlays/scene_*.png): image | PriMaPs proposals | pseudo labels | "
-            + "".join(f"{name} | " for name in predictions) + "ground truth\n")
+            "Overlays (overlays/scene_*.png): " + " | ".join(titles) + "\n")
     fileio.write_bytes(os.path.join(out, "results.md"), text.encode())
     fileio.write_bytes(os.path.join(out, "results.json"), (json.dumps(summary, indent=2) + "\n").encode())
     log("\n" + table + "\n\n" + ttable + f"\n\nwritten to {os.path.abspath(out)}/ (results.md, results.json, "
         f"overlays/scene_*.png)")
     return summary
+
+
+def _overlays(out, scenes, pseudo, predictions, results, titles, num_classes, show, backend):
+    """``<out>/overlays/scene_<i>.png``: the titled panels of scene i over a legend of the class colours
+    (predictions coloured through the Hungarian matching, so their colours are the ground truth's)."""
+    import primaps_fast
+
+    S = scenes.images.shape[-1]
+    masks = primaps_fast.principal_masks(scenes.features[:show], backend=backend)
+    npal = max(num_classes, int(masks.counts.max()) + 1, 10)
+    for i in range(show):
+        img = scenes.images[i].permute(1, 2, 0).numpy()
+        m = masks.masks[i, : int(masks.counts[i])]
+        prop = torch.nn.functional.interpolate(m[None], size=(S, S), mode="nearest")[0]
+        prop_ids = torch.where(prop.max(0).values > 0, prop.argmax(0), torch.tensor(-1)).numpy()
+        pse = pseudo[i].numpy().astype(np.int64)
+        panels = [img, pictures.blend(img, pictures.colorize(prop_ids, npal)),
+                  pictures.blend(img, pictures.colorize(np.where(pse == 255, -1, pse - 1), npal))]
+        for name, pred in predictions.items():
+            mapped = results[name]["mapping"][pred[i].numpy()]
+            panels.append(pictures.blend(img, pictures.colorize(mapped, num_classes)))
+        panels.append(pictures.blend(img, pictures.colorize(scenes.labels[i].numpy(), num_classes)))
+        strip = pictures.titled_panels(panels, titles)
+        key = pictures.legend([f"class {k}" for k in range(num_classes)], pictures.palette(num_classes),
+                              strip.shape[1], caption="classes (predictions matched to them; proposals and "
+                                                      "pseudo labels: one colour per mask):")
+        fileio.write_png(os.path.join(out, "overlays", f"scene_{i:03d}.png"), pictures.stack(strip, key))

@@ -1,4 +1,4 @@
-"""Evaluation (API.md section Evaluation): the official unsupervised metrics (``primaps_modules/metrics.py``:
+"""Evaluation (docs/api.md, "Evaluation"): the official unsupervised metrics (``primaps_modules/metrics.py``:
 confusion matrix, Hungarian matching of clusters to classes, mIoU and pixel accuracy in percent) and a
 supervised linear probe (the official upper bound: a 1x1 conv with bias trained with cross-entropy).
 """

@@ -8,9 +8,14 @@ Output folder::
     pseudos/<name>.png  the pseudo label: mask ids 1..M, 255 = background (``primaps_fast.pseudo_labels``)
 
 This is the folder the official ``PrecomputedDataset`` (``--precomp-primaps-root``) reads. Each file is
-written atomically, ``pseudos/`` last, so an image is complete when its pseudo label exists and decodes
-to the expected size; an interrupted run resumes by skipping those. A folder made with other settings
-raises :class:`~primaps_fast.data.cache.CacheMismatchError` instead of being reused.
+written atomically, ``pseudos/`` last, so an image is complete when its three files exist and decode to
+the expected size and mode; an interrupted run resumes by skipping those and recomputing the others
+(also damaged ones). A folder made with other settings raises
+:class:`~primaps_fast.data.cache.CacheMismatchError` instead of being reused.
+
+Under ``torchrun`` (``primaps_fast.distributed``) rank 0 alone creates the folder and the manifest; the
+resume scan is shared by the ranks, and the images still to do are cut into the batches of a
+single-process run, dealt round-robin to the ranks, so the files are byte-identical to one process's.
 """
 from __future__ import annotations
 
@@ -20,26 +25,52 @@ import time
 import numpy as np
 import torch
 
-from primaps_fast import fileio
-from primaps_fast.data.cache import FORMAT, claim_folder
+from primaps_fast import distributed, fileio
+from primaps_fast.data.cache import (FORMAT, CorruptCacheError, claim_folder, not_writable, read_manifest,
+                                     remove_temporaries)
 from primaps_fast.data.transforms import to_normalized_tensor, unnormalize
 from primaps_fast.progress import progress
 
 SUBDIRS = ("imgs", "gts", "pseudos")
 
 
-def valid_png(path, size) -> bool:
-    """True when ``path`` is a complete grey PNG of ``size x size`` pixels."""
+def valid_png(path, size, mode: str = "L") -> bool:
+    """True when ``path`` is a complete PNG of ``size x size`` pixels in ``mode`` (grey by default)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            if im.size != (size, size) or im.mode != "L":
+            if im.size != (size, size) or im.mode != mode:
                 return False
             im.load()  # decodes everything: a truncated file raises
         return True
     except Exception:
         return False
+
+
+def complete(root, name: str, size: int) -> bool:
+    """True when the image ``name`` has its three files in ``root``, complete and of the right size."""
+    return (valid_png(os.path.join(root, "pseudos", name + ".png"), size)
+            and valid_png(os.path.join(root, "gts", name + ".png"), size)
+            and valid_png(os.path.join(root, "imgs", name + ".png"), size, "RGB"))
+
+
+def _fix(root) -> str:
+    return f"delete the folder {root} and rerun `primaps-fast pseudo` with the same settings to recompute it"
+
+
+def _open_folder(root, manifest) -> None:
+    """Rank 0: claim or check the folder, write the manifest, create the subfolders and delete the
+    temporary files that killed writers left."""
+    try:
+        if claim_folder(root, manifest, "pseudo-label folder", "out", _fix(root)):
+            fileio.write_json(os.path.join(root, "manifest.json"), manifest)
+        for sub in SUBDIRS:
+            os.makedirs(os.path.join(root, sub), exist_ok=True)
+            remove_temporaries(os.path.join(root, sub))
+        remove_temporaries(root)
+    except OSError as exc:
+        raise not_writable(exc, root, "out") from exc
 
 
 def pseudo_manifest(dataset, features_info: dict, *, threshold, crf, crf_iterations) -> dict:
@@ -57,7 +88,8 @@ def generate_pseudo_labels(dataset, out_root, *, cache=None, backbone=None, thre
     Features come from ``cache`` (a :class:`~primaps_fast.data.cache.FeatureCache` of this dataset,
     made without flip averaging) or from ``backbone``. Returns ``{"images", "computed", "skipped",
     "seconds", "images_per_s"}`` (the rate counts the computed images, end to end: loading, features,
-    pseudo labels, writing).
+    pseudo labels, writing; under ``torchrun``, of all ranks together). Under ``torchrun`` every rank
+    computes its share (module docstring).
     """
     import primaps_fast
 
@@ -77,28 +109,32 @@ def generate_pseudo_labels(dataset, out_root, *, cache=None, backbone=None, thre
         features_info = {"backbone": backbone.name, "weights": backbone.weights_id, "resolution": dataset.size}
     out_root = os.fspath(out_root)
     manifest = pseudo_manifest(dataset, features_info, threshold=threshold, crf=crf, crf_iterations=crf_iterations)
-    if claim_folder(out_root, manifest, "pseudo-label folder", "out"):
-        fileio.write_json(os.path.join(out_root, "manifest.json"), manifest)
-    for sub in SUBDIRS:
-        os.makedirs(os.path.join(out_root, sub), exist_ok=True)
+    distributed.check_same({**manifest, "batch_size": batch_size, "backend": backend,
+                            "source": "cache" if cache is not None else "backbone"}, "pseudo")
+    distributed.on_main(lambda: _open_folder(out_root, manifest), "pseudo: opening the output folder on rank 0")
 
     S = dataset.size
     names = dataset.names
-    todo = [i for i, n in enumerate(names)
-            if not valid_png(os.path.join(out_root, "pseudos", n + ".png"), S)]
+    scanned = distributed.split(range(len(names)))
+    todo = sorted(sum(distributed.all_gather_object([i for i in scanned if not complete(out_root, names[i], S)],
+                                                    "pseudo: resume scan"), []))
     stats = {"images": len(names), "computed": 0, "skipped": len(names) - len(todo), "seconds": 0.0,
              "images_per_s": 0.0}
     if not todo:
         return stats
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=batch_size,
-                                         num_workers=num_workers, shuffle=False)
+    start = time.perf_counter()
+    mine = distributed.round_robin([todo[s:s + batch_size] for s in range(0, len(todo), batch_size)])
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, [i for b in mine for i in b]),
+                                         batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    device = distributed.device(device)
     if backbone is not None and device is not None:
         backbone = backbone.to(device)
-    start, pos = time.perf_counter(), 0
-    with progress(desc="pseudo labels", total=len(todo), unit="img", enabled=show_progress) as bar:
-        for images, labels, batch_names in loader:
-            idx = todo[pos:pos + len(images)]
-            pos += len(images)
+    main, count = distributed.is_main(), distributed.Progress("pseudo")
+    with progress(desc="pseudo labels", total=len(todo), unit="img", enabled=show_progress and main) as bar:
+        def show():
+            bar.update(count.total() - bar.count)
+
+        for idx, (images, labels, batch_names) in zip(mine, loader):
             if cache is not None:
                 feats = cache.get_features(idx)
             else:
@@ -106,12 +142,20 @@ def generate_pseudo_labels(dataset, out_root, *, cache=None, backbone=None, thre
             pseudo = primaps_fast.pseudo_labels(images, feats, threshold=threshold, crf=crf,
                                                 crf_iterations=crf_iterations, backend=backend)
             rgb = unnormalize(images).permute(0, 2, 3, 1).numpy()
-            for name, im, gt, ps in zip(batch_names, rgb, labels.numpy(), pseudo.numpy()):
-                fileio.write_png(os.path.join(out_root, "imgs", name + ".png"), im)
-                fileio.write_png(os.path.join(out_root, "gts", name + ".png"), gt.clip(0, 255).astype(np.uint8))
-                fileio.write_png(os.path.join(out_root, "pseudos", name + ".png"), ps.astype(np.uint8))
-            stats["computed"] += len(images)
-            bar.update(len(images))
+            try:
+                for name, im, gt, ps in zip(batch_names, rgb, labels.numpy(), pseudo.numpy()):
+                    fileio.write_png(os.path.join(out_root, "imgs", name + ".png"), im)
+                    fileio.write_png(os.path.join(out_root, "gts", name + ".png"), gt.clip(0, 255).astype(np.uint8))
+                    fileio.write_png(os.path.join(out_root, "pseudos", name + ".png"), ps.astype(np.uint8))
+            except OSError as exc:
+                raise not_writable(exc, out_root, "out") from exc
+            count.add(len(images))
+            if main:
+                show()
+        distributed.barrier("pseudo: waiting for every rank to finish its share", poll=show if main else None)
+        if main:
+            show()
+    stats["computed"] = len(todo)
     stats["seconds"] = time.perf_counter() - start
     stats["images_per_s"] = stats["computed"] / max(stats["seconds"], 1e-9)
     return stats
@@ -131,7 +175,7 @@ class PseudoLabelData(torch.utils.data.Dataset):
         if not os.path.exists(mpath):
             raise FileNotFoundError(f"pseudo: no pseudo-label folder at {self.root} (manifest.json missing); "
                                     "create it with `primaps-fast pseudo`")
-        m = fileio.read_json(mpath)
+        m = read_manifest(mpath, "pseudo", _fix(self.root))
         if m.get("dataset") != cache.manifest["dataset"]:
             raise ValueError(f"pseudo: {self.root} was made for dataset {m.get('dataset')}, but the cache "
                              f"{cache.root} holds {cache.manifest['dataset']}")
@@ -157,13 +201,15 @@ class PseudoLabelData(torch.utils.data.Dataset):
 
         def read(sub, shape):
             path = self._path(self.cache.names[i], sub)
+            fix = "rerun `primaps-fast pseudo` with the same settings: it recomputes damaged files"
             try:
                 with Image.open(path) as im:
                     arr = np.array(im)
             except Exception as exc:
-                raise RuntimeError(f"pseudo: cannot read {path}: {exc}") from exc
+                raise CorruptCacheError(f"pseudo: cannot read {path} ({type(exc).__name__}: {exc}): the file is "
+                                        f"missing, truncated or corrupt; {fix}") from exc
             if arr.shape != shape:
-                raise ValueError(f"pseudo: {path} has shape {arr.shape}, expected {shape}")
+                raise CorruptCacheError(f"pseudo: {path} has shape {arr.shape}, expected {shape}; {fix}")
             return arr
 
         mask = torch.from_numpy(read("pseudos", (self.size, self.size)).astype(np.int64))

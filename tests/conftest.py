@@ -1,4 +1,4 @@
-"""Test setup. TRITON_INTERPRET must be set before triton.jit runs (STYLE.md 6), i.e. here, before
+"""Test setup. TRITON_INTERPRET must be set before triton.jit runs (docs/adding_an_op.md), i.e. here, before
 any primaps_fast Triton module is imported: the Triton kernels then run on the CPU."""
 import os
 

@@ -56,7 +56,15 @@ def test_weights_file_official_names(tmp_path, rng):
     loaded = Backbone("dino_vits8", tmp_path / "dino.pth")
     x = torch.randn(1, 3, 32, 32, generator=rng)
     torch.testing.assert_close(loaded(x), src(x))
-    assert loaded.weights_id.startswith("sha256:") and len(loaded.weights_id) == 7 + 64
+    assert loaded.weights_id.startswith("tensors-sha256:") and len(loaded.weights_id) == 15 + 64
+    # the same weights in another file format (and with timm's key names) have the same identity
+    from safetensors.torch import save_file
+
+    save_file(src.model.state_dict(), str(tmp_path / "model.safetensors"))
+    assert Backbone("dino_vits8", tmp_path / "model.safetensors").weights_id == loaded.weights_id
+    other = Backbone("dino_vits8", "random", seed=5).model.state_dict()
+    torch.save(other, tmp_path / "other.pth")
+    assert Backbone("dino_vits8", tmp_path / "other.pth").weights_id != loaded.weights_id
 
     v2 = Backbone("dinov2_vits14", "random", seed=2)
     sd2 = dict(v2.model.state_dict(), mask_token=torch.zeros(1, 384))  # official DINOv2 file layout

@@ -1,5 +1,5 @@
 """Feature cache and pseudo-label folders: contents, resume after an interrupt, settings mismatch,
-full disk (nothing already written is lost)."""
+full disk (nothing already written is lost), concurrent writers (no completed row lost)."""
 import errno
 import os
 
@@ -180,3 +180,26 @@ def test_pseudo_labels_with_backbone_matches_cache(tmp_path, dataset, backbone):
     with pytest.raises(ValueError, match="flip"):
         generate_pseudo_labels(dataset, tmp_path / "b", cache=flip, crf=False)
     assert cache.complete
+
+
+def test_concurrent_writers_lose_no_completed_row(tmp_path, dataset, backbone):
+    """Two writers (two ranks) finishing rows in turn: every row stays marked complete (each writer has its
+    own record; the records are merged on read and folded into done.npy by the next run)."""
+    from primaps_fast.data.cache import _manifest, _open_or_create, _Writer
+
+    shape = (backbone.dim, SIZE // 8, SIZE // 8)
+    _open_or_create(tmp_path / "c", _manifest(dataset, "dino_vits8", "random:0", False, shape), 5, shape, SIZE)
+    cache = FeatureCache(tmp_path / "c")
+    writers = [_Writer(cache), _Writer(cache)]
+    feats = torch.randn(5, *shape)
+    labels = torch.stack([dataset[i][1] for i in range(5)])
+    for i in range(5):
+        writers[i % 2].write([i], feats[i:i + 1], labels[i:i + 1])
+    assert FeatureCache(tmp_path / "c").complete
+    parts = sorted(f for f in os.listdir(tmp_path / "c") if f.startswith("done.part-"))
+    assert len(parts) == 2
+    # a rerun folds the records into done.npy, the layout of a finished cache (also of older versions)
+    compute_features(dataset, backbone, tmp_path / "c", show_progress=False)
+    assert sorted(os.listdir(tmp_path / "c")) == ["done.npy", "features.npy", "labels.npy", "manifest.json"]
+    assert np.load(tmp_path / "c" / "done.npy").all()
+    torch.testing.assert_close(FeatureCache(tmp_path / "c").get_features(range(5)), feats.half().float())

@@ -109,7 +109,8 @@ def test_train_resume_and_eval(synthetic_run, capsys):
         assert 0 <= r["mIoU"] <= 100 and 0 <= r["Accuracy"] <= 100
     from PIL import Image
 
-    assert Image.open(root / "eval" / "confusion.png").size == (3 * 16, 3 * 16)
+    width, height = Image.open(root / "eval" / "confusion.png").size
+    assert width > 3 * 36 and height > 3 * 36  # cells of 36 px plus class names and a heading
 
 
 def test_eval_rejects_other_dim(synthetic_run, capsys, tmp_path):
@@ -152,7 +153,7 @@ def test_corrupt_or_foreign_checkpoint(synthetic_run, capsys):
 
 
 def test_metrics_match_hand_computation_and_api(rng):
-    from primaps_fast.pipeline import evaluate_batches
+    from primaps_fast.evaluate import evaluate_batches
 
     K = 4
     target = torch.randint(0, K + 1, (3, 20, 20), generator=rng)  # K = ignored
@@ -179,27 +180,82 @@ def test_eval_with_crf(synthetic_run, capsys):
             "--crf", "--out", str(root / "ev")]
     assert main(args) == 1
     assert "--crf needs --dataset-root" in capsys.readouterr().err
+    # an argument error is reported before anything is read (here: a checkpoint that does not exist)
+    assert main(["eval", "--checkpoint", str(root / "missing.pt"), "--cache", str(root / "nope"), "--crf"]) == 1
+    assert "--crf needs --dataset-root" in capsys.readouterr().err
     assert main(args + ["--dataset-root", str(root / "imgs"), "--labels", str(root / "labels")]) == 0
     res = json.loads((root / "ev" / "results.json").read_text())
     assert set(res) == {"theta_M (EMA head)", "theta_M (EMA head) + CRF"}
     # the CRF prediction equals dense_crf on the head's scores, evaluated the same way
     import primaps_fast
-    from primaps_fast import pipeline
+    from primaps_fast.evaluate import evaluate_batches
     from primaps_fast.ops.pseudo_labels import crf_images
+    from primaps_fast.train import em_from_checkpoint, load_checkpoint
 
-    ckpt = pipeline.load_checkpoint(root / "run" / "last.pt")
-    em = pipeline.em_from_checkpoint(ckpt)
+    em = em_from_checkpoint(load_checkpoint(root / "run" / "last.pt"))
     ds = FolderDataset(root / "imgs", labels_root=root / "labels", size=64, num_classes=3)
     cache = FeatureCache(root / "cache")
     feats = cache.get_features(range(len(cache)))
     q = primaps_fast.dense_crf(crf_images(torch.stack([ds[i][0] for i in range(len(ds))])),
-                               pipeline.class_logits(em, feats, True))
-    want = pipeline.evaluate_batches([(q.argmax(1), cache.get_labels(range(len(cache))))], 3)
+                               torch.einsum("kc,bchw->bkhw", em.weight(ema=True), feats))
+    want = evaluate_batches([(q.argmax(1), cache.get_labels(range(len(cache))))], 3)
     assert abs(want["mIoU"] - res["theta_M (EMA head) + CRF"]["mIoU"]) < 1e-6
 
 
-def test_bench_small(capsys):
-    assert main(["bench", "--images", "2", "--image-size", "64", "--no-crf"]) == 0
-    out = capsys.readouterr().out
-    assert "principal_masks" in out and "pseudo_labels (no CRF)" in out and "speed-up" in out
-    assert "dataset pseudo-label generation" in out
+def test_bench_runs_the_benchmarks_of_the_checkout(capfd):
+    import primaps_fast.cli as cli
+
+    if cli.find_benchmarks() is None:
+        pytest.skip("no benchmarks folder: the package is installed and the tests run outside a checkout")
+    assert main(["bench", "--backend", "cpu", "--", "-k", "test_median_filter", "-p", "no:cacheprovider"]) == 0
+    out = capfd.readouterr().out
+    assert "--benchmark-only" in out and "-k reference or official or cpu" in out
+    assert "2 passed" in out and "median_filter" in out  # the reference and the C++ case
+
+
+def test_bench_outside_a_checkout_says_where_benchmarks_run(monkeypatch, capsys):
+    import primaps_fast.cli as cli
+
+    monkeypatch.setattr(cli, "find_benchmarks", lambda: None)
+    assert main(["bench"]) == 1
+    assert "source checkout" in capsys.readouterr().err
+
+
+def test_train_warns_when_the_ema_head_would_not_update(synthetic_run, capsys):
+    root = synthetic_run
+    # 6 images in batches of 2: 3 steps per epoch, fewer than ema_every=10
+    assert _train(root, root / "few", "--epochs", "2") == 0
+    captured = capsys.readouterr()
+    assert "warning: an epoch has 3 step(s), fewer than ema_every=10" in captured.err
+    assert "6 steps, 0 EMA updates" in captured.out
+    assert _train(root, root / "some", "--epochs", "2", "--ema-every", "2") == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err and "6 steps, 2 EMA updates" in captured.out  # after steps 2 and 4
+    history = json.loads((root / "some" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and all(np.isfinite(h["mean_loss"]) for h in history)
+
+
+def test_backend_option_of_every_kernel_command(capsys):
+    from primaps_fast._dispatch import BACKENDS
+    from primaps_fast.cli import build_parser
+
+    parser = build_parser()
+    required = {"pseudo": ["--dataset-root", "d", "--out", "o"], "eval": ["--checkpoint", "k", "--cache", "c"],
+                "train": ["--cache", "c", "--pseudo", "p", "--out", "o"], "demo": [], "bench": []}
+    for command, args in required.items():
+        for backend in BACKENDS:
+            assert parser.parse_args([command, *args, "--backend", backend]).backend == backend
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, *args, "--backend", "gpu"])
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args", [["train", "--cache", "c", "--pseudo", "p", "--out", "o", "--epochs", "0"],
+                                  ["pseudo", "--dataset-root", "d", "--out", "o", "--threshold", "1.5"],
+                                  ["demo", "--batch-size", "0"], ["eval", "--checkpoint", "k", "--cache", "c",
+                                                                  "--batch-size", "-1"]])
+def test_bad_numbers_are_argument_errors(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and "expected" in capsys.readouterr().err
+

@@ -1,5 +1,7 @@
 """dense_crf / dense_crf_list: C++ vs the reference port vs pydensecrf (when installed), Triton under the
 interpreter, edge cases and bad input."""
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ import primaps_fast
 from primaps_fast import _dispatch
 from primaps_fast.data.synthetic import make_scenes
 from primaps_fast.ops.dense_crf import dense_crf_list
-from primaps_fast.reference import crf as ref
+
+ref = importlib.import_module("primaps_fast.reference.dense_crf")  # the module: reference.dense_crf is the op
 
 
 def scene(H, W, L, seed, noise=0.0, texture=0.0):
@@ -139,7 +142,7 @@ def test_lattices_match_reference(pos_sxy):
     assert gauss == ref.build_lattice(ref.crf_features(zeros, pos_sxy, None)).M
     assert bilateral == [ref.build_lattice(ref.crf_features(img, 67.0, 3.0)).M]
     got = dense_crf_list(img[None], [p], pos_sxy=pos_sxy, iterations=5, backend="cpu")[0]
-    want = ref.dense_crf_probs(img[None], [p], pos_sxy=pos_sxy, iterations=5)[0]
+    want = ref.dense_crf_list(img[None], [p], pos_sxy=pos_sxy, iterations=5)[0]
     assert agreement(got, want) == 1.0
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
@@ -148,7 +151,7 @@ def test_lattices_match_reference(pos_sxy):
                                              (20, 28, 37, 13, 1.0)])
 def test_cpu_matches_reference(H, W, L, seed, noise):
     img, p = scene(H, W, L, seed, noise, texture=15.0)
-    want = ref.dense_crf_probs(img[None], [p])[0]
+    want = ref.dense_crf_list(img[None], [p])[0]
     got = dense_crf_list(img[None], [p], backend="cpu")[0]
     assert agreement(got, want) == 1.0
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
@@ -166,7 +169,7 @@ def test_batch_with_different_label_counts():
         single = dense_crf_list(images[b:b + 1], probs[b:b + 1], iterations=5, backend="cpu")[0]
         assert got[b].shape == probs[b].shape
         torch.testing.assert_close(got[b], single, atol=0, rtol=0)  # threads do not change any sum
-        want = ref.dense_crf_probs(images[b:b + 1], probs[b:b + 1], iterations=5)[0]
+        want = ref.dense_crf_list(images[b:b + 1], probs[b:b + 1], iterations=5)[0]
         torch.testing.assert_close(got[b], want, atol=1e-4, rtol=0)
 
 
@@ -208,13 +211,13 @@ def test_edge_cases():
     assert (dense_crf_list(img[None], [q])[0].argmax(0) == 1).all()
     flat = torch.full_like(img, 77)
     got = dense_crf_list(flat[None], [p])[0]
-    torch.testing.assert_close(got, ref.dense_crf_probs(flat[None], [p])[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, ref.dense_crf_list(flat[None], [p])[0], atol=1e-4, rtol=0)
     # 1x1 and odd sizes
     one = torch.tensor([[[10]], [[20]], [[30]]], dtype=torch.uint8)
     r = torch.tensor([[[0.3]], [[0.7]]])
-    torch.testing.assert_close(dense_crf_list(one[None], [r])[0], ref.dense_crf_probs(one[None], [r])[0])
+    torch.testing.assert_close(dense_crf_list(one[None], [r])[0], ref.dense_crf_list(one[None], [r])[0])
     img, p = scene(13, 7 * 3, 5, 42)
-    torch.testing.assert_close(dense_crf_list(img[None], [p])[0], ref.dense_crf_probs(img[None], [p])[0],
+    torch.testing.assert_close(dense_crf_list(img[None], [p])[0], ref.dense_crf_list(img[None], [p])[0],
                                atol=1e-4, rtol=0)
 
 
@@ -256,12 +259,26 @@ def test_lattice_key_overflow_is_an_error(backend):
 
 
 def test_lattice_sizes_match_pydensecrf_statistics():
-    # The Gaussian lattice of a 320x320 grid has 118,586 vertices (shared/CRF.md, measured on pydensecrf).
+    # The Gaussian lattice of a 320x320 grid has 118,586 vertices (docs/dense_crf.md, measured on pydensecrf).
     lat = ref.build_lattice(ref.crf_features(torch.zeros(3, 320, 320, dtype=torch.uint8), 1.0, None))
     assert lat.M == 118586
     gauss, _ = _dispatch.cpp().dense_crf_lattice_sizes(torch.zeros(1, 3, 320, 320, dtype=torch.uint8).numpy(),
                                                        1.0, 67.0, 3.0, 1)
     assert gauss == 118586
+
+
+def test_triton_lattice_matches_the_reference_lattice():
+    """The Triton backend builds its lattice with its own torch-op code: it must equal the reference's."""
+    from primaps_fast.triton import lattice
+
+    img, _ = scene(13, 17, 2, 70, texture=30.0)
+    for feats in (ref.crf_features(img, 1.0, None), ref.crf_features(img, 5.0, 3.0)):
+        want, got = ref.build_lattice(feats), lattice.build_lattice(feats)
+        assert (got.d, got.M) == (want.d, want.M)
+        for g, w in zip(got[:4], want[:4]):  # offset, weight, neighbours, keys
+            assert torch.equal(g, w)
+        k1 = ref.lattice_filter(want, torch.ones(feats.shape[0], 1), seq=True)[:, 0]
+        assert torch.equal(lattice.normalisation(got), (1.0 / torch.sqrt(k1.double() + 1e-20)).float())
 
 
 @pytest.mark.interpreter

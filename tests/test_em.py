@@ -202,3 +202,31 @@ def test_odd_shapes_and_empty_masks_match_reference(rng, b, hw, size):
         a, r = fast.step(f, m), ref.step(f, m)
         assert a["loss"] == pytest.approx(r["loss"], rel=1e-4, abs=1e-6)
         torch.testing.assert_close(fast.weight(ema=True), ref.weight(ema=True), rtol=1e-4, atol=1e-5)
+
+
+def test_backend_reaches_the_e_and_m_steps(rng, monkeypatch):
+    """PriMaPsEM(backend=...) runs its E-step and loss with that backend."""
+    seen = []
+    for name in ("assign_pseudo_labels", "focal_loss"):
+        op = getattr(primaps_fast, name)
+        monkeypatch.setattr(primaps_fast, name, lambda *a, _op=op, _n=name, **kw: seen.append((_n, kw["backend"]))
+                            or _op(*a, **kw))
+    a, _ = _pair(rng)
+    b = PriMaPsEM(K, C, backend="reference")
+    b.load_state_dict(a.state_dict())
+    f, m, s = _batch(rng)
+    ra, rb = a.step(f, m, s), b.step(f, m, s)
+    assert seen == [("assign_pseudo_labels", None), ("focal_loss", None),
+                    ("assign_pseudo_labels", "reference"), ("focal_loss", "reference")]
+    assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+    with pytest.raises(ValueError, match="backend"):
+        PriMaPsEM(K, C, backend="gpu")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        PriMaPsEM(K, C, backend="cuda").step(f, m)
+
+
+def test_scores_are_the_heads_1x1_conv(rng):
+    em = PriMaPsEM(K, C, seed=3)
+    f = torch.randn(B, C, h, h, generator=rng)
+    for ema in (True, False):
+        torch.testing.assert_close(em.scores(f, use_ema=ema), torch.einsum("kc,bchw->bkhw", em.weight(ema=ema), f))

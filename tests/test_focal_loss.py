@@ -129,3 +129,49 @@ def test_non_contiguous_and_empty(rng):
     assert_matches(value_and_grad(primaps_fast.focal_loss, logits, target, backend="cpu"), want)
     with pytest.raises(ValueError, match="target"):
         primaps_fast.focal_loss(logits, target[:, :0])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("split", [1, 2])
+def test_class_stats_splits_a_batch(backend, split, rng):
+    """``class_stats``: a batch split into two calls (two data-parallel ranks) whose hook supplies the
+    statistics of the whole batch gives losses and gradients that add up to those of one call."""
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton not available")
+    B, K, h, w, H, W = 3, 5, 4, 5, 13, 11
+    logits = 2 * torch.randn(B, K, h, w, generator=rng)
+    target = make_target(B, K, H, W, rng)
+    want = value_and_grad(primaps_fast.focal_loss, logits, target, gamma=1.5, backend=backend)
+    parts = [slice(0, split), slice(split, B)]
+    seen = {}
+
+    def record(i):
+        def hook(sums, n):
+            assert sums.dtype == torch.float64 and sums.shape == (parts[i].stop - parts[i].start, K)
+            seen[i] = (sums, n)
+            return sums, n
+        return hook
+
+    for i, p in enumerate(parts):  # phase 1: each part's own statistics
+        primaps_fast.focal_loss(logits[p], target[p], backend=backend, class_stats=record(i))
+    total = (torch.cat([seen[0][0], seen[1][0]]), seen[0][1] + seen[1][1])
+    got = [value_and_grad(primaps_fast.focal_loss, logits[p], target[p], gamma=1.5, backend=backend,
+                          class_stats=lambda s, n: total) for p in parts]
+    assert_matches((got[0][0] + got[1][0], torch.cat([got[0][1], got[1][1]])), want)
+    # identity statistics: the same as no hook
+    alone = value_and_grad(primaps_fast.focal_loss, logits, target, gamma=1.5, backend=backend,
+                           class_stats=lambda s, n: (s, n))
+    assert_matches(alone, want, rtol=1e-6)
+
+
+def test_class_stats_bad_hooks():
+    logits, target = torch.randn(2, 3, 4, 4), torch.zeros(2, 8, 8, dtype=torch.int64)
+    f = primaps_fast.focal_loss
+    with pytest.raises(TypeError, match="class_stats"):
+        f(logits, target, class_stats=3)
+    with pytest.raises(TypeError, match="class_stats"):
+        f(logits, target, class_stats=lambda s, n: s)
+    with pytest.raises(ValueError, match="class_stats"):
+        f(logits, target, class_stats=lambda s, n: (s[:, :2], n))
+    with pytest.raises(ValueError, match="class_stats"):
+        f(logits, target, class_stats=lambda s, n: (s, 0))

@@ -5,8 +5,11 @@ code does. That is a randomized method: it converges to the top eigenvector only
 is well separated from the rest (on flat spectra 100 iterations are not enough, and two calls disagree
 with each other). Parity inputs therefore have a clear leading direction: synthetic SSL-like scenes and
 low-rank-plus-noise features with a decaying spectrum. On such inputs the backends must give the same
-counts, identical supports and values equal to 1e-5.
+counts, identical supports and values equal to 1e-5. Pure-noise features (a flat spectrum: the reference
+is not converged there) are checked for their counts, the default cap, invariants and determinism.
 """
+import os
+
 import pytest
 import torch
 
@@ -159,8 +162,8 @@ def test_bad_inputs(backend):
         x[0, 1, 2, 0] = bad
         with pytest.raises(ValueError, match="features"):
             pm(x, backend=backend)
-    with pytest.raises(ValueError, match="features"):
-        pm(good * 1e16, backend=backend)
+    with pytest.raises(ValueError, match="features.*CPU and CUDA"):
+        pm(torch.empty(1, 4, 3, 3, device="meta"), backend=backend)
     with pytest.raises(ValueError, match="features"):
         pm(torch.randn(1, 0, 3, 3), backend=backend)
     with pytest.raises(ValueError, match="features"):
@@ -174,6 +177,8 @@ def test_bad_inputs(backend):
         pm(good, max_masks=0, backend=backend)
     with pytest.raises(TypeError, match="max_masks"):
         pm(good, max_masks=2.0, backend=backend)
+    with pytest.raises(ValueError, match="max_masks"):
+        pm(good, max_masks=2**63, backend=backend)
     with pytest.raises(ValueError, match="backend"):
         pm(good, backend="gpu")
 
@@ -192,3 +197,164 @@ def test_cpu_kernel_isas_match_reference(isa, rng):
             assert_same_proposals(primaps_fast.principal_masks(f, backend="cpu"), reference.principal_masks(f))
     finally:
         cpp.principal_masks_isa("auto")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_scale_free(backend, rng):
+    """Each image is scaled by a power of two first: f times 2^-100 gives bit-identical proposals, and
+    f times 1e-20, 1e-35 (products of raw values underflow float32) or 1e30 (sums of squares overflow)
+    the same counts and supports, and values equal to 1e-5, in every backend and in the reference."""
+    skip_unavailable(backend)
+    f = low_rank_features(1 if backend == "reference" else 2, 24, 7, 9, rng)  # the reference is slow
+    f[-1, :, 0, :3] = 0.0  # zero pixels stay out at every scale
+    base = primaps_fast.principal_masks(f, backend=backend)
+    if backend != "reference":
+        assert_same_proposals(base, reference.principal_masks(f))
+    exact = primaps_fast.principal_masks(f * 2.0**-100, backend=backend)
+    if backend != "reference":  # the reference draws random numbers: equal, not identical
+        assert torch.equal(exact.masks, base.masks) and torch.equal(exact.counts, base.counts)
+    for scale in (2.0**-100, 1e-20, 1e-35, 1e30):
+        assert_same_proposals(primaps_fast.principal_masks(f * scale, backend=backend), base)
+    for scale in (1e-300, 1e300):  # float64 beyond float32's range: scaled before the cast
+        assert_same_proposals(primaps_fast.principal_masks(f.double() * scale, backend=backend), base)
+
+
+def test_cpu_kernel_isas_bit_identical():
+    """The SIMD kernels and their scalar twins round alike: bit-identical proposals on noise (a flat
+    spectrum, where any rounding difference would move the anchors)."""
+    cpp = primaps_fast._dispatch.cpp()
+    f = noise_features(2, 40, 9, 8, seed=7)
+    want = primaps_fast.principal_masks(f, max_masks=None, backend="cpu")
+    try:
+        for isa in ("avx512", "avx2", "scalar"):
+            try:
+                cpp.principal_masks_isa(isa)
+            except ValueError:
+                continue  # not on this CPU
+            got = primaps_fast.principal_masks(f, max_masks=None, backend="cpu")
+            assert torch.equal(got.masks, want.masks) and torch.equal(got.counts, want.counts), isa
+    finally:
+        cpp.principal_masks_isa("auto")
+
+
+def noise_features(B, C, h, w, seed):
+    return torch.randn(B, C, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_noise_default_cap_and_unbounded():
+    """Pure noise: proposals of a pixel or a few. The default stops at DEFAULT_MAX_MASKS = 254, the
+    reference's default too (254 reference proposals take minutes: its signature is checked);
+    max_masks=None runs until 95% of the pixels are covered; both satisfy the invariants (disjoint, an
+    anchor of value 1 each), and the capped run is the start of the full one."""
+    import inspect
+
+    from primaps_fast.common import DEFAULT_MAX_MASKS
+
+    assert DEFAULT_MAX_MASKS == 254
+    for fn in (primaps_fast.principal_masks, reference.principal_masks):
+        assert inspect.signature(fn).parameters["max_masks"].default == DEFAULT_MAX_MASKS
+    f = noise_features(2, 128, 20, 19, seed=5)  # 380 pixels, cosines ~ N(0, 1/128): mostly 1 pixel each
+    full = primaps_fast.principal_masks(f, max_masks=None, backend="cpu")
+    assert (full.counts > 300).all()
+    default = primaps_fast.principal_masks(f, backend="cpu")
+    assert default.counts.tolist() == [254, 254]
+    assert torch.equal(default.masks, full.masks[:, :254])
+    support = (full.masks > 0).sum(1)
+    assert support.max() <= 1 and (support.float().mean((1, 2)) >= 0.95).all()
+    for b, n in enumerate(full.counts.tolist()):
+        assert (full.masks[b, :n].flatten(1).max(1).values == 1).all()
+
+
+def test_noise_bit_identical_at_any_thread_count():
+    f = noise_features(3, 40, 9, 10, seed=6)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(primaps_fast.principal_masks(f, max_masks=None, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    for out in outs[1:]:
+        assert torch.equal(out.masks, outs[0].masks) and torch.equal(out.counts, outs[0].counts)
+
+
+def test_memory_refused_before_allocation(monkeypatch):
+    """C = 100000 channels need a float64 C x C matrix (80 GB) per image, even for 2 pixels: a clear
+    error up front. With a small memory limit, a moderate input is refused the same way."""
+    from primaps_fast.ops import principal_masks as ops
+
+    with pytest.raises(ValueError, match=r"features: .*100000 x 100000 covariance.*GiB"):
+        primaps_fast.principal_masks(torch.randn(1, 100_000, 1, 2), backend="cpu")
+    # the reference never forms a C x C matrix: two random (near-orthogonal) pixels, two proposals
+    assert reference.principal_masks(torch.randn(1, 100_000, 1, 2)).counts.tolist() == [2]
+    monkeypatch.setattr(ops, "memory_limit", lambda device: 2**20)
+    with pytest.raises(ValueError, match=r"features: .*more than the 0.0 GiB of this machine"):
+        primaps_fast.principal_masks(torch.randn(2, 512, 4, 4), backend="cpu")
+    assert primaps_fast.principal_masks(torch.randn(2, 16, 4, 4), backend="cpu").counts.shape == (2,)
+
+
+def test_max_masks_beyond_pixels_is_no_cap(rng):
+    f = low_rank_features(2, 16, 5, 6, rng)
+    want = primaps_fast.principal_masks(f, max_masks=None, backend="cpu")
+    assert_same_proposals(primaps_fast.principal_masks(f, max_masks=2**63 - 1, backend="cpu"), want)
+
+
+# ---- GPU: the CUDA and Triton backends on CUDA tensors; skipped, with the reason, without a GPU ----
+
+def skip_gpu_unavailable(backend):
+    if not torch.cuda.is_available():
+        pytest.skip(f"principal_masks backend={backend!r} on CUDA tensors: needs an NVIDIA GPU (none here)")
+    if backend == "cuda":
+        try:
+            from primaps_fast import _C_cuda  # noqa: F401
+        except ImportError:
+            pytest.skip("CUDA backend: primaps_fast._C_cuda was not built (no nvcc at build time, or "
+                        "PRIMAPS_FAST_CUDA=0)")
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton on CUDA tensors: TRITON_INTERPRET=1 (run with PRIMAPS_FAST_TEST_DEVICE=cuda)")
+
+
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("B,C,h,w", [(1, 3, 5, 7), (3, 64, 9, 7), (2, 384, 11, 13), (1, 768, 7, 9)])
+@pytest.mark.parametrize("kind", ["scenes", "low_rank"])
+def test_gpu_matches_reference(backend, B, C, h, w, kind, rng):
+    skip_gpu_unavailable(backend)
+    f = scenes_features(B, C, h, w, seed=C + h) if kind == "scenes" else low_rank_features(B, C, h, w, rng)
+    got = primaps_fast.principal_masks(f.cuda(), backend=backend)
+    assert got.masks.is_cuda and got.counts.is_cuda
+    want = reference.principal_masks(f)
+    assert_same_proposals(type(got)(got.masks.cpu(), got.counts.cpu()), want)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_edge_cases_and_options(backend, rng):
+    """Constant, zero and one-pixel images, the caps and thresholds, the scale, and pure noise (whose
+    proposals are checked for their invariants and determinism: the reference is not converged there)."""
+    skip_gpu_unavailable(backend)
+    pm = primaps_fast.principal_masks
+    const = torch.randn(16, 1, 1, generator=rng).expand(16, 5, 3)
+    out = pm(torch.stack([const, torch.zeros(16, 5, 3)]).cuda(), backend=backend)
+    assert out.counts.tolist() == [1, 0] and torch.equal(out.masks[0, 0].cpu(), torch.ones(5, 3))
+    assert pm(torch.randn(7, 1, 1).cuda(), backend=backend).counts.tolist() == [1]
+    f = low_rank_features(3, 32, 9, 11, rng)
+    full = pm(f.cuda(), backend=backend)
+    capped = pm(f.cuda(), max_masks=2, backend=backend)
+    assert capped.counts.tolist() == full.counts.clamp(max=2).tolist()
+    torch.testing.assert_close(capped.masks, full.masks[:, :2])
+    strict = pm(f.cuda(), threshold=0.9, backend=backend)
+    want = reference.principal_masks(f, threshold=0.9)
+    assert_same_proposals(type(strict)(strict.masks.cpu(), strict.counts.cpu()), want)
+    for scale in (2.0**-100, 1e-35, 1e30):
+        assert_same_proposals(pm(f.cuda() * scale, backend=backend), full)
+    noise = noise_features(2, 128, 20, 19, seed=5)
+    got = pm(noise.cuda(), max_masks=None, backend=backend)
+    assert (got.counts > 300).all()  # mostly one-pixel proposals (the anchors may differ from the C++ ones)
+    support = (got.masks > 0).sum(1)
+    assert support.max() <= 1 and (support.float().mean((1, 2)) >= 0.95).all()
+    assert torch.equal(pm(noise.cuda(), backend=backend).counts.cpu(), torch.tensor([254, 254]))
+    again = pm(noise.cuda(), max_masks=None, backend=backend)
+    assert torch.equal(again.masks, got.masks)  # the same result on every run

@@ -14,7 +14,8 @@ import primaps_fast
 from primaps_fast import reference
 from primaps_fast._dispatch import triton_available
 from primaps_fast.data.synthetic import make_scenes
-from primaps_fast.reference.primaps import IMAGENET_MEAN, IMAGENET_STD, crf_image, mask_logits
+from primaps_fast.common import IMAGENET_MEAN, IMAGENET_STD, crf_image
+from primaps_fast.reference.pseudo_labels import mask_logits
 
 HAS_CRF = importlib.util.find_spec("primaps_fast.ops.dense_crf") is not None
 requires_crf = pytest.mark.skipif(not HAS_CRF, reason="primaps_fast.ops.dense_crf not available")

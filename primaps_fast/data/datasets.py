@@ -304,6 +304,17 @@ DATASETS = {"cityscapes": CityscapesDataset, "cocostuff": CocoStuffDataset, "pot
             "folder": FolderDataset}
 
 
+def class_names(kind: str, num_classes: int) -> list:
+    """Names of the ``num_classes`` classes of the dataset layout ``kind`` (``class i`` when it names none)."""
+    known = DATASETS[kind].classes if kind in DATASETS else []
+    return list(known) if len(known) == num_classes else [f"class {i}" for i in range(num_classes)]
+
+
+def default_num_classes(kind: str) -> int | None:
+    """The class count of the dataset layout ``kind`` (27 Cityscapes / COCO-Stuff, 3 Potsdam), None for a folder."""
+    return len(DATASETS[kind].classes) or None if kind in DATASETS else None
+
+
 def detect_layout(root) -> str:
     """The dataset layout of ``root``: cityscapes, cocostuff, potsdam or folder (loose images)."""
     root = os.fspath(root)

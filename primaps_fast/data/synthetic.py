@@ -7,7 +7,7 @@ per-region brightness shift, pixel noise). Features at patch resolution imitate 
     f_p = a * mean_dir + b * prototype[class] + c * offset[region] + smooth noise + white noise,
 
 averaged over the pixels of each patch (so patches on boundaries mix), with weights chosen so that the
-cosine between classes is about 0.2 and within a class about 0.7 (DESIGN.md section 5).
+cosine between classes is about 0.2 and within a class about 0.7 (docs/design.md, "Tests and benchmarks").
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from primaps_fast.progress import progress
 
 
 class Scenes(NamedTuple):
@@ -30,7 +32,7 @@ _WEIGHTS = torch.tensor([0.2, 0.5, 0.1, 0.1, 0.1]).sqrt()
 
 def make_scenes(num_images: int, *, num_classes: int = 6, image_size=320, patch: int = 8,
                 dim: int = 384, regions: tuple = (6, 12), feature_norm: float = 10.0,
-                texture: float = 0.0, seed: int = 0) -> Scenes:
+                texture: float = 0.0, seed: int = 0, show_progress: bool = False) -> Scenes:
     """Generate ``num_images`` scenes.
 
     ``image_size`` is an int or ``(H, W)``, each divisible by ``patch``; features are
@@ -39,6 +41,7 @@ def make_scenes(num_images: int, *, num_classes: int = 6, image_size=320, patch:
     ``texture`` > 0 adds fine multi-scale colour texture of that standard deviation to every pixel
     (noise fields at 1/2, 1/4 and 1/16 resolution, upsampled), as photographs of textured surfaces
     have; the default 0 leaves the scenes (and the random stream) as they were.
+    ``show_progress`` shows a progress bar (a few hundred ms per 320x320 scene).
     """
     H, W = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if num_images < 1 or num_classes < 1 or dim < 1 or patch < 1:
@@ -57,7 +60,7 @@ def make_scenes(num_images: int, *, num_classes: int = 6, image_size=320, patch:
     ys = torch.arange(H).float().view(H, 1).expand(H, W)
     xs = torch.arange(W).float().view(1, W).expand(H, W)
     images, labels, features = [], [], []
-    for _ in range(num_images):
+    for _ in progress(range(num_images), "synthetic scenes", unit="img", enabled=show_progress):
         n_regions = int(torch.randint(regions[0], regions[1] + 1, (1,), generator=g))
         centres = torch.rand(n_regions, 2, generator=g) * torch.tensor([H, W]).float()
         region_class = torch.multinomial(freq, n_regions, replacement=True, generator=g)

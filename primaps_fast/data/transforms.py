@@ -13,8 +13,7 @@ import random
 import numpy as np
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from primaps_fast.common import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _tf():

@@ -70,12 +70,12 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore
 
     Args:
         logits: float ``(B, K, h, w)``, ``K >= 2``, finite: class scores at feature resolution (e.g. the
-            EMA head's 1x1 conv of the features; the conv commutes with the upsampling, DESIGN.md 3).
+            EMA head's 1x1 conv of the features; the conv commutes with the upsampling, docs/design.md).
             The C++ and Triton backends compute in float32.
         mask_ids: integer ``(B, H, W)``: pseudo-mask id of every pixel, ``ignore_index`` for pixels in
             no mask; other ids must be >= 0 (any size: large ids are renumbered).
         ignore_index: id of unassigned pixels, written to them in the output.
-        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "reference".
+        backend: None (C++ on CPU; CUDA C++ or Triton on CUDA), "cpu", "cuda", "triton" or "reference".
 
     Returns:
         int64 ``(B, H, W)`` on the device of ``logits``: for each image and each mask id
@@ -91,9 +91,9 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore
     check_labels(mask_ids, logits, "mask_ids", ignore_index)
     backend = _dispatch.choose_backend(backend, logits, mask_ids)
     if backend == "reference":
-        from primaps_fast.reference.train import assign_pseudo_labels as ref
-
-        return ref(logits, mask_ids, ignore_index=ignore_index)
+        return _dispatch.reference("assign_pseudo_labels")(logits, mask_ids, ignore_index=ignore_index)
+    if backend == "cuda":
+        raise _dispatch.cuda_not_wired("assign_pseudo_labels")
     x = logits.detach().to(torch.float32).contiguous()
     ids, ignore, num_ids = dense_ids(mask_ids, ignore_index)
     if backend == "triton":

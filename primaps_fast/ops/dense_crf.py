@@ -1,6 +1,6 @@
 """Dense CRF (pydensecrf's mean field, Krähenbühl's "v2" code) on a batch, with the GIL released.
 
-Semantics (shared/CRF.md): ``unary_from_softmax`` (clip to [1e-5, 1], -log), a Gaussian kernel on
+Semantics (docs/dense_crf.md): ``unary_from_softmax`` (clip to [1e-5, 1], -log), a Gaussian kernel on
 ``(x, y) / pos_sxy`` and a bilateral kernel on ``(x / bi_sxy, y / bi_sxy, c0 / bi_srgb, c1 / bi_srgb,
 c2 / bi_srgb)`` (image channels in the order given), both through the permutohedral lattice with
 symmetric normalisation, Potts compatibility and parallel mean-field updates.
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from primaps_fast import _dispatch
+from primaps_fast.common import crf_unary
 
 
 def _check_params(iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
@@ -50,7 +51,7 @@ def dense_crf_list(images: torch.Tensor, probs: Sequence[torch.Tensor], *, itera
         iterations: mean-field iterations (>= 0; 0 returns the clipped, renormalised probabilities).
         pos_sxy, pos_compat: Gaussian kernel (pydensecrf ``addPairwiseGaussian``), > 0.
         bi_sxy, bi_srgb, bi_compat: bilateral kernel (``addPairwiseBilateral``), > 0.
-        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "reference".
+        backend: None (C++ on CPU; CUDA C++ or Triton on CUDA), "cpu", "cuda", "triton" or "reference".
 
     Returns:
         a list of ``B`` float32 tensors ``(L_b, H, W)``: the marginals Q of pydensecrf's
@@ -74,9 +75,9 @@ def dense_crf_list(images: torch.Tensor, probs: Sequence[torch.Tensor], *, itera
     params = dict(iterations=iterations, pos_sxy=float(pos_sxy), pos_compat=float(pos_compat),
                   bi_sxy=float(bi_sxy), bi_srgb=float(bi_srgb), bi_compat=float(bi_compat))
     if backend == "reference":
-        from primaps_fast.reference.crf import dense_crf_probs
-
-        return dense_crf_probs(images, list(probs), **params)
+        return _dispatch.reference("dense_crf_list")(images, list(probs), **params)
+    if backend == "cuda":
+        raise _dispatch.cuda_not_wired("dense_crf")
     if backend == "triton":
         from primaps_fast.triton.dense_crf import dense_crf_triton
 
@@ -104,7 +105,7 @@ def _(images, unary, labels, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, b
 def _dense_crf_cpu(images, probs, *, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
     labels = torch.tensor([p.shape[0] for p in probs], dtype=torch.int64)
     # unary_from_softmax in float32; one flat buffer for the whole batch (label counts differ).
-    unary = torch.cat([(-torch.log(p.detach().float().clamp(1e-5, 1.0))).reshape(-1) for p in probs])
+    unary = torch.cat([crf_unary(p.detach()).reshape(-1) for p in probs])
     out = _dense_crf_flat(images.detach().contiguous(), unary, labels, iterations, pos_sxy, pos_compat,
                           bi_sxy, bi_srgb, bi_compat)
     H, W = images.shape[-2:]

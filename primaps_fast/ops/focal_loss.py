@@ -1,40 +1,44 @@
 """M-step loss of PriMaPs-EM: the official ``FocalLoss`` on bilinearly upsampled class scores."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from primaps_fast import _dispatch
+from primaps_fast.common import class_weights
 from primaps_fast.ops.assign_pseudo_labels import check_labels, check_logits
 
 
-def class_weights(prob_sums: torch.Tensor, num_pixels: int, gamma: float) -> torch.Tensor:
-    """``(1 - mean softmax confidence) ** gamma`` in float32 from per-image float64 sums ``(B, K)``."""
-    mean = (prob_sums.sum(0) / num_pixels).to(torch.float32)
-    return (1 - mean) ** gamma
+def _confidence_sums(logits: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """C++ pass 1 on float32 ``(B, K, h, w)`` logits: float64 ``(B, K)`` sums of the upsampled softmax."""
+    sums = torch.empty(logits.shape[0], logits.shape[1], dtype=torch.float64)
+    _dispatch.cpp().focal_confidence(logits.numpy(), H, W, sums.numpy(), _dispatch.num_threads())
+    return sums
 
 
 @torch.library.custom_op("primaps_fast::focal_loss", mutates_args=(), device_types="cpu")
 def _focal_loss_cpu(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int,
-                    with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    with_grad: bool, class_sums: Optional[torch.Tensor] = None,
+                    num_pixels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """C++ kernel (two fused passes) on float32 ``(B, K, h, w)`` logits and int64 ``(B, H, W)`` target:
-    the float32 mean loss and its gradient w.r.t. the logits (``(0, 0, 0, 0)`` unless ``with_grad``)."""
-    cpp = _dispatch.cpp()
-    threads = _dispatch.num_threads()
-    B, K = logits.shape[:2]
+    the float32 mean loss and its gradient w.r.t. the logits (``(0, 0, 0, 0)`` unless ``with_grad``).
+    With ``class_sums`` (float64 ``(R, K)``, see ``focal_loss(class_stats=...)``) the class weights come
+    from them and the sums over pixels are divided by ``num_pixels`` instead of ``B*H*W``."""
+    B = logits.shape[0]
     H, W = target.shape[-2:]
-    n = B * H * W
-    sums = torch.empty(B, K, dtype=torch.float64)
-    cpp.focal_confidence(logits.numpy(), H, W, sums.numpy(), threads)
-    weight = class_weights(sums, n, gamma)
+    if class_sums is None:
+        class_sums, num_pixels = _confidence_sums(logits, H, W), B * H * W
+    weight = class_weights(class_sums, num_pixels, gamma)
     loss = torch.empty(B, dtype=torch.float64)
     grad = torch.empty_like(logits) if with_grad else torch.empty(0, 0, 0, 0)
-    cpp.focal_loss_grad(logits.numpy(), target.numpy(), weight.numpy(), ignore_index, loss.numpy(),
-                        grad.numpy(), with_grad, threads)
-    return (loss.sum() / n).to(torch.float32), grad.div_(n)
+    _dispatch.cpp().focal_loss_grad(logits.numpy(), target.numpy(), weight.numpy(), ignore_index, loss.numpy(),
+                                    grad.numpy(), with_grad, _dispatch.num_threads())
+    return (loss.sum() / num_pixels).to(torch.float32), grad.div_(num_pixels)
 
 
 @_focal_loss_cpu.register_fake
-def _(logits, target, gamma, ignore_index, with_grad):
+def _(logits, target, gamma, ignore_index, with_grad, class_sums=None, num_pixels=0):
     grad_shape = logits.shape if with_grad else (0, 0, 0, 0)
     return logits.new_empty((), dtype=torch.float32), logits.new_empty(grad_shape, dtype=torch.float32)
 
@@ -47,14 +51,14 @@ def _focal_loss_backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0:
         raise RuntimeError("focal_loss: the gradient was not computed (the op ran with with_grad=False)")
-    return grad * grad_loss, None, None, None, None
+    return grad * grad_loss, None, None, None, None, None, None
 
 
 _focal_loss_cpu.register_autograd(_focal_loss_backward, setup_context=_focal_loss_setup)
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, ignore_index: int = 255,
-               backend: str | None = None) -> torch.Tensor:
+               backend: str | None = None, class_stats=None) -> torch.Tensor:
     """The official ``FocalLoss`` on ``F.interpolate(logits, target size, bilinear, align_corners=False)``.
 
     Args:
@@ -63,7 +67,13 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
         target: integer ``(B, H, W)`` class ids in ``[0, K)`` or ``ignore_index``.
         gamma: focal exponent of the class weights.
         ignore_index: target value of pixels that contribute 0 (they still count in the mean).
-        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "reference".
+        backend: None (C++ on CPU; CUDA C++ or Triton on CUDA), "cpu", "cuda", "triton" or "reference".
+        class_stats: optional callable ``(sums, num_pixels) -> (sums, num_pixels)`` for a batch split
+            across calls (data-parallel ranks: ``primaps_fast.distributed``): it receives this call's
+            float64 per-image sums of ``softmax(up)`` ``(B, K)`` and its pixel count ``B*H*W`` and returns
+            those of the whole batch (rows ``(R, K)``, summed by the rule; a count > 0). The class weights
+            come from the returned sums and the loss and gradient are divided by the returned count, so
+            the losses (and gradients) of the parts add up to those of the whole batch.
 
     Returns:
         scalar tensor ``mean over all B*H*W pixels of w_t * (logsumexp_k up_k - up_t)`` (0 at ignored
@@ -76,19 +86,47 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
     check_labels(target, logits, "target", ignore_index)
     if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or gamma != gamma:
         raise TypeError(f"gamma: expected a real number, got {gamma!r}")
+    if class_stats is not None and not callable(class_stats):
+        raise TypeError(f"class_stats: expected a callable or None, got {type(class_stats).__name__}")
     backend = _dispatch.choose_backend(backend, logits, target)
     if backend == "reference":
-        from primaps_fast.reference.train import focal_loss as ref
-
-        return ref(logits, target, gamma=gamma, ignore_index=ignore_index)
+        return _dispatch.reference("focal_loss")(logits, target, gamma=gamma, ignore_index=ignore_index,
+                                                  class_stats=_checked(class_stats, logits.shape[1]))
+    if backend == "cuda":
+        raise _dispatch.cuda_not_wired("focal_loss")
     bad = (target != ignore_index) & ((target < 0) | (target >= logits.shape[1]))
     if bool(bad.any()):
         raise ValueError(f"target: class ids must be in [0, {logits.shape[1]}) or ignore_index={ignore_index}")
     if backend == "triton":
         from primaps_fast.triton.focal_loss import focal_loss_triton
 
-        return focal_loss_triton(logits, target, float(gamma), ignore_index)
+        return focal_loss_triton(logits, target, float(gamma), ignore_index, _checked(class_stats, logits.shape[1]))
     x = logits.to(torch.float32).contiguous()
+    t = target.to(torch.int64).contiguous()
     with_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = _focal_loss_cpu(x, target.to(torch.int64).contiguous(), float(gamma), ignore_index, with_grad)
+    if class_stats is None:
+        loss, _ = _focal_loss_cpu(x, t, float(gamma), ignore_index, with_grad)
+    else:
+        H, W = t.shape[-2:]
+        sums, n = _checked(class_stats, x.shape[1])(_confidence_sums(x.detach(), H, W), x.shape[0] * H * W)
+        loss, _ = _focal_loss_cpu(x, t, float(gamma), ignore_index, with_grad, sums, n)
     return loss.to(logits.dtype)
+
+
+def _checked(class_stats, K: int):
+    """``class_stats`` wrapped so that its result is checked: float64 ``(R, K)`` sums and a count > 0."""
+    if class_stats is None:
+        return None
+
+    def call(sums, num_pixels):
+        out = class_stats(sums, num_pixels)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)):
+            raise TypeError("class_stats: must return (sums, num_pixels)")
+        s, n = out
+        if s.dim() != 2 or s.shape[1] != K or not s.is_floating_point():
+            raise ValueError(f"class_stats: returned sums of shape {tuple(s.shape)}, expected float (R, {K})")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"class_stats: returned num_pixels={n!r}, expected an int > 0")
+        return s.detach().to(device=sums.device, dtype=torch.float64).contiguous(), n
+
+    return call

@@ -25,7 +25,7 @@ def median_filter(masks: torch.Tensor, *, backend: str | None = None) -> torch.T
     Args:
         masks: float tensor ``(..., h, w)`` with at least 2 dimensions (e.g. ``(B, M, h, w)`` proposals);
             computed in float32, finite.
-        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "reference".
+        backend: None (C++ on CPU; CUDA C++ or Triton on CUDA), "cpu", "cuda", "triton" or "reference".
 
     Returns:
         float32 tensor of the shape of ``masks``: the median (the 5th smallest) of each pixel's 3x3
@@ -40,9 +40,9 @@ def median_filter(masks: torch.Tensor, *, backend: str | None = None) -> torch.T
     if backend != "cpu":  # the C++ kernel checks NaN/Inf itself
         _dispatch.check_tensor(masks, "masks", finite=True)
     if backend == "reference":
-        from primaps_fast.reference.primaps import median_filter as ref
-
-        return ref(masks)
+        return _dispatch.reference("median_filter")(masks)
+    if backend == "cuda":
+        raise _dispatch.cuda_not_wired("median_filter")
     if backend == "triton":
         from primaps_fast.triton.median_filter import median_filter_triton
 

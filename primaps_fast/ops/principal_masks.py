@@ -1,27 +1,24 @@
 """PriMaPs mask proposals: the loop of the official ``PriMaPs._get_pseudo`` before the median filter."""
 from __future__ import annotations
 
-from typing import NamedTuple
+import os
 
 import torch
 
 from primaps_fast import _dispatch
+from primaps_fast.common import DEFAULT_MAX_MASKS, PrincipalMasks, scaled_float32
 
-
-# Larger features overflow float32 sums of squares (norms, covariance); the C++ kernel checks the same.
-MAX_ABS = 1e15
-
-
-class PrincipalMasks(NamedTuple):
-    masks: torch.Tensor   # float32 (B, M, h, w), values in [0, 1]; rows >= counts[b] are zero
-    counts: torch.Tensor  # int64 (B,)
+MAX_MASKS_LIMIT = 2**63 - 1  # an int64 in the kernels
 
 
 def validate_args(features, threshold, stop_fraction, max_masks) -> torch.Tensor:
     """Checks of principal_masks (shared with pseudo_labels); returns features as (B, C, h, w)."""
-    # NaN/Inf: checked here for the reference and Triton backends; the C++ kernel checks them itself
+    # NaN/Inf: checked here for the reference and GPU backends; the C++ kernel checks them itself
     # (for free, in its first pass) and raises the same ValueError.
     _dispatch.check_tensor(features, "features", ndim=(3, 4), floating=True)
+    if features.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"features: tensors on {features.device.type!r} are not supported; principal_masks "
+                         "runs on CPU and CUDA tensors")
     if features.dim() == 3:
         features = features[None]
     if min(features.shape[1:]) == 0:
@@ -34,9 +31,44 @@ def validate_args(features, threshold, stop_fraction, max_masks) -> torch.Tensor
     if max_masks is not None:
         if isinstance(max_masks, bool) or not isinstance(max_masks, int):
             raise TypeError(f"max_masks: expected an int or None, got {type(max_masks).__name__}")
-        if max_masks < 1:
-            raise ValueError(f"max_masks: expected >= 1, got {max_masks}")
+        if not 1 <= max_masks <= MAX_MASKS_LIMIT:
+            raise ValueError(f"max_masks: expected an int in [1, 2**63 - 1] or None, got {max_masks}")
     return features
+
+
+def workspace_bytes(B: int, C: int, N: int, backend: str) -> int:
+    """Working memory of the proposal loop for B images of C channels and N pixels: per image a float64
+    C x C scatter matrix and a few copies of the features. The C++ backend works on one image per thread,
+    the GPU backends on the whole batch at once; the reference never forms a C x C matrix (0)."""
+    if backend == "reference":
+        return 0
+    if backend == "cpu":
+        cp, npad = -(-C // 4) * 4, -(-N // 16) * 16
+        per_image = 8 * cp * cp + 4 * cp * npad + 4 * C * N + 2 * cp * (N + 16) + 48 * N + 300 * C
+        return min(B, _dispatch.num_threads()) * per_image + 16 * B * N
+    return B * (16 * C * C + 24 * C * N + 400 * C + 32 * N)  # S and A, shifted / normalised features
+
+
+def memory_limit(device: torch.device) -> int:
+    """Bytes principal_masks may ask for: the machine's physical memory (CPU) or the GPU's memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(features: torch.Tensor, backend: str) -> None:
+    """A clear ValueError, before anything is allocated, when the input needs more memory than the
+    device has (e.g. C = 100000 channels: an 80 GB covariance per image, even for 2 pixels)."""
+    B, C, h, w = features.shape
+    need = workspace_bytes(B, C, h * w, backend)
+    limit = memory_limit(features.device)
+    if need > limit:
+        raise ValueError(
+            f"features: {B} image(s) of {C} channels x {h * w} pixels need about {need / 2**30:.1f} GiB of "
+            f"working memory on the {backend!r} backend (a float64 {C} x {C} covariance per image, "
+            f"{8 * C * C / 2**30:.1f} GiB each), more than the {limit / 2**30:.1f} GiB of "
+            f"{'this GPU' if features.device.type == 'cuda' else 'this machine'}; reduce the channels "
+            "(e.g. by PCA) or the batch size")
 
 
 def stack_proposals(owner: torch.Tensor, value: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -51,17 +83,24 @@ def stack_proposals(owner: torch.Tensor, value: torch.Tensor, counts: torch.Tens
 
 
 def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_fraction: float = 0.95,
-                    max_masks: int | None = None, backend: str | None = None) -> PrincipalMasks:
+                    max_masks: int | None = DEFAULT_MAX_MASKS, backend: str | None = None) -> PrincipalMasks:
     """PriMaPs mask proposals of a batch of feature maps.
 
     Args:
-        features: float tensor (B, C, h, w), or (C, h, w) for B = 1; finite, |values| <= 1e15 (beyond,
-            float32 sums of squares overflow). Computed in float32.
+        features: float tensor (B, C, h, w), or (C, h, w) for B = 1, finite, on the CPU or a CUDA
+            device. Each image is first multiplied by a power of two that brings its largest |value|
+            into [0.5, 1) (exact: the result does not depend on the scale of the features), then
+            computed in float32.
         threshold: psi of the paper, in (0, 1]: a pixel joins a proposal when its cosine to the anchor
             is at least ``threshold`` times the largest one.
         stop_fraction: in (0, 1]: stop once this fraction of the pixels belongs to a proposal.
-        max_masks: optional cap on the number of proposals per image (>= 1).
-        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "reference".
+        max_masks: cap on the number of proposals per image, an int in [1, 2**63 - 1], or None for no
+            cap. The default, 254, keeps mask ids 1..254 and the background / ignore id 255 in one
+            uint8 label map (``pseudo_labels``' default ``ignore_index=255`` never clashes), and is far
+            above what real images give (a handful of proposals per 40x40 feature map); it bounds
+            degenerate inputs such as pure-noise features, where every proposal is one pixel (about
+            1500 proposals at 40x40 without a cap).
+        backend: None (C++ on CPU; CUDA C++ or Triton on CUDA), "cpu", "cuda", "triton" or "reference".
 
     Returns:
         ``PrincipalMasks(masks, counts)``: ``masks`` float32 (B, M, h, w) with ``M = max(counts)``
@@ -82,7 +121,9 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
        ``sim_p = 0`` where ``sim_p < threshold * max(sim)``, then ``sim /= max(sim)``; that is the proposal,
        and its support leaves ``remaining``.
 
-    Deliberate differences and degenerate cases (identical in every backend): no empty proposal is ever
+    Deliberate differences and degenerate cases (identical in every backend): the power-of-two scaling
+    above (the official ``F.normalize`` eps of 1e-12 is then relative to the image's largest value, not
+    absolute, for features whose norms are below it); no empty proposal is ever
     appended (the loop stops instead; the official loop appends empty/NaN ones until ``remaining`` has
     not changed for 3 iterations); when the covariance of the remaining features is ~0 (trace <= 1e-10
     times their mean squared norm: identical features, one pixel, all zero) ``v`` is their normalised
@@ -90,26 +131,33 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
     pixels never join a proposal.
 
     Backends: "reference" is the official algorithm with ``pca_lowrank`` (randomized, per-image Python
-    loop); "cpu" forms the covariance once per image (SYRK, float64 accumulation) and downdates it as
-    pixels leave, and finds ``v`` by block subspace iteration to a 1e-7 relative residual; "triton"
-    advances the whole batch together: covariances by one batched float64 matmul per step, ``v`` from
-    ``torch.linalg.eigh``, and Triton kernels for the per-pixel passes.
+    loop). The others form the covariance once per image (float64 accumulation) and downdate it as
+    pixels leave, and iterate ``v`` from the previous proposal's vectors to a residual
+    ``||A v - theta v|| <= 1e-7 theta``: "cpu" one image per thread with a locally optimal block method
+    (LOBPCG); "triton" the whole batch together, round by round, and "cuda" in one launch (a thread block
+    per image runs its whole loop), both with Chebyshev-filtered subspace iteration.
+
+    Memory: the C++ and GPU backends hold a float64 C x C matrix per image (per thread on the CPU, per
+    batch image on the GPU); an input that needs more than the device's memory is refused up front.
     """
     features = validate_args(features, threshold, stop_fraction, max_masks)
     backend = _dispatch.choose_backend(backend, features)
+    check_memory(features, backend)
     if backend != "cpu":
         _dispatch.check_tensor(features, "features", finite=True)
-        if float(features.abs().max()) > MAX_ABS:
-            raise ValueError(f"features: |value| above {MAX_ABS:g} (float32 sums of squares would overflow)")
+    if max_masks is not None:  # more proposals than pixels cannot happen
+        max_masks = min(max_masks, features.shape[2] * features.shape[3])
     if backend == "reference":
-        from primaps_fast.reference.primaps import principal_masks as ref
+        return _dispatch.reference("principal_masks")(features, threshold=threshold,
+                                                       stop_fraction=stop_fraction, max_masks=max_masks)
+    if backend in ("triton", "cuda"):
+        if backend == "cuda":
+            from primaps_fast.cuda.principal_masks import principal_masks_cuda as launcher
+        else:
+            from primaps_fast.triton.principal_masks import principal_masks_triton as launcher
 
-        return ref(features, threshold=threshold, stop_fraction=stop_fraction, max_masks=max_masks)
-    if backend == "triton":
-        from primaps_fast.triton.principal_masks import principal_masks_triton
-
-        owner, value, counts = principal_masks_triton(
-            features.float().contiguous(), float(threshold), float(stop_fraction), max_masks)
+        owner, value, counts = launcher(scaled_float32(features).contiguous(), float(threshold),
+                                        float(stop_fraction), max_masks)
         return PrincipalMasks(stack_proposals(owner, value, counts), counts)
     owner, value, counts = principal_masks_cpu(features, threshold, stop_fraction, max_masks)
     masks = torch.empty(owner.shape[0], max(1, int(counts.max())), *owner.shape[1:], dtype=torch.float32)
@@ -118,8 +166,12 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
 
 
 def principal_masks_cpu(features, threshold=0.4, stop_fraction=0.95, max_masks=None):
-    """C++ kernel call on a (B, C, h, w) tensor: owner (B, h, w) int64, value (B, h, w) float32, counts."""
-    x = features.detach().to(dtype=torch.float32).contiguous()
+    """C++ kernel call on a (B, C, h, w) tensor: owner (B, h, w) int64, value (B, h, w) float32, counts.
+    The kernel scales float32 images by their power of two itself; float64 ones are scaled before the
+    cast (which could otherwise overflow or underflow)."""
+    x = features.detach()
+    x = scaled_float32(x) if x.dtype == torch.float64 else x.to(dtype=torch.float32)
+    x = x.contiguous()
     B, _, h, w = x.shape
     owner = torch.empty(B, h, w, dtype=torch.int64)
     value = torch.empty(B, h, w, dtype=torch.float32)

@@ -5,7 +5,8 @@ import numpy as np
 import torch
 
 from primaps_fast import _dispatch
-from primaps_fast.ops.principal_masks import MAX_ABS, principal_masks, validate_args
+from primaps_fast.common import crf_image
+from primaps_fast.ops.principal_masks import principal_masks, validate_args
 
 
 def _check_args(images, features, threshold, ignore_index, crf_iterations):
@@ -50,8 +51,6 @@ def crf_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) images in BGR order, as the official CRF sees them: float images are
     un-normalised with the ImageNet mean/std, times 255, clamped to [0, 255] (the official cast wraps
     instead) and truncated; uint8 RGB images are used as they are."""
-    from primaps_fast.reference.primaps import crf_image
-
     return crf_image(images.detach()).flip(1).contiguous()
 
 
@@ -68,7 +67,7 @@ def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: fl
         ignore_index: label of background pixels; must not be one of the mask ids ``1..M``.
         crf: refine with the dense CRF (pydensecrf parameters of the official code) or not.
         crf_iterations: mean-field iterations (>= 1).
-        backend: None (C++ on CPU, Triton on CUDA), "cpu", "triton" or "reference".
+        backend: None (C++ on CPU; CUDA C++ or Triton on CUDA), "cpu", "cuda", "triton" or "reference".
 
     Returns:
         int64 ``(B, H, W)``: mask ids ``1..counts[b]`` and ``ignore_index`` for the background.
@@ -81,7 +80,7 @@ def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: fl
     maximum on ties); id 0 becomes ``ignore_index``. Images with different proposal counts keep their
     own label count.
 
-    Deliberate differences from the official code (also in ``primaps_fast.reference.primaps``): those of
+    Deliberate differences from the official code (also in ``primaps_fast.reference``): those of
     :func:`principal_masks`; the background sums over masks also when there is a single proposal (the
     official ``squeeze()`` makes it sum over rows); no NaN when no value is non-zero (the mean is taken
     as 0); float images are clamped to [0, 255] before the uint8 cast (the official wraps).
@@ -90,13 +89,11 @@ def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: fl
     backend = _dispatch.choose_backend(backend, images, features)
     (H, W) = images.shape[-2:]
     if backend == "reference":
-        from primaps_fast.reference.primaps import pseudo_labels as ref
-
         _dispatch.check_tensor(features, "features", finite=True)
-        if float(features.abs().max()) > MAX_ABS:
-            raise ValueError(f"features: |value| above {MAX_ABS:g} (float32 sums of squares would overflow)")
-        return ref(images, features, threshold=threshold, ignore_index=ignore_index, crf=crf,
-                   crf_iterations=crf_iterations)
+        return _dispatch.reference("pseudo_labels")(images, features, threshold=threshold, ignore_index=ignore_index,
+                                                     crf=crf, crf_iterations=crf_iterations)
+    if backend == "cuda":
+        raise _dispatch.cuda_not_wired("pseudo_labels")
     masks, counts = principal_masks(features, threshold=threshold, backend=backend)
     check_ignore_index(ignore_index, int(counts.max()))
     if backend == "triton":

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from primaps_fast.reference.train import assign_pseudo_labels, focal_loss
+from primaps_fast.reference.assign_pseudo_labels import assign_pseudo_labels
+from primaps_fast.reference.focal_loss import focal_loss
 
 
 def _fix_signs(directions: torch.Tensor) -> torch.Tensor:

@@ -3,26 +3,11 @@ upsampled scores (PyTorch's align_corners=False arithmetic, no (B, K, H, W) tens
 majority is a bincount over (image, mask, class) keys (CUDA; runs on the CPU with TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-
-def source_scale(size_in: int, size_out: int) -> float:
-    """``in / out`` rounded to float32 as PyTorch's area_pixel_compute_scale (float32 division)."""
-    return float(np.float32(size_in) / np.float32(size_out))
-
-
-@triton.jit
-def bilinear_taps(d, scale, size_in):
-    """Source taps of output indices ``d``: (i0, i1, l0, l1) of align_corners=False."""
-    src = scale * (d.to(tl.float32) + 0.5) - 0.5
-    src = tl.maximum(src, 0.0)
-    i0 = tl.minimum(src.to(tl.int32), size_in - 1)
-    i1 = tl.where(i0 < size_in - 1, i0 + 1, i0)
-    l1 = src - i0.to(tl.float32)
-    return i0, i1, 1.0 - l1, l1
+from primaps_fast.triton.bilinear import bilinear_sample, bilinear_taps, source_scale
 
 
 @triton.jit
@@ -32,20 +17,13 @@ def _argmax_kernel(x_ptr, out_ptr, K, h, w, H, W, scale_y, scale_x, BLOCK: tl.co
     inside = offs < H * W
     y = offs // W
     x = offs % W
-    y0, y1, hy0, hy1 = bilinear_taps(y, scale_y, h)
-    x0, x1, wx0, wx1 = bilinear_taps(x, scale_x, w)
+    y0, y1, hy0, hy1 = bilinear_taps(y, scale_y, h, H)
+    x0, x1, wx0, wx1 = bilinear_taps(x, scale_x, w, W)
     base = x_ptr + b * K * h * w
     best = tl.zeros([BLOCK], dtype=tl.int32)
     best_v = tl.full([BLOCK], float("-inf"), tl.float32)
     for k in range(K):
-        plane = base + k * h * w
-        a = tl.load(plane + y0 * w + x0, mask=inside, other=0.0)
-        c = tl.load(plane + y0 * w + x1, mask=inside, other=0.0)
-        d = tl.load(plane + y1 * w + x0, mask=inside, other=0.0)
-        e = tl.load(plane + y1 * w + x1, mask=inside, other=0.0)
-        top = wx0 * a + wx1 * c
-        bot = wx0 * d + wx1 * e
-        v = hy0 * top + hy1 * bot
+        v = bilinear_sample(base + k * h * w, y0, y1, x0, x1, hy0, hy1, wx0, wx1, w, inside)
         take = (v > best_v) | (k == 0)  # first maximum
         best = tl.where(take, k, best)
         best_v = tl.where(take, v, best_v)

@@ -1,6 +1,6 @@
 """Triton dense CRF (pydensecrf's v2 mean field) for CUDA tensors.
 
-The lattice is built with tensor ops (:func:`primaps_fast.reference.crf.build_lattice`: elementwise
+The lattice is built with tensor ops (:func:`primaps_fast.triton.lattice.build_lattice`: elementwise
 elevation, ``torch.unique`` for vertex ids, ``searchsorted`` on ``key +- delta`` for the blur
 neighbours; deterministic, no hash table). Each iteration runs three kinds of kernels: a CSR-gather
 splat (every vertex sums its pixels in pixel order, no atomics), one blur launch per lattice axis,
@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from primaps_fast.reference import crf as ref
+from primaps_fast.common import crf_unary
+from primaps_fast.triton.lattice import build_lattice, crf_features, normalisation
 
 
 @triton.jit
@@ -97,8 +98,8 @@ class _Kernel:
     """One pairwise kernel of an image: lattice, CSR splat list, neighbour tables, normalisation."""
 
     def __init__(self, features: torch.Tensor, compat: float):
-        lat = ref.build_lattice(features)
-        N, D = lat.offset.shape
+        lat = build_lattice(features)
+        D = lat.offset.shape[1]
         flat = lat.offset.reshape(-1)
         order = torch.sort(flat, stable=True).indices  # entries of a vertex stay in pixel order
         counts = torch.bincount(flat, minlength=lat.M)
@@ -110,9 +111,7 @@ class _Kernel:
         self.off = lat.offset.contiguous()
         self.bary = lat.weight.contiguous()
         self.M, self.D = lat.M, D
-        ones = torch.ones(N, 1, dtype=torch.float32, device=flat.device)
-        k1 = ref.lattice_filter(lat, ones, seq=True)[:, 0]
-        self.norm = (1.0 / torch.sqrt(k1.double() + 1e-20)).float().contiguous()
+        self.norm = normalisation(lat).contiguous()
         self.compat = compat
         self.alpha = 1.0 / (1.0 + 2.0 ** (-(D - 1)))
 
@@ -131,11 +130,11 @@ def _crf_one(image, probs, gauss, iterations, bi_sxy, bi_srgb, bi_compat):
     N = H * W
     V = max(2, triton.next_power_of_2(L))
     neg_u = torch.zeros(N, V, dtype=torch.float32, device=probs.device)
-    neg_u[:, :L] = -ref.unary_from_probs(probs).reshape(L, N).t()
+    neg_u[:, :L] = -crf_unary(probs).reshape(L, N).t()
     q = torch.zeros(N, V, dtype=torch.float32, device=probs.device)
     q[:, :L] = torch.softmax(neg_u[:, :L], dim=1)
     if iterations > 0:
-        kernels = [gauss, _Kernel(ref.crf_features(image, bi_sxy, bi_srgb), bi_compat)]
+        kernels = [gauss, _Kernel(crf_features(image, bi_sxy, bi_srgb), bi_compat)]
         bufs = [(torch.zeros(k.M + 1, V, device=probs.device), torch.zeros(k.M + 1, V, device=probs.device))
                 for k in kernels]
         g, b = kernels
@@ -152,6 +151,6 @@ def _crf_one(image, probs, gauss, iterations, bi_sxy, bi_srgb, bi_compat):
 def dense_crf_triton(images, probs, *, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
     """Triton backend of ``dense_crf_list`` (validated inputs): returns B float32 (L_b, H, W)."""
     # The Gaussian kernel depends only on the grid and pos_sxy: one lattice for the batch.
-    gauss = _Kernel(ref.crf_features(images[0], pos_sxy, None), pos_compat) if iterations > 0 else None
+    gauss = _Kernel(crf_features(images[0], pos_sxy, None), pos_compat) if iterations > 0 else None
     return [_crf_one(images[b], probs[b].float(), gauss, iterations, bi_sxy, bi_srgb, bi_compat)
             for b in range(images.shape[0])]

@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from primaps_fast.ops.focal_loss import class_weights
-from primaps_fast.triton.assign_pseudo_labels import bilinear_taps, source_scale
+from primaps_fast.common import class_weights
+from primaps_fast.triton.bilinear import bilinear_sample, bilinear_taps, source_scale
 
 
 @triton.jit
@@ -18,19 +18,14 @@ def _upsampled_tile(x_ptr, b, K, h, w, H, W, scale_y, scale_x, offs, BLOCK_K: tl
     inside = offs < H * W
     y = offs // W
     x = offs % W
-    y0, y1, hy0, hy1 = bilinear_taps(y, scale_y, h)
-    x0, x1, wx0, wx1 = bilinear_taps(x, scale_x, w)
+    y0, y1, hy0, hy1 = bilinear_taps(y, scale_y, h, H)
+    x0, x1, wx0, wx1 = bilinear_taps(x, scale_x, w, W)
     k = tl.arange(0, BLOCK_K)
     kin = k < K
     m = inside[:, None] & kin[None, :]
     plane = x_ptr + b * K * h * w + k[None, :] * h * w
-    a = tl.load(plane + (y0 * w + x0)[:, None], mask=m, other=0.0)
-    c = tl.load(plane + (y0 * w + x1)[:, None], mask=m, other=0.0)
-    d = tl.load(plane + (y1 * w + x0)[:, None], mask=m, other=0.0)
-    e = tl.load(plane + (y1 * w + x1)[:, None], mask=m, other=0.0)
-    top = wx0[:, None] * a + wx1[:, None] * c
-    bot = wx0[:, None] * d + wx1[:, None] * e
-    up = hy0[:, None] * top + hy1[:, None] * bot
+    up = bilinear_sample(plane, y0[:, None], y1[:, None], x0[:, None], x1[:, None], hy0[:, None], hy1[:, None],
+                         wx0[:, None], wx1[:, None], w, m)
     up = tl.where(kin[None, :], up, float("-inf"))
     return up, inside, m, k, y0, y1, x0, x1, hy0, hy1, wx0, wx1
 
@@ -88,7 +83,7 @@ _BLOCK = 64
 
 class _FocalLossTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, gamma, ignore_index):
+    def forward(ctx, logits, target, gamma, ignore_index, class_stats):
         x = logits.detach().to(torch.float32).contiguous()
         t = target.to(torch.int64).contiguous()
         B, K, h, w = x.shape
@@ -99,7 +94,10 @@ class _FocalLossTriton(torch.autograd.Function):
         sy, sx = source_scale(h, H), source_scale(w, W)
         part = torch.empty(B, grid[1], block_k, dtype=torch.float32, device=x.device)
         _confidence_kernel[grid](x, part, K, h, w, H, W, sy, sx, BLOCK=_BLOCK, BLOCK_K=block_k)
-        weight = class_weights(part[..., :K].double().sum(1), n, gamma).contiguous()
+        sums = part[..., :K].double().sum(1)
+        if class_stats is not None:  # a batch split across calls: its statistics and pixel count
+            sums, n = class_stats(sums, n)
+        weight = class_weights(sums, n, gamma).contiguous()
         loss = torch.empty(B, H, W, dtype=torch.float32, device=x.device)
         with_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(x) if with_grad else x  # never written without WITH_GRAD
@@ -112,9 +110,11 @@ class _FocalLossTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output).to(grad_output.dtype), None, None, None
+        return (grad * grad_output).to(grad_output.dtype), None, None, None, None
 
 
-def focal_loss_triton(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int) -> torch.Tensor:
-    """focal_loss on validated inputs (``target`` ids in ``[0, K)`` or ``ignore_index``); differentiable."""
-    return _FocalLossTriton.apply(logits, target, gamma, ignore_index)
+def focal_loss_triton(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int,
+                      class_stats=None) -> torch.Tensor:
+    """focal_loss on validated inputs (``target`` ids in ``[0, K)`` or ``ignore_index``); differentiable.
+    ``class_stats``: as ``focal_loss``'s (checked by it)."""
+    return _FocalLossTriton.apply(logits, target, gamma, ignore_index, class_stats)

@@ -1,22 +1,65 @@
 """Triton backend of principal_masks (CUDA; runs on the CPU with TRITON_INTERPRET=1 for tests).
 
-All images of the batch advance together, one proposal per step, until every image has stopped:
-- covariance of each image's remaining pixels: one batched float64 matmul (``torch.bmm``) of the
-  features shifted by the image mean, masked by the remaining set;
-- top eigenvector: batched ``torch.linalg.eigh`` (exact, deterministic) or, when the covariance is
-  degenerate, the normalised mean (same rule as the reference);
-- Triton kernels for the per-pixel passes: cosine of every pixel's normalised feature to a per-image
-  vector (used for the principal direction, then for the anchor), and the fused selection
-  (threshold, normalisation, owner/value write, update of the remaining set).
+All images of the batch advance together, one proposal per round, until every image has stopped:
+
+- the scatter ``S`` (float64, B x C x C) of each image's features, shifted by the image mean, over its
+  remaining pixels: ``_scatter_kernel`` forms it once; then each round subtracts the outer products of
+  the pixels the round removed, or, for an image that removed more pixels than remain, recomputes it
+  from the remaining ones (the C++ backend's rule). float32 products of blocks of pixels, accumulated
+  in float64; blocks without a selected pixel are skipped;
+- the top eigenvector of ``cov = S / n - m m^T`` by Chebyshev-filtered block subspace iteration (8
+  vectors per image, batched over the images with ``torch.bmm`` in float64 and 8 x 8 ``eigh`` for the
+  Rayleigh-Ritz step), warm-started from the last round's Ritz vectors, until every active image passes
+  the C++ backend's convergence test ``||A u - theta u|| <= 1e-7 theta``. The Chebyshev degree, the test
+  and the degenerate-covariance rule restate ``csrc/principal_masks.h``;
+- the per-pixel passes in Triton: cosine of every pixel's normalised feature to a per-image vector (the
+  direction, then the anchor; the anchor is the first maximum of ``|cos|``), and the fused selection
+  (threshold, normalisation, owner/value, update of the remaining set, the removed-pixel mask for S).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from primaps_fast.reference.primaps import DEGENERATE_RTOL
+from primaps_fast.common import DEGENERATE_RTOL
+
+BLOCK_VECTORS = 8  # Ritz block (csrc/principal_masks.h kBlockVectors)
+EIG_TOL = 1e-7  # kEigTol
+MAX_EIG_ITERATIONS = 200  # kMaxEigIterations
+MAX_DEGREE = 16  # kMaxDegree
+MAX_AMPLIFICATION = 1e12  # kMaxAmplification
+
+
+@triton.jit
+def _scatter_kernel(y_ptr, sel_ptr, sign_ptr, s_ptr, C, N,
+                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
+    """S[b, i, j] += sign[b] * sum_p sel[b, p] y[b, i, p] y[b, j, p] on one (BLOCK_I, BLOCK_J) tile."""
+    b = tl.program_id(0)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_i = offs_i < C
+    mask_j = offs_j < C
+    acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float64)
+    for p0 in range(0, N, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < N
+        sel = tl.load(sel_ptr + b * N + offs_p, mask=mask_p, other=0)
+        if tl.max(sel, axis=0) != 0:
+            w = tl.where(sel != 0, 1.0, 0.0)
+            yi = tl.load(y_ptr + b * C * N + offs_i[:, None] * N + offs_p[None, :],
+                         mask=mask_i[:, None] & mask_p[None, :], other=0.0)
+            yj = tl.load(y_ptr + b * C * N + offs_j[:, None] * N + offs_p[None, :],
+                         mask=mask_j[:, None] & mask_p[None, :], other=0.0)
+            part = tl.dot(yi * w[None, :], tl.trans(yj), input_precision="ieee")
+            acc += part.to(tl.float64)
+    sign = tl.load(sign_ptr + b)
+    ptrs = s_ptr + b * C * C + offs_i[:, None] * C + offs_j[None, :]
+    tile = mask_i[:, None] & mask_j[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=tile, other=0.0) + sign * acc, mask=tile)
 
 
 @triton.jit
@@ -39,10 +82,10 @@ def _cosine_kernel(fn_ptr, u_ptr, rem_ptr, out_ptr, C, N,
 
 
 @triton.jit
-def _select_kernel(sim_ptr, mx_ptr, active_ptr, index_ptr, rem_ptr, owner_ptr, value_ptr, threshold, N,
-                   BLOCK_P: tl.constexpr):
-    """Proposal of every active image: sim >= threshold * max -> value sim / max, owner = index,
-    pixel leaves the remaining set."""
+def _select_kernel(sim_ptr, mx_ptr, active_ptr, index_ptr, rem_ptr, owner_ptr, value_ptr, removed_ptr,
+                   threshold, N, BLOCK_P: tl.constexpr):
+    """Proposal of every active image (csrc/principal_masks.h proposal_value): value sim / max where
+    sim >= threshold * max, owner = index; the pixel leaves the remaining set and is marked removed."""
     b = tl.program_id(0)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < N
@@ -51,12 +94,12 @@ def _select_kernel(sim_ptr, mx_ptr, active_ptr, index_ptr, rem_ptr, owner_ptr, v
     k = tl.load(index_ptr + b)
     sim = tl.load(sim_ptr + b * N + offs_p, mask=mask_p, other=0.0)
     rem = tl.load(rem_ptr + b * N + offs_p, mask=mask_p, other=0)
-    cut = threshold * mx
-    val = sim / tl.where(mx > 0.0, mx, 1.0)  # inactive images may have mx == 0
-    take = mask_p & (active != 0) & (rem != 0) & (sim >= cut) & (val > 0.0)
+    val = tl.where(sim >= threshold * mx, sim / tl.where(mx > 0.0, mx, 1.0), 0.0)  # inactive: mx may be 0
+    take = mask_p & (active != 0) & (rem != 0) & (val > 0.0)
     tl.store(owner_ptr + b * N + offs_p, k, mask=take)
     tl.store(value_ptr + b * N + offs_p, val, mask=take)
     tl.store(rem_ptr + b * N + offs_p, tl.zeros([BLOCK_P], dtype=tl.int8), mask=take)
+    tl.store(removed_ptr + b * N + offs_p, take.to(tl.int8), mask=mask_p)
 
 
 def _blocks(C):
@@ -72,53 +115,110 @@ def _cosine(fn, u, remaining):
     return out
 
 
-def _directions(y, x_mean, remaining):
-    """Top principal direction (B, C) float32 of each image's remaining pixels (y: (B, C, N) float64,
-    shifted by x_mean (B, C) float64)."""
-    r = remaining.to(torch.float64)[:, None, :]
-    n = r.sum(-1).clamp_min(1)  # (B, 1)
-    ym = y * r
-    mean = ym.sum(-1) / n  # (B, C)
-    cov = torch.bmm(ym, y.transpose(1, 2)) / n[:, :, None] - mean[:, :, None] * mean[:, None, :]
-    trace = cov.diagonal(dim1=1, dim2=2).sum(-1)
-    mean_x = mean + x_mean
-    mean_sq = trace + (mean_x * mean_x).sum(-1)
-    degenerate = trace <= DEGENERATE_RTOL * mean_sq
-    vecs = torch.linalg.eigh(torch.where(degenerate[:, None, None], torch.eye(cov.shape[1], dtype=cov.dtype,
-                                                                               device=cov.device), cov))[1]
-    v = torch.where(degenerate[:, None], F.normalize(mean_x, dim=1), vecs[:, :, -1])
-    return v.float()
+def scatter_(S, y, sel, sign):
+    """S (B, C, C) float64 += sign[b] * sum over the pixels with sel[b, p] != 0 of y_p y_p^T
+    (y (B, C, N) float32, sel (B, N) int8, sign (B,) float64)."""
+    B, C, N = y.shape
+    bi = 32 if C > 16 else 16
+    _scatter_kernel[(B, triton.cdiv(C, bi), triton.cdiv(C, bi))](y, sel, sign, S, C, N,
+                                                                BLOCK_I=bi, BLOCK_J=bi, BLOCK_P=32)
+
+
+def chebyshev_degree(res, theta, low):
+    """csrc/principal_masks.h chebyshev_degree on tensors: 0 = plain power step."""
+    ok = (low > 1e-3 * theta) & (theta > low * (1.0 + 1e-9))
+    x0 = torch.where(ok, 2.0 * theta / torch.where(ok, low, 1.0) - 1.0, 2.0)
+    rate = torch.acosh(x0)
+    want = (res / (EIG_TOL * theta)).clamp_min(1.0)
+    d = torch.ceil(torch.acosh(want) / rate)
+    d = torch.minimum(d, torch.floor(math.acosh(MAX_AMPLIFICATION) / rate)).clamp(1, MAX_DEGREE)
+    return torch.where(ok, d, 0.0).to(torch.int64)
+
+
+def top_vectors(A, V, todo):
+    """Top eigenvector (B, C) of each symmetric PSD A[b] (B, C, C) float64 where todo[b], by
+    Chebyshev-filtered subspace iteration from the block V (B, C, k), which is updated in place to the
+    Ritz vectors (the next warm start). Images not in todo keep V and get a zero vector."""
+    B, C, k = V.shape
+    v = torch.zeros(B, C, dtype=A.dtype, device=A.device)
+    todo = todo.clone()
+    X = torch.linalg.qr(V).Q
+    W = torch.bmm(A, X)
+    for it in range(MAX_EIG_ITERATIONS):
+        H = torch.bmm(X.transpose(1, 2), W)
+        lam, Q = torch.linalg.eigh(0.5 * (H + H.transpose(1, 2)))
+        lam, Q = lam.flip(-1), Q.flip(-1)  # descending
+        U, AU = torch.bmm(X, Q), torch.bmm(W, Q)
+        res = (AU[:, :, 0] - lam[:, :1] * U[:, :, 0]).norm(dim=1)
+        done = todo & ((res <= EIG_TOL * lam[:, 0].abs()) | (it + 1 >= MAX_EIG_ITERATIONS))
+        v = torch.where(done[:, None], U[:, :, 0], v)
+        V.copy_(torch.where(done[:, None, None], U, V))
+        todo &= ~done
+        degree = torch.where(todo, chebyshev_degree(res, lam[:, 0], lam[:, -1]), 0)
+        state = torch.stack([todo.any().to(torch.int64), degree.max()]).tolist()  # one sync per step
+        if not state[0]:
+            break
+        s = (2.0 / torch.where(degree > 0, lam[:, -1], 1.0))[:, None, None]
+        Y0, Y1 = U, s * AU - U
+        for j in range(2, state[1] + 1):
+            Y2 = 2.0 * (s * torch.bmm(A, Y1) - Y1) - Y0
+            step = (degree >= j)[:, None, None]
+            Y0, Y1 = torch.where(step, Y1, Y0), torch.where(step, Y2, Y1)
+        X = torch.where((degree > 0)[:, None, None], Y1, AU)  # degree 0: plain power step
+        X = torch.where(todo[:, None, None], torch.linalg.qr(X).Q, U)
+        W = torch.bmm(A, X)
+    return v
 
 
 def principal_masks_triton(features, threshold, stop_fraction, max_masks):
-    """features (B, C, h, w) float32 contiguous -> owner (B, h, w) int64, value (B, h, w) float32,
-    counts (B,) int64 (the disjoint-proposal form that ops.principal_masks stacks)."""
+    """features (B, C, h, w) float32 contiguous, each image already scaled by its power of two ->
+    owner (B, h, w) int64, value (B, h, w) float32, counts (B,) int64 (the disjoint-proposal form that
+    ops.principal_masks stacks)."""
     B, C, h, w = features.shape
     N = h * w
     dev = features.device
     x = features.reshape(B, C, N)
     fn = F.normalize(x, dim=1).contiguous()
-    x64 = x.double()
-    x_mean = x64.mean(-1)
-    y = x64 - x_mean[:, :, None]
+    x_mean = x.double().mean(-1)  # (B, C)
+    y = (x.double() - x_mean[:, :, None]).float().contiguous()
     remaining = torch.ones(B, N, dtype=torch.int8, device=dev)
+    removed = torch.empty(B, N, dtype=torch.int8, device=dev)
     owner = torch.full((B, N), -1, dtype=torch.int64, device=dev)
     value = torch.zeros(B, N, dtype=torch.float32, device=dev)
     counts = torch.zeros(B, dtype=torch.int64, device=dev)
-    active = torch.ones(B, dtype=torch.bool, device=dev)
+    n_rem = torch.full((B,), N, dtype=torch.int64, device=dev)
+    S = torch.zeros(B, C, C, dtype=torch.float64, device=dev)
+    scatter_(S, y, remaining, torch.ones(B, dtype=torch.float64, device=dev))
+    sums = y.double().sum(-1)  # channel sums of y over the remaining pixels
+    k = min(BLOCK_VECTORS, C)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    V = (torch.rand(C, k, generator=gen, dtype=torch.float64) * 2 - 1).to(dev).expand(B, C, k).contiguous()
     stop = torch.tensor(stop_fraction, dtype=torch.float32, device=dev)
+    cap = max_masks if max_masks is not None else N
     _, block_p = _blocks(C)
     grid = (B, triton.cdiv(N, block_p))
+
+    def keep_going():  # csrc/principal_masks.h keep_going
+        return ((N - n_rem).float() / N < stop) & (counts < cap)
+
+    active = torch.ones(B, dtype=torch.bool, device=dev)
     while True:
-        removed = (remaining == 0).sum(-1)
-        active &= removed.float() / N < stop  # float32, as the official loop test
-        if max_masks is not None:
-            active &= counts < max_masks
+        active &= keep_going()
         if not bool(active.any()):
             break
-        v = _directions(y, x_mean, remaining)
+        n = n_rem.clamp_min(1).double()
+        mean = sums / n[:, None]
+        A = S / n[:, None, None] - mean[:, :, None] * mean[:, None, :]
+        # exactly symmetric: the tiles (I, J) and (J, I) of S round differently, and an asymmetry at the
+        # level of the tolerance would stall the residual test
+        A = 0.5 * (A + A.transpose(1, 2))
+        trace = A.diagonal(dim1=1, dim2=2).sum(-1)
+        mean_x = mean + x_mean
+        degenerate = trace <= DEGENERATE_RTOL * (trace + (mean_x * mean_x).sum(-1))
+        v = top_vectors(A, V, active & ~degenerate)
+        v = torch.where(degenerate[:, None], F.normalize(mean_x, dim=1), v).float()
         cos = _cosine(fn, v, remaining).abs()
-        best, anchor = cos.max(-1)  # first maximum: the sign fix of DESIGN.md section 2
+        best, anchor = cos.max(-1)  # first maximum: the sign fix of docs/design.md
         active &= best > 0  # v orthogonal to every remaining feature: stop
         a = fn.gather(2, anchor.view(B, 1, 1).expand(B, C, 1))[:, :, 0]  # (B, C)
         sim = _cosine(fn, a, remaining)
@@ -127,6 +227,18 @@ def principal_masks_triton(features, threshold, stop_fraction, max_masks):
         if not bool(active.any()):
             break
         _select_kernel[grid](sim, mx.contiguous(), active.to(torch.int8), counts.clone(), remaining, owner,
-                             value, threshold, N, BLOCK_P=block_p)
+                             value, removed, threshold, N, BLOCK_P=block_p)
         counts += active.to(torch.int64)
+        taken = removed.sum(-1, dtype=torch.int64)
+        n_rem -= taken
+        # S and the sums of the images that go on: subtract the removed pixels, or recompute from the
+        # remaining ones when fewer remain
+        go_on = active & (n_rem > 0) & keep_going()
+        recompute = go_on & (taken > n_rem)
+        sel = torch.where(recompute[:, None], remaining, removed) * go_on[:, None].to(torch.int8)
+        S.masked_fill_(recompute[:, None, None], 0.0)
+        sign = torch.where(recompute, 1.0, -1.0).double()
+        scatter_(S, y, sel.contiguous(), sign)
+        part = (y.double() * sel[:, None, :]).sum(-1)
+        sums = torch.where(recompute[:, None], part, sums - torch.where(go_on[:, None], part, 0.0))
     return owner.view(B, h, w), value.view(B, h, w), counts

@@ -12,30 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _bilinear(src_ptr, y0, y1, x0, x1, wy0, wy1, wx0, wx1, w, mask):
-    # the order of ATen's upsample_bilinear2d: interpolate along the row, then between the rows
-    t0 = tl.load(src_ptr + y0 * w + x0, mask=mask, other=0.0) * wx0 + \
-        tl.load(src_ptr + y0 * w + x1, mask=mask, other=0.0) * wx1
-    t1 = tl.load(src_ptr + y1 * w + x0, mask=mask, other=0.0) * wx0 + \
-        tl.load(src_ptr + y1 * w + x1, mask=mask, other=0.0) * wx1
-    return t0 * wy0 + t1 * wy1
-
-
-@triton.jit
-def _source(o, n_in, n_out, scale):
-    # ATen area_pixel_compute_source_index + guard_index_and_lambda (align_corners=False)
-    src = scale * (o.to(tl.float32) + 0.5) - 0.5
-    src = tl.maximum(src, 0.0)
-    i0 = tl.minimum(tl.floor(src).to(tl.int32), n_in - 1)
-    lam = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
-    i1 = tl.where(i0 < n_in - 1, i0 + 1, i0)
-    same = n_in == n_out
-    i0 = tl.where(same, o, i0)
-    i1 = tl.where(same, o, i1)
-    lam = tl.where(same, 0.0, lam)
-    return i0, i1, 1.0 - lam, lam
+from primaps_fast.triton.bilinear import bilinear_sample, bilinear_taps, source_scale
 
 
 @triton.jit
@@ -46,21 +23,21 @@ def _upsample_kernel(logits_ptr, counts_ptr, labels_ptr, probs_ptr, L_max, h, w,
     inside = offs < H * W
     oy = offs // W
     ox = offs % W
-    y0, y1, wy0, wy1 = _source(oy, h, H, scale_y)
-    x0, x1, wx0, wx1 = _source(ox, w, W, scale_x)
+    y0, y1, wy0, wy1 = bilinear_taps(oy, scale_y, h, H)
+    x0, x1, wx0, wx1 = bilinear_taps(ox, scale_x, w, W)
     L = tl.load(counts_ptr + b) + 1
     base = logits_ptr + b * L_max * h * w
-    best = _bilinear(base, y0, y1, x0, x1, wy0, wy1, wx0, wx1, w, inside)
+    best = bilinear_sample(base, y0, y1, x0, x1, wy0, wy1, wx0, wx1, w, inside)
     arg = tl.zeros([BLOCK], dtype=tl.int64)
     for l in range(1, L):
-        v = _bilinear(base + l * h * w, y0, y1, x0, x1, wy0, wy1, wx0, wx1, w, inside)
+        v = bilinear_sample(base + l * h * w, y0, y1, x0, x1, wy0, wy1, wx0, wx1, w, inside)
         arg = tl.where(v > best, l, arg)  # strict: the first maximum wins ties
         best = tl.maximum(best, v)
     if WRITE_PROBS:
         out = probs_ptr + b * L_max * H * W + offs
         total = tl.zeros([BLOCK], dtype=tl.float32)
         for l in range(0, L):
-            v = _bilinear(base + l * h * w, y0, y1, x0, x1, wy0, wy1, wx0, wx1, w, inside)
+            v = bilinear_sample(base + l * h * w, y0, y1, x0, x1, wy0, wy1, wx0, wx1, w, inside)
             e = tl.exp(v - best)
             total += e
             tl.store(out + l * H * W, e, mask=inside)
@@ -94,8 +71,8 @@ def _launch(logits, counts, size, labels, probs, ignore_index):
     grid = (B, triton.cdiv(H * W, block))
     write_probs = probs is not None
     _upsample_kernel[grid](logits.contiguous(), counts.contiguous(), labels if labels is not None else probs,
-                           probs if write_probs else labels, L_max, h, w, H, W, float(h) / H, float(w) / W,
-                           ignore_index, WRITE_PROBS=write_probs, BLOCK=block)
+                           probs if write_probs else labels, L_max, h, w, H, W, source_scale(h, H),
+                           source_scale(w, W), ignore_index, WRITE_PROBS=write_probs, BLOCK=block)
 
 
 def mask_labels_triton(filtered, counts, size, ignore_index):

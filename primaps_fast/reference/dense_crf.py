@@ -5,13 +5,13 @@ probabilities to [1e-5, 1], -log), ``addPairwiseGaussian(sxy, compat)``,
 ``addPairwiseBilateral(sxy, srgb, rgbim, compat)``, ``inference(n)``. Both kernels use the
 permutohedral lattice of Adams et al. (2010) with symmetric normalisation through the lattice
 (``norm = 1/sqrt(K 1 + 1e-20)``, ``K~ Q = norm * K(norm * Q)``), Potts compatibility ``-w``, and
-parallel (Jacobi) updates ``Q <- softmax(-U + w_g K~_g Q + w_b K~_b Q)``. See shared/CRF.md.
+parallel (Jacobi) updates ``Q <- softmax(-U + w_g K~_g Q + w_b K~_b Q)``. See docs/dense_crf.md.
 
 The lattice is built with tensor ops only (no hash table): float32 elevation exactly as the SSE
 code (round half to even, strict ``<`` rank, barycentric weights with wrap-around), integer keys
 packed into int64 with a range check, ``torch.unique`` for the vertex ids and ``searchsorted`` on
-``key +- delta`` for the one-ring blur neighbours. :func:`build_lattice` works on any device and is
-shared with the Triton backend. Slow (per-image Python loop) but simple.
+``key +- delta`` for the one-ring blur neighbours. Slow (per-image Python loop) but simple. The Triton
+backend builds its lattice with its own code (``primaps_fast/triton/lattice.py``), so this one checks it.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-CLIP = 1e-5  # pydensecrf.utils.unary_from_softmax
+from primaps_fast.common import CRF_CLIP
 
 
 class Lattice(NamedTuple):
@@ -164,7 +164,7 @@ def crf_features(image: torch.Tensor, sxy: float, srgb: float | None) -> torch.T
 
 def unary_from_probs(probs: torch.Tensor) -> torch.Tensor:
     """``-log(clip(p, 1e-5, 1))`` in float32 (pydensecrf.utils.unary_from_softmax)."""
-    return -torch.log(probs.float().clamp(CLIP, 1.0))
+    return -torch.log(probs.float().clamp(CRF_CLIP, 1.0))
 
 
 def _crf_one(image, probs, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
@@ -190,9 +190,9 @@ def _crf_one(image, probs, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_
     return q.t().reshape(L, H, W).contiguous()
 
 
-def dense_crf_probs(images, probs, *, iterations=10, pos_sxy=1.0, pos_compat=3.0, bi_sxy=67.0,
+def dense_crf_list(images, probs, *, iterations=10, pos_sxy=1.0, pos_compat=3.0, bi_sxy=67.0,
                     bi_srgb=3.0, bi_compat=4.0):
-    """Reference of ``primaps_fast.ops.dense_crf.dense_crf_list``: uint8 ``images`` (B, 3, H, W) and a
+    """Reference of :func:`primaps_fast.dense_crf_list`: uint8 ``images`` (B, 3, H, W) and a
     sequence of B probability tensors (L_b, H, W); returns B float32 tensors (L_b, H, W)."""
     return [_crf_one(images[b], probs[b].float(), iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb,
                      bi_compat) for b in range(images.shape[0])]
@@ -208,6 +208,6 @@ def dense_crf(images, logits, *, iterations=10, pos_sxy=1.0, pos_compat=3.0, bi_
     if tuple(x.shape[-2:]) != (H, W):
         x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
     probs = torch.softmax(x, dim=1)
-    out = dense_crf_probs(images, list(probs), iterations=iterations, pos_sxy=pos_sxy,
+    out = dense_crf_list(images, list(probs), iterations=iterations, pos_sxy=pos_sxy,
                           pos_compat=pos_compat, bi_sxy=bi_sxy, bi_srgb=bi_srgb, bi_compat=bi_compat)
     return torch.stack(out)

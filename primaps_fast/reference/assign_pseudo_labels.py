@@ -1,10 +1,10 @@
-"""Reference PriMaPs-EM E-step labels and M-step loss: a plain-PyTorch port of the official
-``training_step`` pseudo-label loop and ``FocalLoss`` (github visinf/primaps, ``train.py``).
+"""Reference PriMaPs-EM E-step: a plain-PyTorch port of the official ``training_step`` pseudo-label loop
+(github visinf/primaps, ``train.py``: per-pixel argmax, then ``cls[fill].mode()`` per PriMaPs mask).
 
-Both take the class scores at feature resolution ``(B, K, h, w)`` and upsample them with
+It takes the class scores at feature resolution ``(B, K, h, w)`` and upsamples them with
 ``F.interpolate(mode="bilinear", align_corners=False)`` to the label size, as the official code does
-with the features before its 1x1 conv head (a 1x1 conv commutes with bilinear upsampling, DESIGN.md
-section 3). Slow and literal on purpose: it is the oracle for the tests and the benchmark baseline.
+with the features before its 1x1 conv head (a 1x1 conv commutes with bilinear upsampling, docs/design.md).
+Slow and literal on purpose: it is the oracle for the tests and the benchmark baseline.
 
 Ties: the official ``cls[fill].mode()`` leaves the winner among classes with equal counts to
 ``torch.mode``'s implementation, which is not documented; on CPU it returns the smallest tied value
@@ -50,26 +50,3 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *,
             pseudo[fill] = int(counts.argmax())  # first maximum: the smallest class id
         out.append(pseudo)
     return torch.stack(out)
-
-
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0,
-               ignore_index: int = 255) -> torch.Tensor:
-    """The official ``FocalLoss`` on the bilinearly upsampled logits (differentiable in ``logits``).
-
-    Args:
-        logits: float ``(B, K, h, w)`` class scores at feature resolution.
-        target: int64 ``(B, H, W)`` class ids, ``ignore_index`` for unlabelled pixels.
-        gamma: focal exponent of the class weights.
-        ignore_index: target value whose pixels contribute 0 (but still count in the mean).
-
-    Returns:
-        scalar: ``mean over all B*H*W pixels of w_t * CE(up, t)`` (0 for ignored pixels), where
-        ``up = F.interpolate(logits, (H, W), bilinear, align_corners=False)`` and the class weights
-        ``w_k = (1 - mean softmax(up)_k over all pixels) ** gamma`` are detached.
-    """
-    up = F.interpolate(logits, tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
-    k = up.shape[1]
-    mean_conf = up.detach().softmax(1).permute(1, 0, 2, 3).reshape(k, -1).mean(dim=1)
-    weight = (1 - mean_conf) ** gamma
-    return F.cross_entropy(up, target.long(), weight=weight, ignore_index=ignore_index,
-                           reduction="none").mean()
