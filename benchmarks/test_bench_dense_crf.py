@@ -1,31 +1,53 @@
-"""dense_crf on 320x320 synthetic scenes (BGR), 7 labels, 10 iterations: pydensecrf2 (one image at a time,
-as the official code) vs the reference port vs C++ vs Triton (CUDA only), one image and a batch of 8.
+"""dense_crf, 10 iterations: pydensecrf2 (one image at a time, one thread, as the official code) against
+the C++ kernel, after checking that they agree.
 
-What bounds the C++ time: gathers of label rows (32 B with 7 labels padded to 8) through the lattice:
-per iteration (d+1) N splat + (d+1) N slice + 2 (d+1) M blur reads per kernel (about 2.6 M row reads
-for a clean 320x320 scene), i.e. memory latency; the arithmetic (4-lane vectors, a vectorised expf) is
-minor. Building the bilateral lattice (elevation, hash table, CSR list, neighbour lookups) is about 20 %
-of an image's time (16 ms of 82 ms on one thread; the Gaussian lattice is built once per batch).
+- Clean synthetic scenes, 320x320 (BGR), 7 labels, batches of 1 and 8: pydensecrf vs the reference port
+  vs C++ vs Triton (CUDA only); and a batch of smooth colour fields (large bilateral lattices).
+- Textured synthetic scenes (``make_scenes(texture=24)``: per-pixel colour texture, bilateral lattices of
+  about 3 vertices per pixel) and photographs bundled with scikit-image (``bench`` extra; ``astronaut``,
+  ``coffee``), 320-640 px, 3, 7 and 27 labels: pydensecrf against C++ on one thread (``cpu-1``) and on
+  every thread (``cpu-all``, ``torch.get_num_threads()``, one image). Each case prints its lattice sizes,
+  the argmax agreement and max |dQ| against pydensecrf, and the speed-up.
+
+With ``--benchmark-disable`` (CI) every case runs once, on images 4x smaller.
+
+Where the C++ time goes: moving label rows (V floats: labels padded to a multiple of 4) through the
+two lattices. Per iteration, per kernel with d+1 remainders and M vertices: a splat that gathers (d+1) N
+rows, d+1 blur passes over M rows (each reading two neighbours), a slice that gathers (d+1) N rows, and
+an update pass that exchanges two rows per pixel between the bilateral's pixel order and raster order.
+Textured images and photographs have bilateral lattices of 0.6-3.5 N vertices (clean scenes ~0.6 N),
+so the bilateral blur and the update's gathers dominate; building the lattices (elevation, radix sort of
+N (d+1) keys, neighbour merges) is 15-25 % of an image.
 """
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from primaps_fast import _dispatch
 from primaps_fast.data.synthetic import make_scenes
 from primaps_fast.ops.dense_crf import dense_crf_list
 from side_by_side import requires_cuda, time_side_by_side
 
 L = 7
+ALL_THREADS = torch.get_num_threads()
 
 
 @pytest.fixture(scope="module")
-def inputs():
-    s = make_scenes(8, image_size=320, seed=0)
+def shrink(request):
+    """4 when timings are off (CI runs every case once on smaller images), else 1."""
+    return 4 if request.config.getoption("benchmark_disable") else 1
+
+
+@pytest.fixture(scope="module")
+def inputs(shrink):
+    S = 320 // shrink
+    s = make_scenes(8, image_size=S, seed=0)
     images = s.images.flip(1).contiguous()  # BGR, as the official pipeline
     g = torch.Generator().manual_seed(0)
-    logits = F.avg_pool2d(F.pad(torch.randn(8, L, 40, 40, generator=g) * 2, (1, 1, 1, 1), mode="replicate"), 3, 1)
-    probs = torch.softmax(F.interpolate(logits * 3, size=(320, 320), mode="bilinear", align_corners=False), 1)
+    logits = F.avg_pool2d(F.pad(torch.randn(8, L, S // 8, S // 8, generator=g) * 2, (1, 1, 1, 1), mode="replicate"),
+                          3, 1)
+    probs = torch.softmax(F.interpolate(logits * 3, size=(S, S), mode="bilinear", align_corners=False), 1)
     return images, list(probs)
 
 
@@ -57,8 +79,8 @@ def _run(provider, images, probs):
 def test_dense_crf(benchmark, inputs, provider, batch):
     if provider == "reference" and batch == 8:
         pytest.skip("the reference is timed on one image only (several seconds per image)")
-    benchmark.group = f"dense_crf {batch}x320x320, {L} labels"
     images, probs = inputs[0][:batch], inputs[1][:batch]
+    benchmark.group = f"dense_crf {batch}x{images.shape[2]}x{images.shape[3]}, {L} labels"
     got = _run(provider, images, probs)
     if provider != "pydensecrf":  # agreement with the exact port before timing
         want = dense_crf_list(images[:1], probs[:1], backend="cpu")[0]
@@ -76,13 +98,83 @@ def test_dense_crf(benchmark, inputs, provider, batch):
 def test_dense_crf_large_lattice(benchmark, inputs, provider):
     """Batch of 8 smooth colour fields (bicubic from 10x10): every pixel lands in new bilateral simplices,
     ~378k vertices instead of ~65k, so the blur streams ~12 MB per axis and the time is memory bandwidth."""
-    benchmark.group = f"dense_crf 8x320x320 smooth images (large bilateral lattice), {L} labels"
+    S = inputs[0].shape[-1]
+    benchmark.group = f"dense_crf 8x{S}x{S} smooth images (large bilateral lattice), {L} labels"
     g = torch.Generator().manual_seed(3)
-    field = F.interpolate(torch.rand(8, 3, 10, 10, generator=g), size=(320, 320), mode="bicubic",
-                          align_corners=False)
+    field = F.interpolate(torch.rand(8, 3, 10, 10, generator=g), size=(S, S), mode="bicubic", align_corners=False)
     images = (field.clamp(0, 1) * 255).to(torch.uint8)
     probs = inputs[1]
     speedup = time_side_by_side(benchmark, lambda: _run(provider, images, probs), case="dense_crf_large",
                                 provider=provider, per=8, baseline="pydensecrf", warmup_rounds=1, rounds=3)
     if speedup is not None:
         print(f"\ndense_crf cpu, large lattices: {speedup:.2f}x pydensecrf")
+
+
+# (image, longer side in pixels, labels): the rows of the textured / photograph table.
+SCENES = [("textured", 320, 3), ("textured", 320, 7), ("textured", 320, 27), ("textured", 480, 7),
+          ("textured", 640, 7), ("astronaut", 320, 3), ("astronaut", 320, 7), ("astronaut", 320, 27),
+          ("coffee", 320, 3), ("astronaut", 480, 7), ("astronaut", 640, 3)]
+_scene_cache = {}
+
+
+def _scene(kind, size, labels):
+    """BGR image, smooth probabilities (logits at 1/8 resolution, upsampled), lattice sizes and
+    pydensecrf's marginals, computed once per case."""
+    key = (kind, size, labels)
+    if key not in _scene_cache:
+        if kind == "textured":
+            img = make_scenes(1, image_size=size, texture=24.0, seed=size).images[0]
+        else:
+            data = pytest.importorskip("skimage.data", reason="scikit-image (bench extra) provides the photographs")
+            x = torch.from_numpy(getattr(data, kind)()).permute(2, 0, 1).float()[None]
+            H, W = x.shape[-2:]
+            shape = (size, round(W * size / H)) if H >= W else (round(H * size / W), size)
+            img = F.interpolate(x, size=shape, mode="bilinear", align_corners=False, antialias=True)[0]
+            img = img.round().clamp(0, 255).to(torch.uint8)
+        img = img.flip(0).contiguous()
+        H, W = img.shape[1:]
+        g = torch.Generator().manual_seed(labels)
+        logits = F.avg_pool2d(F.pad(torch.randn(1, labels, max(1, H // 8), max(1, W // 8), generator=g) * 2,
+                                    (1, 1, 1, 1), mode="replicate"), 3, 1) * 3
+        probs = torch.softmax(F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False), 1)[0]
+        sizes = _dispatch.cpp().dense_crf_lattice_sizes(img[None].numpy(), 1.0, 67.0, 3.0, ALL_THREADS)
+        _scene_cache[key] = img, probs, sizes, _pydensecrf([img], [probs])[0]
+    return _scene_cache[key]
+
+
+def _cpu(image, probs, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return dense_crf_list(image[None], [probs], backend="cpu")[0]
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind,size,labels,provider",
+                         [(k, s, n, p) for k, s, n in SCENES for p in ("pydensecrf", "cpu-1", "cpu-all")])
+def test_dense_crf_scenes(benchmark, shrink, kind, size, labels, provider):
+    pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is the baseline of these cases")
+    img, probs, (m_gauss, (m_bil,)), want = _scene(kind, size // shrink, labels)
+    H, W = img.shape[1:]
+    benchmark.group = (f"dense_crf {kind} {H}x{W}, {labels} labels (lattices: Gaussian {m_gauss:,}, "
+                       f"bilateral {m_bil:,} vertices = {m_bil / (H * W):.2f} per pixel)")
+    benchmark.extra_info.update(vertices_gaussian=m_gauss, vertices_bilateral=m_bil)
+    threads = 1 if provider in ("pydensecrf", "cpu-1") else ALL_THREADS
+
+    def fn():
+        return _pydensecrf([img], [probs]) if provider == "pydensecrf" else _cpu(img, probs, threads)
+
+    if provider != "pydensecrf":  # agreement with pydensecrf before timing
+        got = fn()
+        agree = (got.argmax(0) == want.argmax(0)).float().mean().item()
+        max_dq = (got - want).abs().max().item()
+        benchmark.extra_info.update(agreement=agree, max_dq=max_dq)
+        assert agree >= 0.995 and max_dq < 1e-3, (agree, max_dq)
+    speedup = time_side_by_side(benchmark, fn, case=(kind, size, labels), provider=provider, baseline="pydensecrf",
+                                warmup_rounds=0 if provider == "pydensecrf" else 1, rounds=3)
+    if speedup is not None:
+        print(f"\ndense_crf {kind} {H}x{W} L={labels} {provider} ({threads} thread{'s' * (threads > 1)}): "
+              f"{benchmark.extra_info['ms_per_image']:.0f} ms, {speedup:.2f}x pydensecrf; agreement "
+              f"{benchmark.extra_info['agreement']:.5f}, max |dQ| {benchmark.extra_info['max_dq']:.1e}; "
+              f"vertices {m_gauss:,} Gaussian, {m_bil:,} bilateral")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import primaps_fast
+from primaps_fast import _dispatch
 from primaps_fast.data.synthetic import make_scenes
 from primaps_fast.ops.dense_crf import dense_crf_list
 
@@ -46,6 +47,29 @@ def agreement(a, b):
     return (a.argmax(0) == b.argmax(0)).float().mean().item()
 
 
+def smooth_probs(H, W, L, seed):
+    """Softmax of smooth logits at 1/8 resolution, upsampled bilinearly (as PriMaPs' CRF inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    lg = F.avg_pool2d(F.pad(torch.randn(1, L, max(1, H // 8), max(1, W // 8), generator=g) * 2, (1, 1, 1, 1),
+                            mode="replicate"), 3, 1) * 3
+    return torch.softmax(F.interpolate(lg, size=(H, W), mode="bilinear", align_corners=False), 1)[0]
+
+
+def textured(H, W, seed):
+    """A synthetic scene with per-pixel colour texture (bilateral lattices ~3x the pixels), BGR."""
+    return make_scenes(1, image_size=(H, W), patch=8, dim=8, texture=24.0, seed=seed).images[0].flip(0).contiguous()
+
+
+def photo(name, size):
+    """A photograph bundled with scikit-image, resized so its longer side is ``size``, BGR."""
+    data = pytest.importorskip("skimage.data", reason="scikit-image (optional) provides the sample photographs")
+    x = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1).float()[None]
+    H, W = x.shape[-2:]
+    shape = (size, round(W * size / H)) if H >= W else (round(H * size / W), size)
+    x = F.interpolate(x, size=shape, mode="bilinear", align_corners=False, antialias=True)[0]
+    return x.round().clamp(0, 255).to(torch.uint8).flip(0).contiguous()
+
+
 @pytest.mark.parametrize("H,W,L,seed,noise,texture", [
     (64, 80, 5, 0, 0.0, 0.0), (64, 80, 7, 1, 3.0, 0.0), (56, 72, 3, 2, 1.0, 25.0),
     (48, 40, 2, 3, 0.0, 0.0), (40, 48, 17, 4, 2.0, 10.0)])
@@ -65,7 +89,66 @@ def test_cpu_matches_pydensecrf_320():
     assert (got - want).abs().max().item() < 1e-3
 
 
-@pytest.mark.parametrize("H,W,L,seed,noise", [(64, 80, 6, 10, 0.0), (33, 47, 4, 11, 3.0), (24, 40, 1, 12, 0.0)])
+@pytest.mark.parametrize("H,W,L,seed", [(72, 96, 7, 6), (64, 64, 3, 7), (48, 56, 27, 8), (40, 48, 2, 9)])
+def test_cpu_matches_pydensecrf_textured(H, W, L, seed):
+    img, p = textured(H, W, seed), smooth_probs(H, W, L, seed)
+    want = pydensecrf_q(img, p)
+    got = dense_crf_list(img[None], [p], backend="cpu")[0]
+    assert agreement(got, want) == 1.0
+    assert (got - want).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("name,size,L", [("astronaut", 96, 3), ("coffee", 120, 7), ("chelsea", 80, 27)])
+def test_cpu_matches_pydensecrf_photo(name, size, L):
+    img = photo(name, size)
+    p = smooth_probs(*img.shape[1:], L, size)
+    want = pydensecrf_q(img, p)
+    got = dense_crf_list(img[None], [p], backend="cpu")[0]
+    assert agreement(got, want) == 1.0
+    assert (got - want).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("L", [2, 3, 7, 27])
+def test_threads_do_not_change_results(L):
+    # One image on a team of threads (a textured image, whose large lattice runs in the order of its
+    # simplices, and a clean one, in raster order), and a batch split over images and threads: fixed
+    # summation orders, so the outputs are bit-identical for any thread count.
+    images = torch.stack([textured(72, 88, 70 + L), textured(72, 88, 80 + L).flip(2).contiguous(),
+                          scene(72, 88, 3, 90 + L)[0]])
+    probs = [smooth_probs(72, 88, L, 100 + b) for b in range(3)]
+    before = torch.get_num_threads()
+    outs = {}
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            outs[threads] = ([dense_crf_list(images[b:b + 1], probs[b:b + 1], backend="cpu")[0] for b in (0, 2)],
+                             dense_crf_list(images, probs, iterations=4, backend="cpu"))
+    finally:
+        torch.set_num_threads(before)
+    for threads in (2, 4):
+        for got, want in zip(outs[threads][0] + outs[threads][1], outs[1][0] + outs[1][1]):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("pos_sxy", [1.0, 0.7, 2.5, 0.3])
+def test_lattices_match_reference(pos_sxy):
+    # The Gaussian lattice is built on its grid (holes below sxy = 1, a sorted lattice again when the
+    # grid would be much larger than the lattice, here sxy = 0.3), the bilateral one by sorting: same
+    # vertex counts as the reference lattices, and the same marginals.
+    img, _ = scene(45, 61, 4, 110, texture=20.0)
+    p = smooth_probs(45, 61, 4, 111)
+    gauss, bilateral = _dispatch.cpp().dense_crf_lattice_sizes(img[None].numpy(), pos_sxy, 67.0, 3.0, 2)
+    zeros = torch.zeros(3, 45, 61, dtype=torch.uint8)
+    assert gauss == ref.build_lattice(ref.crf_features(zeros, pos_sxy, None)).M
+    assert bilateral == [ref.build_lattice(ref.crf_features(img, 67.0, 3.0)).M]
+    got = dense_crf_list(img[None], [p], pos_sxy=pos_sxy, iterations=5, backend="cpu")[0]
+    want = ref.dense_crf_list(img[None], [p], pos_sxy=pos_sxy, iterations=5)[0]
+    assert agreement(got, want) == 1.0
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("H,W,L,seed,noise", [(64, 80, 6, 10, 0.0), (33, 47, 4, 11, 3.0), (24, 40, 1, 12, 0.0),
+                                             (20, 28, 37, 13, 1.0)])
 def test_cpu_matches_reference(H, W, L, seed, noise):
     img, p = scene(H, W, L, seed, noise, texture=15.0)
     want = ref.dense_crf_list(img[None], [p])[0]
@@ -218,6 +301,9 @@ def test_lattice_sizes_match_pydensecrf_statistics():
     # The Gaussian lattice of a 320x320 grid has 118,586 vertices (docs/dense_crf.md, measured on pydensecrf).
     lat = ref.build_lattice(ref.crf_features(torch.zeros(3, 320, 320, dtype=torch.uint8), 1.0, None))
     assert lat.M == 118586
+    gauss, _ = _dispatch.cpp().dense_crf_lattice_sizes(torch.zeros(1, 3, 320, 320, dtype=torch.uint8).numpy(),
+                                                       1.0, 67.0, 3.0, 1)
+    assert gauss == 118586
 
 
 def test_triton_lattice_matches_the_reference_lattice():
