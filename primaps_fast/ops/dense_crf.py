@@ -54,8 +54,9 @@ def _lattice_fits(lo: torch.Tensor, hi: torch.Tensor) -> bool:
     if float(torch.maximum(lo.abs(), hi.abs()).max()) / D >= _MAX_COORD:
         return False
     rem_lo, rem_hi = torch.round(lo / D) * D, torch.round(hi / D) * D
-    # key coordinates 0..d-1, each widened by 3 (d + 1) on both sides for the blur neighbours
-    bits = sum(int(x).bit_length() for x in (rem_hi - rem_lo + 6 * D)[:-1].tolist())
+    # key coordinates 1..d (csrc/dense_crf_lattice.h), each widened by 3 (d + 1) on both sides for the blur
+    # neighbours
+    bits = sum(int(x).bit_length() for x in (rem_hi - rem_lo + 6 * D)[1:].tolist())
     return bits <= _MAX_KEY_BITS
 
 
