@@ -307,15 +307,21 @@ def test_lattice_sizes_match_pydensecrf_statistics():
 
 
 def test_triton_lattice_matches_the_reference_lattice():
-    """The Triton backend builds its lattice with its own torch-op code: it must equal the reference's."""
+    """The Triton backend builds its lattice with its own torch-op code (packed keys, sorted): it must be the
+    reference's (dict, insertion order) up to the numbering of the vertices."""
     from primaps_fast.triton import lattice
 
     img, _ = scene(13, 17, 2, 70, texture=30.0)
     for feats in (ref.crf_features(img, 1.0, None), ref.crf_features(img, 5.0, 3.0)):
         want, got = ref.build_lattice(feats), lattice.build_lattice(feats)
         assert (got.d, got.M) == (want.d, want.M)
-        for g, w in zip(got[:4], want[:4]):  # offset, weight, neighbours, keys
-            assert torch.equal(g, w)
+        assert torch.equal(got.weight, want.weight)
+        to_ref = torch.full((got.M + 1,), -1, dtype=torch.int64)  # Triton vertex id -> reference id
+        to_ref[got.offset.reshape(-1)] = want.offset.reshape(-1)
+        to_ref[got.M] = want.M  # the absent neighbour
+        assert torch.equal(to_ref[got.offset], want.offset)  # a function of the vertex, not of the point
+        assert torch.equal(to_ref.sort().values, torch.arange(got.M + 1))  # a bijection
+        assert torch.equal(want.neighbours[:, :, to_ref[:-1]], to_ref[got.neighbours])
         k1 = ref.lattice_filter(want, torch.ones(feats.shape[0], 1), seq=True)[:, 0]
         assert torch.equal(lattice.normalisation(got), (1.0 / torch.sqrt(k1.double() + 1e-20)).float())
 

@@ -7,122 +7,148 @@ permutohedral lattice of Adams et al. (2010) with symmetric normalisation throug
 (``norm = 1/sqrt(K 1 + 1e-20)``, ``K~ Q = norm * K(norm * Q)``), Potts compatibility ``-w``, and
 parallel (Jacobi) updates ``Q <- softmax(-U + w_g K~_g Q + w_b K~_b Q)``. See docs/dense_crf.md.
 
-The lattice is built with tensor ops only (no hash table): float32 elevation exactly as the SSE
-code (round half to even, strict ``<`` rank, barycentric weights with wrap-around), integer keys
-packed into int64 with a range check, ``torch.unique`` for the vertex ids and ``searchsorted`` on
-``key +- delta`` for the one-ring blur neighbours. Slow (per-image Python loop) but simple. The Triton
-backend builds its lattice with its own code (``primaps_fast/triton/lattice.py``), so this one checks it.
+The lattice follows ``Permutohedral::init`` literally: the float32 elevation, rounding (half to even,
+as ``cvtps2dq``), strict ``<`` rank, wrap-around and barycentric weights are the SSE code's operations
+one coordinate at a time (vectorised over the points, so bit-exact with it); the vertices are a Python
+dict keyed by the integer keys (their int64 bytes, no packing), numbered in insertion order as
+pydensecrf's hash table numbers them, and the blur neighbours are dict look-ups of its ``n1`` (``n2`` is
+the inverse step). The Triton lattice (``primaps_fast/triton/lattice.py``) packs the keys into int64 and
+numbers the vertices in sorted key order with ``torch.unique``/``searchsorted`` instead, so comparing the
+two up to vertex numbering checks its packing, deduplication and neighbour search. The numbering changes
+no sum (the splat adds each vertex's terms in point order, the blur is per vertex). Slow (dicts, a
+per-image Python loop) but simple.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from primaps_fast.common import CRF_CLIP
 
 
-class Lattice(NamedTuple):
-    """A permutohedral lattice over ``N`` points in ``d`` dimensions with ``M`` vertices.
+def _elevation_scale(d: int) -> list:
+    """pydensecrf's ``scale_factor``: ``1 / sqrt((i+2)(i+1)) * inv_std_dev`` in double, stored as float32,
+    with ``inv_std_dev = sqrt(2/3) (d+1)`` a float32."""
+    inv_std_dev = torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32).double()
+    i = torch.arange(d, dtype=torch.float64)
+    return (1.0 / torch.sqrt((i + 2) * (i + 1)) * inv_std_dev).float().tolist()
 
-    ``offset`` int64 (N, d+1): the vertex of each point's simplex corner, by remainder;
-    ``weight`` float32 (N, d+1): the barycentric weights; ``neighbours`` int64 (d+1, 2, M): the
-    vertices at ``key - 1 (+ (d+1) on axis j)`` and ``key + 1 (- (d+1) on axis j)`` for blur axis j,
-    ``M`` (a zero row) when absent; ``keys`` int64 (M,) the packed keys, sorted.
-    """
+
+def _simplices(features: torch.Tensor):
+    """The SSE part of ``Permutohedral::init`` for float32 ``features`` (N, d), one coordinate (a column
+    over the points) at a time, in its order of float32 operations. Returns the remainder-0 point ``rem0``
+    (d+1 float32 columns), the ``rank`` of each coordinate (d+1 float32 columns) and the barycentric
+    weights (d+2 float32 columns, the last one already wrapped into the first)."""
+    N, d = features.shape
+    f = features.t()
+    zero = torch.zeros(N, dtype=torch.float32, device=features.device)
+    dplus1 = float(d + 1)
+    inv_dplus1 = float(torch.tensor(1.0 / (d + 1), dtype=torch.float32))
+    scale = _elevation_scale(d)
+    elevated = [zero] * (d + 1)
+    sm = zero
+    for j in range(d, 0, -1):  # y = E f (Adams et al., p. 5)
+        cf = f[j - 1] * scale[j - 1]
+        elevated[j] = sm - float(j) * cf
+        sm = sm + cf
+    elevated[0] = sm
+    rem0, total = [], zero
+    for e in elevated:  # the nearest remainder-0 point, rounding half to even as cvtps2dq
+        v = torch.round(inv_dplus1 * e)
+        if bool((v.abs() > 2 ** 28).any()):
+            raise ValueError("features: lattice coordinates too large (sxy/srgb too small for these inputs)")
+        rem0.append(v * dplus1)
+        total = total + v
+    rank = [zero] * (d + 1)
+    for i in range(d):  # the sorted position of each coordinate's remainder, ties by index
+        di = elevated[i] - rem0[i]
+        for j in range(i + 1, d + 1):
+            c = (di < elevated[j] - rem0[j]).float()
+            rank[i] = rank[i] + c
+            rank[j] = rank[j] + (1.0 - c)
+    for i in range(d + 1):  # back onto the plane: wrap ranks outside [0, d]
+        rank[i] = rank[i] + total
+        step = torch.where(rank[i] < 0, dplus1, 0.0) - torch.where(rank[i] < dplus1, 0.0, dplus1)
+        rank[i] = rank[i] + step
+        rem0[i] = rem0[i] + step
+    fb = torch.zeros(N, d + 2, dtype=torch.float32, device=features.device)
+    for i in range(d + 1):  # fb[d - rank] += v, fb[d - rank + 1] -= v, in the scalar loop's order
+        v = ((elevated[i] - rem0[i]) * inv_dplus1)[:, None]
+        p = d - rank[i].long()[:, None]
+        fb.scatter_add_(1, p, v)
+        fb.scatter_add_(1, p + 1, -v)
+    bary = list(fb.t())
+    bary[0] = bary[0] + (1.0 + bary[d + 1])
+    return rem0, rank, bary
+
+
+def _key_range_check(keys: torch.Tensor, d: int, max_bits: int):
+    """Refuse the key ranges the kernels cannot pack: each coordinate's range, widened by the blur's
+    reach ``2 (d+1)`` on both sides, takes its bit length, and all of them must fit in ``max_bits``."""
+    reach = 2 * (d + 1)
+    bits = sum(int(hi - lo + 2 * reach).bit_length()
+               for lo, hi in zip(keys.min(dim=0).values.tolist(), keys.max(dim=0).values.tolist()))
+    if bits > max_bits:
+        raise ValueError(f"features: lattice keys need {bits} bits (> {max_bits}): the image is too "
+                         "large or sxy/srgb too small")
+
+
+def _hashable_rows(keys: torch.Tensor) -> list:
+    """Each row of the integer ``keys`` (n, d) as one ``bytes`` of its d int64 coordinates: a dict key
+    that is the key itself (no packing, so nothing to overflow), far cheaper to make than a tuple."""
+    rows = np.ascontiguousarray(keys.cpu().numpy(), dtype=np.int64)
+    return rows.view(np.dtype((np.void, 8 * rows.shape[1]))).ravel().tolist()
+
+
+class Lattice(NamedTuple):
+    """The lattice of ``N`` points in ``d`` dimensions: ``M`` vertices, numbered in the order the points
+    (raster order, remainders 0..d) first reach them, as pydensecrf's hash table numbers them.
+
+    ``offset`` int64 (N, d+1) and ``weight`` float32 (N, d+1): the vertex and barycentric weight of each
+    point's remainder-r corner; ``neighbours`` int64 (d+1, 2, M): for blur axis j, the vertices
+    ``n1``/``n2`` of pydensecrf (``M``, a zero row, when absent)."""
     offset: torch.Tensor
     weight: torch.Tensor
     neighbours: torch.Tensor
-    keys: torch.Tensor
     d: int
     M: int
-
-
-def scale_factors(d: int) -> list:
-    """The diagonal of the elevation matrix as pydensecrf's float32 values."""
-    inv_std = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
-    return [float(torch.tensor(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std, dtype=torch.float32))
-            for i in range(d)]
-
-
-def lattice_coordinates(features: torch.Tensor):
-    """Elevation, nearest remainder-0 point, rank and barycentric weights (the SSE code's float32
-    arithmetic, one op at a time so nothing is fused). ``features`` float32 (N, d).
-    Returns ``rem0`` int64 (N, d+1), ``rank`` int64 (N, d+1), ``weight`` float32 (N, d+1)."""
-    N, d = features.shape
-    dev = features.device
-    sf = scale_factors(d)
-    inv = torch.tensor(1.0 / (d + 1), dtype=torch.float32, device=dev)
-    dp1 = float(d + 1)
-    elev = torch.empty(N, d + 1, dtype=torch.float32, device=dev)
-    sm = torch.zeros(N, dtype=torch.float32, device=dev)
-    for j in range(d, 0, -1):
-        cf = features[:, j - 1] * sf[j - 1]
-        elev[:, j] = sm - cf * float(j)
-        sm = sm + cf
-    elev[:, 0] = sm
-    v = torch.round(elev * inv)  # round half to even, as cvtps2dq in the installed pydensecrf
-    if bool((v.abs() > 2 ** 28).any()):
-        raise ValueError("features: lattice coordinates too large (sxy/srgb too small for these inputs)")
-    rem0 = v * dp1
-    total = v.sum(dim=1)  # small integers: exact
-    diff = elev - rem0
-    rank = torch.zeros(N, d + 1, dtype=torch.float32, device=dev)
-    for i in range(d):
-        for j in range(i + 1, d + 1):
-            c = (diff[:, i] < diff[:, j]).float()
-            rank[:, i] += c
-            rank[:, j] += 1 - c
-    rank = rank + total[:, None]
-    fix = torch.where(rank < 0, dp1, 0.0) - torch.where(rank >= dp1, dp1, 0.0)
-    rank = rank + fix
-    rem0 = rem0 + fix
-    rank_i = rank.long()
-    vb = (elev - rem0) * inv
-    bary = torch.zeros(N, d + 2, dtype=torch.float32, device=dev)
-    p = d - rank_i
-    # Each slot receives one + and one - term, so 0 + a - b rounds once in any order.
-    bary.scatter_add_(1, p, vb)
-    bary.scatter_add_(1, p + 1, -vb)
-    bary[:, 0] = bary[:, 0] + (1 + bary[:, d + 1])
-    return rem0.long(), rank_i, bary[:, : d + 1].contiguous()
 
 
 def build_lattice(features: torch.Tensor, *, max_bits: int = 62) -> Lattice:
     """Permutohedral lattice of float32 ``features`` (N, d), as pydensecrf's ``Permutohedral::init``."""
     N, d = features.shape
     dev = features.device
-    rem0, rank, weight = lattice_coordinates(features)
-    r = torch.arange(d + 1, device=dev)
-    # canonical[r][k] = r if k <= d - r else r - (d+1); key_i = rem0_i + canonical[r][rank_i], i < d
-    canon = torch.where(r[None, :] <= d - r[:, None], r[:, None], r[:, None] - (d + 1))  # (r, k)
-    keys = rem0[:, None, :d] + canon[:, rank[:, :d]].permute(1, 0, 2)  # (N, d+1, d)
-    margin = 2 * (d + 1)  # room for the blur neighbours, so packed + delta never carries
-    lo = keys.amin(dim=(0, 1)) - margin
-    hi = keys.amax(dim=(0, 1)) + margin
-    widths = [int(x).bit_length() for x in (hi - lo).tolist()]
-    if sum(widths) > max_bits:
-        raise ValueError(f"features: lattice keys need {sum(widths)} bits (> {max_bits}): the image is too "
-                         "large or sxy/srgb too small")
-    shifts, s = [], 0
-    for w in widths:
-        shifts.append(s)
-        s += w
-    shift_t = torch.tensor(shifts, dtype=torch.int64, device=dev)
-    packed = ((keys - lo) << shift_t).sum(dim=2)  # (N, d+1)
-    uniq, inverse = torch.unique(packed.reshape(-1), sorted=True, return_inverse=True)
-    M = uniq.numel()
-    unit = sum(1 << sh for sh in shifts)
-    nbrs = torch.empty(d + 1, 2, M, dtype=torch.int64, device=dev)
+    rem0, rank, bary = _simplices(features)
+    # pydensecrf's canonical simplex: canonical[r][k] = r for k <= d - r, r - (d+1) after.
+    canonical = torch.tensor([[r if k <= d - r else r - (d + 1) for k in range(d + 1)] for r in range(d + 1)],
+                             device=dev)
+    base = torch.stack(rem0[:d], dim=1).long()  # (N, d)
+    ranks = torch.stack(rank[:d], dim=1).long()
+    # key[i] = rem0[i] + canonical[remainder][rank[i]], for each point then each remainder (insertion order)
+    corner = torch.stack([base + canonical[r][ranks] for r in range(d + 1)], dim=1).reshape(-1, d)
+    _key_range_check(corner, d, max_bits)
+    corner_keys = _hashable_rows(corner)
+    vertex = {key: n for n, key in enumerate(dict.fromkeys(corner_keys))}  # the hash table
+    M = len(vertex)
+    offset = np.fromiter(map(vertex.__getitem__, corner_keys), dtype=np.int64, count=len(corner_keys))
+    keys = torch.from_numpy(np.frombuffer(b"".join(vertex), dtype=np.int64).reshape(M, d).copy())
+    neighbours = torch.full((d + 1, 2, M + 1), M, dtype=torch.int64)
+    ids = torch.arange(M)
     for j in range(d + 1):
-        delta = -unit + ((d + 1) << shifts[j] if j < d else 0)
-        for side, dl in enumerate((delta, -delta)):
-            target = uniq + dl
-            pos = torch.searchsorted(uniq, target).clamp_(max=M - 1)
-            nbrs[j, side] = torch.where(uniq[pos] == target, pos, torch.full_like(pos, M))
-    return Lattice(inverse.reshape(N, d + 1), weight, nbrs, uniq, d, M)
+        n1 = keys - 1  # n1 = key - 1 with key[j] + d; n2 = key + 1 with key[j] - d, the inverse step
+        if j < d:
+            n1[:, j] = keys[:, j] + d
+        found = map(vertex.get, _hashable_rows(n1), itertools.repeat(M))
+        neighbours[j, 0, :M] = torch.from_numpy(np.fromiter(found, dtype=np.int64, count=M))
+        neighbours[j, 1, neighbours[j, 0, :M]] = ids  # v = n1(u) <=> u = n2(v); an absent v lands in M
+    weight = torch.stack(bary[: d + 1], dim=1)
+    return Lattice(torch.from_numpy(offset).reshape(N, d + 1).to(dev), weight,
+                   neighbours[:, :, :M].contiguous().to(dev), d, M)
 
 
 def lattice_filter(lat: Lattice, values: torch.Tensor, seq: bool) -> torch.Tensor:
@@ -148,18 +174,18 @@ def lattice_filter(lat: Lattice, values: torch.Tensor, seq: bool) -> torch.Tenso
 
 
 def crf_features(image: torch.Tensor, sxy: float, srgb: float | None) -> torch.Tensor:
-    """pydensecrf's ``DenseCRF2D`` features (N, d) float32: ``(x/sxy, y/sxy)`` and, when ``srgb`` is
-    given, the three channels of the uint8 ``image`` (3, H, W) divided by ``srgb``, in channel order."""
+    """pydensecrf's ``DenseCRF2D`` features (N, d) float32 of pixel ``j * W + i``: ``(i/sxy, j/sxy)`` and,
+    when ``srgb`` is given, the three channels of the uint8 ``image`` (3, H, W) divided by ``srgb``, in
+    channel order (float32 quotients of float32 operands, as its loops over the pixels compute them)."""
     _, H, W = image.shape
-    dev = image.device
-    s = torch.tensor(sxy, dtype=torch.float32, device=dev)
-    y, x = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32),
-                          torch.arange(W, device=dev, dtype=torch.float32), indexing="ij")
-    cols = [x.reshape(-1) / s, y.reshape(-1) / s]
+    pixel = torch.arange(H * W, device=image.device)
+    numerators = [pixel % W, pixel // W]
+    scales = [sxy, sxy]
     if srgb is not None:
-        c = torch.tensor(srgb, dtype=torch.float32, device=dev)
-        cols += [image[k].reshape(-1).float() / c for k in range(3)]
-    return torch.stack(cols, dim=1).contiguous()
+        numerators += list(image.reshape(3, H * W))
+        scales += [srgb] * 3
+    divisors = torch.tensor(scales, dtype=torch.float32, device=image.device)
+    return torch.stack(numerators, dim=1).float() / divisors
 
 
 def unary_from_probs(probs: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ No hash table, so it runs on any device and is deterministic: float32 elevation 
 SSE code (round half to even, strict ``<`` rank, barycentric weights with wrap-around), integer keys
 packed into int64 with a range check, ``torch.unique`` for the vertex ids and ``searchsorted`` on
 ``key +- delta`` for the one-ring blur neighbours (docs/dense_crf.md). The reference
-(``primaps_fast/reference/dense_crf.py``) has its own copy of this construction, so the tests check
-this one against it.
+(``primaps_fast/reference/dense_crf.py``) builds it with a dict instead, so the tests check this one
+against it.
 """
 from __future__ import annotations
 
