@@ -178,13 +178,20 @@ def _without_nproc(argv) -> list:
 
 def launch_local(nproc: int, argv) -> int:
     """Run ``primaps-fast <argv>`` on ``nproc`` local processes under torchrun (``--standalone``: a
-    rendezvous on a free local port) and return its exit status."""
+    rendezvous on a free local port) and return its exit status. The workers import the primaps_fast
+    this process runs, also when the current folder holds a source tree (``PYTHONSAFEPATH``: Python
+    3.11+ does not put the current folder first on their ``sys.path``)."""
     import subprocess
 
+    import primaps_fast
+
+    home = os.path.dirname(os.path.dirname(os.path.abspath(primaps_fast.__file__)))
+    env = dict(os.environ, PYTHONSAFEPATH="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "primaps_fast", *argv]
     print("+ " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=env)
 
 
 def find_benchmarks():

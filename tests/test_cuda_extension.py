@@ -11,6 +11,8 @@ import torch
 from primaps_fast._dispatch import cuda_available, cuda_module
 from primaps_fast.cuda import launch_context
 
+from child_process import CWD, child_env
+
 ENTRY_POINTS = ("median_filter", "assign_pseudo_labels", "focal_weights", "focal_loss_grad", "mask_logits_chunks",
                 "mask_logits", "mask_labels", "mask_probs")
 
@@ -40,8 +42,7 @@ def test_import_and_registration_need_no_gpu():
             "assert not torch.cuda.is_available(); "
             "assert all(torch._C._dispatch_has_kernel_for_dispatch_key(f'primaps_fast::{op}', 'CUDA') "
             "for op in ('median_filter', 'assign_pseudo_labels', 'focal_loss'))")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    subprocess.run([sys.executable, "-c", code], check=True, env=child_env(CUDA_VISIBLE_DEVICES=""), cwd=CWD)
 
 
 @requires_extension

@@ -7,6 +7,8 @@ import torch
 import primaps_fast
 from primaps_fast import _dispatch
 
+from child_process import CWD, child_env
+
 
 def test_backends_and_auto_choice():
     assert _dispatch.BACKENDS == ("cpu", "cuda", "triton", "reference")
@@ -151,6 +153,7 @@ def test_eager_custom_op_calls_do_not_import_dynamo():
             "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))\n"
             "f = torch.compile(lambda a: primaps_fast.median_filter(a) + 1, backend='eager')\n"
             "assert torch.equal(f(x.detach()), primaps_fast.median_filter(x.detach()) + 1)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=child_env(),
+                         cwd=CWD)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -18,8 +18,8 @@ import primaps_fast
 from primaps_fast import distributed, fileio
 from primaps_fast.cli import main
 from primaps_fast.data.synthetic import make_scenes
+import child_process
 
-HOME = os.path.dirname(os.path.dirname(os.path.abspath(primaps_fast.__file__)))
 LIMIT = 240  # seconds any launch may take before the test kills it (a quiet 2-core machine needs ~10)
 
 # Runs primaps-fast commands in one process, in order, under torchrun or alone. PF_TEST_FAULT
@@ -29,6 +29,7 @@ DRIVER = """
 import json, os, signal, sys, time
 from primaps_fast import fileio
 from primaps_fast.cli import main
+
 
 rank = int(os.environ.get("RANK", "0"))
 fault = os.environ.get("PF_TEST_FAULT", "")
@@ -61,9 +62,8 @@ def free_port() -> int:
 
 
 def child_env(**extra):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [HOME, os.environ.get("PYTHONPATH")])),
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PRIMAPS_FAST_DIST_TIMEOUT="60",
-               PRIMAPS_FAST_PROGRESS="0")
+    env = child_process.child_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PRIMAPS_FAST_DIST_TIMEOUT="60",
+                                  PRIMAPS_FAST_PROGRESS="0")
     env.pop("PRIMAPS_FAST_DEBUG", None)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -81,7 +81,7 @@ def torchrun_cmd(nproc, *, nnodes=1, port=None, run_id="primaps-test"):
 def run(cmd, env, limit=LIMIT):
     """Run ``cmd`` in its own process group; kill the whole group when it outlives ``limit``."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, cwd=child_process.CWD)
     try:
         out, _ = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
@@ -198,7 +198,7 @@ def test_two_nodes_and_no_python_launch(one, tmp_path):
     nodes = [torchrun_cmd(1, nnodes=2, port=port) + ["-m", "primaps_fast", *args],
              torchrun_cmd(1, nnodes=2, port=port) + ["--no-python", "primaps-fast", *args]]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for cmd in nodes]
+                              start_new_session=True, cwd=child_process.CWD) for cmd in nodes]
     outs = []
     try:
         for p in procs:

@@ -20,8 +20,8 @@ from primaps_fast.cli import main
 from primaps_fast.data import cache as cache_mod
 from primaps_fast.data.cache import CorruptCacheError, FeatureCache
 from primaps_fast.data.synthetic import make_scenes
+from child_process import CWD, child_env
 
-HOME = os.path.dirname(os.path.dirname(os.path.abspath(primaps_fast.__file__)))
 N, SIZE = 10, 32
 
 # Runs one primaps-fast command; PF_KILL "<module>.<function>:<n>:<kill|half>" SIGKILLs the process at the
@@ -45,6 +45,7 @@ def wrapped(*args, **kwargs):
     return real(*args, **kwargs)
 setattr(module, attr, wrapped)
 from primaps_fast.cli import main
+
 sys.exit(main(json.loads(sys.argv[1])))
 """
 
@@ -92,9 +93,8 @@ def assert_same_files(a, b):
 
 
 def killed(argv, point):
-    env = dict(os.environ, PF_KILL=point, OMP_NUM_THREADS=str(torch.get_num_threads()),
-               PYTHONPATH=os.pathsep.join(filter(None, [HOME, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", KILLER, json.dumps(argv)], env=env, capture_output=True,
+    env = child_env(PF_KILL=point, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run([sys.executable, "-c", KILLER, json.dumps(argv)], env=env, cwd=CWD, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == -9, f"{point}: not killed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
 

@@ -10,6 +10,8 @@ import pytest
 
 import primaps_fast
 
+from child_process import CWD, child_env
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(primaps_fast.__file__))
 
 
@@ -94,11 +96,8 @@ def test_no_import_cycles():
 def test_importing_the_reference_loads_no_fast_path():
     code = ("import sys, primaps_fast.reference as r; r.principal_masks, r.PriMaPsEM; "
             "print(' '.join(sorted(m for m in sys.modules if m.startswith('primaps_fast'))))")
-    # the child imports the primaps_fast this process imported (installed, or a source tree on PYTHONPATH)
-    path = os.pathsep.join(filter(None, [os.path.dirname(PACKAGE_DIR), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, PYTHONPATH=path)
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env=child_env(), cwd=CWD).stdout.split()
     assert "primaps_fast.reference.dense_crf" in loaded
     fast = [m for m in loaded if m.split(".")[1:2] in (["ops"], ["triton"], ["_C"], ["_C_cuda"], ["_dispatch"])]
     assert fast == []

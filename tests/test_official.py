@@ -21,6 +21,8 @@ import primaps_fast
 from primaps_fast import official, reference
 from primaps_fast.data.synthetic import make_scenes
 
+from child_process import child_env
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ROOT = Path(primaps_fast.__file__).resolve().parent.parent
@@ -216,8 +218,7 @@ def test_install_skips_missing_and_broken_modules(standin):
 
 
 def _run(args, cwd, timeout=240):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "primaps_fast.official", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "primaps_fast.official", *args], cwd=cwd, env=child_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

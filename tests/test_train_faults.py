@@ -21,8 +21,9 @@ from primaps_fast.data.cache import store_features
 from primaps_fast.data.datasets import FolderDataset
 from primaps_fast.data.synthetic import make_scenes
 
+from child_process import CWD, child_env
+
 EPOCHS = 6
-CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +58,9 @@ def _epoch(path):
 
 def _run_and_kill(root, out, until, threads):
     """Start a training process and SIGKILL it once ``until(out)`` holds (or when it ends by itself)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=CHECKOUT, PRIMAPS_FAST_DEBUG="1")
+    env = child_env(OMP_NUM_THREADS=str(threads), PRIMAPS_FAST_DEBUG="1")
     proc = subprocess.Popen([sys.executable, "-m", "primaps_fast.cli", *_args(root, out, "--resume")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=CWD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while proc.poll() is None and not until(out) and time.monotonic() < deadline:
         time.sleep(0.005)
