@@ -2,10 +2,10 @@
 per op, mirroring ``primaps_fast.triton`` (``<op>_cuda`` for ``<op>_triton``, same arguments).
 
 Where an op is a torch custom op (``primaps_fast::<op>``), ``primaps_fast.ops.<op>`` registers the CUDA
-kernel of this package for its CUDA dispatch key when ``primaps_fast._C_cuda`` was built. Launchers take inputs the public op
-has validated and reach the compiled module through ``primaps_fast._dispatch.cuda_module()``; they
-allocate outputs and workspaces with torch on the inputs' device and run the kernels on torch's current
-stream there. Nothing here needs a GPU at import time.
+kernel of this package for its CUDA dispatch key when ``primaps_fast._C_cuda`` was built. Launchers take
+inputs the public op has validated and reach the compiled module through
+``primaps_fast._dispatch.cuda_module()``; they allocate outputs and workspaces with torch on the inputs'
+device and run the kernels on torch's current stream there. Nothing here needs a GPU at import time.
 """
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ from primaps_fast.cuda import launch_context
 
 
 def assign_pseudo_labels_cuda(logits: torch.Tensor, ids: torch.Tensor, num_ids: int, ignore: int) -> torch.Tensor:
-    """float32 ``(B, K, h, w)`` logits, int64 ``(B, H, W)`` ids in ``[0, num_ids)`` or
-    ``ignore`` -> int64 ``(B, H, W)`` majority classes (``ignore`` where the id is ``ignore``). Ties: the first class of a pixel's
-    maximum, the smallest class of a mask's majority (as the C++ kernel, whose upsampled scores it
+    """float32 ``(B, K, h, w)`` logits, int64 ``(B, H, W)`` ids in ``[0, num_ids)`` or ``ignore`` -> int64
+    ``(B, H, W)`` majority classes (``ignore`` where the id is ``ignore``). Ties: the first class of a
+    pixel's maximum, the smallest class of a mask's majority (as the C++ kernel, whose upsampled scores it
     reproduces bit for bit)."""
     if logits.dtype != torch.float32 or ids.dtype != torch.int64:
         raise TypeError(f"logits/ids: expected float32 and int64, got {logits.dtype} and {ids.dtype}")
@@ -25,6 +25,6 @@ def assign_pseudo_labels_cuda(logits: torch.Tensor, ids: torch.Tensor, num_ids: 
     hist = torch.zeros(B, num_ids, K, dtype=torch.int32, device=logits.device)
     winner = torch.empty(B, num_ids, dtype=torch.int32, device=logits.device)
     cuda_module().assign_pseudo_labels(logits.data_ptr(), ids.data_ptr(), out.data_ptr(), hist.data_ptr(),
-                                     winner.data_ptr(), B, K, h, w, H, W, num_ids, ignore, device, stream)
+                                       winner.data_ptr(), B, K, h, w, H, W, num_ids, ignore, device, stream)
     return out
 

@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
-from primaps_fast.common import class_weights
 from primaps_fast._dispatch import cuda_module
+from primaps_fast.common import class_weights
 from primaps_fast.cuda import launch_context
 
 
@@ -21,7 +21,7 @@ def _confidences(logits: torch.Tensor, H: int, W: int, gamma: float) -> tuple[to
     conf = torch.empty(B, H, K, dtype=torch.float64, device=logits.device)
     weight = torch.empty(K, dtype=torch.float32, device=logits.device)
     cuda_module().focal_weights(logits.data_ptr(), conf.data_ptr(), weight.data_ptr(), B, K, h, w, H, W,
-                              float(gamma), device, stream)
+                                float(gamma), device, stream)
     return conf, weight
 
 
@@ -34,9 +34,9 @@ def confidence_sums_cuda(logits: torch.Tensor, H: int, W: int) -> torch.Tensor:
 def focal_loss_cuda(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int,
                     with_grad: bool, class_sums: Optional[torch.Tensor] = None,
                     num_pixels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 ``(B, K, h, w)`` logits, int64 ``(B, H, W)`` target -> the float32 mean
-    loss and its gradient w.r.t. the logits (``(0, 0, 0, 0)`` unless ``with_grad``). With ``class_sums``
-    (float64 ``(R, K)``) the class weights come from them and the mean is over ``num_pixels``."""
+    """float32 ``(B, K, h, w)`` logits, int64 ``(B, H, W)`` target -> the float32 mean loss and its
+    gradient w.r.t. the logits (``(0, 0, 0, 0)`` unless ``with_grad``). With ``class_sums`` (float64
+    ``(R, K)``) the class weights come from them and the mean is over ``num_pixels``."""
     if logits.dtype != torch.float32 or target.dtype != torch.int64:
         raise TypeError(f"logits/target: expected float32 and int64, got {logits.dtype} and {target.dtype}")
     logits, target = logits.contiguous(), target.contiguous()
@@ -51,8 +51,8 @@ def focal_loss_cuda(logits: torch.Tensor, target: torch.Tensor, gamma: float, ig
     rows = torch.empty(B, H, K, w, dtype=torch.float32, device=logits.device) if with_grad else None
     grad = torch.empty_like(logits) if with_grad else logits.new_empty(0, 0, 0, 0)
     cuda_module().focal_loss_grad(logits.data_ptr(), target.data_ptr(), weight.data_ptr(), ignore_index,
-                                loss.data_ptr(), rows.data_ptr() if with_grad else 0,
-                                grad.data_ptr() if with_grad else 0, with_grad, B, K, h, w, H, W, num_pixels,
-                                device, stream)
+                                  loss.data_ptr(), rows.data_ptr() if with_grad else 0,
+                                  grad.data_ptr() if with_grad else 0, with_grad, B, K, h, w, H, W, num_pixels,
+                                  device, stream)
     return (loss.sum() / num_pixels).to(torch.float32), grad
 

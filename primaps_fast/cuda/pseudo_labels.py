@@ -41,7 +41,7 @@ def mask_labels_cuda(masks: torch.Tensor, counts: torch.Tensor, size: tuple[int,
     labels = torch.empty(B, H, W, dtype=torch.int64, device=masks.device)
     device, stream = launch_context(logits, counts)
     cuda_module().mask_labels(logits.data_ptr(), counts.data_ptr(), labels.data_ptr(), B, M, h, w, H, W,
-                            int(ignore_index), device, stream)
+                              int(ignore_index), device, stream)
     return labels
 
 

@@ -52,8 +52,9 @@ def dense_ids(mask_ids: torch.Tensor, ignore_index: int):
 
 @torch.library.custom_op("primaps_fast::assign_pseudo_labels", mutates_args=(), device_types="cpu")
 def _assign_pseudo_labels_op(logits: torch.Tensor, ids: torch.Tensor, num_ids: int, ignore: int) -> torch.Tensor:
-    """The custom op; this is its C++ kernel: float32 ``(B, K, h, w)`` logits, int64 ``(B, H, W)`` ids in ``[0, num_ids)`` or
-    ``ignore`` -> int64 ``(B, H, W)`` majority classes (``ignore`` where the id is ``ignore``)."""
+    """The custom op; this is its C++ kernel: float32 ``(B, K, h, w)`` logits, int64 ``(B, H, W)`` ids in
+    ``[0, num_ids)`` or ``ignore`` -> int64 ``(B, H, W)`` majority classes (``ignore`` where the id is
+    ``ignore``)."""
     out = torch.empty_like(ids)
     _dispatch.cpp().assign_pseudo_labels(logits.numpy(), ids.numpy(), out.numpy(), num_ids, ignore,
                                          _dispatch.num_threads())

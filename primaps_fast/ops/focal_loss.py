@@ -28,8 +28,8 @@ def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ign
                    with_grad: bool, class_sums: Optional[torch.Tensor] = None,
                    num_pixels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The custom op; this is its C++ kernel (two fused passes) on float32 ``(B, K, h, w)`` logits and int64
-    ``(B, H, W)`` target: the float32 mean loss and its gradient w.r.t. the logits (``(0, 0, 0, 0)`` unless ``with_grad``).
-    With ``class_sums`` (float64 ``(R, K)``, see ``focal_loss(class_stats=...)``) the class weights come
+    ``(B, H, W)`` target: the float32 mean loss and its gradient w.r.t. the logits (``(0, 0, 0, 0)``
+    unless ``with_grad``). With ``class_sums`` (float64 ``(R, K)``, see ``focal_loss(class_stats=...)``) the class weights come
     from them and the sums over pixels are divided by ``num_pixels`` instead of ``B*H*W``."""
     B = logits.shape[0]
     H, W = target.shape[-2:]
