@@ -23,12 +23,13 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 def _missing_build(module: str, what: str, how: str, *, here: str = _PACKAGE_DIR) -> str:
     """The message for a compiled ``module`` that does not import from the package folder ``here``.
 
-    When ``here`` has no build but another ``primaps_fast`` on ``sys.path`` has one, a source tree is
-    shadowing the installed package (``python -m pytest`` from the repository root puts the source tree
-    first on ``sys.path``): say that, since "not built" would be wrong.
+    When ``here`` has no build at all (not even ``_C``) but another ``primaps_fast`` on ``sys.path`` has
+    ``module``, a source tree is shadowing the installed package (``python -m pytest`` from the repository
+    root puts the source tree first on ``sys.path``): say that, since "not built" would be wrong. A tree
+    built without its CUDA module is just that, whatever another copy has.
     """
     stem = module.rsplit(".", 1)[-1]
-    if not glob.glob(os.path.join(here, stem + ".*.so")):
+    if not glob.glob(os.path.join(here, "_C.*.so")):  # a tree built without CUDA is not shadowing anything
         for entry in sys.path:
             other = os.path.join(os.path.abspath(entry or os.curdir), "primaps_fast")
             if os.path.realpath(other) != os.path.realpath(here) and glob.glob(os.path.join(other, stem + ".*.so")):

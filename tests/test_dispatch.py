@@ -66,6 +66,10 @@ def test_missing_build_names_a_shadowing_source_tree(tmp_path, monkeypatch):
     (source / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
     msg = _dispatch._missing_build("primaps_fast._C", "its C++ extension", "reinstall", here=str(source))
     assert "shadows" not in msg
+    # nor a tree built without its CUDA module while the installed copy has one
+    (installed / "_C_cuda.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    msg = _dispatch._missing_build("primaps_fast._C_cuda", "its CUDA module", "nvcc", here=str(source))
+    assert "shadows" not in msg and "not built with its CUDA module" in msg
 
 
 # ----------------------------------------------------------------------------- checks shared by every op
