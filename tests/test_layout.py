@@ -13,6 +13,8 @@ import primaps_fast
 from child_process import CWD, child_env
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(primaps_fast.__file__))
+# the repository this tests folder belongs to (its tree is checked even when the package is installed)
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _modules():
@@ -108,7 +110,7 @@ def test_a_checkout_without_build_does_not_shadow_the_installed_package(tmp_path
     (no compiled module in the checkout) imports the installed package, not the source tree."""
     import shutil
 
-    root_conftest = os.path.join(os.path.dirname(PACKAGE_DIR), "conftest.py")
+    root_conftest = os.path.join(CHECKOUT, "conftest.py")
     if not os.path.isfile(root_conftest):
         pytest.skip("the tests run outside a checkout")
     checkout, site = tmp_path / "checkout", tmp_path / "site"
@@ -157,7 +159,7 @@ def _readme_layout(checkout):
 
 
 def test_every_op_has_its_file_in_every_layer():
-    checkout = os.path.dirname(PACKAGE_DIR)
+    checkout = CHECKOUT
     if not os.path.isdir(os.path.join(checkout, "benchmarks")):
         pytest.skip("the tests run outside a checkout")
     for op in OPS:
@@ -172,7 +174,7 @@ def test_every_op_has_its_file_in_every_layer():
 def test_the_readme_layout_matches_the_tree():
     import glob
 
-    checkout = os.path.dirname(PACKAGE_DIR)
+    checkout = CHECKOUT
     if not os.path.isfile(os.path.join(checkout, "README.md")):
         pytest.skip("the tests run outside a checkout")
     listed = _readme_layout(checkout)
@@ -183,9 +185,9 @@ def test_the_readme_layout_matches_the_tree():
         covered.update(os.path.relpath(p, checkout) for p in glob.glob(os.path.join(checkout, path)))
     folders = {p.rstrip("/") for p in listed if p.endswith("/")}
     # every module and folder of the package, and every C++ source, is in the layout
-    for path in glob.glob(os.path.join(PACKAGE_DIR, "*.py")) + glob.glob(os.path.join(checkout, "csrc", "*.*")):
+    for path in glob.glob(os.path.join(checkout, "primaps_fast", "*.py")) + glob.glob(os.path.join(checkout, "csrc", "*.*")):
         rel = os.path.relpath(path, checkout)
         assert rel in covered, f"{rel} is not in the README layout"
-    for path in glob.glob(os.path.join(PACKAGE_DIR, "*", "__init__.py")):  # the subpackages
+    for path in glob.glob(os.path.join(checkout, "primaps_fast", "*", "__init__.py")):  # the subpackages
         sub = os.path.relpath(os.path.dirname(path), checkout)
         assert sub in folders or any(p.startswith(sub + "/") for p in listed), f"{sub}/ is not in the README layout"
