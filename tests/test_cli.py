@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import fake_trees
-from primaps_fast import UnsupervisedMetrics, fileio
 from primaps_fast.cli import main
 from primaps_fast.data.cache import FeatureCache, store_features
 from primaps_fast.data.datasets import FolderDataset
 from primaps_fast.data.synthetic import make_scenes
+from synthetic_run import make_run_folder
+
 
 def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit) as e:
@@ -64,16 +65,7 @@ def test_bad_input_messages(tmp_path, capsys):
 @pytest.fixture
 def synthetic_run(tmp_path):
     """A folder dataset of synthetic scenes, its cache (synthetic features) and pseudo labels."""
-    scenes = make_scenes(6, num_classes=3, image_size=64, seed=1)
-    for i, (im, lab) in enumerate(zip(scenes.images, scenes.labels)):
-        fileio.write_png(tmp_path / "imgs" / f"s{i}.png", im.permute(1, 2, 0).numpy())
-        fileio.write_png(tmp_path / "labels" / f"s{i}.png", lab.numpy().astype(np.uint8))
-    ds = FolderDataset(tmp_path / "imgs", labels_root=tmp_path / "labels", size=64, num_classes=3)
-    store_features(ds, scenes.features, tmp_path / "cache", backbone="synthetic", weights="synthetic")
-    assert main(["pseudo", "--dataset-root", str(tmp_path / "imgs"), "--labels", str(tmp_path / "labels"),
-                 "--resolution", "64", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "pseudo"),
-                 "--no-crf"]) == 0
-    return tmp_path
+    return make_run_folder(tmp_path, 6, 64, seed=1)
 
 
 def _train(root, out, *extra):

@@ -1,6 +1,4 @@
 """PriMaPsEM vs the reference port of the official training step (primaps_fast.reference.em)."""
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F

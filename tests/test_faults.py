@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-import primaps_fast
 from primaps_fast import fileio
 from primaps_fast.cli import main
 from primaps_fast.data import cache as cache_mod

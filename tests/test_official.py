@@ -5,7 +5,6 @@ from them, with bodies that raise, so a stand-in that was not replaced fails lou
 flows the results are compared with are re-implemented in this file from their semantics.
 """
 import importlib
-import os
 import subprocess
 import sys
 import textwrap

@@ -15,12 +15,10 @@ import pytest
 import torch
 
 import fake_trees
-from primaps_fast import fileio, train
+from primaps_fast import train
 from primaps_fast.cli import main
 from primaps_fast.data import datasets as D
-from primaps_fast.data.cache import store_features
-from primaps_fast.data.datasets import FolderDataset
-from primaps_fast.data.synthetic import make_scenes
+from synthetic_run import make_run_folder
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "primaps_fast")
 
@@ -78,16 +76,7 @@ def test_backbone_weights_loader_runs_nothing(malicious):
 @pytest.fixture
 def run_folder(tmp_path):
     """A folder dataset of synthetic scenes with its feature cache and pseudo labels (as test_cli)."""
-    scenes = make_scenes(4, num_classes=3, image_size=32, seed=2)
-    for i, (im, lab) in enumerate(zip(scenes.images, scenes.labels)):
-        fileio.write_png(tmp_path / "imgs" / f"s{i}.png", im.permute(1, 2, 0).numpy())
-        fileio.write_png(tmp_path / "labels" / f"s{i}.png", lab.numpy().astype(np.uint8))
-    ds = FolderDataset(tmp_path / "imgs", labels_root=tmp_path / "labels", size=32, num_classes=3)
-    store_features(ds, scenes.features, tmp_path / "cache", backbone="synthetic", weights="synthetic")
-    assert main(["pseudo", "--dataset-root", str(tmp_path / "imgs"), "--labels", str(tmp_path / "labels"),
-                 "--resolution", "32", "--cache",
-                 str(tmp_path / "cache"), "--out", str(tmp_path / "pseudo"), "--no-crf"]) == 0
-    return tmp_path
+    return make_run_folder(tmp_path, 4, 32, seed=2)
 
 
 def _train(root, out, *extra):

@@ -17,9 +17,7 @@ import torch
 
 from primaps_fast import fileio
 from primaps_fast.cli import main
-from primaps_fast.data.cache import store_features
-from primaps_fast.data.datasets import FolderDataset
-from primaps_fast.data.synthetic import make_scenes
+from synthetic_run import make_run_folder
 
 from child_process import CWD, child_env
 
@@ -30,16 +28,7 @@ EPOCHS = 6
 def data(tmp_path_factory):
     """A folder dataset of synthetic scenes with its feature cache and pseudo labels."""
     root = tmp_path_factory.mktemp("faults")
-    scenes = make_scenes(12, num_classes=3, image_size=64, seed=3)
-    for i, (im, lab) in enumerate(zip(scenes.images, scenes.labels)):
-        fileio.write_png(root / "imgs" / f"s{i:02d}.png", im.permute(1, 2, 0).numpy())
-        fileio.write_png(root / "labels" / f"s{i:02d}.png", lab.numpy().astype(np.uint8))
-    ds = FolderDataset(root / "imgs", labels_root=root / "labels", size=64, num_classes=3)
-    store_features(ds, scenes.features, root / "cache", backbone="synthetic", weights="synthetic")
-    assert main(["pseudo", "--dataset-root", str(root / "imgs"), "--labels", str(root / "labels"),
-                 "--resolution", "64", "--cache", str(root / "cache"), "--out", str(root / "pseudo"),
-                 "--no-crf"]) == 0
-    return root
+    return make_run_folder(root, 12, 64, seed=3)
 
 
 def _args(root, out, *extra):
