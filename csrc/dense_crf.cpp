@@ -111,23 +111,39 @@ inline f32x4 exp4_nonpositive(f32x4 x) {
   return x < lo ? f32x4{} : primaps::exp_nonpositive(x < lo ? lo : x);
 }
 
-// Softmax of t (nv vectors) into q: max subtracted, divided by the sum (summed as pydensecrf's SSE
-// code, (s0 + s1) + (s2 + s3) over the lane sums). Padding lanes hold -inf, so they come out 0.
-inline void softmax_lanes(const f32x4* t, f32x4* q, int nv) {
-  f32x4 m = t[0];
-  for (int i = 1; i < nv; ++i) m = m > t[i] ? m : t[i];
-  f32x4 r = __builtin_shuffle(m, i32x4{2, 3, 0, 1});
-  m = m > r ? m : r;
-  r = __builtin_shuffle(m, i32x4{1, 0, 3, 2});
-  m = m > r ? m : r;  // every lane holds the max
-  f32x4 sum = {};
-  for (int i = 0; i < nv; ++i) {
-    q[i] = exp4_nonpositive(t[i] - m);
-    sum += q[i];
+// The mean field updates pixels in groups of 4, with the label rows transposed so that the lanes are
+// the group's pixels: the softmax's max, exp and sums then run on independent vectors (per pixel, one
+// dependency chain of shuffles, exp and divide was the update pass's bottleneck), and labels that are
+// only padding are skipped.
+constexpr int kGroup = 4;
+
+// Transposes the 4x4 block v[0..3] in place (rows become lanes).
+inline void transpose4(f32x4* v) {
+  const f32x4 t0 = __builtin_shuffle(v[0], v[1], i32x4{0, 4, 1, 5});
+  const f32x4 t1 = __builtin_shuffle(v[0], v[1], i32x4{2, 6, 3, 7});
+  const f32x4 t2 = __builtin_shuffle(v[2], v[3], i32x4{0, 4, 1, 5});
+  const f32x4 t3 = __builtin_shuffle(v[2], v[3], i32x4{2, 6, 3, 7});
+  v[0] = __builtin_shuffle(t0, t2, i32x4{0, 1, 4, 5});
+  v[1] = __builtin_shuffle(t0, t2, i32x4{2, 3, 6, 7});
+  v[2] = __builtin_shuffle(t1, t3, i32x4{0, 1, 4, 5});
+  v[3] = __builtin_shuffle(t1, t3, i32x4{2, 3, 6, 7});
+}
+
+// Softmax over labels of 4 pixels at once, in place on X[j] (j < 4 nv, lanes = pixels): the max
+// subtracted, exp, divided by the sum; per pixel the operations and their order are pydensecrf's SSE
+// code: lane sums s_l = q_l + q_{l+4} + ... (in order), then (s0 + s1) + (s2 + s3). Labels j >= L (the
+// padding, -inf) come out 0.
+inline void softmax_pixels(f32x4* X, int L, int nv) {
+  f32x4 m = X[0];
+  for (int j = 1; j < L; ++j) m = m > X[j] ? m : X[j];
+  f32x4 s[4] = {};
+  for (int j = 0; j < L; ++j) {
+    X[j] = exp4_nonpositive(X[j] - m);
+    s[j & 3] += X[j];
   }
-  sum += __builtin_shuffle(sum, i32x4{1, 0, 3, 2});
-  sum += __builtin_shuffle(sum, i32x4{2, 3, 0, 1});  // every lane holds (s0 + s1) + (s2 + s3)
-  for (int i = 0; i < nv; ++i) q[i] = q[i] / sum;
+  const f32x4 sum = (s[0] + s[1]) + (s[2] + s[3]);
+  for (int j = 0; j < L; ++j) X[j] = X[j] / sum;
+  for (int j = L; j < 4 * nv; ++j) X[j] = f32x4{};
 }
 
 // Splat rows qn (Q * norm, by position) over the CSR list into vals, vertices [b, e).
@@ -214,28 +230,43 @@ void mean_field(const Lattice& gauss, const Lattice& bil, const Params& p, const
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int T = std::max(1, std::min<int>(threads, static_cast<int>(N / 2048) + 1));
   team(T, [&](int t, int T, Barrier& bar) {
-    f32x4 tl[NV ? NV : 64], sl[NV ? NV : 64], q[NV ? NV : 64];
+    f32x4 tl[kGroup][NV ? NV : 64], sl[NV ? NV : 64], X[4 * (NV ? NV : 64)];
     auto [pb, pe] = part(N, t, T);
     auto [gb, ge] = part(Mg, t, T);
     auto [bb, be] = part(Mb, t, T);
-    // Q = softmax(t) at a position: the next splats' rows, or (last) Q itself.
-    auto emit = [&](int64_t pos, int64_t k, bool last) {
-      softmax_lanes(tl, q, nv);
+    // Softmax of the group of rows tl[0..g) (positions p0..p0+g) and its outputs: the next splats' rows
+    // (Q * norm, each term's), or (last) Q itself.
+    auto emit = [&](int64_t p0, int g, bool last) {
+      for (int p = g; p < kGroup; ++p)  // unused lanes: copies of the first pixel
+        for (int i = 0; i < nv; ++i) tl[p][i] = tl[0][i];
+      for (int i = 0; i < nv; ++i) {
+        for (int p = 0; p < kGroup; ++p) X[4 * i + p] = tl[p][i];
+        transpose4(&X[4 * i]);
+      }
+      softmax_pixels(X, L, nv);
       if (last) {
-        for (int l = 0; l < L; ++l) out[l * N + k] = q[l / 4][l % 4];
+        for (int p = 0; p < g; ++p)
+          for (int l = 0; l < L; ++l) out[l * N + raster[p0 + p]] = X[l][p];
         return;
       }
-      const float nb = bil.norm[pos], ng = gauss.norm[k];
-      for (int i = 0; i < nv; ++i) {
-        store4(&qn_b[pos * V + 4 * i], q[i] * nb);
-        store4(&qn_g[k * V + 4 * i], q[i] * ng);
+      for (int i = 0; i < nv; ++i) transpose4(&X[4 * i]);
+      for (int p = 0; p < g; ++p) {
+        const int64_t pos = p0 + p, k = raster[pos];
+        const float nb = bil.norm[pos], ng = gauss.norm[k];
+        for (int i = 0; i < nv; ++i) {
+          store4(&qn_b[pos * V + 4 * i], X[4 * i + p] * nb);
+          store4(&qn_g[k * V + 4 * i], X[4 * i + p] * ng);
+        }
       }
     };
-    for (int64_t pos = pb; pos < pe; ++pos) {
-      const int64_t k = raster[pos];
-      for (int l = 0; l < V; ++l) negu[pos * V + l] = l < L ? -unary[l * N + k] : neg_inf;
-      for (int i = 0; i < nv; ++i) tl[i] = load4(&negu[pos * V + 4 * i]);
-      emit(pos, k, false);
+    for (int64_t p0 = pb; p0 < pe; p0 += kGroup) {
+      const int g = static_cast<int>(std::min<int64_t>(kGroup, pe - p0));
+      for (int p = 0; p < g; ++p) {
+        const int64_t pos = p0 + p, k = raster[pos];
+        for (int l = 0; l < V; ++l) negu[pos * V + l] = l < L ? -unary[l * N + k] : neg_inf;
+        for (int i = 0; i < nv; ++i) tl[p][i] = load4(&negu[pos * V + 4 * i]);
+      }
+      emit(p0, g, false);
     }
     bar.wait();
     for (int it = 0; it < p.iterations; ++it) {
@@ -263,19 +294,24 @@ void mean_field(const Lattice& gauss, const Lattice& bil, const Params& p, const
       bar.wait();
       const bool last = it + 1 == p.iterations;
       const float* fb = vb[0].data();  // after 6 axes
-      for (int64_t pos = pb; pos < pe; ++pos) {
-        if (pos + kPrefetchAhead < N) {
-          const int64_t ahead = pos + kPrefetchAhead, k2 = raster[ahead];
-          prefetch_row(&slice_g[k2 * V], V);
-          prefetch_row(&qn_g[k2 * V], V);
-          for (int r = 0; r <= bil.d; ++r) prefetch_row(&fb[int64_t(bil.offset[ahead * (bil.d + 1) + r]) * V], V);
+      for (int64_t p0 = pb; p0 < pe; p0 += kGroup) {
+        const int g = static_cast<int>(std::min<int64_t>(kGroup, pe - p0));
+        for (int p = 0; p < g; ++p) {
+          const int64_t pos = p0 + p;
+          if (pos + kPrefetchAhead < N) {
+            const int64_t ahead = pos + kPrefetchAhead, k2 = raster[ahead];
+            prefetch_row(&slice_g[k2 * V], V);
+            prefetch_row(&qn_g[k2 * V], V);
+            for (int r = 0; r <= bil.d; ++r) prefetch_row(&fb[int64_t(bil.offset[ahead * (bil.d + 1) + r]) * V], V);
+          }
+          const int64_t k = raster[pos];
+          for (int i = 0; i < nv; ++i)
+            tl[p][i] = load4(&negu[pos * V + 4 * i]) - mw_g * load4(&slice_g[k * V + 4 * i]);
+          slice_into<SEQ, NV>(bil, fb, pos, V, alpha_b, sl);
+          const float nm = bil.norm[pos];
+          for (int i = 0; i < nv; ++i) tl[p][i] = tl[p][i] - mw_b * (sl[i] * nm);
         }
-        const int64_t k = raster[pos];
-        for (int i = 0; i < nv; ++i) tl[i] = load4(&negu[pos * V + 4 * i]) - mw_g * load4(&slice_g[k * V + 4 * i]);
-        slice_into<SEQ, NV>(bil, fb, pos, V, alpha_b, sl);
-        const float nm = bil.norm[pos];
-        for (int i = 0; i < nv; ++i) tl[i] = tl[i] - mw_b * (sl[i] * nm);
-        emit(pos, k, last);
+        emit(p0, g, last);
       }
       bar.wait();
     }
@@ -304,15 +340,18 @@ void build_bilateral(Lattice& bil, const uint8_t* img, int64_t H, int64_t W, con
   compute_norm(bil, threads);
 }
 
-// Q without pairwise terms (no iterations, or one label): softmax(-U) per pixel.
+// Q without pairwise terms (no iterations, or one label): softmax(-U) per pixel, 4 pixels at a time.
 void softmax_only(const float* unary, float* out, int64_t N, int L, int threads) {
   const int nv = (L + 3) / 4;
   chunked(N, threads, [&](int64_t b, int64_t e) {
-    std::vector<f32x4> t(nv), q(nv);
-    for (int64_t k = b; k < e; ++k) {
-      for (int l = 0; l < 4 * nv; ++l) t[l / 4][l % 4] = l < L ? -unary[l * N + k] : -std::numeric_limits<float>::infinity();
-      softmax_lanes(t.data(), q.data(), nv);
-      for (int l = 0; l < L; ++l) out[l * N + k] = q[l / 4][l % 4];
+    std::vector<f32x4> X(4 * nv);
+    for (int64_t k = b; k < e; k += kGroup) {
+      const int g = static_cast<int>(std::min<int64_t>(kGroup, e - k));
+      for (int l = 0; l < L; ++l)
+        for (int p = 0; p < kGroup; ++p) X[l][p] = -unary[l * N + k + (p < g ? p : 0)];
+      softmax_pixels(X.data(), L, nv);
+      for (int l = 0; l < L; ++l)
+        for (int p = 0; p < g; ++p) out[l * N + k + p] = X[l][p];
     }
   });
 }
