@@ -19,6 +19,8 @@ Textured images and photographs have bilateral lattices of 0.6-3.5 N vertices (c
 so the bilateral blur and the update's gathers dominate; building the lattices (elevation, radix sort of
 N (d+1) keys, neighbour merges) is 15-25 % of an image.
 """
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +180,78 @@ def test_dense_crf_scenes(benchmark, shrink, kind, size, labels, provider):
               f"{benchmark.extra_info['ms_per_image']:.0f} ms, {speedup:.2f}x pydensecrf; agreement "
               f"{benchmark.extra_info['agreement']:.5f}, max |dQ| {benchmark.extra_info['max_dq']:.1e}; "
               f"vertices {m_gauss:,} Gaussian, {m_bil:,} bilateral")
+
+
+def _best_ms(fn, rounds=3):
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def _copy_bandwidth():
+    """Single-thread copy bandwidth of this machine, bytes read + written per second (256 MiB arrays, far
+    beyond the caches): the rate at which a pass that streams its arrays once can run."""
+    a = np.ones(1 << 25)
+    b = np.empty_like(a)
+    return 2 * a.nbytes / (_best_ms(lambda: np.copyto(b, a), 5) / 1e3)
+
+
+def _bytes_per_iteration(N, m_gauss, m_bil, labels):
+    """Bytes one mean-field iteration must move when every pass streams each of its arrays exactly once:
+    per lattice (M vertices, D = d + 1 remainders) a splat (N rows read, M rows written, N D (index,
+    weight) pairs), D blur passes (M rows read and written, two neighbour indices per vertex) and a
+    slice (M rows, N D pairs); then the update (the unary read, two rows written for the next splats,
+    the Gaussian slice written and read). Rows are V = labels rounded up to 4 floats, as the kernel's."""
+    row = 4 * ((labels + 3) // 4 * 4)
+
+    def lattice(M, D):
+        return (N * row + M * row + 8 * N * D) + D * (2 * M * row + 8 * M) + (M * row + 8 * N * D)
+
+    return lattice(m_gauss, 3) + lattice(m_bil, 6) + 5 * N * row
+
+
+@pytest.mark.parametrize("kind,size,labels", SCENES)
+def test_dense_crf_floor(benchmark, shrink, kind, size, labels):
+    """Where the time goes, one thread each side: per mean-field iteration ((t(10) - t(1)) / 9) and the
+    rest (building the lattices and the unary), against the memory floor of one iteration (bytes that
+    must move at the single-thread copy bandwidth; arrays that fit the caches can beat it)."""
+    pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is the baseline of these cases")
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    img, probs, (m_gauss, (m_bil,)), _ = _scene(kind, size // shrink, labels)
+    L, H, W = probs.shape
+    benchmark.group = f"dense_crf floor {kind} {H}x{W}, {labels} labels"
+
+    def ours(iterations):
+        torch.set_num_threads(1)
+        try:
+            return dense_crf_list(img[None], [probs], iterations=iterations, backend="cpu")[0]
+        finally:
+            torch.set_num_threads(ALL_THREADS)
+
+    def theirs(iterations):
+        d = dcrf.DenseCRF2D(W, H, L)
+        d.setUnaryEnergy(unary_from_softmax(probs.numpy()))
+        d.addPairwiseGaussian(sxy=1, compat=3)
+        d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(img.permute(1, 2, 0).numpy()), compat=4)
+        return d.inference(iterations)
+
+    benchmark.pedantic(ours, args=(10,), rounds=1, iterations=1, warmup_rounds=0)
+    if benchmark.stats is None:  # --benchmark-disable: ran once as a test
+        return
+    rows = {}
+    for name, fn in (("ours", ours), ("pydensecrf", theirs)):
+        t10, t1 = _best_ms(lambda: fn(10)), _best_ms(lambda: fn(1))
+        rows[name] = ((t10 - t1) / 9, t10 - 10 * (t10 - t1) / 9, t10)
+    nbytes = _bytes_per_iteration(H * W, m_gauss, m_bil, labels)
+    floor = nbytes / _copy_bandwidth() * 1e3
+    benchmark.extra_info.update(floor_ms_per_iteration=floor, bytes_per_iteration=nbytes,
+                                **{f"{k}_ms_per_iteration": v[0] for k, v in rows.items()},
+                                **{f"{k}_ms_build": v[1] for k, v in rows.items()})
+    print(f"\n{kind} {H}x{W} L={labels}: floor {floor:.1f} ms/iteration ({nbytes / 2**20:.0f} MiB); "
+          + "; ".join(f"{k} {it:.1f} ms/iteration ({it / floor:.1f}x floor) + {rest:.0f} ms rest = {tot:.0f} ms"
+                      for k, (it, rest, tot) in rows.items()))
