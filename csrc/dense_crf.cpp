@@ -40,21 +40,8 @@ using primaps::load4;
 using primaps::parallel_for;
 using primaps::store4;
 
-// Label rows live in 64-byte aligned arrays, so a row of up to 16 floats spans as few cache lines as it can.
-template <typename T>
-struct Aligned64 {
-  using value_type = T;
-  Aligned64() = default;
-  template <typename U>
-  Aligned64(const Aligned64<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
-  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
-  template <typename U>
-  bool operator==(const Aligned64<U>&) const { return true; }
-  template <typename U>
-  bool operator!=(const Aligned64<U>&) const { return false; }
-};
-using Rows = std::vector<float, Aligned64<float>>;
+// Label rows: 64-byte aligned, so a row of up to 16 floats spans as few cache lines as it can.
+using Rows = Buffer<float>;
 
 // The update pass's gathers are latency-bound and their addresses are known a few pixels ahead:
 // prefetch the row of V floats at p. (Prefetching the splat's and the blur's rows did not pay: their

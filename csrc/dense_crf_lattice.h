@@ -11,11 +11,42 @@
 
 #include "common.h"
 
+#include <sys/mman.h>
+
 #include <array>
 #include <cmath>
 
 namespace primaps {
 namespace dense_crf {
+
+// The lattices' arrays and the mean field's rows: 64-byte aligned; those of 2 MiB or more 2 MiB aligned
+// and asked for transparent huge pages. The passes gather from all over arrays of tens of MB: with 4 KiB
+// pages most gathers also missed the TLB, and the first touch of each page faulted (measured: 15-25 %
+// of the time outside the iterations, up to 20 % of an iteration).
+template <typename T>
+struct HugePageAllocator {
+  using value_type = T;
+  static constexpr size_t kHuge = size_t(2) << 20;
+  HugePageAllocator() = default;
+  template <typename U>
+  HugePageAllocator(const HugePageAllocator<U>&) {}
+  static size_t alignment(size_t bytes) { return bytes >= kHuge ? kHuge : 64; }
+  T* allocate(size_t n) {
+    const size_t bytes = n * sizeof(T);
+    void* p = ::operator new(bytes, std::align_val_t(alignment(bytes)));
+#ifdef MADV_HUGEPAGE
+    if (bytes >= kHuge) madvise(p, (bytes + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);  // advice only
+#endif
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t n) { ::operator delete(p, std::align_val_t(alignment(n * sizeof(T)))); }
+  template <typename U>
+  bool operator==(const HugePageAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const HugePageAllocator<U>&) const { return false; }
+};
+template <typename T>
+using Buffer = std::vector<T, HugePageAllocator<T>>;
 
 // [begin, end) of part t of [0, n) split into T contiguous parts.
 inline std::pair<int64_t, int64_t> part(int64_t n, int t, int T) { return {n * t / T, n * (t + 1) / T}; }
@@ -35,11 +66,11 @@ inline void chunked(int64_t n, int threads, const F& fn) {
 
 // Stable LSD radix sort of (key, idx) by key, keys < 2^bits; 8-bit digits, digits on which every key
 // agrees are skipped. Fixed parts per thread, so the result does not depend on the thread count.
-inline void radix_sort(std::vector<uint64_t>& key, std::vector<uint32_t>& idx, int bits, int threads) {
+inline void radix_sort(Buffer<uint64_t>& key, Buffer<uint32_t>& idx, int bits, int threads) {
   const int64_t n = static_cast<int64_t>(key.size());
   const int T = n < 65536 ? 1 : std::max(1, threads);
-  std::vector<uint64_t> key2(n);
-  std::vector<uint32_t> idx2(n);
+  Buffer<uint64_t> key2(n);
+  Buffer<uint32_t> idx2(n);
   std::vector<std::array<int64_t, 256>> hist(T);
   for (int shift = 0; shift < bits; shift += 8) {
     parallel_for(T, T, [&](int64_t t) {
@@ -79,14 +110,14 @@ inline void radix_sort(std::vector<uint64_t>& key, std::vector<uint32_t>& idx, i
 struct Lattice {
   int d = 0;
   int64_t N = 0, M = 0;
-  std::vector<int32_t> raster;  // (N) raster pixel at each position
-  std::vector<int32_t> offset;  // (N, d+1) vertex ids by remainder, by position
-  std::vector<float> bary;      // (N, d+1) barycentric weights, by position
-  std::vector<int64_t> start;   // (M+1) CSR over (position, weight), raster order within a vertex
-  std::vector<int32_t> pix;
-  std::vector<float> wgt;
-  std::vector<int32_t> nbr;     // (d+1, M, 2): n1, n2; M = the zero row
-  std::vector<float> norm;      // (N) 1/sqrt(K 1 + 1e-20), by position
+  Buffer<int32_t> raster;  // (N) raster pixel at each position
+  Buffer<int32_t> offset;  // (N, d+1) vertex ids by remainder, by position
+  Buffer<float> bary;      // (N, d+1) barycentric weights, by position
+  Buffer<int64_t> start;   // (M+1) CSR over (position, weight), raster order within a vertex
+  Buffer<int32_t> pix;
+  Buffer<float> wgt;
+  Buffer<int32_t> nbr;     // (d+1, M, 2): n1, n2; M = the zero row
+  Buffer<float> norm;      // (N) 1/sqrt(K 1 + 1e-20), by position
 };
 
 // Elevates pixel features f (d floats) onto the lattice with pydensecrf's SSE arithmetic: the
@@ -155,14 +186,14 @@ inline bool elevate(const float* f, const float* sf, int32_t* r0_out, int8_t* ra
 // pixel: up to 9 % faster at 320-480 px); on smaller ones raster order is faster (photographs, 0.6-1.1
 // vertices per pixel: 3-27 % faster, no exchange with the Gaussian term's raster order).
 template <int d>
-void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int64_t sort_above, int threads) {
+void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t sort_above, int threads) {
   constexpr int D = d + 1;
   if (N * D > INT32_MAX) throw std::invalid_argument("images: too many pixels");
   lat.d = d;
   lat.N = N;
-  std::vector<int32_t> rem(N * D);
-  std::vector<int8_t> rk(N * D);
-  std::vector<float> bary(N * D);
+  Buffer<int32_t> rem(N * D);
+  Buffer<int8_t> rk(N * D);
+  Buffer<float> bary(N * D);
   const float inv_std = static_cast<float>(std::sqrt(2.0 / 3.0) * D);
   float sf[d];
   for (int i = 0; i < d; ++i) sf[i] = static_cast<float>(1.0 / std::sqrt(double((i + 2) * (i + 1))) * inv_std);
@@ -211,8 +242,8 @@ void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int6
                                 " bits (> 62): the image is too large or sxy/srgb too small");
   // Vertex r of a pixel: r0 + r on the coordinates of rank <= d - r, r - (d+1) on the others.
   const int64_t n = N * D;
-  std::vector<uint64_t> keys(n);
-  std::vector<uint32_t> idx(n);
+  Buffer<uint64_t> keys(n);
+  Buffer<uint32_t> idx(n);
   chunked(N, threads, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k)
       for (int r = 0; r < D; ++r) {
@@ -229,7 +260,7 @@ void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int6
   rk = {};
   radix_sort(keys, idx, bits, threads);
   // Vertex ids: runs of equal keys.
-  std::vector<uint64_t> vkey;
+  Buffer<uint64_t> vkey;
   lat.start.clear();
   for (int64_t i = 0; i < n; ++i)
     if (i == 0 || keys[i] != keys[i - 1]) {
@@ -241,7 +272,7 @@ void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int6
   lat.start.push_back(n);
   keys = {};
   // Pixel positions: raster order, or the order of the remainder-0 entries in the sorted list.
-  std::vector<int32_t> pos(N);
+  Buffer<int32_t> pos(N);
   if (M > sort_above) {
     lat.raster.resize(N);
     int64_t p = 0;
@@ -298,7 +329,7 @@ void build_lattice(Lattice& lat, const std::vector<float>& feat, int64_t N, int6
 inline void compute_norm(Lattice& lat, int threads) {
   const int64_t M = lat.M, N = lat.N;
   const int D = lat.d + 1;
-  std::vector<float> vals(M + 1, 0.f), tmp(M + 1, 0.f);
+  Buffer<float> vals(M + 1, 0.f), tmp(M + 1, 0.f);
   chunked(M, threads, [&](int64_t b, int64_t e) {
     for (int64_t v = b; v < e; ++v) {
       float s = 0.f;
@@ -335,7 +366,7 @@ inline bool build_grid_lattice(Lattice& lat, int64_t H, int64_t W, float sxy, in
   const float inv_std = static_cast<float>(std::sqrt(2.0 / 3.0) * 3);
   const float sf[2] = {static_cast<float>(1.0 / std::sqrt(2.0) * inv_std),
                        static_cast<float>(1.0 / std::sqrt(6.0) * inv_std)};
-  std::vector<int32_t> Rv(N * 3), Jv(N * 3);
+  Buffer<int32_t> Rv(N * 3), Jv(N * 3);
   lat.bary.resize(N * 3);
   std::atomic<bool> too_large{false};
   chunked(N, threads, [&](int64_t b, int64_t e) {
@@ -361,7 +392,7 @@ inline bool build_grid_lattice(Lattice& lat, int64_t H, int64_t W, float sxy, in
   const int64_t rows = Rmax - Rmin + 1, width = ((jmax - jmin) >> 1) + 3;  // a free column at each end
   if (rows * width > 4 * N + 4096) return false;
   // Vertex ids: the touched entries, row by row.
-  std::vector<int32_t> id(rows * width, 0), cell(N * 3);
+  Buffer<int32_t> id(rows * width, 0), cell(N * 3);
   for (int64_t i = 0; i < N * 3; ++i) {
     cell[i] = static_cast<int32_t>((Rv[i] - Rmin) * width + ((Jv[i] - jmin) >> 1) + 1);
     id[cell[i]] = 1;
@@ -383,7 +414,7 @@ inline bool build_grid_lattice(Lattice& lat, int64_t H, int64_t W, float sxy, in
   // CSR filled in raster order, so pixels ascend within a vertex.
   lat.pix.resize(N * 3);
   lat.wgt.resize(N * 3);
-  std::vector<int64_t> cursor(lat.start.begin(), lat.start.end() - 1);
+  Buffer<int64_t> cursor(lat.start.begin(), lat.start.end() - 1);
   for (int64_t i = 0; i < N * 3; ++i) {
     const int64_t dst = cursor[lat.offset[i]]++;
     lat.pix[dst] = static_cast<int32_t>(i / 3);
@@ -410,10 +441,10 @@ inline bool build_grid_lattice(Lattice& lat, int64_t H, int64_t W, float sxy, in
 }
 
 // Features of pydensecrf's DenseCRF2D: (x/sxy, y/sxy) and, with an image, its channels / srgb.
-inline std::vector<float> crf_features(const uint8_t* img, int64_t H, int64_t W, float sxy, float srgb) {
+inline Buffer<float> crf_features(const uint8_t* img, int64_t H, int64_t W, float sxy, float srgb) {
   const int64_t N = H * W;
   const int d = img ? 5 : 2;
-  std::vector<float> f(N * d);
+  Buffer<float> f(N * d);
   for (int64_t y = 0; y < H; ++y)
     for (int64_t x = 0; x < W; ++x) {
       const int64_t k = y * W + x;
