@@ -34,6 +34,7 @@ compile_args = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
 cpu_ext = Pybind11Extension(
     "primaps_fast._C",
     sorted(glob.glob("csrc/*.cpp")),
+    depends=sorted(glob.glob("csrc/*.h")),  # an edited header rebuilds the module
     include_dirs=["csrc"],
     cxx_std=17,
     extra_compile_args=compile_args + ["-pthread"],
