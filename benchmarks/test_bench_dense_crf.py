@@ -119,26 +119,31 @@ SCENES = [("textured", 320, 3), ("textured", 320, 7), ("textured", 320, 27), ("t
 _scene_cache = {}
 
 
+def _inputs(kind, size, labels):
+    """BGR image (3, H, W) and smooth probabilities (labels, H, W): logits at 1/8 resolution, upsampled."""
+    if kind == "textured":
+        img = make_scenes(1, image_size=size, texture=24.0, seed=size).images[0]
+    else:
+        data = pytest.importorskip("skimage.data", reason="scikit-image (bench extra) provides the photographs")
+        x = torch.from_numpy(getattr(data, kind)()).permute(2, 0, 1).float()[None]
+        H, W = x.shape[-2:]
+        shape = (size, round(W * size / H)) if H >= W else (round(H * size / W), size)
+        img = F.interpolate(x, size=shape, mode="bilinear", align_corners=False, antialias=True)[0]
+        img = img.round().clamp(0, 255).to(torch.uint8)
+    img = img.flip(0).contiguous()
+    H, W = img.shape[1:]
+    g = torch.Generator().manual_seed(labels)
+    logits = F.avg_pool2d(F.pad(torch.randn(1, labels, max(1, H // 8), max(1, W // 8), generator=g) * 2,
+                                (1, 1, 1, 1), mode="replicate"), 3, 1) * 3
+    probs = torch.softmax(F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False), 1)[0]
+    return img, probs
+
+
 def _scene(kind, size, labels):
-    """BGR image, smooth probabilities (logits at 1/8 resolution, upsampled), lattice sizes and
-    pydensecrf's marginals, computed once per case."""
+    """_inputs, the lattice sizes and pydensecrf's marginals, computed once per case."""
     key = (kind, size, labels)
     if key not in _scene_cache:
-        if kind == "textured":
-            img = make_scenes(1, image_size=size, texture=24.0, seed=size).images[0]
-        else:
-            data = pytest.importorskip("skimage.data", reason="scikit-image (bench extra) provides the photographs")
-            x = torch.from_numpy(getattr(data, kind)()).permute(2, 0, 1).float()[None]
-            H, W = x.shape[-2:]
-            shape = (size, round(W * size / H)) if H >= W else (round(H * size / W), size)
-            img = F.interpolate(x, size=shape, mode="bilinear", align_corners=False, antialias=True)[0]
-            img = img.round().clamp(0, 255).to(torch.uint8)
-        img = img.flip(0).contiguous()
-        H, W = img.shape[1:]
-        g = torch.Generator().manual_seed(labels)
-        logits = F.avg_pool2d(F.pad(torch.randn(1, labels, max(1, H // 8), max(1, W // 8), generator=g) * 2,
-                                    (1, 1, 1, 1), mode="replicate"), 3, 1) * 3
-        probs = torch.softmax(F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False), 1)[0]
+        img, probs = _inputs(kind, size, labels)
         sizes = _dispatch.cpp().dense_crf_lattice_sizes(img[None].numpy(), 1.0, 67.0, 3.0, ALL_THREADS)
         _scene_cache[key] = img, probs, sizes, _pydensecrf([img], [probs])[0]
     return _scene_cache[key]

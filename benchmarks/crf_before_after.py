@@ -1,0 +1,78 @@
+"""The dense CRF table of docs/dense_crf.md: pydensecrf2 against two builds of this package (before and
+after a change), one thread each, side by side in one run.
+
+    python benchmarks/crf_before_after.py BEFORE_CHECKOUT AFTER_CHECKOUT [--rounds 2]
+
+Each checkout must have its C++ module built in place. For every row of the scenes benchmark
+(``test_bench_dense_crf.SCENES``), the two builds are timed in alternating subprocesses (best of 3 calls
+per subprocess, ``--rounds`` subprocesses per build), and pydensecrf2 once (best of 3) in the first
+"after" subprocess, which also checks the agreement with pydensecrf. Prints a Markdown table.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import test_bench_dense_crf as bench
+kind, size, labels, with_pydensecrf = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+img, probs = bench._inputs(kind, size, labels)
+
+def best(fn):
+    ms = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        out = fn()
+        ms = min(ms, (time.perf_counter() - t) * 1e3)
+    return ms, out
+
+res = {}
+res["ms"], got = best(lambda: bench._cpu(img, probs, 1))
+if with_pydensecrf:
+    res["pydensecrf_ms"], (want,) = best(lambda: bench._pydensecrf([img], [probs]))
+    res["agreement"] = (got.argmax(0) == want.argmax(0)).float().mean().item()
+    res["max_dq"] = (got - want).abs().max().item()
+print(json.dumps(res))
+"""
+
+
+def run(checkout, row, with_pydensecrf):
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(checkout), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", CHILD, HERE, *map(str, row), "1" if with_pydensecrf else "0"],
+                         cwd=checkout, env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode:
+        raise SystemExit(f"{checkout}: {out.stderr.strip()}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("before")
+    parser.add_argument("after")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    sys.path.insert(0, HERE)
+    from test_bench_dense_crf import SCENES
+
+    print("| input (one image, 10 iterations, 1 thread) | pydensecrf2 | before | after | after / before | "
+          "after vs pydensecrf2 | agreement | max dQ |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in SCENES:
+        before, after, first = [], [], None
+        for r in range(args.rounds):
+            before.append(run(args.before, row, False)["ms"])
+            res = run(args.after, row, r == 0)
+            first = first or res
+            after.append(res["ms"])
+        b, a, p = min(before), min(after), first["pydensecrf_ms"]
+        print(f"| {row[0]} {row[1]} px, {row[2]} labels | {p:,.0f} ms | {b:,.0f} ms | {a:,.0f} ms | "
+              f"{b / a:.2f}x | {p / a:.2f}x | {first['agreement'] * 100:.3f} % | {first['max_dq']:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
