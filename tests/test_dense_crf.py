@@ -108,7 +108,7 @@ def test_cpu_matches_pydensecrf_photo(name, size, L):
     assert (got - want).abs().max().item() < 1e-3
 
 
-@pytest.mark.parametrize("L", [2, 3, 7, 27])
+@pytest.mark.parametrize("L", [2, 3, 7, 27, 70])
 def test_threads_do_not_change_results(L):
     # One image on a team of threads (a textured image, whose large lattice runs in the order of its
     # simplices, and a clean one, in raster order), and a batch split over images and threads: fixed
@@ -148,8 +148,10 @@ def test_lattices_match_reference(pos_sxy):
 
 
 @pytest.mark.parametrize("H,W,L,seed,noise", [(64, 80, 6, 10, 0.0), (33, 47, 4, 11, 3.0), (24, 40, 1, 12, 0.0),
-                                             (20, 28, 37, 13, 1.0)])
+                                             (20, 28, 37, 13, 1.0), (16, 20, 70, 14, 0.0), (12, 14, 300, 15, 1.0)])
 def test_cpu_matches_reference(H, W, L, seed, noise):
+    # 37, 70 and 300 labels: rows of more than 32 labels run in chunks of 32 lanes, the last one partly
+    # padding (300 labels overflowed fixed-size buffers before).
     img, p = scene(H, W, L, seed, noise, texture=15.0)
     want = ref.dense_crf_list(img[None], [p])[0]
     got = dense_crf_list(img[None], [p], backend="cpu")[0]
