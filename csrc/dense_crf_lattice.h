@@ -64,44 +64,75 @@ inline void chunked(int64_t n, int threads, const F& fn) {
   });
 }
 
-// Stable LSD radix sort of (key, idx) by key, keys < 2^bits; 8-bit digits, digits on which every key
-// agrees are skipped. Fixed parts per thread, so the result does not depend on the thread count.
+// Stable LSD radix sort of (key, idx)[0, n) by the bits [0, bits) of key, 8-bit digits, a digit on
+// which every key agrees skipped; tk, ti: scratch of n entries.
+inline void lsd_sort(uint64_t* key, uint32_t* idx, int64_t n, int bits, uint64_t* tk, uint32_t* ti) {
+  bool in_scratch = false;
+  for (int shift = 0; shift < bits; shift += 8) {
+    int64_t count[257] = {};
+    for (int64_t i = 0; i < n; ++i) ++count[((key[i] >> shift) & 255) + 1];
+    if (std::count(count + 1, count + 257, n) == 1) continue;  // one digit value: the identity
+    for (int g = 0; g < 256; ++g) count[g + 1] += count[g];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t dst = count[(key[i] >> shift) & 255]++;
+      tk[dst] = key[i];
+      ti[dst] = idx[i];
+    }
+    std::swap(key, tk);
+    std::swap(idx, ti);
+    in_scratch = !in_scratch;
+  }
+  if (in_scratch) {  // the result is in the caller's scratch: copy it back
+    std::copy(key, key + n, tk);
+    std::copy(idx, idx + n, ti);
+  }
+}
+
+// Stable radix sort of (key, idx) by key, keys < 2^bits: one pass on the top 8 bits splits the
+// entries into 256 buckets (parts of the input per thread, in order), then each bucket is sorted on
+// the remaining bits by lsd_sort while it sits in the cache (buckets of ~10k entries at 640 px), so
+// only the first pass streams the whole array through memory. Buckets go to threads in a fixed
+// order: the result does not depend on the thread count.
 inline void radix_sort(Buffer<uint64_t>& key, Buffer<uint32_t>& idx, int bits, int threads) {
   const int64_t n = static_cast<int64_t>(key.size());
-  const int T = n < 65536 ? 1 : std::max(1, threads);
   Buffer<uint64_t> key2(n);
   Buffer<uint32_t> idx2(n);
-  std::vector<std::array<int64_t, 256>> hist(T);
-  for (int shift = 0; shift < bits; shift += 8) {
-    parallel_for(T, T, [&](int64_t t) {
-      auto [b, e] = part(n, static_cast<int>(t), T);
-      std::array<int64_t, 256>& h = hist[t];
-      h.fill(0);
-      for (int64_t i = b; i < e; ++i) ++h[(key[i] >> shift) & 255];
-    });
-    int64_t total[256] = {};
-    for (int t = 0; t < T; ++t)
-      for (int g = 0; g < 256; ++g) total[g] += hist[t][g];
-    if (std::count(total, total + 256, n) == 1) continue;  // one digit value: the pass is the identity
-    int64_t run = 0;
-    for (int g = 0; g < 256; ++g)
-      for (int t = 0; t < T; ++t) {
-        const int64_t c = hist[t][g];
-        hist[t][g] = run;
-        run += c;
-      }
-    parallel_for(T, T, [&](int64_t t) {
-      auto [b, e] = part(n, static_cast<int>(t), T);
-      std::array<int64_t, 256>& h = hist[t];
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t dst = h[(key[i] >> shift) & 255]++;
-        key2[dst] = key[i];
-        idx2[dst] = idx[i];
-      }
-    });
-    key.swap(key2);
-    idx.swap(idx2);
+  if (bits <= 8) {
+    lsd_sort(key.data(), idx.data(), n, bits, key2.data(), idx2.data());
+    return;
   }
+  const int T = n < 65536 ? 1 : std::max(1, threads), top = bits - 8;
+  std::vector<std::array<int64_t, 256>> hist(T);
+  parallel_for(T, T, [&](int64_t t) {
+    auto [b, e] = part(n, static_cast<int>(t), T);
+    std::array<int64_t, 256>& h = hist[t];
+    h.fill(0);
+    for (int64_t i = b; i < e; ++i) ++h[key[i] >> top];
+  });
+  int64_t bucket[257] = {};
+  for (int g = 0; g < 256; ++g) {
+    bucket[g + 1] = bucket[g];
+    for (int t = 0; t < T; ++t) {
+      const int64_t c = hist[t][g];
+      hist[t][g] = bucket[g + 1];
+      bucket[g + 1] += c;
+    }
+  }
+  parallel_for(T, T, [&](int64_t t) {
+    auto [b, e] = part(n, static_cast<int>(t), T);
+    std::array<int64_t, 256>& h = hist[t];
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t dst = h[key[i] >> top]++;
+      key2[dst] = key[i];
+      idx2[dst] = idx[i];
+    }
+  });
+  parallel_for(256, T, [&](int64_t g) {
+    const int64_t b = bucket[g], m = bucket[g + 1] - b;
+    lsd_sort(&key2[b], &idx2[b], m, top, &key[b], &idx[b]);  // key/idx are free: their ranges serve as scratch
+  });
+  key.swap(key2);
+  idx.swap(idx2);
 }
 
 // A permutohedral lattice over N pixels. Pixels are numbered in the lattice's pixel order: raster
