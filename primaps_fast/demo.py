@@ -24,7 +24,6 @@ import torch
 
 from primaps_fast import distributed, fileio, pictures, train
 from primaps_fast.evaluate import evaluate_batches
-from primaps_fast.progress import progress
 
 MARKER = ".primaps_fast_demo"
 
@@ -74,14 +73,14 @@ def run_demo(out="primaps_out", *, images: int = 32, epochs: int = 6, crf: bool 
     pseudo_stage = "PriMaPs pseudo labels" + (" + CRF" if crf else "")
 
     def pseudo_all():  # each rank its round-robin batches, gathered in order (uint8: the ids are <= 255)
-        count = distributed.Progress("demo-pseudo")
-        with progress(desc="pseudo labels", total=images, unit="img", enabled=show_progress) as bar:
-            parts = {}
+        parts = {}
+        with distributed.SharedProgress("demo-pseudo", desc="pseudo labels", total=images, unit="img",
+                                        enabled=show_progress) as bar:
             for s in distributed.round_robin(starts):
                 parts[s] = primaps_fast.pseudo_labels(scenes.images[s:s + batch_size], feats[s:s + batch_size],
                                                       crf=crf, backend=backend).to(torch.uint8)
-                bar.update(count.add(len(parts[s])) - bar.count)
-            everyone = distributed.all_gather_object(parts, "demo: pseudo labels")
+                bar.add(len(parts[s]))
+        everyone = distributed.all_gather_object(parts, "demo: pseudo labels")
         return torch.cat([next(p[s] for p in everyone if s in p) for s in starts]).long()
 
     pseudo = _timed(times, pseudo_stage, pseudo_all)

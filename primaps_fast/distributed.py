@@ -32,6 +32,8 @@ import time
 
 import torch
 
+from primaps_fast.progress import progress
+
 TIMEOUT_ENV = "PRIMAPS_FAST_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 1800.0
 # the variables torchrun sets for every worker; RANK, WORLD_SIZE or LOCAL_RANK alone mark a launch
@@ -377,9 +379,9 @@ def split(items, part: int | None = None, parts: int | None = None):
     return items[a:a + base + (part < extra)]
 
 
-class Progress:
-    """The global count of finished items of a stage: each rank ``add``s its own; rank 0's bar shows
-    ``total()`` (one store round trip; in a single process, the local count)."""
+class _Count:
+    """The global count of finished items of a stage: each rank ``add``s its own and gets the global
+    count back (one store round trip; in a single process, the local count)."""
 
     def __init__(self, what: str):
         self.s = _current()
@@ -393,9 +395,39 @@ class Progress:
         return int(_store_call(self.s, "progress", lambda: self.s.store.add(self.key, n)))
 
     def total(self) -> int:
-        if self.s is None:
-            return self.local
-        return int(_store_call(self.s, "progress", lambda: self.s.store.add(self.key, 0)))
+        return self.add(0) if self.s is not None else self.local
+
+
+class SharedProgress:
+    """One progress bar for a stage whose items are split over the ranks: ``add(n)`` counts items this
+    rank finished into the global count, which rank 0's bar shows. Leaving the ``with`` block without an
+    error waits for every rank (a barrier named after ``what``, keeping the bar moving), so the bar
+    ends at the global total."""
+
+    def __init__(self, what: str, *, desc: str, total: int, unit: str, enabled: bool = True):
+        self.what, self.main, self.count = what, is_main(), _Count(what)
+        self.bar = progress(desc=desc, total=total, unit=unit, enabled=enabled and self.main)
+
+    def __enter__(self):
+        return self
+
+    def add(self, n: int) -> None:
+        done = self.count.add(n)
+        if self.main:
+            self.bar.update(done - self.bar.count)
+
+    def _show(self) -> None:
+        self.bar.update(self.count.total() - self.bar.count)
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                barrier(f"{self.what}: waiting for every rank to finish its share",
+                        poll=self._show if self.main else None)
+                if self.main:
+                    self._show()
+        finally:
+            self.bar.close()
 
 
 # ----------------------------------------------------------------------------- data channel (collectives)

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from primaps_fast import distributed, fileio
-from primaps_fast.progress import progress
 
 # --head choices: which head's predictions are evaluated, and their names in tables and results.json
 HEADS = {"ema": [("theta_M (EMA head)", True)], "head": [("theta_R (head)", False)],
@@ -55,22 +54,20 @@ def evaluate_cache(em, cache, *, heads: str = "both", crf_dataset=None, batch_si
 
     S = cache.manifest["resolution"]
     mine = distributed.round_robin(range(0, len(cache), batch_size))
-    main = distributed.is_main()
     results = {}
     for crf in ([False, True] if crf_dataset is not None else [False]):
         for name, use_ema in HEADS[heads]:
             label = name + (" + CRF" if crf else "")
-            metrics, count = UnsupervisedMetrics(em.num_classes), distributed.Progress("eval")
-            with progress(desc=label, total=len(cache), unit="img", enabled=show_progress and crf and main) as bar:
+            metrics = UnsupervisedMetrics(em.num_classes)
+            with distributed.SharedProgress("eval", desc=label, total=len(cache), unit="img",
+                                            enabled=show_progress and crf) as bar:
                 for start in mine:
                     idx = list(range(start, min(start + batch_size, len(cache))))
                     feats = cache.get_features(idx)
                     images = crf_images(torch.stack([crf_dataset[i][0] for i in idx])) if crf else None
                     metrics.update(predict(em, feats, (S, S), use_ema=use_ema, crf_images=images, backend=backend),
                                    cache.get_labels(idx))
-                    total = count.add(len(idx))
-                    if main:
-                        bar.update(total - bar.count)
+                    bar.add(len(idx))
             distributed.all_reduce_sum([metrics.stats], f"eval: confusion matrix of {label}")
             results[label] = metrics.compute()
     return results

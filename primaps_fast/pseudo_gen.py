@@ -29,7 +29,6 @@ from primaps_fast import distributed, fileio
 from primaps_fast.data.cache import (FORMAT, CorruptCacheError, claim_folder, not_writable, read_manifest,
                                      remove_temporaries)
 from primaps_fast.data.transforms import to_normalized_tensor, unnormalize
-from primaps_fast.progress import progress
 
 SUBDIRS = ("imgs", "gts", "pseudos")
 
@@ -129,11 +128,8 @@ def generate_pseudo_labels(dataset, out_root, *, cache=None, backbone=None, thre
     device = distributed.device(device)
     if backbone is not None and device is not None:
         backbone = backbone.to(device)
-    main, count = distributed.is_main(), distributed.Progress("pseudo")
-    with progress(desc="pseudo labels", total=len(todo), unit="img", enabled=show_progress and main) as bar:
-        def show():
-            bar.update(count.total() - bar.count)
-
+    with distributed.SharedProgress("pseudo", desc="pseudo labels", total=len(todo), unit="img",
+                                    enabled=show_progress) as bar:
         for idx, (images, labels, batch_names) in zip(mine, loader):
             if cache is not None:
                 feats = cache.get_features(idx)
@@ -149,12 +145,7 @@ def generate_pseudo_labels(dataset, out_root, *, cache=None, backbone=None, thre
                     fileio.write_png(os.path.join(out_root, "pseudos", name + ".png"), ps.astype(np.uint8))
             except OSError as exc:
                 raise not_writable(exc, out_root, "out") from exc
-            count.add(len(images))
-            if main:
-                show()
-        distributed.barrier("pseudo: waiting for every rank to finish its share", poll=show if main else None)
-        if main:
-            show()
+            bar.add(len(images))
     stats["computed"] = len(todo)
     stats["seconds"] = time.perf_counter() - start
     stats["images_per_s"] = stats["computed"] / max(stats["seconds"], 1e-9)

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from primaps_fast import distributed, fileio
-from primaps_fast.progress import progress
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -456,20 +455,12 @@ def _fill(root, manifest: dict, num_images: int, feature_shape, size: int, batch
     if todo:
         batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
         mine = distributed.round_robin(batches)
-        writer, count = _Writer(cache), distributed.Progress("features")
-        main = distributed.is_main()
-        with progress(desc="features", total=len(todo), unit="img", enabled=show_progress and main) as bar:
-            def show():
-                bar.update(count.total() - bar.count)
-
+        writer = _Writer(cache)
+        with distributed.SharedProgress("features", desc="features", total=len(todo), unit="img",
+                                        enabled=show_progress) as bar:
             for idx, feats, labels in rows(mine):
                 writer.write(np.asarray(idx), feats, labels)
-                count.add(len(idx))
-                if main:
-                    show()
-            distributed.barrier("features: waiting for every rank to finish its share", poll=show if main else None)
-            if main:
-                show()
+                bar.add(len(idx))
     distributed.on_main(lambda: _tidy(root, num_images), "features: merging the records on rank 0")
     return FeatureCache(root)
 
