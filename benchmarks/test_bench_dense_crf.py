@@ -220,9 +220,10 @@ def _bytes_per_iteration(N, m_gauss, m_bil, labels):
 
 @pytest.mark.parametrize("kind,size,labels", SCENES)
 def test_dense_crf_floor(benchmark, shrink, kind, size, labels):
-    """Where the time goes, one thread each side: per mean-field iteration ((t(10) - t(1)) / 9) and the
-    rest (building the lattices and the unary), against the memory floor of one iteration (bytes that
-    must move at the single-thread copy bandwidth; arrays that fit the caches can beat it)."""
+    """Where the time goes, one thread each side: per mean-field iteration and the rest (building the
+    lattices, the unary), against the memory floor of one iteration (the bytes it must move at the
+    single-thread copy bandwidth; arrays that fit the caches can beat it). Ours: (t(10) - t(1)) / 9 and
+    t(10) - 10 x that; pydensecrf: its ``inference(10)`` / 10, and its set-up (kernels and lattices)."""
     pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is the baseline of these cases")
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_softmax
@@ -238,25 +239,29 @@ def test_dense_crf_floor(benchmark, shrink, kind, size, labels):
         finally:
             torch.set_num_threads(ALL_THREADS)
 
-    def theirs(iterations):
+    def theirs():
+        """(set-up ms, inference(10) ms)"""
+        t = time.perf_counter()
         d = dcrf.DenseCRF2D(W, H, L)
         d.setUnaryEnergy(unary_from_softmax(probs.numpy()))
         d.addPairwiseGaussian(sxy=1, compat=3)
         d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(img.permute(1, 2, 0).numpy()), compat=4)
-        return d.inference(iterations)
+        t1 = time.perf_counter()
+        d.inference(10)
+        return (t1 - t) * 1e3, (time.perf_counter() - t1) * 1e3
 
     benchmark.pedantic(ours, args=(10,), rounds=1, iterations=1, warmup_rounds=0)
     if benchmark.stats is None:  # --benchmark-disable: ran once as a test
         return
-    rows = {}
-    for name, fn in (("ours", ours), ("pydensecrf", theirs)):
-        t10, t1 = _best_ms(lambda: fn(10)), _best_ms(lambda: fn(1))
-        rows[name] = ((t10 - t1) / 9, t10 - 10 * (t10 - t1) / 9, t10)
+    t10, t1 = _best_ms(lambda: ours(10), 5), _best_ms(lambda: ours(1), 5)
+    runs = [theirs() for _ in range(3)]
+    setup, inference = min(r[0] for r in runs), min(r[1] for r in runs)
+    rows = {"ours": ((t10 - t1) / 9, t10 - 10 * (t10 - t1) / 9), "pydensecrf": (inference / 10, setup)}
     nbytes = _bytes_per_iteration(H * W, m_gauss, m_bil, labels)
     floor = nbytes / _copy_bandwidth() * 1e3
     benchmark.extra_info.update(floor_ms_per_iteration=floor, bytes_per_iteration=nbytes,
                                 **{f"{k}_ms_per_iteration": v[0] for k, v in rows.items()},
-                                **{f"{k}_ms_build": v[1] for k, v in rows.items()})
+                                **{f"{k}_ms_rest": v[1] for k, v in rows.items()})
     print(f"\n{kind} {H}x{W} L={labels}: floor {floor:.1f} ms/iteration ({nbytes / 2**20:.0f} MiB); "
-          + "; ".join(f"{k} {it:.1f} ms/iteration ({it / floor:.1f}x floor) + {rest:.0f} ms rest = {tot:.0f} ms"
-                      for k, (it, rest, tot) in rows.items()))
+          + "; ".join(f"{k} {it:.1f} ms/iteration ({it / floor:.1f}x floor) + {rest:.0f} ms rest"
+                      for k, (it, rest) in rows.items()))

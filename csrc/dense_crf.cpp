@@ -37,6 +37,8 @@
 #include <condition_variable>
 #include <future>
 #include <limits>
+#include <memory>
+#include <mutex>
 
 namespace {
 
@@ -387,6 +389,33 @@ void crf_image(const uint8_t* img, const float* unary, float* out, int64_t H, in
   mean_field_any(gauss, bil, p, unary, out, L, threads);
 }
 
+// The Gaussian lattice of the last (H, W, pos_sxy) a call used, kept for the next call (a pipeline
+// sees one image size) when it takes at most kKeepGaussianBytes.
+constexpr size_t kKeepGaussianBytes = size_t(64) << 20;
+struct KeptGaussian {
+  std::mutex mutex;
+  int64_t H = 0, W = 0;
+  float sxy = 0.f;
+  std::shared_ptr<const Lattice> lattice;
+};
+KeptGaussian& kept() {
+  static KeptGaussian k;
+  return k;
+}
+
+std::shared_ptr<const Lattice> kept_gaussian(int64_t H, int64_t W, float sxy) {
+  KeptGaussian& k = kept();
+  std::lock_guard<std::mutex> lock(k.mutex);
+  return k.H == H && k.W == W && k.sxy == sxy ? k.lattice : nullptr;
+}
+
+void keep_gaussian(const std::shared_ptr<const Lattice>& lat, int64_t H, int64_t W, float sxy) {
+  if (lat->bytes() > kKeepGaussianBytes) return;
+  KeptGaussian& k = kept();
+  std::lock_guard<std::mutex> lock(k.mutex);
+  k.H = H, k.W = W, k.sxy = sxy, k.lattice = lat;
+}
+
 void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& unary,
                const primaps::Int64Array& labels, primaps::FloatArray& out, int iterations, float pos_sxy,
                float pos_compat, float bi_sxy, float bi_srgb, float bi_compat, int threads) {
@@ -417,17 +446,22 @@ void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& una
   threads = std::max(1, threads);
   const int outer = static_cast<int>(std::min<int64_t>(threads, B));
   const int inner = std::max(1, threads / outer);
-  // The Gaussian lattice depends only on (H, W, pos_sxy): built once for the batch, at the same time
-  // as the first bilateral lattices when there are threads to spare (a single image gives it half of
-  // them). gauss_future is destroyed first and, as the last reference to an async state, waits for
-  // the task.
-  Lattice gauss;
+  // The Gaussian lattice depends only on (H, W, pos_sxy): the one the previous call kept, or built
+  // once for the batch, at the same time as the first bilateral lattices when there are threads to
+  // spare (a single image gives it half of them). gauss_future is destroyed first and, as the last
+  // reference to an async state, waits for the task.
   const bool any = iterations > 0 && *std::max_element(lab, lab + B) > 1;
+  std::shared_ptr<const Lattice> gauss = any ? kept_gaussian(H, W, pos_sxy) : std::make_shared<const Lattice>();
   const int gauss_threads = outer == 1 ? std::max(1, inner / 2) : 1;
   std::shared_future<const Lattice*> gauss_future =
-      std::async(threads > 1 ? std::launch::async : std::launch::deferred, [&]() -> const Lattice* {
-        if (any) build_gaussian(gauss, H, W, pos_sxy, gauss_threads);
-        return &gauss;
+      std::async(threads > 1 && !gauss ? std::launch::async : std::launch::deferred, [&]() -> const Lattice* {
+        if (!gauss) {
+          auto built = std::make_shared<Lattice>();
+          build_gaussian(*built, H, W, pos_sxy, gauss_threads);
+          keep_gaussian(built, H, W, pos_sxy);
+          gauss = std::move(built);
+        }
+        return gauss.get();
       }).share();
   const int build_threads = outer == 1 && threads > 1 ? std::max(1, inner - gauss_threads) : inner;
   parallel_for(B, outer, [&](int64_t b) {

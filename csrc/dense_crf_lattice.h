@@ -149,6 +149,11 @@ struct Lattice {
   Buffer<float> wgt;
   Buffer<int32_t> nbr;     // (d+1, M, 2): n1, n2; M = the zero row
   Buffer<float> norm;      // (N) 1/sqrt(K 1 + 1e-20), by position
+
+  size_t bytes() const {
+    auto of = [](const auto& v) { return v.size() * sizeof(v[0]); };
+    return of(raster) + of(offset) + of(bary) + of(start) + of(pix) + of(wgt) + of(nbr) + of(norm);
+  }
 };
 
 // Elevates pixel features f (d floats) onto the lattice with pydensecrf's SSE arithmetic: the

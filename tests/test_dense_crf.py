@@ -159,6 +159,19 @@ def test_cpu_matches_reference(H, W, L, seed, noise):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+def test_kept_gaussian_lattice_follows_size_and_sxy():
+    # The Gaussian lattice of the last (H, W, pos_sxy) is kept for the next call: calls that change the
+    # size or pos_sxy in turn agree with the reference, and the repeated first call is bit-identical.
+    outs = []
+    for H, W, sxy in [(30, 40, 1.0), (40, 30, 1.0), (30, 40, 2.0), (30, 40, 1.0)]:
+        img, p = scene(H, W, 4, 30, 1.0)
+        got = dense_crf_list(img[None], [p], pos_sxy=sxy, iterations=3, backend="cpu")[0]
+        want = ref.dense_crf_list(img[None], [p], pos_sxy=sxy, iterations=3)[0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        outs.append(got)
+    assert torch.equal(outs[0], outs[3])
+
+
 def test_batch_with_different_label_counts():
     imgs, probs = [], []
     for b, L in enumerate((3, 6, 2)):
