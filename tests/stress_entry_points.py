@@ -227,7 +227,7 @@ def _marginals_ok(q, L, H, W):
 
 
 def case_dense_crf(r, gen):
-    B, L, H, W = r.choice([1, 2]), _dim(r, r.choice([2, 3, 5])), _dim(r, 7), _dim(r, 9)
+    B, L, H, W = r.choice([1, 2]), _dim(r, r.choice([2, 3, 5, 37, 300])), _dim(r, 7), _dim(r, 9)
     small = r.random() < 0.5
     h, w = (max(1, H // 2), max(1, W // 2)) if small else (H, W)
     images = _images(r, gen, B, H, W, float_ok=r.random() < 0.1)
@@ -252,7 +252,7 @@ def case_dense_crf(r, gen):
 def case_dense_crf_list(r, gen):
     B, H, W = r.choice([1, 2, 3]), _dim(r, 6), _dim(r, 7)
     images = _images(r, gen, B, H, W, float_ok=False)
-    Ls = [_dim(r, r.choice([1, 2, 4])) for _ in range(B)]
+    Ls = [_dim(r, r.choice([1, 2, 4, 33, 260])) for _ in range(B)]
     probs = []
     for L in Ls:
         p = torch.softmax(torch.randn(L, H, W, generator=gen), 0)
