@@ -452,10 +452,11 @@ void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& una
   // reference to an async state, waits for the task.
   const bool any = iterations > 0 && *std::max_element(lab, lab + B) > 1;
   std::shared_ptr<const Lattice> gauss = any ? kept_gaussian(H, W, pos_sxy) : std::make_shared<const Lattice>();
+  const bool build = !gauss;
   const int gauss_threads = outer == 1 ? std::max(1, inner / 2) : 1;
   std::shared_future<const Lattice*> gauss_future =
-      std::async(threads > 1 && !gauss ? std::launch::async : std::launch::deferred, [&]() -> const Lattice* {
-        if (!gauss) {
+      std::async(threads > 1 && build ? std::launch::async : std::launch::deferred, [&]() -> const Lattice* {
+        if (build) {
           auto built = std::make_shared<Lattice>();
           build_gaussian(*built, H, W, pos_sxy, gauss_threads);
           keep_gaussian(built, H, W, pos_sxy);
@@ -463,7 +464,7 @@ void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& una
         }
         return gauss.get();
       }).share();
-  const int build_threads = outer == 1 && threads > 1 ? std::max(1, inner - gauss_threads) : inner;
+  const int build_threads = outer == 1 && threads > 1 && build ? std::max(1, inner - gauss_threads) : inner;
   parallel_for(B, outer, [&](int64_t b) {
     crf_image(img + b * 3 * H * W, un + start[b], o + start[b], H, W, static_cast<int>(lab[b]), p, gauss_future,
               build_threads, inner);
