@@ -8,6 +8,8 @@ the C++ kernel, after checking that they agree.
   ``coffee``), 320-640 px, 3, 7 and 27 labels: pydensecrf against C++ on one thread (``cpu-1``) and on
   every thread (``cpu-all``, ``torch.get_num_threads()``, one image). Each case prints its lattice sizes,
   the argmax agreement and max |dQ| against pydensecrf, and the speed-up.
+- The same rows split into time per mean-field iteration and the rest (lattices, unary), each side on
+  one thread, against the memory floor of an iteration (``-k floor``).
 
 With ``--benchmark-disable`` (CI) every case runs once, on images 4x smaller.
 
@@ -16,8 +18,8 @@ two lattices. Per iteration, per kernel with d+1 remainders and M vertices: a sp
 rows, d+1 blur passes over M rows (each reading two neighbours), a slice that gathers (d+1) N rows, and
 an update pass that exchanges two rows per pixel between the bilateral's pixel order and raster order.
 Textured images and photographs have bilateral lattices of 0.6-3.5 N vertices (clean scenes ~0.6 N),
-so the bilateral blur and the update's gathers dominate; building the lattices (elevation, radix sort of
-N (d+1) keys, neighbour merges) is 15-25 % of an image.
+so the update pass (32-43 % of an iteration), the bilateral blur and the bilateral splat dominate;
+building the lattices (elevation, radix sort of N (d+1) keys, neighbour merges) is 15-40 % of an image.
 """
 import time
 
