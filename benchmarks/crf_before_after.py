@@ -4,8 +4,8 @@ after a change), one thread each, side by side in one run.
     python benchmarks/crf_before_after.py BEFORE_CHECKOUT AFTER_CHECKOUT [--rounds 2]
 
 Each checkout must have its C++ module built in place. For every row of the scenes benchmark
-(``test_bench_dense_crf.SCENES``), the two builds are timed in alternating subprocesses (best of 3 calls
-per subprocess, ``--rounds`` subprocesses per build), and pydensecrf2 once (best of 3) in the first
+(``test_bench_dense_crf.SCENES``), the two builds are timed in alternating subprocesses (a warm-up call,
+then the best of 3, ``--rounds`` subprocesses per build), and pydensecrf2 once (best of 3) in the first
 "after" subprocess, which also checks the agreement with pydensecrf. Prints a Markdown table.
 """
 import argparse
@@ -17,24 +17,16 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 CHILD = r"""
-import json, sys, time
+import json, sys
 sys.path.insert(0, sys.argv[1])
 import test_bench_dense_crf as bench
 kind, size, labels, with_pydensecrf = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 img, probs = bench._inputs(kind, size, labels)
-
-def best(fn):
-    ms = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        out = fn()
-        ms = min(ms, (time.perf_counter() - t) * 1e3)
-    return ms, out
-
-res = {}
-res["ms"], got = best(lambda: bench._cpu(img, probs, 1))
+got = bench._cpu(img, probs, 1)  # also the warm-up
+res = {"ms": bench._best_ms(lambda: bench._cpu(img, probs, 1))}
 if with_pydensecrf:
-    res["pydensecrf_ms"], (want,) = best(lambda: bench._pydensecrf([img], [probs]))
+    (want,) = bench._pydensecrf([img], [probs])
+    res["pydensecrf_ms"] = bench._best_ms(lambda: bench._pydensecrf([img], [probs]))
     res["agreement"] = (got.argmax(0) == want.argmax(0)).float().mean().item()
     res["max_dq"] = (got - want).abs().max().item()
 print(json.dumps(res))

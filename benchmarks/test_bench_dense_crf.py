@@ -55,19 +55,23 @@ def inputs(shrink):
     return images, list(probs)
 
 
-def _pydensecrf(images, probs):
+def _pydensecrf_model(img, p):
+    """pydensecrf2's DenseCRF2D of one BGR image (3, H, W) and probabilities (L, H, W), set up with the
+    official unary and kernels (no inference yet)."""
     dcrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is an optional comparison")
     from pydensecrf.utils import unary_from_softmax
 
-    out = []
-    for img, p in zip(images, probs):
-        n, H, W = p.shape
-        d = dcrf.DenseCRF2D(W, H, n)
-        d.setUnaryEnergy(unary_from_softmax(p.numpy()))
-        d.addPairwiseGaussian(sxy=1, compat=3)
-        d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(img.permute(1, 2, 0).numpy()), compat=4)
-        out.append(torch.from_numpy(np.array(d.inference(10))).reshape(n, H, W))
-    return out
+    n, H, W = p.shape
+    d = dcrf.DenseCRF2D(W, H, n)
+    d.setUnaryEnergy(unary_from_softmax(p.numpy()))
+    d.addPairwiseGaussian(sxy=1, compat=3)
+    d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(img.permute(1, 2, 0).numpy()), compat=4)
+    return d
+
+
+def _pydensecrf(images, probs):
+    return [torch.from_numpy(np.array(_pydensecrf_model(img, p).inference(10))).reshape(p.shape)
+            for img, p in zip(images, probs)]
 
 
 def _run(provider, images, probs):
@@ -151,11 +155,11 @@ def _scene(kind, size, labels):
     return _scene_cache[key]
 
 
-def _cpu(image, probs, threads):
+def _cpu(image, probs, threads, iterations=10):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return dense_crf_list(image[None], [probs], backend="cpu")[0]
+        return dense_crf_list(image[None], [probs], iterations=iterations, backend="cpu")[0]
     finally:
         torch.set_num_threads(before)
 
@@ -227,27 +231,17 @@ def test_dense_crf_floor(benchmark, shrink, kind, size, labels):
     single-thread copy bandwidth; arrays that fit the caches can beat it). Ours: (t(10) - t(1)) / 9 and
     t(10) - 10 x that; pydensecrf: its ``inference(10)`` / 10, and its set-up (kernels and lattices)."""
     pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is the baseline of these cases")
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
-
     img, probs, (m_gauss, (m_bil,)), _ = _scene(kind, size // shrink, labels)
-    L, H, W = probs.shape
+    H, W = probs.shape[1:]
     benchmark.group = f"dense_crf floor {kind} {H}x{W}, {labels} labels"
 
     def ours(iterations):
-        torch.set_num_threads(1)
-        try:
-            return dense_crf_list(img[None], [probs], iterations=iterations, backend="cpu")[0]
-        finally:
-            torch.set_num_threads(ALL_THREADS)
+        return _cpu(img, probs, 1, iterations)
 
     def theirs():
         """(set-up ms, inference(10) ms)"""
         t = time.perf_counter()
-        d = dcrf.DenseCRF2D(W, H, L)
-        d.setUnaryEnergy(unary_from_softmax(probs.numpy()))
-        d.addPairwiseGaussian(sxy=1, compat=3)
-        d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(img.permute(1, 2, 0).numpy()), compat=4)
+        d = _pydensecrf_model(img, probs)
         t1 = time.perf_counter()
         d.inference(10)
         return (t1 - t) * 1e3, (time.perf_counter() - t1) * 1e3

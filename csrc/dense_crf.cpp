@@ -237,6 +237,15 @@ void mean_field(const Lattice& gauss, const Lattice& bil, const Params& p, const
     auto [pb, pe] = part(N, t, T);
     auto [gb, ge] = part(Mg, t, T);
     auto [bb, be] = part(Mb, t, T);
+    // Blur step along axis j of chunk c of lat's values, vertices [b, e): buf[cur] -> buf[1 - cur].
+    auto blur_axis = [&](const Lattice& lat, Rows* buf, int c, int j, int cur, int64_t b, int64_t e) {
+      const float* o = &buf[cur][c * (lat.M + 1) * CW];
+      float* n = &buf[1 - cur][c * (lat.M + 1) * CW];
+      for (int64_t v = b; v < e; ++v) {
+        const int32_t* nb = &lat.nbr[(j * lat.M + v) * 2];
+        blur_row<SEQ, C>(n + v * CW, o + v * CW, o + int64_t(nb[0]) * CW, o + int64_t(nb[1]) * CW);
+      }
+    };
     // Softmax of the group of rows tl (positions p0..p0+g) and its outputs: the next splats' rows
     // (Q * norm, each term's), or (last) Q itself.
     auto emit = [&](int64_t p0, int g, bool last) {
@@ -282,20 +291,8 @@ void mean_field(const Lattice& gauss, const Lattice& bil, const Params& p, const
         splat<C>(bil, &qn_b[c * N * CW], b0, bb, be);
         bar.wait();
         for (int j = 0, cur = 0; j <= bil.d; ++j, cur = 1 - cur) {
-          if (j <= 2) {
-            const float* o = &vg[cur][c * (Mg + 1) * CW];
-            float* n = &vg[1 - cur][c * (Mg + 1) * CW];
-            for (int64_t v = gb; v < ge; ++v) {
-              const int32_t* nb = &gauss.nbr[(j * Mg + v) * 2];
-              blur_row<SEQ, C>(n + v * CW, o + v * CW, o + int64_t(nb[0]) * CW, o + int64_t(nb[1]) * CW);
-            }
-          }
-          const float* o = &vb[cur][c * (Mb + 1) * CW];
-          float* n = &vb[1 - cur][c * (Mb + 1) * CW];
-          for (int64_t v = bb; v < be; ++v) {
-            const int32_t* nb = &bil.nbr[(j * Mb + v) * 2];
-            blur_row<SEQ, C>(n + v * CW, o + v * CW, o + int64_t(nb[0]) * CW, o + int64_t(nb[1]) * CW);
-          }
+          if (j <= 2) blur_axis(gauss, vg, c, j, cur, gb, ge);
+          blur_axis(bil, vb, c, j, cur, bb, be);
           bar.wait();
         }
         const float* g1 = &vg[1][c * (Mg + 1) * CW];  // after 3 axes the Gaussian values are in buffer 1
