@@ -10,11 +10,14 @@
 #pragma once
 
 #include "common.h"
+#include "fast_exp.h"
 
 #include <sys/mman.h>
 
 #include <array>
 #include <cmath>
+#include <tuple>
+#include <utility>
 
 namespace primaps {
 namespace dense_crf {
@@ -64,17 +67,22 @@ inline void chunked(int64_t n, int threads, const F& fn) {
   });
 }
 
-// Stable LSD radix sort of (key, idx)[0, n) by the bits [0, bits) of key, 8-bit digits, a digit on
-// which every key agrees skipped; tk, ti: scratch of n entries.
+// Stable LSD radix sort of (key, idx)[0, n) by the bits [0, bits) of key (bits <= 64, n < 2^32),
+// 8-bit digits, the histograms of all digits counted in one pass, a digit on which every key agrees
+// skipped; tk, ti: scratch of n entries.
 inline void lsd_sort(uint64_t* key, uint32_t* idx, int64_t n, int bits, uint64_t* tk, uint32_t* ti) {
+  const int digits = (bits + 7) / 8;
+  uint32_t count[8][256] = {};
+  for (int64_t i = 0; i < n; ++i)
+    for (int g = 0; g < digits; ++g) ++count[g][(key[i] >> (8 * g)) & 255];
   bool in_scratch = false;
-  for (int shift = 0; shift < bits; shift += 8) {
-    int64_t count[257] = {};
-    for (int64_t i = 0; i < n; ++i) ++count[((key[i] >> shift) & 255) + 1];
-    if (std::count(count + 1, count + 257, n) == 1) continue;  // one digit value: the identity
-    for (int g = 0; g < 256; ++g) count[g + 1] += count[g];
+  for (int g = 0; g < digits; ++g) {
+    uint32_t* c = count[g];
+    if (std::count(c, c + 256, uint32_t(n)) == 1) continue;  // one digit value: the identity
+    uint32_t sum = 0;
+    for (int x = 0; x < 256; ++x) sum += std::exchange(c[x], sum);
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t dst = count[(key[i] >> shift) & 255]++;
+      const uint32_t dst = c[(key[i] >> (8 * g)) & 255]++;
       tk[dst] = key[i];
       ti[dst] = idx[i];
     }
@@ -156,60 +164,119 @@ struct Lattice {
   }
 };
 
-// Elevates pixel features f (d floats) onto the lattice with pydensecrf's SSE arithmetic: the
-// remainder-0 vertex r0 (d+1 coordinates, multiples of d+1), the rank of each coordinate and the
-// barycentric weights. sf: the per-axis elevation scales. False when a coordinate is beyond the
-// range where float32 rounding is exact (|v| >= 2^22).
+// Vertex ids of the entries keys[0, n) (each in [1, 2^bits), bits <= 62): vid[i] = the rank of keys[i]
+// among the distinct keys, which are returned in increasing order. A hash table (linear probing, at
+// least 1.5 n slots, 0 = empty) gives each entry its key's slot, the lookups prefetched a few entries
+// ahead; the occupied slots sorted by key (radix_sort) number the vertices. Neighbouring pixels share
+// most of their vertices, so most lookups find a slot still in the cache: this is cheaper than
+// sorting all n entries, which share about 6 (photographs) or 2 (textured scenes) entries a key.
+inline Buffer<uint64_t> vertex_ids(const uint64_t* keys, int64_t n, int bits, uint32_t* vid, int threads) {
+  int log2 = 10;
+  while ((int64_t(1) << log2) < n + n / 2) ++log2;
+  const uint64_t mask = (uint64_t(1) << log2) - 1;
+  Buffer<uint64_t> table(mask + 1, 0);
+  auto home = [&](uint64_t key) { return (key * 0x9E3779B97F4A7C15ull) >> (64 - log2); };
+  constexpr int64_t kAhead = 16;
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) __builtin_prefetch(&table[home(keys[i + kAhead])]);
+    const uint64_t key = keys[i];
+    uint64_t h = home(key);
+    while (table[h] != key && table[h] != 0) h = (h + 1) & mask;
+    table[h] = key;
+    vid[i] = static_cast<uint32_t>(h);
+  }
+  Buffer<uint64_t> vkey;
+  Buffer<uint32_t> slot;
+  vkey.reserve(n / 2 + 16);
+  slot.reserve(n / 2 + 16);
+  for (uint64_t h = 0; h <= mask; ++h)
+    if (table[h]) {
+      vkey.push_back(table[h]);
+      slot.push_back(static_cast<uint32_t>(h));
+    }
+  radix_sort(vkey, slot, bits, threads);
+  const int64_t M = static_cast<int64_t>(vkey.size());
+  for (int64_t v = 0; v < M; ++v) table[slot[v]] = static_cast<uint64_t>(v);
+  chunked(n, threads, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) vid[i] = static_cast<uint32_t>(table[vid[i]]);
+  });
+  return vkey;
+}
+
+// Elevates the features of 4 pixels (lanes; f[i]: feature i) onto the lattice with pydensecrf's SSE
+// arithmetic: the remainder-0 vertex r0 (d+1 coordinates, multiples of d+1), the rank of each
+// coordinate and the barycentric weights, as floats. sf: the per-axis elevation scales. Per lane the
+// operations and their order are pydensecrf's; the weights' scatter by rank, bc[d - rank] += v and
+// bc[d - rank + 1] -= v, is written as bc[p] = v(rank d-p) - v(rank d-p+1): each entry gets one of each,
+// and a - b is the same float in either order from 0. False when a coordinate is beyond the range where
+// float32 rounding is exact (|v| >= 2^22).
 template <int d>
-inline bool elevate(const float* f, const float* sf, int32_t* r0_out, int8_t* rank_out, float* bary) {
+inline bool elevate4(const f32x4* f, const float* sf, f32x4* r0, f32x4* rank, f32x4* bary) {
   constexpr int D = d + 1;
   const float invd = 1.0f / D, dp1 = static_cast<float>(D);
-  float el[D], r0[D], rank[D], bc[D + 1];
-  float sm = 0.f;
+  const f32x4 zero{}, one = zero + 1.f;
+  auto select = [&](i32x4 m, f32x4 a) { return (f32x4)(m & (i32x4)a); };  // a where m, else +0
+  f32x4 el[D];
+  f32x4 sm = zero;
   for (int j = d; j > 0; --j) {
-    float cf = f[j - 1] * sf[j - 1];
+    const f32x4 cf = f[j - 1] * sf[j - 1];
     el[j] = sm - static_cast<float>(j) * cf;
     sm += cf;
   }
   el[0] = sm;
-  float sum = 0.f;
-  bool ok = true;
+  f32x4 sum = zero;
+  i32x4 bad{};
   for (int i = 0; i < D; ++i) {
-    float x = invd * el[i];
-    ok = ok && std::fabs(x) < 4194304.f;
-    float v = (x + 12582912.f) - 12582912.f;  // round half to even, as cvtps2dq (exact for |x| < 2^22)
+    const f32x4 x = invd * el[i];
+    bad |= (x >= 4194304.f) | (x <= -4194304.f) | (x != x);
+    const f32x4 v = (x + 12582912.f) - 12582912.f;  // round half to even, as cvtps2dq (exact for |x| < 2^22)
     r0[i] = v * dp1;
     sum += v;
   }
-  if (!ok) return false;
-  for (int i = 0; i < D; ++i) rank[i] = 0.f;
+  if (bad[0] | bad[1] | bad[2] | bad[3]) return false;
+  for (int i = 0; i < D; ++i) rank[i] = zero;
   for (int i = 0; i < d; ++i) {
-    float di = el[i] - r0[i];
+    const f32x4 di = el[i] - r0[i];
     for (int j = i + 1; j < D; ++j) {
-      float c = (di < el[j] - r0[j]) ? 1.f : 0.f;
+      const f32x4 c = select(di < el[j] - r0[j], one);
       rank[i] += c;
-      rank[j] += 1.f - c;
+      rank[j] += one - c;
     }
   }
   for (int i = 0; i < D; ++i) {
     rank[i] += sum;
-    float fix = (rank[i] < 0.f ? dp1 : 0.f) - (rank[i] >= dp1 ? dp1 : 0.f);
+    const f32x4 fix = select(rank[i] < 0.f, zero + dp1) - select(rank[i] >= dp1, zero + dp1);
     rank[i] += fix;
     r0[i] += fix;
   }
-  for (int i = 0; i < D + 1; ++i) bc[i] = 0.f;
+  f32x4 plus[D];  // plus[p]: v of the coordinate of rank d - p
+  for (int p = 0; p < D; ++p) plus[p] = zero;
   for (int i = 0; i < D; ++i) {
-    float v = (el[i] - r0[i]) * invd;
-    int p = d - static_cast<int>(rank[i]);
-    bc[p] += v;
-    bc[p + 1] -= v;
+    const f32x4 v = (el[i] - r0[i]) * invd;
+    for (int p = 0; p < D; ++p) plus[p] += select(rank[i] == static_cast<float>(d - p), v);
   }
-  bc[0] += 1.f + bc[D];
-  for (int i = 0; i < D; ++i) {
-    r0_out[i] = static_cast<int32_t>(r0[i]);
-    rank_out[i] = static_cast<int8_t>(rank[i]);
-    bary[i] = bc[i];
-  }
+  const f32x4 last = zero - plus[d];
+  bary[0] = plus[0] + (1.f + last);
+  for (int p = 1; p < D; ++p) bary[p] = plus[p] - plus[p - 1];
+  return true;
+}
+
+// elevate4 on pixels [k, k + g) (g <= 4) of features feat (N, d): the remainder-0 vertex and the
+// ranks as integers, the weights into bary, each (g, d+1).
+template <int d>
+inline bool elevate_pixels(const float* feat, int64_t k, int g, const float* sf, int32_t* r0_out, int8_t* rank_out,
+                           float* bary_out) {
+  constexpr int D = d + 1;
+  f32x4 f[d], r0[D], rank[D], bary[D];
+  for (int i = 0; i < d; ++i)
+    for (int l = 0; l < 4; ++l) f[i][l] = feat[(k + std::min(l, g - 1)) * d + i];
+  if (!elevate4<d>(f, sf, r0, rank, bary)) return false;
+  for (int l = 0; l < g; ++l)
+    for (int i = 0; i < D; ++i) {
+      r0_out[l * D + i] = static_cast<int32_t>(r0[i][l]);
+      rank_out[l * D + i] = static_cast<int8_t>(rank[i][l]);
+      bary_out[l * D + i] = bary[i][l];
+    }
   return true;
 }
 
@@ -243,14 +310,15 @@ void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t s
     std::array<int32_t, D>& hi = hi_c[c];
     lo.fill(INT32_MAX);
     hi.fill(INT32_MIN);
-    for (int64_t k = b; k < e; ++k) {
-      if (!elevate<d>(&feat[k * d], sf, &rem[k * D], &rk[k * D], &bary[k * D])) {
+    for (int64_t k = b; k < e; k += 4) {
+      const int g = static_cast<int>(std::min<int64_t>(4, e - k));
+      if (!elevate_pixels<d>(feat.data(), k, g, sf, &rem[k * D], &rk[k * D], &bary[k * D])) {
         too_large = true;
         return;
       }
-      for (int i = 1; i < D; ++i) {
-        lo[i] = std::min(lo[i], rem[k * D + i]);
-        hi[i] = std::max(hi[i], rem[k * D + i]);
+      for (int64_t q = k * D; q < (k + g) * D; ++q) {
+        lo[q % D] = std::min(lo[q % D], rem[q]);
+        hi[q % D] = std::max(hi[q % D], rem[q]);
       }
     }
   });
@@ -276,86 +344,106 @@ void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t s
   if (bits > 62)
     throw std::invalid_argument("features: lattice keys need " + std::to_string(bits) +
                                 " bits (> 62): the image is too large or sxy/srgb too small");
-  // Vertex r of a pixel: r0 + r on the coordinates of rank <= d - r, r - (d+1) on the others.
+  // Vertex r of a pixel: r0 + r on the coordinates of rank <= d - r, r - (d+1) on the others. From r
+  // to r + 1 every coordinate gains 1 except the one of rank d - r, which loses d.
   const int64_t n = N * D;
+  uint64_t unit = 0;
+  for (int i = 1; i < D; ++i) unit += uint64_t(1) << shift[i];
   Buffer<uint64_t> keys(n);
-  Buffer<uint32_t> idx(n);
   chunked(N, threads, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k)
-      for (int r = 0; r < D; ++r) {
-        uint64_t key = 0;
-        for (int i = 1; i < D; ++i) {
-          const int c = rk[k * D + i] <= d - r ? r : r - D;
-          key += static_cast<uint64_t>(rem[k * D + i] + c - lo[i]) << shift[i];
-        }
-        keys[k * D + r] = key;
-        idx[k * D + r] = static_cast<uint32_t>(k * D + r);
+    for (int64_t k = b; k < e; ++k) {
+      uint64_t key = 0, step[D] = {};  // step[q]: D on the coordinate of rank q (none for coordinate 0)
+      for (int i = 1; i < D; ++i) {
+        key += static_cast<uint64_t>(rem[k * D + i] - lo[i]) << shift[i];
+        step[rk[k * D + i]] = uint64_t(D) << shift[i];
       }
+      for (int r = 0; r < D; ++r) {
+        keys[k * D + r] = key;
+        key += unit - step[d - r];
+      }
+    }
   });
   rem = {};
   rk = {};
-  radix_sort(keys, idx, bits, threads);
-  // Vertex ids: runs of equal keys.
-  Buffer<uint64_t> vkey;
-  lat.start.clear();
-  for (int64_t i = 0; i < n; ++i)
-    if (i == 0 || keys[i] != keys[i - 1]) {
-      vkey.push_back(keys[i]);
-      lat.start.push_back(i);
-    }
+  // Vertex ids in key order.
+  Buffer<int32_t> vid(n);
+  const Buffer<uint64_t> vkey = vertex_ids(keys.data(), n, bits, reinterpret_cast<uint32_t*>(vid.data()), threads);
+  keys = {};
   const int64_t M = static_cast<int64_t>(vkey.size());
   lat.M = M;
-  lat.start.push_back(n);
-  keys = {};
-  // Pixel positions: raster order, or the order of the remainder-0 entries in the sorted list.
-  Buffer<int32_t> pos(N);
+  // The CSR list: entries counted per vertex, then placed in raster order.
+  lat.start.assign(M + 1, 0);
+  for (int64_t i = 0; i < n; ++i) ++lat.start[vid[i] + 1];
+  for (int64_t v = 0; v < M; ++v) lat.start[v + 1] += lat.start[v];
+  // Pixel positions: raster order, or pixels by the id of their remainder-0 vertex, raster within one.
+  lat.raster.resize(N);
+  Buffer<int32_t> pos;
   if (M > sort_above) {
-    lat.raster.resize(N);
-    int64_t p = 0;
-    for (int64_t i = 0; i < n; ++i)
-      if (idx[i] % D == 0) {
-        lat.raster[p] = static_cast<int32_t>(idx[i] / D);
-        pos[idx[i] / D] = static_cast<int32_t>(p++);
-      }
+    Buffer<int32_t> first(M + 1, 0);
+    for (int64_t k = 0; k < N; ++k) ++first[vid[k * D] + 1];
+    for (int64_t v = 0; v < M; ++v) first[v + 1] += first[v];
+    pos.resize(N);
+    for (int64_t k = 0; k < N; ++k) {
+      pos[k] = first[vid[k * D]]++;
+      lat.raster[pos[k]] = static_cast<int32_t>(k);
+    }
+    lat.offset.resize(n);
+    lat.bary.resize(n);
+    chunked(N, threads, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k)
+        for (int r = 0; r < D; ++r) {
+          lat.offset[int64_t(pos[k]) * D + r] = vid[k * D + r];
+          lat.bary[int64_t(pos[k]) * D + r] = bary[k * D + r];
+        }
+    });
   } else {
-    lat.raster.resize(N);
-    for (int64_t k = 0; k < N; ++k) pos[k] = lat.raster[k] = static_cast<int32_t>(k);
+    for (int64_t k = 0; k < N; ++k) lat.raster[k] = static_cast<int32_t>(k);
+    lat.offset = vid;
+    lat.bary = bary;
   }
-  lat.offset.resize(n);
-  lat.bary.resize(n);
   lat.pix.resize(n);
   lat.wgt.resize(n);
-  chunked(M, threads, [&](int64_t b, int64_t e) {
-    for (int64_t v = b; v < e; ++v)
-      for (int64_t i = lat.start[v]; i < lat.start[v + 1]; ++i) {
-        const int64_t k = idx[i] / D, r = idx[i] % D;
-        lat.offset[int64_t(pos[k]) * D + r] = static_cast<int32_t>(v);
-        lat.bary[int64_t(pos[k]) * D + r] = bary[idx[i]];
-        lat.pix[i] = pos[k];
-        lat.wgt[i] = bary[idx[i]];
-      }
-  });
-  // Blur neighbours along axis j: n1 = key - 1 on every coordinate + (d+1) on axis j, n2 the
-  // opposite, so u = n1(v) exactly when v = n2(u): one merge per axis. Absent ones point at the zero
-  // row M.
-  lat.nbr.assign(D * M * 2, static_cast<int32_t>(M));
-  uint64_t unit = 0;
-  for (int i = 1; i < D; ++i) unit += uint64_t(1) << shift[i];
+  {
+    Buffer<int64_t> cursor(lat.start.begin(), lat.start.end() - 1);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t dst = cursor[vid[i]]++;
+      lat.pix[dst] = pos.empty() ? static_cast<int32_t>(i / D) : pos[i / D];
+      lat.wgt[dst] = bary[i];
+    }
+  }
+  // Blur neighbours along axis j: n1 = key - 1 on every coordinate + (d+1) on axis j, n2 = key - that
+  // step, each found by one branch-free merge of the sorted keys with themselves shifted by the step.
+  // Absent ones point at the zero row M.
+  lat.nbr.resize(D * M * 2);
   const int mparts = M < 65536 ? 1 : std::max(1, threads);
-  parallel_for(D * mparts, threads, [&](int64_t job) {
-    const int j = static_cast<int>(job / mparts);
+  parallel_for(D * 2 * mparts, threads, [&](int64_t job) {
+    const int j = static_cast<int>(job / (2 * mparts)), side = static_cast<int>(job / mparts % 2);
     auto [b, e] = part(M, static_cast<int>(job % mparts), mparts);
-    const uint64_t delta = (j > 0 ? (uint64_t(D) << shift[j]) : 0) - unit;
-    int32_t* out = &lat.nbr[j * M * 2];
+    const uint64_t step = (j > 0 ? (uint64_t(D) << shift[j]) : 0) - unit, delta = side ? uint64_t(0) - step : step;
+    int32_t* out = &lat.nbr[j * M * 2 + side];
     if (b == e) return;
-    int64_t u = std::lower_bound(vkey.begin(), vkey.end(), vkey[b] + delta) - vkey.begin();
-    for (int64_t v = b; v < e; ++v) {
-      const uint64_t target = vkey[v] + delta;
-      while (u < M && vkey[u] < target) ++u;
-      if (u < M && vkey[u] == target) {
-        out[2 * v] = static_cast<int32_t>(u);
-        out[2 * u + 1] = static_cast<int32_t>(v);
-      }
+    // For each v in [b, e): the u with vkey[u] == vkey[v] + delta. The last value written for a v is
+    // the right one: u stops at the first key >= the target. Each merge is a chain of dependent loads,
+    // so the range runs as kChains merges in step.
+    constexpr int kChains = 4;
+    int64_t v[kChains], ve[kChains], u[kChains];
+    for (int c = 0; c < kChains; ++c) {
+      std::tie(v[c], ve[c]) = part(e - b, c, kChains);
+      v[c] += b, ve[c] += b;
+      u[c] = v[c] < ve[c] ? std::lower_bound(vkey.begin(), vkey.end(), vkey[v[c]] + delta) - vkey.begin() : M;
+    }
+    auto active = [&](int c) { return v[c] < ve[c] && u[c] < M; };
+    auto advance = [&](int c) {
+      const uint64_t target = vkey[v[c]] + delta, key = vkey[u[c]];
+      out[2 * v[c]] = key == target ? static_cast<int32_t>(u[c]) : static_cast<int32_t>(M);
+      v[c] += key >= target;
+      u[c] += key <= target;
+    };
+    while (active(0) && active(1) && active(2) && active(3))
+      for (int c = 0; c < kChains; ++c) advance(c);
+    for (int c = 0; c < kChains; ++c) {
+      while (active(c)) advance(c);
+      for (; v[c] < ve[c]; ++v[c]) out[2 * v[c]] = static_cast<int32_t>(M);
     }
   });
 }
@@ -406,19 +494,25 @@ inline bool build_grid_lattice(Lattice& lat, int64_t H, int64_t W, float sxy, in
   lat.bary.resize(N * 3);
   std::atomic<bool> too_large{false};
   chunked(N, threads, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      const float f[2] = {static_cast<float>(k % W) / sxy, static_cast<float>(k / W) / sxy};
-      int32_t rem[3];
-      int8_t rk[3];
-      if (!elevate<2>(f, sf, rem, rk, &lat.bary[k * 3])) {
+    for (int64_t k = b; k < e; k += 4) {
+      const int g = static_cast<int>(std::min<int64_t>(4, e - k));
+      float f[4 * 2];
+      for (int l = 0; l < g; ++l) {
+        f[2 * l] = static_cast<float>((k + l) % W) / sxy;
+        f[2 * l + 1] = static_cast<float>((k + l) / W) / sxy;
+      }
+      int32_t rem[4 * 3];
+      int8_t rk[4 * 3];
+      if (!elevate_pixels<2>(f, 0, g, sf, rem, rk, &lat.bary[k * 3])) {
         too_large = true;
         return;
       }
-      for (int r = 0; r < 3; ++r) {
-        const int32_t k0 = rem[0] + (rk[0] <= 2 - r ? r : r - 3), k1 = rem[1] + (rk[1] <= 2 - r ? r : r - 3);
+      for (int q = 0; q < 3 * g; ++q) {
+        const int l = q / 3 * 3, r = q % 3;
+        const int32_t k0 = rem[l] + (rk[l] <= 2 - r ? r : r - 3), k1 = rem[l + 1] + (rk[l + 1] <= 2 - r ? r : r - 3);
         const int32_t j = (k0 - k1) / 3, i = k1 + j;
-        Rv[k * 3 + r] = 2 * i + j;
-        Jv[k * 3 + r] = j;
+        Rv[k * 3 + q] = 2 * i + j;
+        Jv[k * 3 + q] = j;
       }
     }
   });
