@@ -17,6 +17,7 @@
 #include <array>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 namespace primaps {
@@ -165,41 +166,82 @@ struct Lattice {
 };
 
 // Vertex ids of the entries keys[0, n) (each in [1, 2^bits), bits <= 62): vid[i] = the rank of keys[i]
-// among the distinct keys, which are returned in increasing order. A hash table (linear probing, at
-// least 1.5 n slots, 0 = empty) gives each entry its key's slot, the lookups prefetched a few entries
-// ahead; the occupied slots sorted by key (radix_sort) number the vertices. Neighbouring pixels share
-// most of their vertices, so most lookups find a slot still in the cache: this is cheaper than
-// sorting all n entries, which share about 6 (photographs) or 2 (textured scenes) entries a key.
-inline Buffer<uint64_t> vertex_ids(const uint64_t* keys, int64_t n, int bits, uint32_t* vid, int threads) {
+// among the distinct keys, which are returned in increasing order; start (M+1) = the CSR offsets of
+// the entries grouped by vertex. A hash table (linear probing, at least 1.5 n slots, 0 = empty,
+// inserts by compare-and-swap so that threads share it) gives each entry its key's slot, the lookups
+// prefetched a few entries ahead; the occupied slots sorted by key (radix_sort) number the vertices.
+// Neighbouring pixels share most of their vertices, so most lookups find a slot still in the cache:
+// this is cheaper than sorting all n entries (6 a key on photographs, 2 on textured scenes). Where a
+// key lands in the table depends on the threads' timing; the ids do not.
+inline Buffer<uint64_t> vertex_ids(const uint64_t* keys, int64_t n, int bits, uint32_t* vid, Buffer<int64_t>& start,
+                                   int threads) {
   int log2 = 10;
   while ((int64_t(1) << log2) < n + n / 2) ++log2;
-  const uint64_t mask = (uint64_t(1) << log2) - 1;
-  Buffer<uint64_t> table(mask + 1, 0);
+  const int64_t slots = int64_t(1) << log2;
+  Buffer<uint64_t> table(slots, 0);
   auto home = [&](uint64_t key) { return (key * 0x9E3779B97F4A7C15ull) >> (64 - log2); };
   constexpr int64_t kAhead = 16;
-  for (int64_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) __builtin_prefetch(&table[home(keys[i + kAhead])]);
-    const uint64_t key = keys[i];
-    uint64_t h = home(key);
-    while (table[h] != key && table[h] != 0) h = (h + 1) & mask;
-    table[h] = key;
-    vid[i] = static_cast<uint32_t>(h);
-  }
-  Buffer<uint64_t> vkey;
-  Buffer<uint32_t> slot;
-  vkey.reserve(n / 2 + 16);
-  slot.reserve(n / 2 + 16);
-  for (uint64_t h = 0; h <= mask; ++h)
-    if (table[h]) {
-      vkey.push_back(table[h]);
-      slot.push_back(static_cast<uint32_t>(h));
+  auto insert = [&](auto shared, int64_t b, int64_t e) {  // shared: other threads insert at the same time
+    for (int64_t i = b; i < e; ++i) {
+      if (i + kAhead < e) __builtin_prefetch(&table[home(keys[i + kAhead])]);
+      const uint64_t key = keys[i];
+      uint64_t h = home(key);
+      for (;;) {
+        if constexpr (decltype(shared)::value) {
+          uint64_t seen = __atomic_load_n(&table[h], __ATOMIC_RELAXED);
+          if (seen == 0 &&
+              !__atomic_compare_exchange_n(&table[h], &seen, key, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            continue;  // another thread took the slot: look again
+          if (seen == 0 || seen == key) break;
+        } else {
+          if (table[h] == 0) table[h] = key;
+          if (table[h] == key) break;
+        }
+        h = (h + 1) & (slots - 1);
+      }
+      vid[i] = static_cast<uint32_t>(h);
     }
-  radix_sort(vkey, slot, bits, threads);
-  const int64_t M = static_cast<int64_t>(vkey.size());
-  for (int64_t v = 0; v < M; ++v) table[slot[v]] = static_cast<uint64_t>(v);
-  chunked(n, threads, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) vid[i] = static_cast<uint32_t>(table[vid[i]]);
+  };
+  if (threads <= 1 || n < 4096)
+    insert(std::false_type{}, 0, n);
+  else
+    chunked(n, threads, [&](int64_t b, int64_t e) { insert(std::true_type{}, b, e); });
+  // The occupied slots, part by part; sorted by key.
+  const int parts = std::max(1, threads);
+  std::vector<int64_t> used(parts + 1, 0);
+  parallel_for(parts, threads, [&](int64_t t) {
+    auto [b, e] = part(slots, static_cast<int>(t), parts);
+    used[t + 1] = e - b - std::count(&table[b], &table[0] + e, uint64_t(0));
   });
+  for (int t = 0; t < parts; ++t) used[t + 1] += used[t];
+  const int64_t M = used[parts];
+  Buffer<uint64_t> vkey(M);
+  Buffer<uint32_t> slot(M);
+  parallel_for(parts, threads, [&](int64_t t) {
+    auto [b, e] = part(slots, static_cast<int>(t), parts);
+    for (int64_t h = b, o = used[t]; h < e; ++h)
+      if (table[h]) vkey[o] = table[h], slot[o++] = static_cast<uint32_t>(h);
+  });
+  radix_sort(vkey, slot, bits, threads);
+  chunked(M, threads, [&](int64_t b, int64_t e) {
+    for (int64_t v = b; v < e; ++v) table[slot[v]] = static_cast<uint64_t>(v);
+  });
+  // Entries to vertex ids, counted per vertex (per part, then summed).
+  std::vector<Buffer<int64_t>> count(parts);
+  parallel_for(parts, threads, [&](int64_t t) {
+    auto [b, e] = part(n, static_cast<int>(t), parts);
+    Buffer<int64_t>& c = count[t];
+    c.assign(M + 1, 0);
+    for (int64_t i = b; i < e; ++i) {
+      if (i + kAhead < e) __builtin_prefetch(&table[vid[i + kAhead]]);
+      vid[i] = static_cast<uint32_t>(table[vid[i]]);
+      ++c[vid[i] + 1];
+    }
+  });
+  start = std::move(count[0]);
+  for (int t = 1; t < parts; ++t)
+    for (int64_t v = 0; v <= M; ++v) start[v] += count[t][v];
+  for (int64_t v = 0; v < M; ++v) start[v + 1] += start[v];
   return vkey;
 }
 
@@ -365,28 +407,48 @@ void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t s
   });
   rem = {};
   rk = {};
-  // Vertex ids in key order.
+  // Vertex ids in key order, and the CSR offsets.
   Buffer<int32_t> vid(n);
-  const Buffer<uint64_t> vkey = vertex_ids(keys.data(), n, bits, reinterpret_cast<uint32_t*>(vid.data()), threads);
+  const Buffer<uint64_t> vkey =
+      vertex_ids(keys.data(), n, bits, reinterpret_cast<uint32_t*>(vid.data()), lat.start, threads);
   keys = {};
   const int64_t M = static_cast<int64_t>(vkey.size());
   lat.M = M;
-  // The CSR list: entries counted per vertex, then placed in raster order.
-  lat.start.assign(M + 1, 0);
-  for (int64_t i = 0; i < n; ++i) ++lat.start[vid[i] + 1];
-  for (int64_t v = 0; v < M; ++v) lat.start[v + 1] += lat.start[v];
   // Pixel positions: raster order, or pixels by the id of their remainder-0 vertex, raster within one.
+  const bool in_raster = M <= sort_above;
   lat.raster.resize(N);
-  Buffer<int32_t> pos;
-  if (M > sort_above) {
+  Buffer<int32_t> pos(N);
+  if (in_raster) {
+    for (int64_t k = 0; k < N; ++k) pos[k] = lat.raster[k] = static_cast<int32_t>(k);
+  } else {
     Buffer<int32_t> first(M + 1, 0);
     for (int64_t k = 0; k < N; ++k) ++first[vid[k * D] + 1];
     for (int64_t v = 0; v < M; ++v) first[v + 1] += first[v];
-    pos.resize(N);
     for (int64_t k = 0; k < N; ++k) {
       pos[k] = first[vid[k * D]]++;
       lat.raster[pos[k]] = static_cast<int32_t>(k);
     }
+  }
+  // The CSR list in raster order within a vertex: each part of the vertices scans all entries.
+  lat.pix.resize(n);
+  lat.wgt.resize(n);
+  const int vparts = M < 65536 ? 1 : std::max(1, threads);
+  parallel_for(vparts, threads, [&](int64_t t) {
+    auto [b, e] = part(M, static_cast<int>(t), vparts);
+    Buffer<int64_t> cursor(lat.start.begin() + b, lat.start.begin() + e);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t v = vid[i];
+      if (v < b || v >= e) continue;
+      const int64_t dst = cursor[v - b]++;
+      lat.pix[dst] = pos[i / D];
+      lat.wgt[dst] = bary[i];
+    }
+  });
+  // Vertex ids and weights by position.
+  if (in_raster) {
+    lat.offset = std::move(vid);
+    lat.bary = std::move(bary);
+  } else {
     lat.offset.resize(n);
     lat.bary.resize(n);
     chunked(N, threads, [&](int64_t b, int64_t e) {
@@ -396,20 +458,6 @@ void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t s
           lat.bary[int64_t(pos[k]) * D + r] = bary[k * D + r];
         }
     });
-  } else {
-    for (int64_t k = 0; k < N; ++k) lat.raster[k] = static_cast<int32_t>(k);
-    lat.offset = vid;
-    lat.bary = bary;
-  }
-  lat.pix.resize(n);
-  lat.wgt.resize(n);
-  {
-    Buffer<int64_t> cursor(lat.start.begin(), lat.start.end() - 1);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t dst = cursor[vid[i]]++;
-      lat.pix[dst] = pos.empty() ? static_cast<int32_t>(i / D) : pos[i / D];
-      lat.wgt[dst] = bary[i];
-    }
   }
   // Blur neighbours along axis j: n1 = key - 1 on every coordinate + (d+1) on axis j, n2 = key - that
   // step, each found by one branch-free merge of the sorted keys with themselves shifted by the step.
