@@ -23,10 +23,10 @@
 namespace primaps {
 namespace dense_crf {
 
-// The lattices' arrays and the mean field's rows: 64-byte aligned; those of 2 MiB or more 2 MiB aligned
-// and asked for transparent huge pages. The passes gather from all over arrays of tens of MB: with 4 KiB
-// pages most gathers also missed the TLB, and the first touch of each page faulted (measured: 15-25 %
-// of the time outside the iterations, up to 20 % of an iteration).
+// The lattices' arrays and the mean field's rows: uninitialised until written, 64-byte aligned; those
+// of 2 MiB or more 2 MiB aligned and asked for transparent huge pages. The passes gather from all over
+// arrays of tens of MB: with 4 KiB pages most gathers also missed the TLB, and the first touch of each
+// page faulted (measured: 15-25 % of the time outside the iterations, up to 20 % of an iteration).
 template <typename T>
 struct HugePageAllocator {
   using value_type = T;
@@ -44,6 +44,15 @@ struct HugePageAllocator {
     return static_cast<T*>(p);
   }
   void deallocate(T* p, size_t n) { ::operator delete(p, std::align_val_t(alignment(n * sizeof(T)))); }
+  // Buffer<T>(n) and resize(n) leave the elements uninitialised (every user writes them all first),
+  // so no pass over the memory zeroes it; Buffer<T>(n, value) still fills.
+  template <typename U, typename... A>
+  void construct(U* p, A&&... a) {
+    if constexpr (sizeof...(A) == 0)
+      ::new (static_cast<void*>(p)) U;
+    else
+      ::new (static_cast<void*>(p)) U(std::forward<A>(a)...);
+  }
   template <typename U>
   bool operator==(const HugePageAllocator<U>&) const { return true; }
   template <typename U>
