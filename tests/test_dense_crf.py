@@ -130,10 +130,28 @@ def test_threads_do_not_change_results(L):
             assert torch.equal(got, want)
 
 
+def test_threads_do_not_change_results_large_lattice():
+    # Over 65,536 vertices the build splits the sort of the keys and the CSR list over vertex ranges
+    # (and the threads share one hash table at any size): the output is still bit-identical.
+    img = textured(160, 176, 5)
+    _, bilateral = _dispatch.cpp().dense_crf_lattice_sizes(img[None].numpy(), 1.0, 67.0, 3.0, 1)
+    assert bilateral[0] > 65536
+    p = smooth_probs(160, 176, 3, 6)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(dense_crf_list(img[None], [p], iterations=2, backend="cpu")[0])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+
+
 @pytest.mark.parametrize("pos_sxy", [1.0, 0.7, 2.5, 0.3])
 def test_lattices_match_reference(pos_sxy):
     # The Gaussian lattice is built on its grid (holes below sxy = 1, a sorted lattice again when the
-    # grid would be much larger than the lattice, here sxy = 0.3), the bilateral one by sorting: same
+    # grid would be much larger than the lattice, here sxy = 0.3), the bilateral one by hashing: same
     # vertex counts as the reference lattices, and the same marginals.
     img, _ = scene(45, 61, 4, 110, texture=20.0)
     p = smooth_probs(45, 61, 4, 111)
