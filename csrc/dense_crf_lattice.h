@@ -3,10 +3,11 @@
 //
 // Same arithmetic as pydensecrf's SSE path: float32 elevation, round half to even, strict-< rank,
 // barycentric weights with wrap-around, keys exact (packed into 64 bits with a range check, so no
-// int16 overflow). Vertices are numbered in order of their packed keys: a stable radix sort of every
-// pixel's d+1 keys gives the ids and the splat's CSR list with pixels in raster order, and the blur
-// neighbours of vertex v along an axis, key(v) + const, form monotone streams found by one merge per
-// axis. The Gaussian lattice of a grid is built without sorting (build_grid_lattice).
+// int16 overflow). Vertices are numbered in order of their packed keys: a hash table finds the
+// distinct keys of every pixel's d+1 vertices and a radix sort orders them (vertex_ids); the splat's
+// CSR list is placed by counting, with pixels in raster order; the blur neighbours of vertex v along
+// an axis, key(v) + const, form monotone streams found by one merge per axis. The Gaussian lattice of
+// a grid is built without sorting (build_grid_lattice).
 #pragma once
 
 #include "common.h"
@@ -108,7 +109,7 @@ inline void lsd_sort(uint64_t* key, uint32_t* idx, int64_t n, int bits, uint64_t
 
 // Stable radix sort of (key, idx) by key, keys < 2^bits: one pass on the top 8 bits splits the
 // entries into 256 buckets (parts of the input per thread, in order), then each bucket is sorted on
-// the remaining bits by lsd_sort while it sits in the cache (buckets of ~10k entries at 640 px), so
+// the remaining bits by lsd_sort while it sits in the cache (buckets of ~2k keys at 640 px), so
 // only the first pass streams the whole array through memory. Buckets go to threads in a fixed
 // order: the result does not depend on the thread count.
 inline void radix_sort(Buffer<uint64_t>& key, Buffer<uint32_t>& idx, int bits, int threads) {
@@ -332,9 +333,9 @@ inline bool elevate_pixels(const float* feat, int64_t k, int g, const float* sf,
 }
 
 // Builds the lattice of features feat (N, d), raster order: elevation, keys packed into 64 bits
-// (coordinates 1..d, coordinate d most significant: any d coordinates of a vertex determine it), a
-// stable radix sort of the N (d+1) keys (vertex ids in key order, the CSR list in raster order within
-// a vertex), blur neighbours by merging the sorted keys with key + delta. With more than sort_above
+// (coordinates 1..d, coordinate d most significant: any d coordinates of a vertex determine it),
+// vertex ids in key order (vertex_ids), the CSR list in raster order within a vertex, blur
+// neighbours by merging the sorted keys with key + delta. With more than sort_above
 // vertices, the pixels are numbered in the order of their remainder-0 vertex: on large lattices a run
 // of pixels then slices from and splats into nearby vertices (textured scenes, ~3 vertices per
 // pixel: up to 9 % faster at 320-480 px); on smaller ones raster order is faster (photographs, 0.6-1.1
