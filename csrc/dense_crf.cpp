@@ -243,10 +243,9 @@ void mean_field(const Lattice& gauss, const Lattice& bil, const Params& p, const
     auto blur_axis = [&](const Lattice& lat, Rows* buf, int c, int j, int cur, int64_t b, int64_t e) {
       const float* o = &buf[cur][c * (lat.M + 1) * CW];
       float* n = &buf[1 - cur][c * (lat.M + 1) * CW];
-      for (int64_t v = b; v < e; ++v) {
-        const int32_t* nb = &lat.nbr[(j * lat.M + v) * 2];
-        blur_row<SEQ, C>(n + v * CW, o + v * CW, o + int64_t(nb[0]) * CW, o + int64_t(nb[1]) * CW);
-      }
+      const int32_t* nb = &lat.nbr[j * lat.M * 2];  // outside the loop: the stores to n might alias lat
+      for (int64_t v = b; v < e; ++v)
+        blur_row<SEQ, C>(n + v * CW, o + v * CW, o + int64_t(nb[2 * v]) * CW, o + int64_t(nb[2 * v + 1]) * CW);
     };
     // Softmax of the group of rows tl (positions p0..p0+g) and its outputs: the next splats' rows
     // (Q * norm, each term's), or (last) Q itself.
