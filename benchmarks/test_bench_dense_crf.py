@@ -55,23 +55,12 @@ def inputs(shrink):
     return images, list(probs)
 
 
-def _pydensecrf_model(img, p):
-    """pydensecrf2's DenseCRF2D of one BGR image (3, H, W) and probabilities (L, H, W), set up with the
-    official unary and kernels (no inference yet)."""
-    dcrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is an optional comparison")
-    from pydensecrf.utils import unary_from_softmax
-
-    n, H, W = p.shape
-    d = dcrf.DenseCRF2D(W, H, n)
-    d.setUnaryEnergy(unary_from_softmax(p.numpy()))
-    d.addPairwiseGaussian(sxy=1, compat=3)
-    d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(img.permute(1, 2, 0).numpy()), compat=4)
-    return d
-
-
 def _pydensecrf(images, probs):
-    return [torch.from_numpy(np.array(_pydensecrf_model(img, p).inference(10))).reshape(p.shape)
-            for img, p in zip(images, probs)]
+    pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is an optional comparison")
+    # Imported here: crf_before_after.py imports this file against builds older than official_crf.
+    from primaps_fast.reference.official_crf import pydensecrf_marginals
+
+    return [pydensecrf_marginals(img, p) for img, p in zip(images, probs)]
 
 
 def _run(provider, images, probs):
@@ -231,6 +220,8 @@ def test_dense_crf_floor(benchmark, shrink, kind, size, labels):
     single-thread copy bandwidth; arrays that fit the caches can beat it). Ours: (t(10) - t(1)) / 9 and
     t(10) - 10 x that; pydensecrf: its ``inference(10)`` / 10, and its set-up (kernels and lattices)."""
     pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is the baseline of these cases")
+    from primaps_fast.reference.official_crf import pydensecrf_model
+
     img, probs, (m_gauss, (m_bil,)), _ = _scene(kind, size // shrink, labels)
     H, W = probs.shape[1:]
     benchmark.group = f"dense_crf floor {kind} {H}x{W}, {labels} labels"
@@ -241,7 +232,7 @@ def test_dense_crf_floor(benchmark, shrink, kind, size, labels):
     def theirs():
         """(set-up ms, inference(10) ms)"""
         t = time.perf_counter()
-        d = _pydensecrf_model(img, probs)
+        d = pydensecrf_model(img, probs)
         t1 = time.perf_counter()
         d.inference(10)
         return (t1 - t) * 1e3, (time.perf_counter() - t1) * 1e3

@@ -12,41 +12,20 @@ Providers "official" and "official_pool" need pydensecrf2 and are skipped withou
 import importlib.util
 import multiprocessing
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from primaps_fast import official, reference
+from primaps_fast.common import IMAGENET_MEAN, IMAGENET_STD
 from primaps_fast.data.synthetic import make_scenes
+from primaps_fast.reference.official_crf import official_dense_crf_pydensecrf
 from side_by_side import time_side_by_side
 
 B, SIZE, CLASSES, IGNORE = 4, 320, 27, 27
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 HAS_PYDENSECRF = importlib.util.find_spec("pydensecrf") is not None
 PROVIDERS = [pytest.param(p, marks=pytest.mark.skipif(not HAS_PYDENSECRF, reason="pydensecrf2 not installed"))
              for p in ("official", "official_pool")] + ["fast"]
-
-
-def official_dense_crf(image_tensor, output_logits):
-    """The official ``dense_crf`` flow with pydensecrf: normalised (3, H, W) image -> un-normalised uint8
-    BGR (truncated), logits (L, h, w) upsampled and softmaxed, the official kernels, 10 iterations."""
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
-
-    x = image_tensor.clone()
-    for channel, m, s in zip(x, IMAGENET_MEAN, IMAGENET_STD):
-        channel.mul_(s).add_(m)
-    bgr = np.ascontiguousarray(x.mul(255).byte().permute(1, 2, 0).numpy()[:, :, ::-1])
-    H, W = bgr.shape[:2]
-    probs = F.softmax(F.interpolate(output_logits[None], size=(H, W), mode="bilinear", align_corners=False)[0],
-                      dim=0).numpy()
-    crf = dcrf.DenseCRF2D(W, H, probs.shape[0])
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
-    crf.addPairwiseGaussian(sxy=1, compat=3)
-    crf.addPairwiseBilateral(sxy=67, srgb=3, rgbim=bgr, compat=4)
-    return np.array(crf.inference(10)).reshape(probs.shape)
 
 
 def official_pseudo_one(args):
@@ -56,14 +35,14 @@ def official_pseudo_one(args):
     props = reference.principal_masks(feat[None], threshold=0.4)
     p = (reference.median_filter(props.masks[0, : int(props.counts[0])]) * 10).clamp(0, 1)
     bg = (p[p != 0].mean() - p.sum(0)).clamp(0, 1)
-    q = official_dense_crf(img, torch.log_softmax(torch.cat([bg[None], p]), 0))
+    q = official_dense_crf_pydensecrf(img, torch.log_softmax(torch.cat([bg[None], p]), 0))
     labels = torch.from_numpy(q.argmax(0)).float()
     labels[labels == 0] = IGNORE
     return labels
 
 
 def official_crf_one(args):
-    return official_dense_crf(*args)
+    return official_dense_crf_pydensecrf(*args)
 
 
 @pytest.fixture(scope="module")

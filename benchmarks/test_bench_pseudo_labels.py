@@ -60,12 +60,10 @@ def test_pseudo_labels_crf(benchmark, scenes, want_crf, provider):
 def official_pipeline(images, features):
     """The official per-image flow with pydensecrf (github visinf/primaps ``_get_pseudo`` + ``crf.py``):
     reference proposals and post-processing, then pydensecrf on the BGR image, arg-max."""
-    import numpy as np
-    import pydensecrf.densecrf as dcrf
     import torch.nn.functional as F
-    from pydensecrf.utils import unary_from_softmax
 
     from primaps_fast.common import crf_image
+    from primaps_fast.reference.official_crf import pydensecrf_marginals
     from primaps_fast.reference.principal_masks import proposals_one
     from primaps_fast.reference.pseudo_labels import mask_logits
 
@@ -75,14 +73,7 @@ def official_pipeline(images, features):
         logits = mask_logits(torch.stack(props))
         H, W = img.shape[-2:]
         up = F.interpolate(logits[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-        probs = F.softmax(up, dim=0).numpy()
-        bgr = np.ascontiguousarray(crf_image(img).permute(1, 2, 0).numpy()[:, :, ::-1])
-        d = dcrf.DenseCRF2D(W, H, probs.shape[0])
-        d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
-        d.addPairwiseGaussian(sxy=1, compat=3)
-        d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=bgr, compat=4)
-        q = np.array(d.inference(10)).reshape(probs.shape)
-        lab = torch.from_numpy(q.argmax(0)).long()
+        lab = pydensecrf_marginals(crf_image(img).flip(0), F.softmax(up, dim=0)).argmax(0)
         lab[lab == 0] = 255
         out.append(lab)
     return torch.stack(out)

@@ -225,7 +225,10 @@ void mean_field(const Lattice& gauss, const Lattice& bil, const Params& p, const
   const int nv = C * nc, V = 4 * nv;
   const int64_t N = bil.N, Mb = bil.M, Mg = gauss.M;
   const int32_t* raster = bil.raster.data();
-  Rows negu(N * V), qn_b(N * V), qn_g(N * V), slice_g(N * V);  // negu: row-major, the others chunk-major
+  // negu: row-major, the others chunk-major. Zero-filled, unlike the lattice's arrays: the passes write
+  // them in a scattered order (qn_g at raster pixels in the bilateral order), and without the fill a
+  // textured 320 px image with 27 labels ran up to 9 % slower (other rows: no change beyond the noise).
+  Rows negu(N * V, 0.f), qn_b(N * V, 0.f), qn_g(N * V, 0.f), slice_g(N * V, 0.f);
   Rows vg[2] = {Rows(nc * (Mg + 1) * CW, 0.f), Rows(nc * (Mg + 1) * CW, 0.f)};
   Rows vb[2] = {Rows(nc * (Mb + 1) * CW, 0.f), Rows(nc * (Mb + 1) * CW, 0.f)};
   const float alpha_g = 1.0f / (1 + std::pow(2.0f, -2.0f));

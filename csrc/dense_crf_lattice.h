@@ -24,7 +24,7 @@
 namespace primaps {
 namespace dense_crf {
 
-// The lattices' arrays and the mean field's rows: uninitialised until written, 64-byte aligned; those
+// The lattices' arrays and the mean field's rows: 64-byte aligned, uninitialised unless filled; those
 // of 2 MiB or more 2 MiB aligned and asked for transparent huge pages. The passes gather from all over
 // arrays of tens of MB: with 4 KiB pages most gathers also missed the TLB, and the first touch of each
 // page faulted (measured: 15-25 % of the time outside the iterations, up to 20 % of an iteration).
@@ -237,10 +237,10 @@ inline Buffer<uint64_t> vertex_ids(const uint64_t* keys, int64_t n, int bits, ui
     for (int64_t v = b; v < e; ++v) table[slot[v]] = static_cast<uint64_t>(v);
   });
   // Entries to vertex ids, counted per vertex (per part, then summed).
-  std::vector<Buffer<int64_t>> count(parts);
+  std::vector<Buffer<uint32_t>> count(parts);
   parallel_for(parts, threads, [&](int64_t t) {
     auto [b, e] = part(n, static_cast<int>(t), parts);
-    Buffer<int64_t>& c = count[t];
+    Buffer<uint32_t>& c = count[t];
     c.assign(M + 1, 0);
     for (int64_t i = b; i < e; ++i) {
       if (i + kAhead < e) __builtin_prefetch(&table[vid[i + kAhead]]);
@@ -248,8 +248,8 @@ inline Buffer<uint64_t> vertex_ids(const uint64_t* keys, int64_t n, int bits, ui
       ++c[vid[i] + 1];
     }
   });
-  start = std::move(count[0]);
-  for (int t = 1; t < parts; ++t)
+  start.assign(M + 1, 0);
+  for (int t = 0; t < parts; ++t)
     for (int64_t v = 0; v <= M; ++v) start[v] += count[t][v];
   for (int64_t v = 0; v < M; ++v) start[v + 1] += start[v];
   return vkey;
@@ -445,8 +445,9 @@ void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t s
   const int vparts = M < 65536 ? 1 : std::max(1, threads);
   parallel_for(vparts, threads, [&](int64_t t) {
     auto [b, e] = part(M, static_cast<int>(t), vparts);
-    Buffer<int64_t> cursor(lat.start.begin() + b, lat.start.begin() + e);
+    Buffer<int32_t> cursor(lat.start.begin() + b, lat.start.begin() + e);  // n < 2^31
     for (int64_t i = 0; i < n; ++i) {
+      if (i + 16 < n && vid[i + 16] >= b && vid[i + 16] < e) __builtin_prefetch(&cursor[vid[i + 16] - b]);
       const int64_t v = vid[i];
       if (v < b || v >= e) continue;
       const int64_t dst = cursor[v - b]++;

@@ -2,7 +2,6 @@
 interpreter, edge cases and bad input."""
 import importlib
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +10,7 @@ import primaps_fast
 from primaps_fast import _dispatch
 from primaps_fast.data.synthetic import make_scenes
 from primaps_fast.ops.dense_crf import dense_crf_list
+from primaps_fast.reference import official_crf
 
 ref = importlib.import_module("primaps_fast.reference.dense_crf")  # the module: reference.dense_crf is the op
 
@@ -32,15 +32,8 @@ def scene(H, W, L, seed, noise=0.0, texture=0.0):
 
 
 def pydensecrf_q(img, probs, iterations=10):
-    dcrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is an optional comparison")
-    from pydensecrf.utils import unary_from_softmax
-
-    L, H, W = probs.shape
-    d = dcrf.DenseCRF2D(W, H, L)
-    d.setUnaryEnergy(unary_from_softmax(probs.numpy()))
-    d.addPairwiseGaussian(sxy=1, compat=3)
-    d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(img.permute(1, 2, 0).numpy()), compat=4)
-    return torch.from_numpy(np.array(d.inference(iterations))).reshape(L, H, W)
+    pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is an optional comparison")
+    return official_crf.pydensecrf_marginals(img, probs, iterations)
 
 
 def agreement(a, b):

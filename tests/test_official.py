@@ -18,12 +18,12 @@ import torch.nn.functional as F
 
 import primaps_fast
 from primaps_fast import official, reference
+from primaps_fast.common import IMAGENET_MEAN, IMAGENET_STD
 from primaps_fast.data.synthetic import make_scenes
+from primaps_fast.reference.official_crf import official_crf_image, official_dense_crf_pydensecrf
 
 from child_process import child_env
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ROOT = Path(primaps_fast.__file__).resolve().parent.parent
 
 # The contract: exactly these names, in these official modules.
@@ -147,16 +147,6 @@ def normalize(images_uint8):
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (images_uint8.float() / 255 - mean) / std
-
-
-def official_crf_image(image):
-    """The official uint8 HWC BGR array of a normalised (3, H, W) image: un-normalise channel by channel,
-    times 255, truncate (to_pil_image), reverse the channels."""
-    x = image.clone()
-    for channel, m, s in zip(x, IMAGENET_MEAN, IMAGENET_STD):
-        channel.mul_(s).add_(m)
-    rgb = x.mul(255).byte().permute(1, 2, 0).numpy()
-    return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
 def smooth_logits(L, h, w, seed):
@@ -353,27 +343,11 @@ def test_dense_crf_equals_reference(H, W, L, h, w, seed):
     torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=0)
 
 
-def official_dense_crf_pydensecrf(image_tensor, output_logits):
-    """The official dense_crf flow with pydensecrf: the BGR uint8 image, the logits upsampled bilinearly
-    and softmaxed, unary_from_softmax, the official kernel parameters, 10 iterations; numpy (L, H, W)."""
-    dcrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is an optional comparison")
-    from pydensecrf.utils import unary_from_softmax
-
-    image = official_crf_image(image_tensor)
-    H, W = image.shape[:2]
-    probs = F.softmax(F.interpolate(output_logits[None], size=(H, W), mode="bilinear", align_corners=False)[0],
-                      dim=0).numpy()
-    crf = dcrf.DenseCRF2D(W, H, probs.shape[0])
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
-    crf.addPairwiseGaussian(sxy=1, compat=3)
-    crf.addPairwiseBilateral(sxy=67, srgb=3, rgbim=image, compat=4)
-    return np.array(crf.inference(10)).reshape(probs.shape)
-
-
 @pytest.mark.parametrize("H,W,L,h,w,seed", [(48, 64, 5, 6, 8, 4), (56, 40, 7, 7, 5, 5), (33, 45, 2, 33, 45, 6)])
 def test_dense_crf_equals_official_flow_with_pydensecrf(H, W, L, h, w, seed):
     img = normalize(make_scenes(1, image_size=(H, W), patch=1, dim=4, seed=seed).images[0])
     logits = smooth_logits(L, h, w, seed)
+    pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is an optional comparison")
     want = official_dense_crf_pydensecrf(img, logits)
     got = official.dense_crf(img, logits)
     assert got.dtype == want.dtype and got.shape == want.shape
