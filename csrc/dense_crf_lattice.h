@@ -181,7 +181,7 @@ struct Lattice {
 // inserts by compare-and-swap so that threads share it) gives each entry its key's slot, the lookups
 // prefetched a few entries ahead; the occupied slots sorted by key (radix_sort) number the vertices.
 // Neighbouring pixels share most of their vertices, so most lookups find a slot still in the cache:
-// this is cheaper than sorting all n entries (6 a key on photographs, 2 on textured scenes). Where a
+// this is cheaper than sorting all n entries (about 6 per key on photographs, 2 on textured scenes). Where a
 // key lands in the table depends on the threads' timing; the ids do not.
 inline Buffer<uint64_t> vertex_ids(const uint64_t* keys, int64_t n, int bits, uint32_t* vid, Buffer<int64_t>& start,
                                    int threads) {
@@ -567,8 +567,9 @@ inline bool build_grid_lattice(Lattice& lat, int64_t H, int64_t W, float sxy, in
         return;
       }
       for (int q = 0; q < 3 * g; ++q) {
-        const int l = q / 3 * 3, r = q % 3;
-        const int32_t k0 = rem[l] + (rk[l] <= 2 - r ? r : r - 3), k1 = rem[l + 1] + (rk[l + 1] <= 2 - r ? r : r - 3);
+        const int at = q / 3 * 3, r = q % 3;  // pixel k + q / 3, its vertex r
+        const int32_t k0 = rem[at] + (rk[at] <= 2 - r ? r : r - 3);
+        const int32_t k1 = rem[at + 1] + (rk[at + 1] <= 2 - r ? r : r - 3);
         const int32_t j = (k0 - k1) / 3, i = k1 + j;
         Rv[k * 3 + q] = 2 * i + j;
         Jv[k * 3 + q] = j;
