@@ -123,6 +123,17 @@ def test_threads_do_not_change_results(L):
             assert torch.equal(got, want)
 
 
+def test_memory_check_counts_the_lattice(monkeypatch):
+    # The lattice's build counts against the machine's memory, not only the label buffers: with room
+    # for four times the label buffers but not for the lattice, the call is refused by name.
+    img, p = scene(64, 64, 2, 5)
+    monkeypatch.setattr(_dispatch, "device_memory", lambda device: 4 * 16 * 2 * 64 * 64)
+    with pytest.raises(ValueError, match=r"^probs: the dense CRF of 1 images of 64x64 pixels needs"):
+        dense_crf_list(img[None], [p], backend="cpu")
+    with pytest.raises(ValueError, match=r"^logits: the dense CRF of 1 images of 64x64 pixels with 2 labels needs"):
+        primaps_fast.dense_crf(img[None], torch.randn(1, 2, 8, 8), backend="cpu")
+
+
 def test_threads_do_not_change_results_large_lattice():
     # Over 65,536 vertices the build splits the sort of the keys and the CSR list over vertex ranges
     # (and the threads share one hash table at any size): the output is still bit-identical.

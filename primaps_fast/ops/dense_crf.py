@@ -20,6 +20,9 @@ from primaps_fast.common import crf_unary
 # Bounds of the kernels' arguments (the same in every backend).
 MAX_ITERATIONS = 1000  # mean field converges in tens of iterations; 10 in the official code
 MAX_LABELS = 1 << 20   # labels per image (the C++ kernel's limit)
+# Memory of one image's bilateral lattice while the C++ kernel builds it: 6 entries a pixel, each with
+# its key, vertex id, weight and 1.5-3 hash-table slots, and the features (about 190-260 B a pixel).
+_LATTICE_BYTES_PER_PIXEL = 272
 # The lattice (docs/dense_crf.md): each elevated coordinate divided by d + 1 must stay below 2**22 (the
 # float32 rounding of the elevation is exact there) and the packed keys must fit in 62 bits.
 _MAX_COORD = 2.0 ** 22
@@ -151,8 +154,8 @@ def dense_crf_list(images: torch.Tensor, probs: Sequence[torch.Tensor], *, itera
             raise ValueError(f"probs[{b}]: {p.shape[0]} labels, more than the {MAX_LABELS} (2**20) the kernels support")
         if p.device != images.device:
             raise ValueError(f"probs[{b}]: on {p.device}, but images are on {images.device}")
-    # unary, marginals and two mean-field buffers in float32, for every label of the batch
-    _dispatch.check_memory(16 * sum(p.shape[0] for p in probs) * H * W, "probs",
+    # unary, marginals and two mean-field buffers in float32, for every label of the batch; a lattice
+    _dispatch.check_memory((16 * sum(p.shape[0] for p in probs) + _LATTICE_BYTES_PER_PIXEL) * H * W, "probs",
                            f"the dense CRF of {B} images of {H}x{W} pixels", images.device)
     _check_lattice(images, pos_sxy, bi_sxy, bi_srgb)
     backend = _dispatch.choose_backend(backend, images, *probs)
@@ -230,8 +233,9 @@ def dense_crf(images: torch.Tensor, logits: torch.Tensor, *, iterations: int = 1
         raise ValueError(f"logits: on {logits.device}, but images are on {images.device}")
     if L > MAX_LABELS:
         raise ValueError(f"logits: {L} labels, more than the {MAX_LABELS} (2**20) the kernels support")
-    # the upsampled probabilities, then the CRF's own buffers (dense_crf_list)
-    _dispatch.check_memory(20 * B * L * H * W, "logits", f"the dense CRF of {B} images of {H}x{W} pixels "
+    # the upsampled probabilities, then the CRF's own buffers and a lattice (dense_crf_list)
+    _dispatch.check_memory((20 * B * L + _LATTICE_BYTES_PER_PIXEL) * H * W, "logits",
+                           f"the dense CRF of {B} images of {H}x{W} pixels "
                            f"with {L} labels", images.device)
     x = logits.detach().float()
     if tuple(x.shape[-2:]) != (H, W):
