@@ -442,7 +442,7 @@ void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t s
   // The CSR list in raster order within a vertex: each part of the vertices scans all entries.
   lat.pix.resize(n);
   lat.wgt.resize(n);
-  const int vparts = M < 65536 ? 1 : std::max(1, threads);
+  const int vparts = M < 65536 ? 1 : std::max(1, threads);  // also the parts of the neighbour merges
   parallel_for(vparts, threads, [&](int64_t t) {
     auto [b, e] = part(M, static_cast<int>(t), vparts);
     Buffer<int32_t> cursor(lat.start.begin() + b, lat.start.begin() + e);  // n < 2^31
@@ -474,10 +474,9 @@ void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t s
   // step, each found by one branch-free merge of the sorted keys with themselves shifted by the step.
   // Absent ones point at the zero row M.
   lat.nbr.resize(D * M * 2);
-  const int mparts = M < 65536 ? 1 : std::max(1, threads);
-  parallel_for(D * 2 * mparts, threads, [&](int64_t job) {
-    const int j = static_cast<int>(job / (2 * mparts)), side = static_cast<int>(job / mparts % 2);
-    auto [b, e] = part(M, static_cast<int>(job % mparts), mparts);
+  parallel_for(D * 2 * vparts, threads, [&](int64_t job) {
+    const int j = static_cast<int>(job / (2 * vparts)), side = static_cast<int>(job / vparts % 2);
+    auto [b, e] = part(M, static_cast<int>(job % vparts), vparts);
     const uint64_t step = (j > 0 ? (uint64_t(D) << shift[j]) : 0) - unit, delta = side ? uint64_t(0) - step : step;
     int32_t* out = &lat.nbr[j * M * 2 + side];
     if (b == e) return;
