@@ -440,7 +440,7 @@ def report(ck: Check, args):
             "rows": [r.__dict__ for r in ck.rows]}
     lines = [f"# GPU check: {gpu}", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
-             f"Build (this GPU's architecture only): {args.build_seconds} s. Tests: {args.tests_summary}.",
+             f"Build (this GPU's architecture only): {args.build_seconds}. Tests: {args.tests_summary}.",
              f"Agreement checks: {'all passed' if not ck.failed else 'FAILED (see the agreement column)'}.",
              "", "Milliseconds per call for the whole batch (median of CUDA-event timings after a warm-up "
              "call); speed-ups against the reference.", ""]
@@ -469,7 +469,7 @@ def main(argv=None):
     p.add_argument("out_dir")
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreted, tiny shapes, no CUDA column")
     p.add_argument("--budget-s", type=float, default=180.0, help="after this, the slow references are skipped")
-    p.add_argument("--build-seconds", default="?", help="for the report")
+    p.add_argument("--build-seconds", default="?", help="the build's time, with its unit, for the report")
     p.add_argument("--tests-summary", default="not run", help="for the report")
     args = p.parse_args(argv)
     if args.dry_run:
