@@ -223,9 +223,11 @@ def run_benchmarks(backend=None, pytest_args=()) -> int:
     cmd = [sys.executable, "-m", "pytest", folder, "--benchmark-only", "-q", *select, *pytest_args]
     print("+ " + " ".join(cmd), flush=True)
     # cwd: the benchmarks folder, so `-m` puts no source tree first on sys.path; PYTHONPATH: the child
-    # imports the primaps_fast this process imported (installed, or a source tree built in place)
+    # imports the primaps_fast this process imported (installed, or a source tree built in place); an
+    # xdist worker's variables stay behind (pytest-benchmark would take the child for a worker and not time)
     home = os.path.dirname(os.path.dirname(os.path.abspath(primaps_fast.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")])))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))
     return subprocess.call(cmd, cwd=folder, env=env)
 
 

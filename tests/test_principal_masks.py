@@ -284,6 +284,7 @@ def test_memory_refused_before_allocation(monkeypatch):
     error up front. With a small memory limit, a moderate input is refused the same way."""
     from primaps_fast import _dispatch
 
+    monkeypatch.setattr(_dispatch, "device_memory", lambda device: 64 * 2**30)  # not this machine's memory
     with pytest.raises(ValueError, match=r"features: .*100000 x 100000 covariance.*GiB"):
         primaps_fast.principal_masks(torch.randn(1, 100_000, 1, 2), backend="cpu")
     # the reference never forms a C x C matrix: two random (near-orthogonal) pixels, two proposals

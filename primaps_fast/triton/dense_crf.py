@@ -34,8 +34,10 @@ def _splat_kernel(q_ptr, norm_ptr, start_ptr, pix_ptr, wgt_ptr, out_ptr, M,
         idx = s + j
         p = tl.load(pix_ptr + idx, mask=live, other=0)
         w = tl.load(wgt_ptr + idx, mask=live, other=0.0)
-        nm = tl.load(norm_ptr + p, mask=live, other=0.0)
-        q = tl.load(q_ptr + p[:, None] * V + lanes[None, :], mask=live[:, None], other=0.0)
+        # a dead entry reads pixel 0 with weight 0: unmasked gathers (Triton 3.6 cannot compile this loop's
+        # gather with a broadcast mask, tests/test_triton_compile.py)
+        nm = tl.load(norm_ptr + p)
+        q = tl.load(q_ptr + p[:, None] * V + lanes[None, :])
         acc += w[:, None] * (q * nm[:, None])
     tl.store(out_ptr + rows[:, None] * V + lanes[None, :], acc, mask=rmask[:, None])
 
