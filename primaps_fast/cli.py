@@ -219,8 +219,20 @@ def run_benchmarks(backend=None, pytest_args=()) -> int:
         raise FileNotFoundError("bench: the benchmarks are not part of an installed package; they run from a "
                                 "source checkout: `cd <checkout> && primaps-fast bench` (or `pytest benchmarks "
                                 "--benchmark-only`)")
-    select = [] if backend is None else ["-k", " or ".join(dict.fromkeys(["reference", "official", backend]))]
-    cmd = [sys.executable, "-m", "pytest", folder, "--benchmark-only", "-q", *select, *pytest_args]
+    # pytest keeps only its last -k: the backend's selection and the user's are joined into one
+    rest, exprs, args = [], [], list(pytest_args)
+    while args:
+        arg = args.pop(0)
+        if arg == "-k" and args:
+            exprs.append(args.pop(0))
+        elif arg.startswith("-k") and len(arg) > 2:
+            exprs.append(arg[2:])
+        else:
+            rest.append(arg)
+    if backend is not None:
+        exprs.insert(0, " or ".join(dict.fromkeys(["reference", "official", backend])))
+    select = ["-k", " and ".join(f"({e})" for e in exprs) if len(exprs) > 1 else exprs[0]] if exprs else []
+    cmd = [sys.executable, "-m", "pytest", folder, "--benchmark-only", "-q", *select, *rest]
     print("+ " + " ".join(cmd), flush=True)
     # cwd: the benchmarks folder, so `-m` puts no source tree first on sys.path; PYTHONPATH: the child
     # imports the primaps_fast this process imported (installed, or a source tree built in place); an

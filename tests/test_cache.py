@@ -71,12 +71,10 @@ def test_cache_resume_after_interrupt(tmp_path, dataset, backbone, monkeypatch):
     calls.clear()
     cache = compute_features(dataset, backbone, tmp_path / "c", batch_size=2, show_progress=False)
     assert sum(calls) == 3 and cache.complete  # only the 3 missing images were computed
-    fresh = compute_features(dataset, backbone, tmp_path / "fresh", batch_size=5, show_progress=False)
-    if next(backbone.parameters()).is_cuda:  # cuBLAS picks its kernels by batch size: float16 rounding apart
-        np.testing.assert_allclose(np.asarray(cache.features, np.float32), np.asarray(fresh.features, np.float32),
-                                   rtol=2 ** -9, atol=1e-4)
-    else:
-        np.testing.assert_array_equal(np.asarray(cache.features), np.asarray(fresh.features))
+    # the same batches ([0, 1], [2, 3], [4]) as the interrupted run and its resumption: matrix kernels may
+    # round differently for another batch size (seen on a GPU machine's CPU and GPU alike)
+    fresh = compute_features(dataset, backbone, tmp_path / "fresh", batch_size=2, show_progress=False)
+    np.testing.assert_array_equal(np.asarray(cache.features), np.asarray(fresh.features))
     calls.clear()
     compute_features(dataset, backbone, tmp_path / "c", batch_size=2, show_progress=False)
     assert calls == []  # complete: nothing recomputed
