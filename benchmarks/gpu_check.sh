@@ -52,7 +52,8 @@ build_s="$(( $(date +%s) - t0 )) s"
 grep -q "not rebuilt" "$out/build.log" && build_s="none (prebuilt modules)"
 echo "build: $build_s"
 
-# 2. Tests: on the GPU every test, Triton compiled for the GPU (conftest.py: PRIMAPS_FAST_TEST_DEVICE=cuda).
+# 2. Tests: on the GPU every test (or GPU_CHECK_TESTS), Triton compiled for the GPU
+#    (conftest.py: PRIMAPS_FAST_TEST_DEVICE=cuda).
 if [ "$dry" = --dry-run ]; then
   tests=(tests/test_cuda_extension.py tests/test_median_filter.py tests/test_assign_pseudo_labels.py
          tests/test_focal_loss.py tests/test_pseudo_labels.py)
