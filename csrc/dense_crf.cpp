@@ -29,7 +29,7 @@
 // gain beyond the noise); smaller label chunks (see kChunk); on one thread, the splat pushed from the
 // update pass, which holds each new row (update and splats +5 % on a photo with 3 labels, +50 % with
 // 27: a vertex's pushes from neighbouring pixels wait on each other's stores); a pool keeping buffers
-// mapped between calls (tried as glibc malloc without mmap or trimming: -3 % to +1 %, the noise).
+// mapped between calls (tried as glibc malloc without mmap or trimming: -3.4 % to +0.6 %, the noise).
 // Label rows are padded to a multiple of 4 lanes (4-lane vectors, SSE2 on x86-64; the padding lanes
 // of -U are -inf), in chunks of up to 32 lanes; per lane the operations and their order are
 // pydensecrf's. Threads: one image per thread, or one image on a team of threads that split vertices
