@@ -72,7 +72,7 @@ def test_cache_resume_after_interrupt(tmp_path, dataset, backbone, monkeypatch):
     cache = compute_features(dataset, backbone, tmp_path / "c", batch_size=2, show_progress=False)
     assert sum(calls) == 3 and cache.complete  # only the 3 missing images were computed
     # the same batches ([0, 1], [2, 3], [4]) as the interrupted run and its resumption: matrix kernels may
-    # round differently for another batch size (seen on a GPU machine's CPU and GPU alike)
+    # round differently for another batch size (seen on the 16-core CPU of a GPU machine)
     fresh = compute_features(dataset, backbone, tmp_path / "fresh", batch_size=2, show_progress=False)
     np.testing.assert_array_equal(np.asarray(cache.features), np.asarray(fresh.features))
     calls.clear()
