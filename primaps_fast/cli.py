@@ -220,15 +220,10 @@ def run_benchmarks(backend=None, pytest_args=()) -> int:
                                 "source checkout: `cd <checkout> && primaps-fast bench` (or `pytest benchmarks "
                                 "--benchmark-only`)")
     # pytest keeps only its last -k: the backend's selection and the user's are joined into one
-    rest, exprs, args = [], [], list(pytest_args)
-    while args:
-        arg = args.pop(0)
-        if arg == "-k" and args:
-            exprs.append(args.pop(0))
-        elif arg.startswith("-k") and len(arg) > 2:
-            exprs.append(arg[2:])
-        else:
-            rest.append(arg)
+    keyword = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    keyword.add_argument("-k", action="append", default=[])
+    known, rest = keyword.parse_known_args(list(pytest_args))
+    exprs = known.k
     if backend is not None:
         exprs.insert(0, " or ".join(dict.fromkeys(["reference", "official", backend])))
     select = ["-k", " and ".join(f"({e})" for e in exprs) if len(exprs) > 1 else exprs[0]] if exprs else []
