@@ -42,6 +42,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <string>
 
 namespace {
 
@@ -203,8 +204,15 @@ inline void blur_row(float* n, const float* o, const float* a, const float* c) {
 
 struct Params {
   int iterations;
-  float pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat;
+  float clip, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat;
 };
+
+// -U = log(clip(p, clip, 1)) of 4 probabilities (pydensecrf's unary_from_softmax, negated).
+inline f32x4 neg_unary(f32x4 p, float clip) {
+  const f32x4 lo = f32x4{} + clip, one = f32x4{} + 1.0f;
+  p = p < lo ? lo : p;
+  return primaps::log_positive(p > one ? one : p);
+}
 
 // Rows of more than kChunk vectors (32 labels) are split into chunks of kChunk vectors, each pass
 // running chunk by chunk. Chunks are as wide as they can be: the passes cost per row (index loads,
@@ -220,7 +228,7 @@ constexpr int kChunk = 8;
 // updates Q and writes the next Q * norm rows of both terms (the Gaussian's at the pixel's raster
 // row). The team splits every pass into fixed ranges.
 template <bool SEQ, int C>
-void mean_field(const Lattice& gauss, const Lattice& bil, const Params& p, const float* unary, float* out, int L,
+void mean_field(const Lattice& gauss, const Lattice& bil, const Params& p, const float* probs, float* out, int L,
                 int nc, int threads) {
   constexpr int CW = 4 * C;
   const int nv = C * nc, V = 4 * nv;
@@ -280,11 +288,15 @@ void mean_field(const Lattice& gauss, const Lattice& bil, const Params& p, const
     };
     for (int64_t p0 = pb; p0 < pe; p0 += kGroup) {
       const int g = static_cast<int>(std::min<int64_t>(kGroup, pe - p0));
-      for (int p = 0; p < g; ++p) {
-        const int64_t pos = p0 + p, k = raster[pos];
-        for (int l = 0; l < V; ++l) negu[pos * V + l] = l < L ? -unary[l * N + k] : neg_inf;
-        for (int i = 0; i < nv; ++i) tl[p * nv + i] = load4(&negu[pos * V + 4 * i]);
+      int64_t k[kGroup];  // the group's pixels (unused lanes: the first one)
+      for (int q = 0; q < kGroup; ++q) k[q] = raster[p0 + (q < g ? q : 0)];
+      for (int l = 0; l < V; ++l) {
+        const float* pl = probs + l * N;
+        const f32x4 x = l < L ? neg_unary(f32x4{pl[k[0]], pl[k[1]], pl[k[2]], pl[k[3]]}, p.clip) : f32x4{} + neg_inf;
+        for (int q = 0; q < g; ++q) negu[(p0 + q) * V + l] = x[q];
       }
+      for (int q = 0; q < g; ++q)
+        for (int i = 0; i < nv; ++i) tl[q * nv + i] = load4(&negu[(p0 + q) * V + 4 * i]);
       emit(p0, g, false);
     }
     bar.wait();
@@ -343,19 +355,19 @@ void mean_field(const Lattice& gauss, const Lattice& bil, const Params& p, const
 
 // The mean field with rows of nv = (L + 3) / 4 vectors: one chunk of nv vectors up to kChunk, else
 // chunks of kChunk. L <= 2 takes pydensecrf's scalar arithmetic (SEQ), which it uses for 1-2 channels.
-void mean_field_any(const Lattice& gauss, const Lattice& bil, const Params& p, const float* unary, float* out,
+void mean_field_any(const Lattice& gauss, const Lattice& bil, const Params& p, const float* probs, float* out,
                     int L, int threads) {
   const int nv = (L + 3) / 4;
   switch (L <= 2 ? 0 : nv) {
-    case 0: return mean_field<true, 1>(gauss, bil, p, unary, out, L, 1, threads);
-    case 1: return mean_field<false, 1>(gauss, bil, p, unary, out, L, 1, threads);
-    case 2: return mean_field<false, 2>(gauss, bil, p, unary, out, L, 1, threads);
-    case 3: return mean_field<false, 3>(gauss, bil, p, unary, out, L, 1, threads);
-    case 4: return mean_field<false, 4>(gauss, bil, p, unary, out, L, 1, threads);
-    case 5: return mean_field<false, 5>(gauss, bil, p, unary, out, L, 1, threads);
-    case 6: return mean_field<false, 6>(gauss, bil, p, unary, out, L, 1, threads);
-    case 7: return mean_field<false, 7>(gauss, bil, p, unary, out, L, 1, threads);
-    default: return mean_field<false, kChunk>(gauss, bil, p, unary, out, L, (nv + kChunk - 1) / kChunk, threads);
+    case 0: return mean_field<true, 1>(gauss, bil, p, probs, out, L, 1, threads);
+    case 1: return mean_field<false, 1>(gauss, bil, p, probs, out, L, 1, threads);
+    case 2: return mean_field<false, 2>(gauss, bil, p, probs, out, L, 1, threads);
+    case 3: return mean_field<false, 3>(gauss, bil, p, probs, out, L, 1, threads);
+    case 4: return mean_field<false, 4>(gauss, bil, p, probs, out, L, 1, threads);
+    case 5: return mean_field<false, 5>(gauss, bil, p, probs, out, L, 1, threads);
+    case 6: return mean_field<false, 6>(gauss, bil, p, probs, out, L, 1, threads);
+    case 7: return mean_field<false, 7>(gauss, bil, p, probs, out, L, 1, threads);
+    default: return mean_field<false, kChunk>(gauss, bil, p, probs, out, L, (nv + kChunk - 1) / kChunk, threads);
   }
 }
 
@@ -365,14 +377,16 @@ void build_bilateral(Lattice& bil, const uint8_t* img, int64_t H, int64_t W, con
 }
 
 // Q without pairwise terms (no iterations, or one label): softmax(-U) per pixel, 4 pixels at a time.
-void softmax_only(const float* unary, float* out, int64_t N, int L, int threads) {
+void softmax_only(const float* probs, float clip, float* out, int64_t N, int L, int threads) {
   const int nv = (L + 3) / 4;
   chunked(N, threads, [&](int64_t b, int64_t e) {
     std::vector<f32x4> X(4 * nv);
     for (int64_t k = b; k < e; k += kGroup) {
       const int g = static_cast<int>(std::min<int64_t>(kGroup, e - k));
-      for (int l = 0; l < L; ++l)
-        for (int p = 0; p < kGroup; ++p) X[l][p] = -unary[l * N + k + (p < g ? p : 0)];
+      for (int l = 0; l < L; ++l) {  // unused lanes: the first pixel
+        const float* pl = probs + l * N + k;
+        X[l] = neg_unary(f32x4{pl[0], pl[g > 1], pl[g > 2 ? 2 : 0], pl[g > 3 ? 3 : 0]}, clip);
+      }
       softmax_pixels(X.data(), L, nv);
       for (int l = 0; l < L; ++l)
         for (int p = 0; p < g; ++p) out[l * N + k + p] = X[l][p];
@@ -382,13 +396,13 @@ void softmax_only(const float* unary, float* out, int64_t N, int L, int threads)
 
 // One image: its bilateral lattice (on build_threads), then the mean field (on threads). `gauss`
 // yields the Gaussian lattice of the (H, W) grid, shared by the batch.
-void crf_image(const uint8_t* img, const float* unary, float* out, int64_t H, int64_t W, int L, const Params& p,
+void crf_image(const uint8_t* img, const float* probs, float* out, int64_t H, int64_t W, int L, const Params& p,
                const std::shared_future<const Lattice*>& gauss_future, int build_threads, int threads) {
-  if (p.iterations == 0 || L == 1) return softmax_only(unary, out, H * W, L, threads);
+  if (p.iterations == 0 || L == 1) return softmax_only(probs, p.clip, out, H * W, L, threads);
   Lattice bil;
   build_bilateral(bil, img, H, W, p, build_threads);
   const Lattice& gauss = *gauss_future.get();
-  mean_field_any(gauss, bil, p, unary, out, L, threads);
+  mean_field_any(gauss, bil, p, probs, out, L, threads);
 }
 
 // The Gaussian lattice of the last (H, W, pos_sxy) a call used, kept for the next call (a pipeline
@@ -418,11 +432,29 @@ void keep_gaussian(const std::shared_ptr<const Lattice>& lat, int64_t H, int64_t
   k.H = H, k.W = W, k.sxy = sxy, k.lattice = lat;
 }
 
-void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& unary,
-               const primaps::Int64Array& labels, primaps::FloatArray& out, int iterations, float pos_sxy,
-               float pos_compat, float bi_sxy, float bi_srgb, float bi_compat, int threads) {
+// Index of the first non-finite value of x[0..n), or n.
+int64_t first_nonfinite(const float* x, int64_t n) {
+  constexpr int64_t kBlock = 4096;  // a branch per block: the test of a block vectorises
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    uint32_t bad = 0;
+    for (int64_t i = b; i < e; ++i) {
+      uint32_t u;
+      std::memcpy(&u, x + i, sizeof u);
+      bad |= (u & 0x7f800000u) == 0x7f800000u;
+    }
+    if (bad)
+      for (int64_t i = b; i < e; ++i)
+        if (!std::isfinite(x[i])) return i;
+  }
+  return n;
+}
+
+void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& probs,
+               const primaps::Int64Array& labels, primaps::FloatArray& out, int iterations, float clip,
+               float pos_sxy, float pos_compat, float bi_sxy, float bi_srgb, float bi_compat, int threads) {
   primaps::check_ndim(images, 4, "images");
-  primaps::check_ndim(unary, 1, "unary");
+  primaps::check_ndim(probs, 1, "probs");
   primaps::check_ndim(labels, 1, "labels");
   primaps::check_ndim(out, 1, "out");
   const int64_t B = images.shape(0), H = images.shape(2), W = images.shape(3);
@@ -437,14 +469,19 @@ void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& una
     if (lab[b] < 1 || lab[b] > 1 << 20) throw std::invalid_argument("labels: expected counts >= 1");
     start[b + 1] = start[b] + lab[b] * H * W;
   }
-  if (unary.shape(0) != start[B] || out.shape(0) != start[B])
-    throw std::invalid_argument("unary/out: size does not match the label counts");
+  if (probs.shape(0) != start[B] || out.shape(0) != start[B])
+    throw std::invalid_argument("probs/out: size does not match the label counts");
+  if (!(clip > 0 && clip <= 1)) throw std::invalid_argument("clip: expected 0 < clip <= 1");
   if (H * W * 6 > INT32_MAX) throw std::invalid_argument("images: too many pixels");
-  const Params p{iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat};
+  const Params p{iterations, clip, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat};
   const uint8_t* img = images.data();
-  const float* un = unary.data();
+  const float* pr = probs.data();
   float* o = out.mutable_data();
   py::gil_scoped_release release;
+  // NaN and Inf would pass the clip unnoticed (pydensecrf clips them too), so they are refused.
+  for (int64_t b = 0; b < B; ++b)
+    if (first_nonfinite(pr + start[b], start[b + 1] - start[b]) < start[b + 1] - start[b])
+      throw std::invalid_argument("probs[" + std::to_string(b) + "]: contains NaN or Inf");
   threads = std::max(1, threads);
   const int outer = static_cast<int>(std::min<int64_t>(threads, B));
   const int inner = std::max(1, threads / outer);
@@ -468,7 +505,7 @@ void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& una
       }).share();
   const int build_threads = outer == 1 && threads > 1 && build ? std::max(1, inner - gauss_threads) : inner;
   parallel_for(B, outer, [&](int64_t b) {
-    crf_image(img + b * 3 * H * W, un + start[b], o + start[b], H, W, static_cast<int>(lab[b]), p, gauss_future,
+    crf_image(img + b * 3 * H * W, pr + start[b], o + start[b], H, W, static_cast<int>(lab[b]), p, gauss_future,
               build_threads, inner);
   });
 }
@@ -482,7 +519,7 @@ py::tuple dense_crf_lattice_sizes(const primaps::UInt8Array& images, float pos_s
   if (!(pos_sxy > 0 && bi_sxy > 0 && bi_srgb > 0)) throw std::invalid_argument("sxy/srgb: expected > 0");
   const int64_t B = images.shape(0), H = images.shape(2), W = images.shape(3);
   if (H * W * 6 > INT32_MAX) throw std::invalid_argument("images: too many pixels");
-  const Params p{1, pos_sxy, 0.f, bi_sxy, bi_srgb, 0.f};
+  const Params p{1, 1.f, pos_sxy, 0.f, bi_sxy, bi_srgb, 0.f};
   std::vector<int64_t> sizes(B);
   Lattice gauss;
   {
@@ -501,11 +538,12 @@ py::tuple dense_crf_lattice_sizes(const primaps::UInt8Array& images, float pos_s
 }
 
 primaps::Registrar reg([](py::module_& m) {
-  m.def("dense_crf", &dense_crf, py::arg("images"), py::arg("unary"), py::arg("labels"), py::arg("out"),
-        py::arg("iterations"), py::arg("pos_sxy"), py::arg("pos_compat"), py::arg("bi_sxy"), py::arg("bi_srgb"),
+  m.def("dense_crf", &dense_crf, py::arg("images"), py::arg("probs"), py::arg("labels"), py::arg("out"),
+        py::arg("iterations"), py::arg("clip"), py::arg("pos_sxy"), py::arg("pos_compat"), py::arg("bi_sxy"), py::arg("bi_srgb"),
         py::arg("bi_compat"), py::arg("threads"),
-        "Dense CRF (pydensecrf v2 mean field) of a batch: images uint8 (B,3,H,W), unary float32 flat "
-        "(sum_b L_b*H*W, each (L_b,H,W)), labels int64 (B,) = L_b, out like unary.");
+        "Dense CRF (pydensecrf v2 mean field) of a batch: images uint8 (B,3,H,W), probabilities float32 flat "
+        "(sum_b L_b*H*W, each (L_b,H,W), finite; the unary is -log(clip(p, clip, 1))), labels int64 (B,) = L_b, "
+        "out like probs.");
   m.def("dense_crf_lattice_sizes", &dense_crf_lattice_sizes, py::arg("images"), py::arg("pos_sxy"),
         py::arg("bi_sxy"), py::arg("bi_srgb"), py::arg("threads"),
         "Vertex counts (gaussian, [bilateral per image]) of the lattices dense_crf builds for uint8 (B,3,H,W) images.");

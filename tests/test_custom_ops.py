@@ -36,8 +36,8 @@ def test_focal_loss_op(rng, with_grad):
 def test_dense_crf_op(rng):
     images = torch.randint(0, 256, (2, 3, 12, 10), generator=rng, dtype=torch.uint8)
     labels = torch.tensor([3, 2])
-    unary = torch.rand(int(labels.sum()) * 12 * 10, generator=rng) * 5
-    torch.library.opcheck(ops.dense_crf.default, (images, unary, labels, 3, 1.0, 3.0, 67.0, 3.0, 4.0))
+    probs = torch.rand(int(labels.sum()) * 12 * 10, generator=rng)
+    torch.library.opcheck(ops.dense_crf.default, (images, probs, labels, 3, 1.0, 3.0, 67.0, 3.0, 4.0))
 
 
 def test_training_ops_under_torch_compile_match_eager(rng):

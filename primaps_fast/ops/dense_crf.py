@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from primaps_fast import _dispatch
-from primaps_fast.common import crf_unary
+from primaps_fast.common import CRF_CLIP
 
 
 # Bounds of the kernels' arguments (the same in every backend).
@@ -123,7 +123,7 @@ def dense_crf_list(images: torch.Tensor, probs: Sequence[torch.Tensor], *, itera
     Args:
         images: uint8 ``(B, 3, H, W)``; the channels enter the bilateral features in this order.
         probs: a sequence of ``B`` float tensors ``(L_b, H, W)``, ``L_b >= 1``: per-pixel probabilities
-            (softmax already applied), finite. The unary is ``-log(clip(p, 1e-5, 1))``.
+            (softmax already applied), finite in float32. The unary is ``-log(clip(p, 1e-5, 1))``.
         iterations: mean-field iterations, in ``[0, MAX_ITERATIONS]`` (1000; 0 returns the clipped,
             renormalised probabilities).
         pos_sxy, pos_compat: Gaussian kernel (pydensecrf ``addPairwiseGaussian``), > 0.
@@ -147,7 +147,7 @@ def dense_crf_list(images: torch.Tensor, probs: Sequence[torch.Tensor], *, itera
     if len(probs) != B:
         raise ValueError(f"probs: expected {B} tensors (one per image), got {len(probs)}")
     for b, p in enumerate(probs):
-        _dispatch.check_tensor(p, f"probs[{b}]", ndim=3, floating=True, finite=True)
+        _dispatch.check_tensor(p, f"probs[{b}]", ndim=3, floating=True)
         if tuple(p.shape[1:]) != (H, W):
             raise ValueError(f"probs[{b}]: expected shape (L, {H}, {W}), got {tuple(p.shape)}")
         if p.shape[0] > MAX_LABELS:
@@ -159,6 +159,9 @@ def dense_crf_list(images: torch.Tensor, probs: Sequence[torch.Tensor], *, itera
                            f"the dense CRF of {B} images of {H}x{W} pixels", images.device)
     _check_lattice(images, pos_sxy, bi_sxy, bi_srgb)
     backend = _dispatch.choose_backend(backend, images, *probs)
+    if backend != "cpu":  # the C++ kernel checks the float32 values itself
+        for b, p in enumerate(probs):
+            _dispatch.check_tensor(p.float(), f"probs[{b}]", finite=True)
     params = dict(iterations=iterations, pos_sxy=float(pos_sxy), pos_compat=float(pos_compat),
                   bi_sxy=float(bi_sxy), bi_srgb=float(bi_srgb), bi_compat=float(bi_compat))
     if backend == "reference":
@@ -171,20 +174,21 @@ def dense_crf_list(images: torch.Tensor, probs: Sequence[torch.Tensor], *, itera
 
 
 @torch.library.custom_op("primaps_fast::dense_crf", mutates_args=(), device_types="cpu")
-def _dense_crf_flat(images: torch.Tensor, unary: torch.Tensor, labels: torch.Tensor, iterations: int,
+def _dense_crf_flat(images: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, iterations: int,
                     pos_sxy: float, pos_compat: float, bi_sxy: float, bi_srgb: float,
                     bi_compat: float) -> torch.Tensor:
-    """C++ kernel: uint8 ``(B, 3, H, W)`` images, float32 flat unary (each image's ``(L_b, H, W)`` in
-    turn), int64 ``(B,)`` label counts ``L_b`` -> the marginals Q, laid out like ``unary``."""
-    out = torch.empty_like(unary)
-    _dispatch.cpp().dense_crf(images.numpy(), unary.numpy(), labels.numpy(), out.numpy(), iterations,
+    """C++ kernel: uint8 ``(B, 3, H, W)`` images, float32 flat probabilities (each image's ``(L_b, H,
+    W)`` in turn; the kernel refuses NaN and Inf and takes the unary ``-log(clip(p, CRF_CLIP, 1))``
+    itself), int64 ``(B,)`` label counts ``L_b`` -> the marginals Q, laid out like ``probs``."""
+    out = torch.empty_like(probs)
+    _dispatch.cpp().dense_crf(images.numpy(), probs.numpy(), labels.numpy(), out.numpy(), iterations, CRF_CLIP,
                               pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat, _dispatch.num_threads())
     return out
 
 
 @_dense_crf_flat.register_fake
-def _(images, unary, labels, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
-    return torch.empty_like(unary)
+def _(images, probs, labels, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
+    return torch.empty_like(probs)
 
 
 _dispatch.skip_dynamo_import(_dense_crf_flat)
@@ -192,9 +196,10 @@ _dispatch.skip_dynamo_import(_dense_crf_flat)
 
 def _dense_crf_cpu(images, probs, *, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
     labels = torch.tensor([p.shape[0] for p in probs], dtype=torch.int64)
-    # unary_from_softmax in float32; one flat buffer for the whole batch (label counts differ).
-    unary = torch.cat([crf_unary(p.detach()).reshape(-1) for p in probs])
-    out = _dense_crf_flat(images.detach().contiguous(), unary, labels, iterations, pos_sxy, pos_compat,
+    # one flat float32 buffer for the whole batch (label counts differ); a single image needs no copy
+    flat = [p.detach().float().reshape(-1) for p in probs]
+    flat = flat[0] if len(flat) == 1 else torch.cat(flat)
+    out = _dense_crf_flat(images.detach().contiguous(), flat, labels, iterations, pos_sxy, pos_compat,
                           bi_sxy, bi_srgb, bi_compat)
     H, W = images.shape[-2:]
     counts = labels.tolist()
