@@ -39,8 +39,8 @@ print(json.dumps(res))
 
 def run(checkout, row, with_pydensecrf, iterations):
     env = dict(os.environ, PYTHONPATH=os.path.abspath(checkout), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", CHILD, HERE, *map(str, row), "1" if with_pydensecrf else "0", str(iterations)],
-                         cwd=checkout, env=env, capture_output=True, text=True, timeout=600)
+    argv = [sys.executable, "-c", CHILD, HERE, *map(str, row), "1" if with_pydensecrf else "0", str(iterations)]
+    out = subprocess.run(argv, cwd=checkout, env=env, capture_output=True, text=True, timeout=600)
     if out.returncode:
         raise SystemExit(f"{checkout}: {out.stderr.strip()}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -59,9 +59,8 @@ def main():
 
     rows = SCENES if args.rows is None else [(k, int(s), int(n)) for k, s, n in
                                              (r.split(":") for r in args.rows.split(","))]
-
-    print(f"| input (one image, {args.iterations} iterations, 1 thread) | pydensecrf2 | before | after | after / before | "
-          "after vs pydensecrf2 | agreement | max dQ |")
+    print(f"| input (one image, {args.iterations} iterations, 1 thread) | pydensecrf2 | before | after | "
+          "after / before | after vs pydensecrf2 | agreement | max dQ |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         before, after, first = [], [], None

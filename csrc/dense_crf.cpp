@@ -543,8 +543,8 @@ py::tuple dense_crf_lattice_sizes(const primaps::UInt8Array& images, float pos_s
 
 primaps::Registrar reg([](py::module_& m) {
   m.def("dense_crf", &dense_crf, py::arg("images"), py::arg("probs"), py::arg("labels"), py::arg("out"),
-        py::arg("iterations"), py::arg("clip"), py::arg("pos_sxy"), py::arg("pos_compat"), py::arg("bi_sxy"), py::arg("bi_srgb"),
-        py::arg("bi_compat"), py::arg("threads"),
+        py::arg("iterations"), py::arg("clip"), py::arg("pos_sxy"), py::arg("pos_compat"), py::arg("bi_sxy"),
+        py::arg("bi_srgb"), py::arg("bi_compat"), py::arg("threads"),
         "Dense CRF (pydensecrf v2 mean field) of a batch: images uint8 (B,3,H,W), probabilities float32 flat "
         "(sum_b L_b*H*W, each (L_b,H,W), finite; the unary is -log(clip(p, clip, 1))), labels int64 (B,) = L_b, "
         "out like probs.");
