@@ -22,7 +22,8 @@
 // blur axes into one wavefront with ring buffers (+11 % on a photo, +19 % on a textured scene: the
 // blur neighbours reach 2.8k-13.5k vertices, so the rings do not stay in L2); the Gaussian term as a
 // row pipeline on its grid (slower than the lattice passes); moving the exchange rows through
-// band-ordered slots (+12-24 %); prefetching the splat's and blur's rows; radix-sort digits of 11 bits
+// band-ordered slots (+12-24 %); prefetching the blur's rows, and the splat's on lattices in the order of
+// their vertices (textured scenes: those streams are nearly sequential); radix-sort digits of 11 bits
 // instead of 8 (one pass fewer: -10 % to +5 % of the build); vertices numbered in the order the raster
 // scan first touches them, as pydensecrf's hash table does (+10 % on photographs, +70 % on textured
 // scenes: the blur loses its locality); the Gaussian slice inside the update pass on photographs (no
@@ -61,8 +62,9 @@ using primaps::store4;
 using Rows = Buffer<float>;
 
 // The update pass's gathers are latency-bound and their addresses are known a few pixels ahead:
-// prefetch the row of V floats at p. (Prefetching the splat's and the blur's rows did not pay: their
-// streams are already nearly sequential.)
+// prefetch the row of V floats at p. So are the splat's on a lattice whose pixels are in raster order
+// (photographs): a bilateral vertex gathers pixels from all over the image. (The blur's neighbour
+// streams, and the splat's on lattices in vertex order, are nearly sequential: prefetching did not pay.)
 constexpr int64_t kPrefetchAhead = 8;
 inline void prefetch_row(const float* p, int V) {
   for (int o = 0; o < V; o += 16) __builtin_prefetch(p + o);
@@ -151,14 +153,19 @@ inline void softmax_pixels(f32x4* X, int L, int nv) {
 }
 
 // The lattice passes work on rows of C vectors (one chunk: CW = 4 C lanes).
-// Splat rows qn (Q * norm, by position) over the CSR list into vals, vertices [b, e).
-template <int C>
+// Splat rows qn (Q * norm, by position) over the CSR list into vals, vertices [b, e); kPrefetch:
+// prefetch the row kSplatAhead entries ahead (photographs, 27 labels: 1.06x-1.09x per call; 3 and 7
+// labels: 0.95x-1.05x, the noise).
+constexpr int64_t kSplatAhead = 16;
+template <int C, bool kPrefetch>
 inline void splat(const Lattice& lat, const float* qn, float* vals, int64_t b, int64_t e) {
   constexpr int CW = 4 * C;
   f32x4 acc[C];
+  const int64_t jend = lat.start[e] - kSplatAhead;
   for (int64_t v = b; v < e; ++v) {
     for (int i = 0; i < C; ++i) acc[i] = f32x4{};
     for (int64_t j = lat.start[v]; j < lat.start[v + 1]; ++j) {
+      if (kPrefetch && j < jend) prefetch_row(qn + int64_t(lat.pix[j + kSplatAhead]) * CW, CW);
       const float w = lat.wgt[j];
       const float* q = qn + int64_t(lat.pix[j]) * CW;
       for (int i = 0; i < C; ++i) acc[i] += w * load4(q + 4 * i);
@@ -308,8 +315,11 @@ void mean_field(const Lattice& gauss, const Lattice& bil, const Params& p, const
       for (int c = 0; c < nc; ++c) {
         float* const g0 = &vg[0][c * (Mg + 1) * CW];
         float* const b0 = &vb[0][c * (Mb + 1) * CW];
-        splat<C>(gauss, &qn_g[c * N * CW], g0, gb, ge);
-        splat<C>(bil, &qn_b[c * N * CW], b0, bb, be);
+        splat<C, false>(gauss, &qn_g[c * N * CW], g0, gb, ge);  // vertices row by row: nearly sequential
+        if (bil.raster_order)
+          splat<C, true>(bil, &qn_b[c * N * CW], b0, bb, be);
+        else
+          splat<C, false>(bil, &qn_b[c * N * CW], b0, bb, be);
         bar.wait();
         for (int j = 0, cur = 0; j <= bil.d; ++j, cur = 1 - cur) {
           if (j <= 2) blur_axis(gauss, vg, c, j, cur, gb, ge);

@@ -168,6 +168,7 @@ struct Lattice {
   Buffer<float> wgt;
   Buffer<int32_t> nbr;     // (d+1, M, 2): n1, n2; M = the zero row
   Buffer<float> norm;      // (N) 1/sqrt(K 1 + 1e-20), by position
+  bool raster_order = true;  // positions are the raster pixels (raster[k] == k)
 
   size_t bytes() const {
     auto of = [](const auto& v) { return v.size() * sizeof(v[0]); };
@@ -426,6 +427,7 @@ void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t s
   lat.M = M;
   // Pixel positions: raster order, or pixels by the id of their remainder-0 vertex, raster within one.
   const bool in_raster = M <= sort_above;
+  lat.raster_order = in_raster;
   lat.raster.resize(N);
   Buffer<int32_t> pos(N);
   if (in_raster) {
