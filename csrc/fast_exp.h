@@ -48,8 +48,8 @@ inline F exp_nonpositive(F x) {
 // of degree 8 (Cephes' logf), ln 2 in two parts.
 inline f32x4 log_positive(f32x4 x) {
   const i32x4 bits = (i32x4)x;
-  const i32x4 small = from_bits((bits & 0x807fffff) | 0x3f000000) < 0.707106781f;  // -1 where m < sqrt(1/2)
-  const f32x4 m = from_bits((bits & 0x807fffff) | 0x3f000000);                    // in [0.5, 1)
+  const f32x4 m = from_bits((bits & 0x807fffff) | 0x3f000000);  // in [0.5, 1)
+  const i32x4 small = m < 0.707106781f;                          // -1 where m < sqrt(1/2)
   const f32x4 t = (small ? m + m : m) - 1.0f;
   const f32x4 e = __builtin_convertvector(((bits >> 23) & 0xff) - 126 + small, f32x4);
   const f32x4 t2 = t * t;
