@@ -195,7 +195,8 @@ def check_number(value, name: str, *, lo: float = -math.inf, hi: float = math.in
     except OverflowError:
         x = math.inf
     if not (math.isfinite(x) and (x > lo if lo_open else x >= lo) and x <= hi):
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        # an infinite bound is never included (only finite numbers are accepted)
+        interval = f"{'(' if lo_open or lo == -math.inf else '['}{lo:g}, {hi:g}{']' if hi < math.inf else ')'}"
         raise ValueError(f"{name}: expected a finite number in {interval}, got {value!r}")
     return x
 

@@ -18,18 +18,31 @@ import contextlib
 import ctypes
 import functools
 import glob
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 
-from primaps_fast._dispatch import BACKENDS, check_device, check_int, check_memory, check_number, check_tensor
+from primaps_fast._dispatch import (BACKENDS, INT64_MAX, check_device, check_int, check_memory, check_number,
+                                    check_tensor)
 from primaps_fast.progress import progress
 
 _STATE_VERSION = 1
 _STATE_KEYS = ("num_classes", "dim", "g", "v", "ema_g", "ema_v", "global_step", "ema_calls", "adam")
 # the head has num_classes rows; the E-step kernel takes fewer than 2**24 classes
 MAX_CLASSES = (1 << 24) - 1
+# Adam moves every weight by up to about lr a step: 1e3 is far beyond any useful rate (official 5e-3), and
+# a head trained with it for billions of steps stays far from float32 overflow (lr = 1e19 overflowed |v|
+# in three steps). A step that still overflows is rolled back (PriMaPsEM.step).
+MAX_LR = 1e3
+_ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+class NonFiniteUpdateError(FloatingPointError, ValueError):
+    """A :meth:`PriMaPsEM.step` whose update would have made the head, its EMA copy or Adam's state
+    non-finite; the step was rolled back. Its message starts with the cause (``lr``, ``features`` or
+    ``student_features``). A ``FloatingPointError`` and, like every argument error here, a ``ValueError``."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,6 +174,14 @@ def _check_scores(scores: torch.Tensor, name: str) -> torch.Tensor:
     return scores
 
 
+def _norms_ok(v: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor (no host synchronisation): every row of ``(K, C)`` ``v`` has a finite, non-zero norm,
+    so the weight norm ``g * v / |v|`` is defined (float32 entries as small as 1e-19 or as large as 1e19
+    already give a norm of 0 or inf)."""
+    norms = v.norm(dim=1)
+    return (torch.isfinite(norms) & (norms > 0)).all()
+
+
 def _fix_signs(directions: torch.Tensor) -> torch.Tensor:
     idx = directions.abs().argmax(dim=1, keepdim=True)
     sign = torch.sign(directions.gather(1, idx))
@@ -175,7 +196,8 @@ class PriMaPsEM:
     Args:
         num_classes: number of classes ``K`` (an int in ``[2, 2**24)``).
         dim: feature channels ``C`` (>= 1).
-        lr: Adam learning rate of the head (official 5e-3); also the k-means learning rate.
+        lr: Adam learning rate of the head (official 5e-3), in ``(0, 1e3]``; also the k-means learning
+            rate. Settable later (``em.lr = 1e-3``): the optimiser follows, its state is kept.
         ema_decay: EMA decay (official 0.98), with the official warm-up: the n-th EMA update copies the
             head for n <= 1 and otherwise uses decay ``min(ema_decay, 1 - 1/(n + 1))`` (the official
             ``ema.py`` with ``update_after_step=0``: its step counter is already n + 1 when the decay
@@ -205,7 +227,7 @@ class PriMaPsEM:
                  device=None, backend: str | None = None):
         check_int(num_classes, "num_classes", lo=2, hi=MAX_CLASSES)
         check_int(dim, "dim", lo=1)
-        lr = check_number(lr, "lr", lo=0.0, lo_open=True)
+        check_number(lr, "lr", lo=0.0, hi=MAX_LR, lo_open=True)
         ema_decay = check_number(ema_decay, "ema_decay", lo=0.0, hi=1.0)
         check_int(ema_every, "ema_every", lo=1)
         focal_gamma = check_number(focal_gamma, "focal_gamma", lo=0.0)
@@ -220,10 +242,23 @@ class PriMaPsEM:
         self.backend = backend
         self.sync = None  # data-parallel reductions (class docstring); not part of the state
         self.num_classes, self.dim = num_classes, dim
-        self.lr, self.ema_decay, self.ema_every = lr, ema_decay, ema_every
+        self.lr = lr
+        self.ema_decay, self.ema_every = ema_decay, ema_every
         self.focal_gamma, self.ignore_index, self.seed = focal_gamma, ignore_index, seed
         gen = torch.Generator().manual_seed(self.seed)
         self.init_prototypes(torch.randn(num_classes, dim, generator=gen))
+
+    @property
+    def lr(self) -> float:
+        """Adam's learning rate; setting it (a number in ``(0, 1e3]``) also sets the optimiser's."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value) -> None:
+        self._lr = check_number(value, "lr", lo=0.0, hi=MAX_LR, lo_open=True)
+        if hasattr(self, "optimizer"):
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr
 
     # ------------------------------------------------------------------ initialisation
     def init_prototypes(self, prototypes: torch.Tensor) -> None:
@@ -233,15 +268,28 @@ class PriMaPsEM:
         if tuple(prototypes.shape) != (self.num_classes, self.dim):
             raise ValueError(f"prototypes: expected shape ({self.num_classes}, {self.dim}), "
                              f"got {tuple(prototypes.shape)}")
-        if bool((prototypes.norm(dim=1) == 0).any()):
-            raise ValueError("prototypes: every row must be non-zero (weight norm divides by |v|)")
-        self.v = prototypes.detach().to(self.device, torch.float32).clone().requires_grad_(True)
-        self.g = torch.ones(self.num_classes, device=self.device, requires_grad=True)
-        self.ema_g = self.g.detach().clone()
-        self.ema_v = self.v.detach().clone()
-        self.optimizer = torch.optim.Adam([self.v, self.g], lr=self.lr)
-        self.global_step = 0
-        self.ema_calls = 0
+        if not bool(_norms_ok(prototypes.detach().float())):
+            raise ValueError("prototypes: every row must have a non-zero, finite float32 norm (weight norm "
+                             "divides by |v|)")
+        v = prototypes.detach().float()
+        g = torch.ones(self.num_classes)
+        self._set_state(v, g, g, v, {}, 0, 0)
+
+    def _set_state(self, v, g, ema_g, ema_v, adam: dict, global_step: int, ema_calls: int) -> None:
+        """Replace the whole state at once (nothing is changed if building it fails): head ``v (K, C)``,
+        ``g (K,)``, its EMA copy, Adam's state per parameter index (0: ``v``, 1: ``g``) and the counters."""
+        v = v.detach().to(self.device, torch.float32).clone().requires_grad_(True)
+        g = g.detach().to(self.device, torch.float32).clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([v, g], lr=self.lr)
+        for p, st in zip((v, g), (adam.get(0), adam.get(1))):
+            if st is not None:  # the step count stays a CPU tensor, as Adam keeps it
+                optimizer.state[p] = {"step": st["step"].detach().to("cpu", torch.float32).clone(),
+                                      "exp_avg": st["exp_avg"].detach().to(self.device, torch.float32).clone(),
+                                      "exp_avg_sq": st["exp_avg_sq"].detach().to(self.device, torch.float32).clone()}
+        self.v, self.g, self.optimizer = v, g, optimizer
+        self.ema_g = ema_g.detach().to(self.device, torch.float32).clone()
+        self.ema_v = ema_v.detach().to(self.device, torch.float32).clone()
+        self.global_step, self.ema_calls = global_step, ema_calls
 
     def _feature_batches(self, features, name: str):
         if isinstance(features, torch.Tensor):
@@ -421,6 +469,11 @@ class PriMaPsEM:
 
         Returns:
             ``{"loss": float, "labels": (B, H, W) int64 pseudo labels, "step": int}``.
+
+        Raises:
+            NonFiniteUpdateError: (a ``FloatingPointError`` and ``ValueError``) the update would make the
+                head, its EMA copy or Adam's state non-finite; nothing of it is kept, the model is as before
+                the call (lower ``lr`` or fix the features and go on).
         """
         import primaps_fast
 
@@ -445,12 +498,47 @@ class PriMaPsEM:
         loss.backward()
         if self.sync is not None:  # the sum of the ranks' parts is the gradient of the global batch's loss
             loss = self.sync.sum_grads([self.v, self.g], loss, "train: gradients of the head")
+        before = self._copy_state()
         self.optimizer.step()
         k = self.global_step
         if k > 0 and k % self.ema_every == 0:
             self._ema_update()
+        # the loss's one host synchronisation also reads whether the update kept everything finite
+        value, grads_ok, adam_ok, head_ok = self._step_flags(loss).tolist()
+        if not (grads_ok and adam_ok and head_ok):
+            self._set_state(*before)
+            name = "features" if student_features is None else "student_features"
+            if not (grads_ok and adam_ok):
+                raise NonFiniteUpdateError(
+                    f"{name}: the loss ({value:g}), its gradient or the gradient's square (Adam's second "
+                    "moment) is not finite on this batch (features too large?); the step was not applied, the "
+                    "model is as before it")
+            raise NonFiniteUpdateError(
+                f"lr: the Adam update with lr={self.lr:g} makes the head, its EMA copy or Adam's state "
+                "non-finite; the step was not applied, the model is as before it: lower lr (em.lr = ...) and "
+                "go on")
         self.global_step += 1
-        return {"loss": float(loss.detach()), "labels": labels, "step": k}
+        return {"loss": value, "labels": labels, "step": k}
+
+    def _copy_state(self) -> tuple:
+        """The arguments of :meth:`_set_state` that restore the current state (copies, no synchronisation)."""
+        adam = {i: {k: t.detach().clone() for k, t in self.optimizer.state[p].items()}
+                for i, p in enumerate((self.v, self.g)) if p in self.optimizer.state}
+        tensors = [t.detach().clone() for t in (self.v, self.g, self.ema_g, self.ema_v)]
+        return (*tensors, adam, self.global_step, self.ema_calls)
+
+    def _step_flags(self, loss: torch.Tensor) -> torch.Tensor:
+        """``[loss, loss and gradients finite, Adam's moments finite, head finite]`` as one float64 tensor on
+        the parameters' device; the head is the effective head and EMA weights (``g * v / |v|``, the norms
+        of ``v`` and of its EMA copy non-zero and finite)."""
+        with torch.no_grad():
+            grads = [torch.isfinite(p.grad).all() for p in (self.v, self.g)] + [torch.isfinite(loss).all()]
+            adam = [torch.isfinite(t).all() for st in self.optimizer.state.values()
+                    for key, t in st.items() if key != "step"]
+            head = [_norms_ok(self.v), _norms_ok(self.ema_v),
+                    torch.isfinite(self.weight()).all(), torch.isfinite(self.weight(ema=True)).all()]
+            return torch.stack([loss.detach().double().reshape(())]
+                               + [torch.stack(flags).all().double() for flags in (grads, adam, head)])
 
     def run_epoch(self, batches, *, desc: str = "EM epoch", total: int | None = None,
                   show_progress: bool = True) -> float:
@@ -516,33 +604,79 @@ class PriMaPsEM:
                                   for k, t in st.items()} for i, st in opt["state"].items()}}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore a ``state_dict``; another ``num_classes``/``dim`` or a missing entry raises ``ValueError``
-        naming it."""
+        """Restore a ``state_dict``. Every entry is checked first (ints that are ints in range, tensors of
+        the expected shape and dtype with finite values, Adam's state); a missing or refused entry, or
+        another ``num_classes``/``dim``, raises ``ValueError`` naming it and changes nothing."""
         if not isinstance(sd, dict) or "v" not in sd or "g" not in sd:
             raise ValueError("sd: not a PriMaPsEM state_dict")
         missing = [key for key in _STATE_KEYS if key not in sd]
         if missing:
             raise ValueError(f"sd: the state has no {', '.join(repr(k) for k in missing)} entry (a truncated or "
                              "foreign state_dict; the optimiser state is 'adam')")
-        for key in ("g", "v", "ema_g", "ema_v"):
-            if not isinstance(sd[key], torch.Tensor):
-                raise ValueError(f"sd: {key!r} is a {type(sd[key]).__name__}, not a tensor")
-        if not isinstance(sd["adam"], dict):
-            raise ValueError(f"sd: 'adam' is a {type(sd['adam']).__name__}, not Adam's state")
-        if sd.get("num_classes") != self.num_classes or sd.get("dim") != self.dim:
-            raise ValueError(f"sd: state of num_classes={sd.get('num_classes')}, dim={sd.get('dim')} does not "
-                             f"fit this PriMaPsEM (num_classes={self.num_classes}, dim={self.dim})")
-        for key, shape in (("g", (self.num_classes,)), ("v", (self.num_classes, self.dim)),
-                           ("ema_g", (self.num_classes,)), ("ema_v", (self.num_classes, self.dim))):
-            if tuple(sd[key].shape) != shape:
-                raise ValueError(f"sd: {key} has shape {tuple(sd[key].shape)}, expected {shape}")
-        self.init_prototypes(sd["v"].float())
-        with torch.no_grad():
-            self.g.copy_(sd["g"])
-            self.ema_g.copy_(sd["ema_g"])
-            self.ema_v.copy_(sd["ema_v"])
-        self.global_step, self.ema_calls = int(sd["global_step"]), int(sd["ema_calls"])
-        opt = self.optimizer.state_dict()
-        opt["state"] = {int(i): {k: (t.to(self.device) if isinstance(t, torch.Tensor) else t)
-                                 for k, t in st.items()} for i, st in sd["adam"].items()}
-        self.optimizer.load_state_dict(opt)
+        if "version" in sd:
+            _state_int(sd, "version", _STATE_VERSION, _STATE_VERSION)
+        num_classes, dim = _state_int(sd, "num_classes", 2, MAX_CLASSES), _state_int(sd, "dim", 1)
+        if (num_classes, dim) != (self.num_classes, self.dim):
+            raise ValueError(f"sd: state of num_classes={num_classes}, dim={dim} does not fit this PriMaPsEM "
+                             f"(num_classes={self.num_classes}, dim={self.dim})")
+        head = {key: _state_tensor(sd[key], repr(key), shape)
+                for key, shape in (("g", (self.num_classes,)), ("v", (self.num_classes, self.dim)),
+                                   ("ema_g", (self.num_classes,)), ("ema_v", (self.num_classes, self.dim)))}
+        for key in ("v", "ema_v"):
+            if not bool(_norms_ok(head[key])):
+                raise ValueError(f"sd: {key!r} has a row whose norm is 0 or overflows float32 (weight norm "
+                                 "divides by |v|)")
+        counters = [_state_int(sd, key, 0) for key in ("global_step", "ema_calls")]
+        self._set_state(head["v"], head["g"], head["ema_g"], head["ema_v"], self._checked_adam(sd["adam"]),
+                        *counters)
+
+    def _checked_adam(self, adam) -> dict:
+        """Adam's state of a state dict (``{"0": v's, "1": g's}``, either absent before the first step),
+        checked: ``step`` a finite whole number >= 0, the moments float32 of the parameter's shape, finite,
+        the second one >= 0. Keyed by parameter index."""
+        if not isinstance(adam, dict):
+            raise ValueError(f"sd: 'adam' is a {type(adam).__name__}, not Adam's state")
+        out = {}
+        for i, st in adam.items():
+            index = {"0": 0, "1": 1, 0: 0, 1: 1}.get(i) if isinstance(i, (str, int)) and not isinstance(i, bool) \
+                else None
+            if index is None:
+                raise ValueError(f"sd: 'adam' has an entry {i!r:.40}; Adam's state has entries '0' (v) and '1' (g)")
+            name = f"'adam'[{i!r}]"
+            if not isinstance(st, dict) or sorted(st) != sorted(_ADAM_KEYS):
+                raise ValueError(f"sd: {name} must be a dict of {', '.join(_ADAM_KEYS)}")
+            shape = (self.num_classes, self.dim) if index == 0 else (self.num_classes,)
+            step = st["step"]
+            if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_complex():
+                step = step.item()
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or not (
+                    math.isfinite(step) and step >= 0 and step == int(step) and step <= INT64_MAX):
+                raise ValueError(f"sd: {name}['step'] must be a whole number >= 0, got {step!r:.40}")
+            moments = {key: _state_tensor(st[key], f"{name}[{key!r}]", shape) for key in ("exp_avg", "exp_avg_sq")}
+            if bool((moments["exp_avg_sq"] < 0).any()):
+                raise ValueError(f"sd: {name}['exp_avg_sq'] has negative entries (a second moment is >= 0)")
+            out[index] = {"step": torch.tensor(float(step)), **moments}
+        return out
+
+
+def _state_int(sd: dict, key: str, lo: int, hi: int = INT64_MAX) -> int:
+    """``sd[key]`` if it is an int (not a bool) in ``[lo, hi]``, else a ``ValueError`` naming the entry."""
+    x = sd[key]
+    if isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi:
+        rule = f"the int {lo}" if lo == hi else f"an int in [{lo}, {hi}]"
+        raise ValueError(f"sd: {key!r} must be {rule}, got {type(x).__name__} {x!r:.40}")
+    return int(x)
+
+
+def _state_tensor(x, name: str, shape: tuple) -> torch.Tensor:
+    """``x`` if it is a float32 tensor of ``shape`` with finite values, else a ``ValueError`` naming ``name``
+    (an entry of a state dict)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"sd: {name} is a {type(x).__name__}, not a tensor")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"sd: {name} has shape {tuple(x.shape)}, expected {shape}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"sd: {name} has dtype {x.dtype}, expected torch.float32")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"sd: {name} contains NaN or Inf")
+    return x

@@ -81,7 +81,10 @@ def load_checkpoint(path, *, num_classes: int | None = None, dim: int | None = N
 def em_from_checkpoint(ckpt: dict, *, backend: str | None = None, device=None):
     """The model of a checkpoint read by :func:`load_checkpoint` (on ``device``, default CPU)."""
     em = build_em(ckpt["config"], backend=backend, device=device)
-    em.load_state_dict(ckpt["em"])
+    try:
+        em.load_state_dict(ckpt["em"])
+    except ValueError as exc:  # every entry is checked before anything is set
+        raise ValueError(f"checkpoint: its 'em' entry is refused: {exc}") from None
     return em
 
 

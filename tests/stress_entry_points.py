@@ -123,6 +123,16 @@ def _finite(x):
     return bool(torch.isfinite(x).all())
 
 
+def same_state(a, b) -> bool:
+    """Two state dicts (nested dicts of tensors and numbers) hold the same values."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and sorted(map(str, a)) == sorted(map(str, b)) and all(
+            same_state(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
 def _close(a, b, rtol, atol):
     return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol))
 
@@ -382,13 +392,31 @@ def case_em(r, gen):
             sd = em.state_dict()
             em.step(torch.randn(1, Cc, 2, 2, generator=gen), torch.zeros(1, 2, 2, dtype=torch.int64))
             sd = em.state_dict()
-            if r.random() < 0.7:
-                victim = r.choice(sorted(sd))
+            victim = r.choice(sorted(sd))
+            x = r.random()
+            if x < 0.35:
                 extra["dropped"] = victim
                 del sd[victim]
+            elif x < 0.7:  # a hostile value in place of an entry (or of an entry of Adam's state)
+                holder = sd
+                if victim == "adam" and sd["adam"] and r.random() < 0.7:
+                    holder = sd["adam"][r.choice(sorted(sd["adam"]))]
+                    victim = r.choice(sorted(holder))
+                value = r.choice(BAD_INTS + BAD_FLOATS + ["abc", 2 ** 70, torch.tensor(math.nan),
+                                                           torch.full((Kc,), math.inf), torch.zeros(Kc, Cc),
+                                                           torch.ones(Kc, Cc).double(), torch.ones(Cc, Kc)])
+                extra["replaced"] = f"{victim}={value!r:.40}"
+                holder[victim] = value
             em2 = PriMaPsEM(K, C, **ctor)
-            em2.load_state_dict(sd)
-            return [em2.v.detach(), em2.g.detach()]
+            before = em2.state_dict()
+            try:
+                em2.load_state_dict(sd)
+            except ValueError:
+                if not same_state(em2.state_dict(), before):
+                    raise AssertionError("load_state_dict changed the model before it refused an entry")
+                raise
+            em2.step(torch.randn(1, Cc, 2, 2, generator=gen), torch.zeros(1, 2, 2, dtype=torch.int64))
+            return [em2.v.detach(), em2.g.detach(), em2.weight(), em2.weight(ema=True)]
         return [em.weight()]
 
     def check(out):

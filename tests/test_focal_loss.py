@@ -112,7 +112,7 @@ def test_bad_inputs():
         f(logits, target, gamma="2")
     # a negative gamma turned the weights of confident classes into infinities (a NaN/inf loss)
     for gamma in (-1.0, -0.5, float("nan"), float("inf"), 10 ** 400):
-        with pytest.raises(ValueError, match="^gamma: expected a finite number in \\[0, inf\\]"):
+        with pytest.raises(ValueError, match="^gamma: expected a finite number in \\[0, inf\\)"):
             f(logits, target, gamma=gamma)
     for ignore_index, err in ((2 ** 63, ValueError), (-(2 ** 63) - 1, ValueError), (255.0, TypeError)):
         with pytest.raises(err, match="^ignore_index: expected an int"):

@@ -125,6 +125,28 @@ def test_model_state_missing_key_is_named(run_folder, tmp_path, capsys, key):
     assert f"'{key}'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key,value", [("global_step", "abc"), ("ema_calls", 1.5), ("global_step", 2 ** 70),
+                                       ("v", "nan"), ("ema_g", "float64")])
+def test_model_state_bad_entry_is_named(run_folder, tmp_path, capsys, key, value):
+    """A checkpoint whose model state holds a value that is not what ``state_dict`` writes (a string step,
+    a fraction, an int64 overflow, a NaN weight, another dtype) is refused naming the entry, for
+    ``train --resume`` and the API; the checksum is rewritten, as another program would."""
+    assert _train(run_folder, tmp_path / "run", "--epochs", "1") == 0
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    del ckpt["digest"]
+    if value == "nan":
+        ckpt["em"][key][0, 0] = float("nan")
+    elif value == "float64":
+        ckpt["em"][key] = ckpt["em"][key].double()
+    else:
+        ckpt["em"][key] = value
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    with pytest.raises(ValueError, match=f"^checkpoint: its 'em' entry is refused: sd: '{key}'"):
+        train.em_from_checkpoint(train.load_checkpoint(tmp_path / "run" / "last.pt"))
+    assert _train(run_folder, tmp_path / "run", "--epochs", "2", "--resume") == 1
+    assert f"'{key}'" in capsys.readouterr().err
+
+
 def _calls(tree):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
