@@ -431,6 +431,52 @@ def stages(ck: Check, B: int):
     row.notes.append(f"the model runs its ops on the auto backend for {dev.type} tensors: {TITLES[auto]}")
 
 
+def crf_scenes(ck: Check, B: int):
+    """The dense CRF alone on hard inputs at batch B: textured scenes (bilateral lattices of ~3 vertices a
+    pixel) and photographs (scikit-image's samples, when installed), 7 and 27 labels of smooth logits; the
+    Triton CRF (the whole batch in every launch) against the C++ CRF, on the first images, labels compared."""
+    import torch
+    import torch.nn.functional as F
+
+    from primaps_fast.data.synthetic import make_scenes
+    from primaps_fast.ops.dense_crf import dense_crf_list
+
+    size, its, sub = ck.image, ck.crf_iterations, min(B, 2 if ck.dry else 4)
+    kinds = {"textured scenes": make_scenes(B, image_size=size, texture=24.0, seed=B).images}
+    try:
+        from skimage import data
+
+        photos = []
+        for name in ("astronaut", "coffee", "chelsea", "rocket"):
+            x = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1).float()[None]
+            scale = size / min(x.shape[-2:])
+            x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=True)[0]
+            top, left = (x.shape[1] - size) // 2, (x.shape[2] - size) // 2
+            photos.append(x[:, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8))
+        kinds["photographs"] = torch.stack([photos[b % 4] for b in range(B)])
+    except ImportError:
+        print("scikit-image not installed: no photograph rows", flush=True)
+    g = torch.Generator().manual_seed(B)
+    for kind, rgb in kinds.items():
+        bgr = rgb.flip(1).contiguous()
+        for labels in (7, 27):
+            logits = F.avg_pool2d(F.pad(torch.randn(B, labels, size // 8, size // 8, generator=g) * 2,
+                                        (1, 1, 1, 1), mode="replicate"), 3, 1) * 3
+            probs = torch.softmax(F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False), 1)
+            want = [q.argmax(0) for q in dense_crf_list(bgr[:sub], list(probs[:sub]), iterations=its, backend="cpu")]
+            images, plist = bgr.to(ck.device), list(probs.to(ck.device))
+
+            def agree(backend, out, want=want):
+                frac = statistics.mean(float((q.argmax(0).cpu() == w).float().mean()) for q, w in zip(out, want))
+                return frac >= 0.999, f"{100 * frac:.3f}% of the first {sub} images' labels equal the C++ CRF's"
+
+            row = ck.run(f"dense CRF, {kind}, {labels} labels ({its} iterations)", B, {
+                "cpu": lambda: dense_crf_list(bgr[:sub], list(probs[:sub]), iterations=its, backend="cpu"),
+                "triton": lambda: dense_crf_list(images, plist, iterations=its, backend="triton"),
+            }, agree, scale={"cpu": (sub, B)})
+            row.notes.append(", ".join(f"{TITLES[b]} {B / ms * 1e3:.1f} images/s" for b, ms in row.ms.items()))
+
+
 def report(ck: Check, args):
     import torch
 
@@ -490,6 +536,7 @@ def main(argv=None):
     ck.torch.manual_seed(0)
     for batch in ck.batches:
         stages(ck, batch)
+        crf_scenes(ck, batch)
     report(ck, args)
     return 1 if ck.failed else 0
 

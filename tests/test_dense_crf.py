@@ -366,8 +366,57 @@ def test_triton_lattice_matches_the_reference_lattice():
         assert torch.equal(to_ref[got.offset], want.offset)  # a function of the vertex, not of the point
         assert torch.equal(to_ref.sort().values, torch.arange(got.M + 1))  # a bijection
         assert torch.equal(want.neighbours[:, :, to_ref[:-1]], to_ref[got.neighbours])
-        k1 = ref.lattice_filter(want, torch.ones(feats.shape[0], 1), seq=True)[:, 0]
-        assert torch.equal(lattice.normalisation(got), (1.0 / torch.sqrt(k1.double() + 1e-20)).float())
+
+
+
+@pytest.mark.interpreter
+def test_triton_normalisation_is_the_pixel_order_filter_of_ones():
+    """The Triton kernel's normalisation, computed by its splat and blur kernels (no atomics): pydensecrf's
+    order, each vertex summing its pixels in pixel order, float32 throughout."""
+    import numpy as np
+
+    pytest.importorskip("triton")
+    from primaps_fast.triton.dense_crf import _Kernel
+
+    img, _ = scene(9, 11, 2, 71, texture=30.0)
+    for feats in (ref.crf_features(img, 1.0, None), ref.crf_features(img, 5.0, 3.0)):
+        kernel = _Kernel(feats, 1.0)
+        off, w = kernel.off.numpy(), kernel.bary.numpy()
+        N, D = off.shape
+        buf = np.zeros(kernel.M + 1, np.float32)
+        for p in range(N):
+            for r in range(D):
+                buf[off[p, r]] = buf[off[p, r]] + w[p, r]
+        for j in range(D):
+            n1, n2 = kernel.nbr[j].numpy()
+            buf = np.concatenate([buf[:-1] + np.float32(0.5) * (buf[n1] + buf[n2]), buf[-1:]])
+        alpha = np.float32(1.0 / (1.0 + 2.0 ** (-(D - 1))))
+        k1 = np.zeros(N, np.float32)
+        for r in range(D):
+            k1 = k1 + w[:, r] * buf[off[:, r]] * alpha
+        assert torch.equal(kernel.norm, (1.0 / torch.sqrt(torch.from_numpy(k1).double() + 1e-20)).float())
+
+
+def test_batched_triton_lattice_is_each_images_own():
+    """Images' points in one lattice (the image index above the keys): every image gets the vertices,
+    weights and blur neighbours of its own lattice, numbered image after image."""
+    from primaps_fast.triton import lattice
+
+    imgs = [scene(10, 7, 2, 80 + i, texture=40.0)[0] for i in range(3)]
+    feats = torch.cat([ref.crf_features(img, 5.0, 3.0) for img in imgs])
+    assert torch.equal(feats, lattice.crf_features(torch.stack(imgs), 5.0, 3.0))
+    got = lattice.build_lattice(feats, images=3)
+    base, N = 0, 70
+    for i, img in enumerate(imgs):
+        own = lattice.build_lattice(ref.crf_features(img, 5.0, 3.0))
+        assert torch.equal(got.offset[i * N:(i + 1) * N], own.offset + base)
+        assert torch.equal(got.weight[i * N:(i + 1) * N], own.weight)
+        nbrs = got.neighbours[:, :, base:base + own.M]
+        assert torch.equal(torch.where(nbrs == got.M, own.M, nbrs - base), own.neighbours)
+        base += own.M
+    assert base == got.M
+    with pytest.raises(lattice.KeyBitsError, match="^features: "):
+        lattice.build_lattice(feats, images=3, max_bits=2)
 
 
 @pytest.mark.interpreter
@@ -380,6 +429,83 @@ def test_triton_matches_cpu():
     want = dense_crf_list(images, [p, p2[:2] / p2[:2].sum(0)], iterations=3, backend="cpu")
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
+def _batch_of(kind, B, H=20, W=24):
+    """``B`` images of ``kind`` (textured scenes or photographs, BGR) of ``H x W`` with smooth logits and
+    label counts 3, 7, 2, 5, ... (mixed lane widths in one batch)."""
+    counts = [(3, 7, 2, 5)[b % 4] for b in range(B)]
+    if kind == "photographs":
+        names = ["astronaut", "coffee", "chelsea", "rocket"]
+        images = [photo(names[b % 4], 2 * max(H, W))[:, :H, :W].contiguous() for b in range(B)]
+    else:
+        images = [scene(H, W, 2, 90 + b, noise=1.0, texture=30.0 * (b % 2))[0] for b in range(B)]
+    probs = [smooth_probs(H, W, L, 40 + b) for b, L in enumerate(counts)]
+    return torch.stack(images), probs
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", ["scenes", "photographs"])
+def test_batched_triton_matches_cpu(kind):
+    """One batch of images with different label counts (and textures), every launch over all of them:
+    each image's marginals are the C++ CRF's, labels equal and values to float rounding."""
+    pytest.importorskip("triton")
+    images, probs = _batch_of(kind, 4)
+    got = dense_crf_list(images, probs, iterations=3, backend="triton")
+    want = dense_crf_list(images, probs, iterations=3, backend="cpu")
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert agreement(g, w) == 1.0
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """The names of the Triton kernels launched while the test runs (interpreter or GPU), in order."""
+    pytest.importorskip("triton")
+    from primaps_fast.triton import dense_crf as triton_crf
+
+    cls = type(triton_crf._splat_kernel)
+    launches, run = [], cls.run
+
+    def counted(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", counted)
+    return launches
+
+
+@pytest.mark.interpreter
+def test_triton_crf_launches_do_not_grow_with_the_batch(triton_launches):
+    """Batch 2 and batch 8: the same launches. Setup: the two kernels' normalisations (a splat and d + 1
+    blurs each, d = 2 and 5); each iteration: both kernels' splat and blurs and one update."""
+    counts = {}
+    for B in (2, 8):
+        images, probs = _batch_of("scenes", B, 10, 12)
+        triton_launches.clear()
+        dense_crf_list(images, probs, iterations=2, backend="triton")
+        counts[B] = list(triton_launches)
+    assert counts[2] == counts[8]
+    assert len(counts[2]) == (1 + 3) + (1 + 6) + 2 * ((1 + 3) + (1 + 6) + 1)
+    assert counts[2].count("_update_kernel") == 2
+
+
+@pytest.mark.interpreter
+def test_triton_pseudo_labels_launches_do_not_grow_with_the_batch(triton_launches):
+    """``pseudo_labels(..., crf=True)`` on the Triton backend: batch 8 (the batch-2 scenes four times, so
+    the proposals take the same rounds) launches exactly what batch 2 does."""
+    from primaps_fast.data.synthetic import make_scenes
+
+    sc = make_scenes(2, image_size=24, dim=16, patch=8, seed=5)
+    counts = {}
+    for reps in (1, 4):
+        triton_launches.clear()
+        primaps_fast.pseudo_labels(sc.images.repeat(reps, 1, 1, 1), sc.features.repeat(reps, 1, 1, 1),
+                                   crf_iterations=2, backend="triton")
+        counts[reps] = list(triton_launches)
+    assert counts[1] == counts[4]
+    assert counts[1].count("_update_kernel") == 2
 
 
 @requires_triton_gpu

@@ -6,6 +6,10 @@ packed into int64 with a range check, ``torch.unique`` for the vertex ids and ``
 ``key +- delta`` for the one-ring blur neighbours (docs/dense_crf.md). The reference
 (``primaps_fast/reference/dense_crf.py``) builds it with a dict instead, so the tests check this one
 against it.
+
+One lattice can hold the points of several images: their image index is packed above the key, so
+vertices of different images never merge and are never blur neighbours, and every image's vertices,
+weights and neighbours are those of its own lattice (numbered image after image).
 """
 from __future__ import annotations
 
@@ -81,8 +85,14 @@ def lattice_coordinates(features: torch.Tensor):
     return rem0.long(), rank_i, bary[:, : d + 1].contiguous()
 
 
-def build_lattice(features: torch.Tensor, *, max_bits: int = 62) -> Lattice:
-    """Permutohedral lattice of float32 ``features`` (N, d), as pydensecrf's ``Permutohedral::init``."""
+class KeyBitsError(ValueError):
+    """The packed keys (and image indices) of a lattice need more than ``max_bits`` bits."""
+
+
+def build_lattice(features: torch.Tensor, *, images: int = 1, max_bits: int = 62) -> Lattice:
+    """Permutohedral lattice of float32 ``features`` (N, d), as pydensecrf's ``Permutohedral::init``; with
+    ``images`` > 1, the rows are ``images`` images of ``N / images`` points each, one after another, and
+    each image gets the vertices of its own lattice."""
     N, d = features.shape
     dev = features.device
     rem0, rank, weight = lattice_coordinates(features)
@@ -94,15 +104,18 @@ def build_lattice(features: torch.Tensor, *, max_bits: int = 62) -> Lattice:
     lo = keys.amin(dim=(0, 1)) - margin
     hi = keys.amax(dim=(0, 1)) + margin
     widths = [int(x).bit_length() for x in (hi - lo).tolist()]
-    if sum(widths) > max_bits:
-        raise ValueError(f"features: lattice keys need {sum(widths)} bits (> {max_bits}): the image is too "
-                         "large or sxy/srgb too small")
+    if sum(widths) + (images - 1).bit_length() > max_bits:
+        raise KeyBitsError(f"features: lattice keys need {sum(widths)} bits and {images} images "
+                           f"{(images - 1).bit_length()} more (> {max_bits}): the image is too large or "
+                           "sxy/srgb too small")
     shifts, s = [], 0
     for w in widths:
         shifts.append(s)
         s += w
     shift_t = torch.tensor(shifts, dtype=torch.int64, device=dev)
     packed = ((keys - lo) << shift_t).sum(dim=2)  # (N, d+1)
+    if images > 1:  # the image index above the key bits
+        packed += (torch.arange(N, device=dev) // (N // images) << s)[:, None]
     uniq, inverse = torch.unique(packed.reshape(-1), sorted=True, return_inverse=True)
     M = uniq.numel()
     unit = sum(1 << sh for sh in shifts)
@@ -116,34 +129,18 @@ def build_lattice(features: torch.Tensor, *, max_bits: int = 62) -> Lattice:
     return Lattice(inverse.reshape(N, d + 1), weight, nbrs, uniq, d, M)
 
 
-def normalisation(lat: Lattice) -> torch.Tensor:
-    """pydensecrf's symmetric normalisation ``1 / sqrt(K 1 + 1e-20)`` (N,) float32: ones splatted,
-    blurred along axes 0..d and sliced with ``alpha = 1 / (1 + 2^-d)`` (its scalar code path's order)."""
-    N = lat.offset.shape[0]
-    dev = lat.offset.device
-    buf = torch.zeros(lat.M + 1, dtype=torch.float32, device=dev)
-    for r in range(lat.d + 1):
-        buf.index_add_(0, lat.offset[:, r], lat.weight[:, r])
-    for j in range(lat.d + 1):
-        n1, n2 = lat.neighbours[j]
-        buf = torch.cat([buf[:-1] + 0.5 * (buf[n1] + buf[n2]), buf[-1:]])
-    alpha = 1.0 / (1.0 + 2.0 ** (-lat.d))
-    k1 = torch.zeros(N, dtype=torch.float32, device=dev)
-    for r in range(lat.d + 1):
-        k1 += lat.weight[:, r] * buf[lat.offset[:, r]] * alpha
-    return (1.0 / torch.sqrt(k1.double() + 1e-20)).float()
-
-
-def crf_features(image: torch.Tensor, sxy: float, srgb: float | None) -> torch.Tensor:
-    """pydensecrf's ``DenseCRF2D`` features (N, d) float32: ``(x/sxy, y/sxy)`` and, when ``srgb`` is
-    given, the three channels of the uint8 ``image`` (3, H, W) divided by ``srgb``, in channel order."""
-    _, H, W = image.shape
-    dev = image.device
+def crf_features(images: torch.Tensor, sxy: float, srgb: float | None) -> torch.Tensor:
+    """pydensecrf's ``DenseCRF2D`` features (N, d) float32 of uint8 ``images`` (3, H, W) or (B, 3, H, W),
+    image after image: ``(x/sxy, y/sxy)`` and, when ``srgb`` is given, the three channels divided by
+    ``srgb``, in channel order."""
+    H, W = images.shape[-2:]
+    imgs = images.reshape(-1, 3, H, W)
+    dev = images.device
     s = torch.tensor(sxy, dtype=torch.float32, device=dev)
     y, x = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32),
                           torch.arange(W, device=dev, dtype=torch.float32), indexing="ij")
-    cols = [x.reshape(-1) / s, y.reshape(-1) / s]
+    cols = [(x.reshape(-1) / s).repeat(imgs.shape[0]), (y.reshape(-1) / s).repeat(imgs.shape[0])]
     if srgb is not None:
         c = torch.tensor(srgb, dtype=torch.float32, device=dev)
-        cols += [image[k].reshape(-1).float() / c for k in range(3)]
+        cols += [imgs[:, k].reshape(-1).float() / c for k in range(3)]
     return torch.stack(cols, dim=1).contiguous()
