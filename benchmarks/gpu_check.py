@@ -208,8 +208,6 @@ def stages(ck: Check, B: int):
             return same, "bit-exact" if same else "differs"
         return check
 
-    from primaps_fast.triton.median_filter import median_filter_triton
-
     ck.run(f"median_filter ({M} proposals of 40x40)" if not ck.dry else "median_filter", B, {
         "reference": lambda: reference.median_filter(masks),
         "triton": lambda: primaps_fast.median_filter(masks, backend="triton"),
@@ -250,16 +248,12 @@ def stages(ck: Check, B: int):
         ties = bool((margin[differ] < 1e-5).all())
         return ties, f"{int(differ.sum())} labels differ, {'all' if ties else 'NOT all'} at reference ties"
 
-    from primaps_fast.triton.pseudo_labels import mask_labels_triton, mask_probs_triton
-
-    def cuda_post(probs):
-        from primaps_fast.cuda.pseudo_labels import mask_labels_cuda, mask_probs_cuda
-        return mask_probs_cuda(masks, counts, (H, H)) if probs else mask_labels_cuda(masks, counts, (H, H), 255)
+    from primaps_fast._dispatch import kernel
 
     ck.run("median + background + log-softmax + upsample + arg-max (crf=False)", B, {
         "reference": lambda: ref_post(False),
-        "triton": lambda: mask_labels_triton(median_filter_triton(masks), counts, (H, H), 255),
-        "cuda": lambda: cuda_post(False),
+        "triton": lambda: kernel("mask_labels", "triton")(masks, counts, (H, H), 255),
+        "cuda": lambda: kernel("mask_labels", "cuda")(masks, counts, (H, H), 255),
     }, labels_vs_ref)
     ref_probs = ref_post(True).cpu()
 
@@ -271,8 +265,8 @@ def stages(ck: Check, B: int):
 
     ck.run("median + background + log-softmax + upsample + softmax (crf=True)", B, {
         "reference": lambda: ref_post(True),
-        "triton": lambda: mask_probs_triton(median_filter_triton(masks), counts, (H, H)),
-        "cuda": lambda: cuda_post(True),
+        "triton": lambda: kernel("mask_probs", "triton")(masks, counts, (H, H)),
+        "cuda": lambda: kernel("mask_probs", "cuda")(masks, counts, (H, H)),
     }, probs_agree)
 
     # ---- dense CRF on those probabilities (the CUDA backend uses the Triton CRF)

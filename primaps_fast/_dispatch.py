@@ -76,6 +76,46 @@ def cuda_module():
     return _C_cuda
 
 
+# The kernel of every op for every fast backend, as "module:function" under primaps_fast, imported on first
+# use (Triton only when its backend runs). All backends of an op take the same validated arguments, which
+# the op prepares once; the reference backend (the oracle, on the raw inputs) is reached through
+# reference() instead. A new backend of an op is its module and one line here.
+KERNELS = {
+    # (features (B, C, h, w) float, threshold, stop_fraction, max_masks) -> owner, value, counts
+    "principal_masks": {"cpu": "ops.principal_masks:principal_masks_cpu",
+                        "cuda": "cuda.principal_masks:principal_masks_cuda",
+                        "triton": "triton.principal_masks:principal_masks_triton"},
+    # (masks (..., h, w) float) -> float32 medians
+    "median_filter": {"cpu": "ops.median_filter:median_filter_op", "cuda": "ops.median_filter:median_filter_op",
+                      "triton": "triton.median_filter:median_filter_triton"},
+    # proposals (B, M, h, w) and counts -> (B, H, W) ids (median filter, background, upsampling, arg-max) ...
+    "mask_labels": {"cpu": "ops.pseudo_labels:mask_labels_cpu", "cuda": "cuda.pseudo_labels:mask_labels_cuda",
+                    "triton": "triton.pseudo_labels:mask_labels_triton"},
+    # ... or (B, M + 1, H, W) probabilities for the CRF
+    "mask_probs": {"cpu": "ops.pseudo_labels:mask_probs_cpu", "cuda": "cuda.pseudo_labels:mask_probs_cuda",
+                   "triton": "triton.pseudo_labels:mask_probs_triton"},
+    # (images, probs, **CRF parameters) -> marginals; the CUDA backend has no CRF of its own: Triton's runs
+    "dense_crf_list": {"cpu": "ops.dense_crf:dense_crf_cpu", "cuda": "triton.dense_crf:dense_crf_triton",
+                       "triton": "triton.dense_crf:dense_crf_triton"},
+    # (float32 logits, int64 ids, num_ids, ignore) -> majority classes
+    "assign_pseudo_labels": {"cpu": "ops.assign_pseudo_labels:_assign_pseudo_labels_op",
+                             "cuda": "ops.assign_pseudo_labels:_assign_pseudo_labels_op",
+                             "triton": "triton.assign_pseudo_labels:assign_pseudo_labels_triton"},
+    # (logits, target, gamma, ignore_index, class_stats) -> loss
+    "focal_loss": {"cpu": "ops.focal_loss:focal_loss_kernel", "cuda": "ops.focal_loss:focal_loss_kernel",
+                   "triton": "triton.focal_loss:focal_loss_triton"},
+    # (float32 logits, H, W) -> float64 (B, K) sums of the upsampled softmax (focal_loss's class_stats)
+    "focal_confidence": {"cpu": "ops.focal_loss:confidence_sums_cpu", "cuda": "cuda.focal_loss:confidence_sums_cuda"},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(op: str, backend: str):
+    """The kernel of ``op`` for the fast ``backend`` (``KERNELS``), imported on first use."""
+    module, name = KERNELS[op][backend].split(":")
+    return getattr(importlib.import_module("primaps_fast." + module), name)
+
+
 def reference(name: str):
     """``primaps_fast.reference.<name>``, resolved by name at call time.
 

@@ -313,7 +313,7 @@ def test_lattice_check_refuses_exactly_what_the_kernel_cannot_do():
     """The Python check before the kernel agrees with the C++ kernel's own (backstop) check: on a log grid of
     bi_srgb / bi_sxy / pos_sxy, the public op refuses exactly the values the raw kernel refuses (up to the
     float32 rounding of a value within 1 % of the limit), so nothing that works is refused."""
-    from primaps_fast.ops.dense_crf import _dense_crf_cpu
+    from primaps_fast.ops.dense_crf import dense_crf_cpu
 
     gen = torch.Generator().manual_seed(3)
     images = [torch.randint(0, 256, (1, 3, 9, 11), generator=gen, dtype=torch.uint8),
@@ -326,7 +326,7 @@ def test_lattice_check_refuses_exactly_what_the_kernel_cannot_do():
             kernel_ok = []
             for value in grid:
                 try:
-                    _dense_crf_cpu(img, probs, **{**params, name: value})
+                    dense_crf_cpu(img, probs, **{**params, name: value})
                     kernel_ok.append(True)
                 except ValueError:
                     kernel_ok.append(False)

@@ -38,6 +38,23 @@ def test_auto_choice_on_cuda_tensors():
     assert _dispatch.choose_backend(None, torch.zeros(2, device="cuda")) == want
 
 
+def test_every_kernel_of_the_table_resolves():
+    """Every op has a kernel for every fast backend (the confidence sums: per device), and each entry is a
+    function of the module that the table names, imported on first use."""
+    import importlib
+
+    for op, table in _dispatch.KERNELS.items():
+        want = {"cpu", "cuda"} if op == "focal_confidence" else {"cpu", "cuda", "triton"}
+        assert set(table) == want, op
+        for backend, path in table.items():
+            fn = _dispatch.kernel(op, backend)
+            module, name = path.split(":")
+            assert callable(fn) and fn is getattr(importlib.import_module("primaps_fast." + module), name)
+    assert _dispatch.kernel("dense_crf_list", "cuda") is _dispatch.kernel("dense_crf_list", "triton")
+    with pytest.raises(KeyError):
+        _dispatch.kernel("median_filter", "reference")  # the oracle is reached through reference()
+
+
 def test_reference_resolves_by_name():
     from primaps_fast import reference
 

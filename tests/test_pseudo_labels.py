@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import primaps_fast
 from primaps_fast import reference
-from primaps_fast._dispatch import triton_available
+from primaps_fast._dispatch import kernel, triton_available
 from primaps_fast.data.synthetic import make_scenes
 from primaps_fast.common import IMAGENET_MEAN, IMAGENET_STD, crf_image
 from primaps_fast.reference.pseudo_labels import mask_logits
@@ -201,20 +201,12 @@ def test_triton_post_processing_matches_cpu(rng):
     """The fused Triton upsample + arg-max / softmax against the C++ post-processing (same proposals)."""
     if not triton_available():
         pytest.skip("triton not available")
-    from primaps_fast._dispatch import cpp
-    from primaps_fast.triton.median_filter import median_filter_triton
-    from primaps_fast.triton.pseudo_labels import mask_labels_triton, mask_probs_triton
-
     feats = make_scenes(3, image_size=(20, 12), patch=4, dim=8, seed=2).features
     feats[1] = 0.0  # no proposal
     masks, counts = primaps_fast.principal_masks(feats, backend="cpu")
-    labels = torch.empty(3, 20, 12, dtype=torch.int64)
-    cpp().mask_labels(masks.numpy(), counts.numpy(), labels.numpy(), 255, 1)
-    probs = torch.empty(3, masks.shape[1] + 1, 20, 12)
-    cpp().mask_probs(masks.numpy(), counts.numpy(), probs.numpy(), 1)
-    filtered = median_filter_triton(masks)
-    assert torch.equal(mask_labels_triton(filtered, counts, (20, 12), 255), labels)
-    torch.testing.assert_close(mask_probs_triton(filtered, counts, (20, 12)), probs, atol=1e-6, rtol=1e-5)
+    labels, probs = cpu_post_processing(masks, counts, (20, 12))
+    assert torch.equal(kernel("mask_labels", "triton")(masks, counts, (20, 12), 255), labels)
+    torch.testing.assert_close(kernel("mask_probs", "triton")(masks, counts, (20, 12)), probs, atol=1e-6, rtol=1e-5)
 
 
 def test_int_arguments_are_bounded():
@@ -231,28 +223,14 @@ def test_int_arguments_are_bounded():
 
 def cpu_post_processing(masks, counts, size, ignore_index=255):
     """The C++ mask_labels / mask_probs of CPU proposals."""
-    from primaps_fast._dispatch import cpp
-
-    B, M = masks.shape[:2]
-    labels = torch.empty(B, *size, dtype=torch.int64)
-    cpp().mask_labels(masks.numpy(), counts.numpy(), labels.numpy(), ignore_index, 1)
-    probs = torch.empty(B, M + 1, *size)
-    cpp().mask_probs(masks.numpy(), counts.numpy(), probs.numpy(), 1)
-    return labels, probs
+    return kernel("mask_labels", "cpu")(masks, counts, size, ignore_index), kernel("mask_probs", "cpu")(masks, counts, size)
 
 
 def gpu_post_processing(masks, counts, size, backend, ignore_index=255):
     """(labels, probs) of the backend from the raw proposals, on CUDA copies."""
     masks, counts = masks.cuda(), counts.cuda()
-    if backend == "cuda":
-        from primaps_fast.cuda.pseudo_labels import mask_labels_cuda, mask_probs_cuda
-
-        return mask_labels_cuda(masks, counts, size, ignore_index), mask_probs_cuda(masks, counts, size)
-    from primaps_fast.triton.median_filter import median_filter_triton
-    from primaps_fast.triton.pseudo_labels import mask_labels_triton, mask_probs_triton
-
-    filtered = median_filter_triton(masks)
-    return mask_labels_triton(filtered, counts, size, ignore_index), mask_probs_triton(filtered, counts, size)
+    return (kernel("mask_labels", backend)(masks, counts, size, ignore_index),
+            kernel("mask_probs", backend)(masks, counts, size))
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from primaps_fast._dispatch import cuda_module
+from primaps_fast.common import scaled_float32
 from primaps_fast.cuda import launch_context
 
 
 def principal_masks_cuda(features, threshold, stop_fraction, max_masks):
-    """features (B, C, h, w) float32 contiguous on a CUDA device, each image already scaled by its power
-    of two -> owner (B, h, w) int64, value (B, h, w) float32, counts (B,) int64 (the disjoint-proposal
-    form that ops.principal_masks stacks; same as ``principal_masks_triton``)."""
+    """features (B, C, h, w) float on a CUDA device (each image scaled by its power of two here, as in
+    every backend) -> owner (B, h, w) int64, value (B, h, w) float32, counts (B,) int64 (the
+    disjoint-proposal form that ops.principal_masks stacks; same as ``principal_masks_triton``)."""
+    features = scaled_float32(features).contiguous()
     B, C, h, w = features.shape
     N = h * w
     dev = features.device

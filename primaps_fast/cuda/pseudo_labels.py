@@ -1,6 +1,5 @@
 """CUDA backend of the pseudo-label post-processing (``csrc/cuda/pseudo_labels.cu``), the C++ kernel's
-``mask_labels`` / ``mask_probs`` on the GPU: from the raw proposals (the median filter is fused, unlike
-the Triton launchers, which take filtered proposals), the x10 gain, background and log_softmax over masks
+``mask_labels`` / ``mask_probs`` on the GPU: from the raw proposals (the median filter is fused), the x10 gain, background and log_softmax over masks
 at feature resolution, then the bilinear upsampling fused with the arg-max or the softmax."""
 from __future__ import annotations
 

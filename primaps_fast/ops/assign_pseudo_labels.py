@@ -105,12 +105,7 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore
         return _dispatch.reference("assign_pseudo_labels")(logits, mask_ids, ignore_index=ignore_index)
     x = logits.detach().to(torch.float32).contiguous()
     ids, ignore, num_ids = dense_ids(mask_ids, ignore_index)
-    if backend == "triton":
-        from primaps_fast.triton.assign_pseudo_labels import assign_pseudo_labels_triton
-
-        out = assign_pseudo_labels_triton(x, ids, ignore, num_ids)
-    else:  # "cpu" or "cuda": the op's kernel for the device
-        out = _assign_pseudo_labels_op(x, ids, num_ids, ignore)
+    out = _dispatch.kernel("assign_pseudo_labels", backend)(x, ids, num_ids, ignore)
     if ignore != ignore_index:
         out[ids == ignore] = ignore_index
     return out

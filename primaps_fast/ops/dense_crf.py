@@ -166,11 +166,7 @@ def dense_crf_list(images: torch.Tensor, probs: Sequence[torch.Tensor], *, itera
                   bi_sxy=float(bi_sxy), bi_srgb=float(bi_srgb), bi_compat=float(bi_compat))
     if backend == "reference":
         return _dispatch.reference("dense_crf_list")(images, list(probs), **params)
-    if backend in ("triton", "cuda"):  # the CUDA backend has no CRF kernel of its own: Triton's runs
-        from primaps_fast.triton.dense_crf import dense_crf_triton
-
-        return dense_crf_triton(images, [p.float() for p in probs], **params)
-    return _dense_crf_cpu(images, probs, **params)
+    return _dispatch.kernel("dense_crf_list", backend)(images, list(probs), **params)
 
 
 @torch.library.custom_op("primaps_fast::dense_crf", mutates_args=(), device_types="cpu")
@@ -194,7 +190,8 @@ def _(images, probs, labels, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, b
 _dispatch.skip_dynamo_import(_dense_crf_flat)
 
 
-def _dense_crf_cpu(images, probs, *, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
+def dense_crf_cpu(images, probs, *, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
+    """C++ backend of ``dense_crf_list`` (validated inputs): returns B float32 (L_b, H, W)."""
     labels = torch.tensor([p.shape[0] for p in probs], dtype=torch.int64)
     # one flat float32 buffer for the whole batch (label counts differ); a single image needs no copy
     flat = [p.detach().float().reshape(-1) for p in probs]

@@ -16,7 +16,7 @@ def check_gamma(gamma, name: str = "gamma") -> float:
     return _dispatch.check_number(gamma, name, lo=0.0)
 
 
-def _confidence_sums(logits: torch.Tensor, H: int, W: int) -> torch.Tensor:
+def confidence_sums_cpu(logits: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """C++ pass 1 on float32 ``(B, K, h, w)`` logits: float64 ``(B, K)`` sums of the upsampled softmax."""
     sums = torch.empty(logits.shape[0], logits.shape[1], dtype=torch.float64)
     _dispatch.cpp().focal_confidence(logits.numpy(), H, W, sums.numpy(), _dispatch.num_threads())
@@ -34,7 +34,7 @@ def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ign
     B = logits.shape[0]
     H, W = target.shape[-2:]
     if class_sums is None:
-        class_sums, num_pixels = _confidence_sums(logits, H, W), B * H * W
+        class_sums, num_pixels = confidence_sums_cpu(logits, H, W), B * H * W
     weight = class_weights(class_sums, num_pixels, gamma)
     loss = torch.empty(B, dtype=torch.float64)
     grad = torch.empty_like(logits) if with_grad else torch.empty(0, 0, 0, 0)
@@ -63,7 +63,7 @@ def _focal_loss_backward(ctx, grad_loss, _grad_of_grad):
 _focal_loss_op.register_autograd(_focal_loss_backward, setup_context=_focal_loss_setup)
 
 if _dispatch.cuda_available():
-    from primaps_fast.cuda.focal_loss import confidence_sums_cuda, focal_loss_cuda
+    from primaps_fast.cuda.focal_loss import focal_loss_cuda
 
     _focal_loss_op.register_kernel("cuda")(focal_loss_cuda)
 
@@ -108,20 +108,23 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
     bad = (target != ignore_index) & ((target < 0) | (target >= logits.shape[1]))
     if bool(bad.any()):
         raise ValueError(f"target: class ids must be in [0, {logits.shape[1]}) or ignore_index={ignore_index}")
-    if backend == "triton":
-        from primaps_fast.triton.focal_loss import focal_loss_triton
+    return _dispatch.kernel("focal_loss", backend)(logits, target, float(gamma), ignore_index,
+                                                    _checked(class_stats, logits.shape[1]))
 
-        return focal_loss_triton(logits, target, float(gamma), ignore_index, _checked(class_stats, logits.shape[1]))
+
+def focal_loss_kernel(logits, target, gamma: float, ignore_index: int, class_stats) -> torch.Tensor:
+    """The C++ / CUDA backend (the custom op, by device) of validated arguments; ``class_stats`` already
+    wrapped by ``_checked``. The loss in the dtype of ``logits``, differentiable w.r.t. them."""
     x = logits.to(torch.float32).contiguous()
     t = target.to(torch.int64).contiguous()
     with_grad = torch.is_grad_enabled() and logits.requires_grad
-    if class_stats is None:  # "cpu" or "cuda": the op's kernel for the device
-        loss, _ = _focal_loss_op(x, t, float(gamma), ignore_index, with_grad)
+    if class_stats is None:
+        loss, _ = _focal_loss_op(x, t, gamma, ignore_index, with_grad)
     else:
         H, W = t.shape[-2:]
-        sums = confidence_sums_cuda(x.detach(), H, W) if backend == "cuda" else _confidence_sums(x.detach(), H, W)
-        sums, n = _checked(class_stats, x.shape[1])(sums, x.shape[0] * H * W)
-        loss, _ = _focal_loss_op(x, t, float(gamma), ignore_index, with_grad, sums, n)
+        sums = _dispatch.kernel("focal_confidence", x.device.type)(x.detach(), H, W)
+        sums, n = class_stats(sums, x.shape[0] * H * W)
+        loss, _ = _focal_loss_op(x, t, gamma, ignore_index, with_grad, sums, n)
     return loss.to(logits.dtype)
 
 

@@ -28,6 +28,12 @@ if _dispatch.cuda_available():
 _dispatch.skip_dynamo_import(_median_filter_op)
 
 
+def median_filter_op(masks: torch.Tensor) -> torch.Tensor:
+    """The C++ / CUDA kernel (the custom op, by device) of float ``(..., h, w)`` masks: float32 medians."""
+    x = masks.detach().to(dtype=torch.float32).contiguous()
+    return _median_filter_op(x.reshape(-1, x.shape[-2], x.shape[-1])).reshape(masks.shape)
+
+
 def median_filter(masks: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """3x3 median filter with reflect padding, each ``(h, w)`` plane independently.
 
@@ -50,9 +56,4 @@ def median_filter(masks: torch.Tensor, *, backend: str | None = None) -> torch.T
         _dispatch.check_tensor(masks, "masks", finite=True)
     if backend == "reference":
         return _dispatch.reference("median_filter")(masks)
-    if backend == "triton":
-        from primaps_fast.triton.median_filter import median_filter_triton
-
-        return median_filter_triton(masks.float().contiguous())
-    x = masks.detach().to(dtype=torch.float32).contiguous()  # "cpu" or "cuda": the op's kernel for the device
-    return _median_filter_op(x.reshape(-1, x.shape[-2], x.shape[-1])).reshape(masks.shape)
+    return _dispatch.kernel("median_filter", backend)(masks)

@@ -137,16 +137,10 @@ def principal_masks(features: torch.Tensor, *, threshold: float = 0.4, stop_frac
     if backend == "reference":
         return _dispatch.reference("principal_masks")(features, threshold=threshold,
                                                        stop_fraction=stop_fraction, max_masks=max_masks)
-    if backend in ("triton", "cuda"):
-        if backend == "cuda":
-            from primaps_fast.cuda.principal_masks import principal_masks_cuda as launcher
-        else:
-            from primaps_fast.triton.principal_masks import principal_masks_triton as launcher
-
-        owner, value, counts = launcher(scaled_float32(features).contiguous(), float(threshold),
-                                        float(stop_fraction), max_masks)
+    owner, value, counts = _dispatch.kernel("principal_masks", backend)(features, float(threshold),
+                                                                         float(stop_fraction), max_masks)
+    if owner.device.type != "cpu":
         return PrincipalMasks(stack_proposals(owner, value, counts), counts)
-    owner, value, counts = principal_masks_cpu(features, threshold, stop_fraction, max_masks)
     masks = torch.empty(owner.shape[0], max(1, int(counts.max())), *owner.shape[1:], dtype=torch.float32)
     _dispatch.cpp().stack_proposals(owner.numpy(), value.numpy(), masks.numpy())
     return PrincipalMasks(masks, counts)

@@ -95,31 +95,29 @@ def pseudo_labels(images: torch.Tensor, features: torch.Tensor, *, threshold: fl
     _dispatch.check_memory((5 if crf else 1) * 4 * masks.shape[0] * (masks.shape[1] + 1) * H * W, "features",
                            f"the pseudo labels of {masks.shape[0]} images of {H}x{W} pixels with up to "
                            f"{masks.shape[1]} proposals", masks.device)
-    if backend == "cuda":  # the median filter is fused into the CUDA kernels
-        from primaps_fast.cuda.pseudo_labels import mask_labels_cuda, mask_probs_cuda
-
-        if not crf:
-            return mask_labels_cuda(masks, counts, (H, W), ignore_index)
-        probs = mask_probs_cuda(masks, counts, (H, W))
-    elif backend == "triton":
-        from primaps_fast.triton.median_filter import median_filter_triton
-        from primaps_fast.triton.pseudo_labels import mask_labels_triton, mask_probs_triton
-
-        filtered = median_filter_triton(masks)
-        if not crf:
-            return mask_labels_triton(filtered, counts, (H, W), ignore_index)
-        probs = mask_probs_triton(filtered, counts, (H, W))
-    else:
-        cpp = _dispatch.cpp()
-        if not crf:
-            labels = torch.empty(masks.shape[0], H, W, dtype=torch.int64)
-            cpp.mask_labels(masks.numpy(), counts.numpy(), labels.numpy(), int(ignore_index),
-                            _dispatch.num_threads())
-            return labels
-        probs = torch.empty(masks.shape[0], masks.shape[1] + 1, H, W, dtype=torch.float32)
-        cpp.mask_probs(masks.numpy(), counts.numpy(), probs.numpy(), _dispatch.num_threads())
+    if not crf:
+        return _dispatch.kernel("mask_labels", backend)(masks, counts, (H, W), ignore_index)
+    probs = _dispatch.kernel("mask_probs", backend)(masks, counts, (H, W))
     labels = _crf_argmax(images, probs, counts, crf_iterations, backend)
     return torch.where(labels == 0, torch.full_like(labels, ignore_index), labels)
+
+
+def mask_labels_cpu(masks: torch.Tensor, counts: torch.Tensor, size: tuple, ignore_index: int) -> torch.Tensor:
+    """C++ post-processing of the raw proposals float32 ``(B, M, h, w)`` with int64 ``counts``: median
+    filter, background, log-softmax, upsampling to ``size`` fused with the arg-max -> int64 ``(B, H, W)``
+    ids 1..counts[b], ``ignore_index`` for the background."""
+    labels = torch.empty(masks.shape[0], *size, dtype=torch.int64)
+    _dispatch.cpp().mask_labels(masks.numpy(), counts.numpy(), labels.numpy(), int(ignore_index),
+                                _dispatch.num_threads())
+    return labels
+
+
+def mask_probs_cpu(masks: torch.Tensor, counts: torch.Tensor, size: tuple) -> torch.Tensor:
+    """As :func:`mask_labels_cpu`, the upsampling fused with the softmax: float32 ``(B, M + 1, H, W)``
+    probabilities for the CRF, zero beyond ``counts[b] + 1``."""
+    probs = torch.empty(masks.shape[0], masks.shape[1] + 1, *size, dtype=torch.float32)
+    _dispatch.cpp().mask_probs(masks.numpy(), counts.numpy(), probs.numpy(), _dispatch.num_threads())
+    return probs
 
 
 def _crf_argmax(images, probs, counts, iterations, backend):

@@ -41,7 +41,7 @@ def upsampled_argmax_triton(x: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     return out
 
 
-def assign_pseudo_labels_triton(x: torch.Tensor, ids: torch.Tensor, ignore: int, num_ids: int) -> torch.Tensor:
+def assign_pseudo_labels_triton(x: torch.Tensor, ids: torch.Tensor, num_ids: int, ignore: int) -> torch.Tensor:
     """Majority class per (image, id) of the upsampled argmax; ``ignore`` where ``ids == ignore``.
 
     ``x``: contiguous float32 ``(B, K, h, w)``; ``ids``: int64 ``(B, H, W)`` in ``[0, num_ids)`` or ``ignore``.

@@ -213,6 +213,7 @@ def _chunk(images, probs, gauss, params):
 def dense_crf_triton(images, probs, *, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
     """Triton backend of ``dense_crf_list`` (validated inputs): returns B float32 (L_b, H, W)."""
     B, _, H, W = images.shape
+    probs = [p.float() for p in probs]
     gauss = _Kernel(crf_features(images[0], pos_sxy, None), pos_compat) if iterations > 0 else None
     V = max(2, triton.next_power_of_2(max(p.shape[0] for p in probs)))
     per_chunk = max(1, device_memory(images.device) // 4 // (H * W * _bytes_per_pixel(V)))

@@ -52,9 +52,9 @@ def _median3x3_kernel(x_ptr, out_ptr, h, w, BLOCK: tl.constexpr):
 
 
 def median_filter_triton(masks: torch.Tensor) -> torch.Tensor:
-    """masks (..., h, w) float32 contiguous -> 3x3 median, reflect padding, same shape."""
+    """masks (..., h, w) float -> float32 3x3 median, reflect padding, same shape."""
     h, w = masks.shape[-2:]
-    planes = masks.reshape(-1, h, w)
+    planes = masks.detach().float().contiguous().reshape(-1, h, w)
     out = torch.empty_like(planes)
     block = min(1024, triton.next_power_of_2(h * w))
     _median3x3_kernel[(planes.shape[0], triton.cdiv(h * w, block))](planes, out, h, w, BLOCK=block)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from primaps_fast.common import DEGENERATE_RTOL
+from primaps_fast.common import DEGENERATE_RTOL, scaled_float32
 
 BLOCK_VECTORS = 8  # Ritz block (csrc/principal_masks.h kBlockVectors)
 EIG_TOL = 1e-7  # kEigTol
@@ -171,9 +171,10 @@ def top_vectors(A, V, todo):
 
 
 def principal_masks_triton(features, threshold, stop_fraction, max_masks):
-    """features (B, C, h, w) float32 contiguous, each image already scaled by its power of two ->
+    """features (B, C, h, w) float (each image scaled by its power of two here, as in every backend) ->
     owner (B, h, w) int64, value (B, h, w) float32, counts (B,) int64 (the disjoint-proposal form that
     ops.principal_masks stacks)."""
+    features = scaled_float32(features).contiguous()
     B, C, h, w = features.shape
     N = h * w
     dev = features.device

@@ -1,7 +1,7 @@
 """Triton backend of the pseudo-label post-processing (CUDA; TRITON_INTERPRET=1 runs it on the CPU).
 
-The low-resolution part (x10 gain, background, log_softmax over at most M + 1 channels of h x w) is a
-few batched torch ops; the full-resolution part, bilinear upsampling (align_corners=False, ATen's
+From the raw proposals: the Triton median filter, then the low-resolution part (x10 gain, background,
+log_softmax over at most M + 1 channels of h x w) in a few batched torch ops; the full-resolution part, bilinear upsampling (align_corners=False, ATen's
 weights) fused with the arg-max (crf=False) or with the softmax the CRF starts from, is one Triton
 kernel, so the (B, M + 1, H, W) logits are never written.
 """
@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from primaps_fast.triton.bilinear import bilinear_sample, bilinear_taps, source_scale
+from primaps_fast.triton.median_filter import median_filter_triton
 
 
 @triton.jit
@@ -75,18 +76,19 @@ def _launch(logits, counts, size, labels, probs, ignore_index):
                            source_scale(w, W), ignore_index, WRITE_PROBS=write_probs, BLOCK=block)
 
 
-def mask_labels_triton(filtered, counts, size, ignore_index):
-    """crf=False: (B, H, W) int64 ids 1..counts[b], ignore_index for the background."""
-    logits = mask_logits_batched(filtered, counts)
+def mask_labels_triton(masks, counts, size, ignore_index):
+    """crf=False: (B, H, W) int64 ids 1..counts[b], ignore_index for the background, from the raw proposals
+    float32 ``(B, M, h, w)`` of principal_masks and their int64 ``counts``; ``size``: ``(H, W)``."""
+    logits = mask_logits_batched(median_filter_triton(masks), counts)
     labels = torch.empty(logits.shape[0], *size, dtype=torch.int64, device=logits.device)
     _launch(logits, counts, size, labels, None, int(ignore_index))
     return labels
 
 
-def mask_probs_triton(filtered, counts, size):
+def mask_probs_triton(masks, counts, size):
     """crf=True: (B, M + 1, H, W) float32 softmax of the upsampled log-probabilities, zero beyond
-    counts[b] + 1."""
-    logits = mask_logits_batched(filtered, counts)
+    counts[b] + 1 (arguments as :func:`mask_labels_triton`)."""
+    logits = mask_logits_batched(median_filter_triton(masks), counts)
     probs = torch.empty(logits.shape[0], logits.shape[1], *size, dtype=torch.float32, device=logits.device)
     _launch(logits, counts, size, None, probs, 0)
     return probs
