@@ -28,8 +28,9 @@ from pybind11.setup_helpers import build_ext as pybind11_build_ext
 from setuptools import Extension, setup
 
 debug = os.environ.get("PRIMAPS_FAST_DEBUG", "0") == "1"
-# No -ffast-math: the dense CRF and the proposals must round exactly like the reference.
-compile_args = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+# No -ffast-math: the dense CRF and the proposals must round exactly like the reference. No FMA contraction
+# either: the kernels' AVX2 / AVX-512 variants (csrc/common.h) must round exactly like the SSE2 baseline.
+compile_args = (["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]) + ["-ffp-contract=off"]
 
 cpu_ext = Pybind11Extension(
     "primaps_fast._C",

@@ -5,7 +5,8 @@
 // bilinear.h, shared with the CUDA kernel): width inside, height outside, no FMA. PyTorch's own kernel
 // may contract some of these into FMAs depending on the CPU, so the argmax agrees with
 // F.interpolate(...).argmax(1) except at pixels whose top two scores tie to float32 rounding. Ties:
-// argmax.h (the first class of the pixel's maximum, the smallest class of the mask's majority).
+// argmax.h (the first class of the pixel's maximum, the smallest class of the mask's majority). The
+// per-image pass is compiled for SSE2, AVX2 and AVX-512F, the best run (common.h): the same labels.
 #include "common.h"
 
 #include <cmath>
@@ -16,6 +17,54 @@
 namespace {
 
 using namespace primaps;
+
+// One image: logits L (K, h, w), mask ids mb (H, W) -> ob (H, W) the majority class of each id's pixels.
+PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t* ob, int64_t num_ids,
+                                      int64_t ignore_index, int64_t K, int64_t h, int64_t w, const Axis& ay,
+                                      const Axis& ax, int64_t H, int64_t W) {
+  std::vector<float> xs;
+  width_pass(L, K, h, w, ax, W, xs);
+  // Mask ids present in this image get a dense slot; slot -> K-class histogram.
+  std::vector<int32_t> slot(static_cast<size_t>(num_ids), -1);
+  std::vector<int64_t> hist;
+  std::vector<float> best_v(static_cast<size_t>(W));
+  std::vector<float> best(static_cast<size_t>(W));  // class id as float (exact below 2^24), so the
+                                                    // selects stay float and the loop vectorises
+  for (int64_t y = 0; y < H; ++y) {
+    // Argmax over classes of the upsampled row, vectorised along the row (first maximum wins).
+    const float hy0 = ay.l0[y], hy1 = ay.l1[y];
+    float* __restrict bv = best_v.data();
+    float* __restrict bi = best.data();
+    for (int64_t k = 0; k < K; ++k) {
+      const float* __restrict a = xs.data() + (ay.i0[y] * K + k) * W;
+      const float* __restrict c = xs.data() + (ay.i1[y] * K + k) * W;
+      const float kk = static_cast<float>(k);
+      if (k == 0) {
+        for (int64_t x = 0; x < W; ++x) bv[x] = lerp(hy0, a[x], hy1, c[x]), bi[x] = 0.f;
+        continue;
+      }
+      for (int64_t x = 0; x < W; ++x) keep_first_max(lerp(hy0, a[x], hy1, c[x]), kk, bv[x], bi[x]);
+    }
+    for (int64_t x = 0; x < W; ++x) {
+      const int64_t id = mb[y * W + x];
+      if (id == ignore_index) continue;
+      int32_t& s = slot[static_cast<size_t>(id)];
+      if (s < 0) {
+        s = static_cast<int32_t>(hist.size() / K);
+        hist.resize(hist.size() + K, 0);
+      }
+      ++hist[static_cast<size_t>(s) * K + static_cast<int64_t>(bi[x])];
+    }
+  }
+  // Majority per slot, the first (smallest) class on ties.
+  std::vector<int64_t> winner(hist.size() / K);
+  for (size_t s = 0; s < winner.size(); ++s) winner[s] = first_argmax(hist.data() + s * K, K);
+  for (int64_t i = 0; i < H * W; ++i) {
+    const int64_t id = mb[i];
+    ob[i] = id == ignore_index ? ignore_index : winner[static_cast<size_t>(slot[static_cast<size_t>(id)])];
+  }
+}
+PRIMAPS_SIMD_FUNCTION(image, image_body)
 
 void assign_pseudo_labels(FloatArray logits, Int64Array mask_ids, Int64Array out, int64_t num_ids,
                           int64_t ignore_index, int threads) {
@@ -40,49 +89,7 @@ void assign_pseudo_labels(FloatArray logits, Int64Array mask_ids, Int64Array out
   {
     py::gil_scoped_release release;
     parallel_for(B, threads, [&](int64_t b) {
-      std::vector<float> xs;
-      width_pass(L + b * K * h * w, K, h, w, ax, W, xs);
-      // Mask ids present in this image get a dense slot; slot -> K-class histogram.
-      std::vector<int32_t> slot(static_cast<size_t>(num_ids), -1);
-      std::vector<int64_t> hist;
-      const int64_t* mb = M + b * H * W;
-      std::vector<float> best_v(static_cast<size_t>(W));
-      std::vector<float> best(static_cast<size_t>(W));  // class id as float (exact below 2^24), so the
-                                                        // selects stay float and the loop vectorises
-      for (int64_t y = 0; y < H; ++y) {
-        // Argmax over classes of the upsampled row, vectorised along the row (first maximum wins).
-        const float hy0 = ay.l0[y], hy1 = ay.l1[y];
-        float* __restrict bv = best_v.data();
-        float* __restrict bi = best.data();
-        for (int64_t k = 0; k < K; ++k) {
-          const float* __restrict a = xs.data() + (ay.i0[y] * K + k) * W;
-          const float* __restrict c = xs.data() + (ay.i1[y] * K + k) * W;
-          const float kk = static_cast<float>(k);
-          if (k == 0) {
-            for (int64_t x = 0; x < W; ++x) bv[x] = lerp(hy0, a[x], hy1, c[x]), bi[x] = 0.f;
-            continue;
-          }
-          for (int64_t x = 0; x < W; ++x) keep_first_max(lerp(hy0, a[x], hy1, c[x]), kk, bv[x], bi[x]);
-        }
-        for (int64_t x = 0; x < W; ++x) {
-          const int64_t id = mb[y * W + x];
-          if (id == ignore_index) continue;
-          int32_t& s = slot[static_cast<size_t>(id)];
-          if (s < 0) {
-            s = static_cast<int32_t>(hist.size() / K);
-            hist.resize(hist.size() + K, 0);
-          }
-          ++hist[static_cast<size_t>(s) * K + static_cast<int64_t>(bi[x])];
-        }
-      }
-      // Majority per slot, the first (smallest) class on ties.
-      std::vector<int64_t> winner(hist.size() / K);
-      for (size_t s = 0; s < winner.size(); ++s) winner[s] = first_argmax(hist.data() + s * K, K);
-      int64_t* ob = O + b * H * W;
-      for (int64_t i = 0; i < H * W; ++i) {
-        const int64_t id = mb[i];
-        ob[i] = id == ignore_index ? ignore_index : winner[static_cast<size_t>(slot[static_cast<size_t>(id)])];
-      }
+      image(L + b * K * h * w, M + b * H * W, O + b * H * W, num_ids, ignore_index, K, h, w, ay, ax, H, W);
     });
   }
 }

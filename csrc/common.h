@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace py = pybind11;
@@ -64,6 +65,66 @@ inline void parallel_for(int64_t n, int threads, const std::function<void(int64_
   for (auto& th : pool) th.join();
   if (error) std::rethrow_exception(error);
 }
+
+#ifndef __CUDACC__
+// ---- SIMD variants chosen at run time (CPU kernels only)
+// The hot per-image loops of some kernels are compiled three times, for the x86-64 baseline (SSE2), AVX2
+// and AVX-512F, and each call runs the variant of simd_setting(): the best the CPU has, unless set_simd()
+// chose another (tests, measurements). The build has -ffp-contract=off (no FMA in any variant) and the
+// loops reorder no floating-point sums, so every variant gives the same bits (tests/test_simd.py).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PRIMAPS_FAST_NO_SIMD_VARIANTS)
+#define PRIMAPS_SIMD_VARIANTS 1
+#else
+#define PRIMAPS_SIMD_VARIANTS 0
+#endif
+// A loop body compiled into each variant: it (and the helpers it calls) must be inlined there.
+#define PRIMAPS_ALWAYS_INLINE inline __attribute__((always_inline))
+
+enum Simd : int { kSimdBaseline = 0, kSimdAvx2 = 1, kSimdAvx512 = 2 };
+
+// The best variant this CPU runs.
+inline int best_simd() {
+#if PRIMAPS_SIMD_VARIANTS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return kSimdAvx512;
+  if (__builtin_cpu_supports("avx2")) return kSimdAvx2;
+#endif
+  return kSimdBaseline;
+}
+
+// The variant the kernels run (best_simd() until set_simd() changes it).
+inline std::atomic<int>& simd_setting() {
+  static std::atomic<int> level{best_simd()};
+  return level;
+}
+
+// PRIMAPS_SIMD_FUNCTION(name, body): defines name(args...), which calls the always-inline function `body`
+// compiled for the variant of simd_setting().
+#if PRIMAPS_SIMD_VARIANTS
+#define PRIMAPS_SIMD_FUNCTION(NAME, BODY)                                                              \
+  template <typename... A>                                                                             \
+  __attribute__((target("avx512f"))) void NAME##_avx512(A&&... a) {                                   \
+    BODY(std::forward<A>(a)...);                                                                       \
+  }                                                                                                    \
+  template <typename... A>                                                                             \
+  __attribute__((target("avx2"))) void NAME##_avx2(A&&... a) {                                        \
+    BODY(std::forward<A>(a)...);                                                                       \
+  }                                                                                                    \
+  template <typename... A>                                                                             \
+  void NAME(A&&... a) {                                                                                \
+    const int level = primaps::simd_setting().load(std::memory_order_relaxed);                         \
+    if (level == primaps::kSimdAvx512) return NAME##_avx512(std::forward<A>(a)...);                    \
+    if (level == primaps::kSimdAvx2) return NAME##_avx2(std::forward<A>(a)...);                        \
+    BODY(std::forward<A>(a)...);                                                                       \
+  }
+#else
+#define PRIMAPS_SIMD_FUNCTION(NAME, BODY)                                                              \
+  template <typename... A>                                                                             \
+  void NAME(A&&... a) {                                                                                \
+    BODY(std::forward<A>(a)...);                                                                       \
+  }
+#endif
+#endif  // __CUDACC__
 
 // Each csrc/<op>.cpp registers its bindings with a static Registrar, so adding an op never
 // touches a shared file:  static primaps::Registrar reg([](py::module_& m) { m.def(...); });

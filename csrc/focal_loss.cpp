@@ -7,7 +7,9 @@
 //   dL/dup_k = w_t * (p_k - [k == t]) at non-ignored pixels, scattered back through the bilinear taps.
 // focal_class_weights: the class weights from the pass-1 sums (focal_weights.h, shared with CUDA).
 // Threads run over images; every image accumulates into its own buffers in a fixed order, so the
-// results are deterministic. Upsampling as PyTorch's, to float32 rounding (bilinear.h).
+// results are deterministic. Upsampling as PyTorch's, to float32 rounding (bilinear.h). The per-image
+// passes are compiled for SSE2, AVX2 and AVX-512F, the best run (common.h, PRIMAPS_SIMD_FUNCTION): the
+// same bits in every variant.
 #include "common.h"
 
 #include <cmath>
@@ -26,7 +28,7 @@ struct RowSoftmax {
   std::vector<float> u, e, mx, z;
   RowSoftmax(int64_t K, int64_t W) : u(K * W), e(K * W), mx(W), z(W) {}
 
-  void compute(const std::vector<float>& xs, const Axis& ay, int64_t y, int64_t K, int64_t W) {
+  PRIMAPS_ALWAYS_INLINE void compute(const std::vector<float>& xs, const Axis& ay, int64_t y, int64_t K, int64_t W) {
     const float h0 = ay.l0[y], h1 = ay.l1[y];
     float* __restrict mxp = mx.data();
     float* __restrict zp = z.data();
@@ -56,6 +58,30 @@ struct RowSoftmax {
   }
 };
 
+// Pass 1 of one image L (K, h, w): S (K,) = the sums over its pixels of softmax(up).
+PRIMAPS_ALWAYS_INLINE void confidence_body(const float* L, int64_t K, int64_t h, int64_t w, const Axis& ay,
+                                           const Axis& ax, int64_t H, int64_t W, double* S) {
+  std::vector<float> xs;
+  RowSoftmax row(K, W);
+  std::vector<double> acc(static_cast<size_t>(K * W), 0.0);  // per (class, column) sums
+  width_pass(L, K, h, w, ax, W, xs);
+  for (int64_t y = 0; y < H; ++y) {
+    row.compute(xs, ay, y, K, W);
+    const float* __restrict inv = row.z.data();
+    for (int64_t k = 0; k < K; ++k) {
+      const float* __restrict ek = row.e.data() + k * W;
+      double* __restrict ak = acc.data() + k * W;
+      for (int64_t x = 0; x < W; ++x) ak[x] += static_cast<double>(ek[x] * inv[x]);
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    double s = 0.0;
+    for (int64_t x = 0; x < W; ++x) s += acc[k * W + x];
+    S[k] = s;
+  }
+}
+PRIMAPS_SIMD_FUNCTION(confidence_image, confidence_body)
+
 void focal_confidence(FloatArray logits, int64_t H, int64_t W, DoubleArray sums, int threads) {
   check_ndim(logits, 4, "logits");
   check_ndim(sums, 2, "sums");
@@ -66,26 +92,7 @@ void focal_confidence(FloatArray logits, int64_t H, int64_t W, DoubleArray sums,
   double* S = sums.mutable_data();
   const Axis ay(h, H), ax(w, W);
   py::gil_scoped_release release;
-  parallel_for(B, threads, [&](int64_t b) {
-    std::vector<float> xs;
-    RowSoftmax row(K, W);
-    std::vector<double> acc(static_cast<size_t>(K * W), 0.0);  // per (class, column) sums
-    width_pass(L + b * K * h * w, K, h, w, ax, W, xs);
-    for (int64_t y = 0; y < H; ++y) {
-      row.compute(xs, ay, y, K, W);
-      const float* __restrict inv = row.z.data();
-      for (int64_t k = 0; k < K; ++k) {
-        const float* __restrict ek = row.e.data() + k * W;
-        double* __restrict ak = acc.data() + k * W;
-        for (int64_t x = 0; x < W; ++x) ak[x] += static_cast<double>(ek[x] * inv[x]);
-      }
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      double s = 0.0;
-      for (int64_t x = 0; x < W; ++x) s += acc[k * W + x];
-      S[b * K + k] = s;
-    }
-  });
+  parallel_for(B, threads, [&](int64_t b) { confidence_image(L + b * K * h * w, K, h, w, ay, ax, H, W, S + b * K); });
 }
 
 // weight (K,) from sums (B, K): the per-image sums added in image order, then focal_class_weight.
@@ -103,6 +110,69 @@ void focal_class_weights(DoubleArray sums, double num_pixels, float gamma, Float
     Wt[k] = focal_class_weight(total, num_pixels, gamma);
   }
 }
+
+// Pass 2 of one image L (K, h, w) with target T (H, W): *loss = sum over pixels of Wt[t] * CE and, when
+// G is not null, G (K, h, w) = its gradient w.r.t. L.
+PRIMAPS_ALWAYS_INLINE void grad_body(const float* L, const int64_t* tb, const float* Wt, int64_t ignore_index,
+                                     int64_t K, int64_t h, int64_t w, const Axis& ay, const Axis& ax, int64_t H,
+                                     int64_t W, double* loss, float* gb) {
+  const bool with_grad = gb != nullptr;
+  std::vector<float> xs, wt(W), d(W);
+  std::vector<int64_t> tc(W);
+  RowSoftmax row(K, W);
+  std::vector<double> gx;  // d/d xs, layout (h, K, W)
+  if (with_grad) gx.assign(static_cast<size_t>(h * K * W), 0.0);
+  width_pass(L, K, h, w, ax, W, xs);
+  double acc = 0.0;
+  for (int64_t y = 0; y < H; ++y) {
+    row.compute(xs, ay, y, K, W);
+    const float* inv = row.z.data();
+    bool any = false;
+    for (int64_t x = 0; x < W; ++x) {
+      const int64_t t = tb[y * W + x];
+      if (t == ignore_index) {  // weight 0: no loss, no gradient
+        wt[x] = 0.f;
+        tc[x] = -1;
+        continue;
+      }
+      any = true;
+      wt[x] = Wt[t];
+      tc[x] = t;
+      const float lse = row.mx[x] - std::log(inv[x]);
+      acc += static_cast<double>(wt[x]) * static_cast<double>(lse - row.u[t * W + x]);
+    }
+    if (!with_grad || !any) continue;
+    const double h0 = ay.l0[y], h1 = ay.l1[y];
+    for (int64_t k = 0; k < K; ++k) {
+      const float* __restrict ek = row.e.data() + k * W;
+      float* __restrict dp = d.data();
+      const float* __restrict wp = wt.data();
+      for (int64_t x = 0; x < W; ++x) dp[x] = wp[x] * (ek[x] * inv[x]);
+      for (int64_t x = 0; x < W; ++x)
+        if (tc[x] == k) dp[x] = wp[x] * (ek[x] * inv[x] - 1.f);
+      double* __restrict g0 = gx.data() + (ay.i0[y] * K + k) * W;
+      for (int64_t x = 0; x < W; ++x) g0[x] += h0 * static_cast<double>(dp[x]);
+      double* __restrict g1 = gx.data() + (ay.i1[y] * K + k) * W;
+      for (int64_t x = 0; x < W; ++x) g1[x] += h1 * static_cast<double>(dp[x]);
+    }
+  }
+  *loss = acc;
+  if (!with_grad) return;
+  // Width pass transposed: grad[k, ys, x0] += w0 * gx, grad[k, ys, x1] += w1 * gx.
+  std::vector<double> out_row(static_cast<size_t>(w));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t ys = 0; ys < h; ++ys) {
+      std::fill(out_row.begin(), out_row.end(), 0.0);
+      const double* src = gx.data() + (ys * K + k) * W;
+      for (int64_t x = 0; x < W; ++x) {
+        out_row[ax.i0[x]] += ax.l0[x] * src[x];
+        out_row[ax.i1[x]] += ax.l1[x] * src[x];
+      }
+      float* dst = gb + (k * h + ys) * w;
+      for (int64_t i = 0; i < w; ++i) dst[i] = static_cast<float>(out_row[i]);
+    }
+}
+PRIMAPS_SIMD_FUNCTION(grad_image, grad_body)
 
 // loss[b] = sum over pixels of image b of weight[t] * (lse - up_t); grad (B, K, h, w) or empty.
 void focal_loss_grad(FloatArray logits, Int64Array target, FloatArray weight, int64_t ignore_index,
@@ -132,62 +202,8 @@ void focal_loss_grad(FloatArray logits, Int64Array target, FloatArray weight, in
   const Axis ay(h, H), ax(w, W);
   py::gil_scoped_release release;
   parallel_for(B, threads, [&](int64_t b) {
-    std::vector<float> xs, wt(W), d(W);
-    std::vector<int64_t> tc(W);
-    RowSoftmax row(K, W);
-    std::vector<double> gx;  // d/d xs, layout (h, K, W)
-    if (with_grad) gx.assign(static_cast<size_t>(h * K * W), 0.0);
-    width_pass(L + b * K * h * w, K, h, w, ax, W, xs);
-    const int64_t* tb = T + b * H * W;
-    double acc = 0.0;
-    for (int64_t y = 0; y < H; ++y) {
-      row.compute(xs, ay, y, K, W);
-      const float* inv = row.z.data();
-      bool any = false;
-      for (int64_t x = 0; x < W; ++x) {
-        const int64_t t = tb[y * W + x];
-        if (t == ignore_index) {  // weight 0: no loss, no gradient
-          wt[x] = 0.f;
-          tc[x] = -1;
-          continue;
-        }
-        any = true;
-        wt[x] = Wt[t];
-        tc[x] = t;
-        const float lse = row.mx[x] - std::log(inv[x]);
-        acc += static_cast<double>(wt[x]) * static_cast<double>(lse - row.u[t * W + x]);
-      }
-      if (!with_grad || !any) continue;
-      const double h0 = ay.l0[y], h1 = ay.l1[y];
-      for (int64_t k = 0; k < K; ++k) {
-        const float* __restrict ek = row.e.data() + k * W;
-        float* __restrict dp = d.data();
-        const float* __restrict wp = wt.data();
-        for (int64_t x = 0; x < W; ++x) dp[x] = wp[x] * (ek[x] * inv[x]);
-        for (int64_t x = 0; x < W; ++x)
-          if (tc[x] == k) dp[x] = wp[x] * (ek[x] * inv[x] - 1.f);
-        double* __restrict g0 = gx.data() + (ay.i0[y] * K + k) * W;
-        for (int64_t x = 0; x < W; ++x) g0[x] += h0 * static_cast<double>(dp[x]);
-        double* __restrict g1 = gx.data() + (ay.i1[y] * K + k) * W;
-        for (int64_t x = 0; x < W; ++x) g1[x] += h1 * static_cast<double>(dp[x]);
-      }
-    }
-    Lo[b] = acc;
-    if (!with_grad) return;
-    // Width pass transposed: grad[k, ys, x0] += w0 * gx, grad[k, ys, x1] += w1 * gx.
-    std::vector<double> out_row(static_cast<size_t>(w));
-    float* gb = G + b * K * h * w;
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t ys = 0; ys < h; ++ys) {
-        std::fill(out_row.begin(), out_row.end(), 0.0);
-        const double* src = gx.data() + (ys * K + k) * W;
-        for (int64_t x = 0; x < W; ++x) {
-          out_row[ax.i0[x]] += ax.l0[x] * src[x];
-          out_row[ax.i1[x]] += ax.l1[x] * src[x];
-        }
-        float* dst = gb + (k * h + ys) * w;
-        for (int64_t i = 0; i < w; ++i) dst[i] = static_cast<float>(out_row[i]);
-      }
+    grad_image(L + b * K * h * w, T + b * H * W, Wt, ignore_index, K, h, w, ay, ax, H, W, Lo + b,
+               with_grad ? G + b * K * h * w : nullptr);
   });
 }
 
