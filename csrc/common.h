@@ -68,11 +68,12 @@ inline void parallel_for(int64_t n, int threads, const std::function<void(int64_
 
 #ifndef __CUDACC__
 // ---- SIMD variants chosen at run time (CPU kernels only)
-// The hot per-image loops of some kernels are compiled three times, for the x86-64 baseline (SSE2), AVX2
-// and AVX-512F, and each call runs the variant of simd_setting(): the best the CPU has, unless set_simd()
-// chose another (tests, measurements). The build has -ffp-contract=off (no FMA in any variant) and the
-// loops reorder no floating-point sums, so every variant gives the same bits (tests/test_simd.py).
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PRIMAPS_FAST_NO_SIMD_VARIANTS)
+// The hot loops of some kernels are compiled for the x86-64 baseline ("scalar": SSE2), AVX2 (with FMA) and
+// AVX-512F, and each call runs the variant of isa_setting(): the best the CPU has, unless the set_isa
+// binding (module.cpp) chose another for tests and measurements. The build has -ffp-contract=off and the
+// loops reorder no floating-point sums, so every variant gives the same bits (tests/test_simd.py,
+// test_principal_masks.py).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define PRIMAPS_SIMD_VARIANTS 1
 #else
 #define PRIMAPS_SIMD_VARIANTS 0
@@ -80,26 +81,27 @@ inline void parallel_for(int64_t n, int threads, const std::function<void(int64_
 // A loop body compiled into each variant: it (and the helpers it calls) must be inlined there.
 #define PRIMAPS_ALWAYS_INLINE inline __attribute__((always_inline))
 
-enum Simd : int { kSimdBaseline = 0, kSimdAvx2 = 1, kSimdAvx512 = 2 };
+enum Isa : int { kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
 
 // The best variant this CPU runs.
-inline int best_simd() {
+inline int best_isa() {
 #if PRIMAPS_SIMD_VARIANTS
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return kSimdAvx512;
-  if (__builtin_cpu_supports("avx2")) return kSimdAvx2;
+  if (__builtin_cpu_supports("avx512f")) return kIsaAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kIsaAvx2;
 #endif
-  return kSimdBaseline;
+  return kIsaScalar;
 }
 
-// The variant the kernels run (best_simd() until set_simd() changes it).
-inline std::atomic<int>& simd_setting() {
-  static std::atomic<int> level{best_simd()};
+// The variant the kernels run (best_isa() until set_isa changes it).
+inline std::atomic<int>& isa_setting() {
+  static std::atomic<int> level{best_isa()};
   return level;
 }
 
 // PRIMAPS_SIMD_FUNCTION(name, body): defines name(args...), which calls the always-inline function `body`
-// compiled for the variant of simd_setting().
+// compiled for the variant of isa_setting().
 #if PRIMAPS_SIMD_VARIANTS
 #define PRIMAPS_SIMD_FUNCTION(NAME, BODY)                                                              \
   template <typename... A>                                                                             \
@@ -112,9 +114,9 @@ inline std::atomic<int>& simd_setting() {
   }                                                                                                    \
   template <typename... A>                                                                             \
   void NAME(A&&... a) {                                                                                \
-    const int level = primaps::simd_setting().load(std::memory_order_relaxed);                         \
-    if (level == primaps::kSimdAvx512) return NAME##_avx512(std::forward<A>(a)...);                    \
-    if (level == primaps::kSimdAvx2) return NAME##_avx2(std::forward<A>(a)...);                        \
+    const int level = primaps::isa_setting().load(std::memory_order_relaxed);                          \
+    if (level == primaps::kIsaAvx512) return NAME##_avx512(std::forward<A>(a)...);                     \
+    if (level == primaps::kIsaAvx2) return NAME##_avx2(std::forward<A>(a)...);                         \
     BODY(std::forward<A>(a)...);                                                                       \
   }
 #else

@@ -4,14 +4,20 @@
 PYBIND11_MODULE(_C, m) {
   m.doc() = "primaps_fast C++ kernels (CPU). Buffers are C-contiguous numpy views of torch tensors.";
   for (auto fn : primaps::registry()) fn(m);
-  // The SIMD variant of the kernels that have several (common.h): 0 baseline (SSE2), 1 AVX2, 2 AVX-512F.
-  m.def("best_simd", &primaps::best_simd, "The best SIMD variant this CPU runs.");
-  m.def("simd", [] { return primaps::simd_setting().load(); }, "The SIMD variant the kernels run.");
-  m.def("set_simd", [](int level) {
-    if (level < 0 || level > primaps::best_simd())
-      throw std::invalid_argument("level: expected a SIMD variant in [0, " + std::to_string(primaps::best_simd()) +
-                                  "] (0 baseline, 1 AVX2, 2 AVX-512F, up to what this CPU runs), got " +
-                                  std::to_string(level));
-    primaps::simd_setting().store(level);
-  }, py::arg("level"), "Run the kernels' SIMD variant `level` (tests and measurements; the same bits in each).");
+  // The SIMD variant of the kernels that have several (common.h).
+  m.def("isa", [] { return std::string(primaps::kIsaNames[primaps::isa_setting().load()]); },
+        "The SIMD variant the C++ kernels run: 'scalar' (SSE2), 'avx2' or 'avx512'.");
+  m.def("set_isa", [](const std::string& isa) {
+    const int best = primaps::best_isa();
+    int level = isa == "auto" ? best : -1;
+    for (int i = 0; i <= best; ++i)
+      if (isa == primaps::kIsaNames[i]) level = i;
+    if (level < 0)
+      throw std::invalid_argument("isa: expected 'auto', 'scalar' or one this CPU supports (best: " +
+                                  std::string(primaps::kIsaNames[best]) + "), got '" + isa + "'");
+    primaps::isa_setting().store(level);
+    return std::string(primaps::kIsaNames[level]);
+  }, py::arg("isa"),
+        "Selects the SIMD variant of the C++ kernels ('auto': the best this CPU runs; the same bits in each; "
+        "for tests and measurements, not during a call) and returns the one in use.");
 }

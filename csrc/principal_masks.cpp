@@ -55,14 +55,10 @@ constexpr int64_t kPad = 16;     // pixel padding of packed buffers (one AVX-512
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// The float64 eigen solver and the per-pixel passes are plain loops that GCC vectorises; compile them
-// for AVX-512, AVX2 and baseline x86-64 and pick at load time (no -march=native). No -ffast-math and
-// no contraction: every clone rounds these loops alike.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define PRIMAPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PRIMAPS_CLONES
-#endif
+// The float64 eigen solver and the per-pixel passes are plain loops that GCC vectorises: they are inlined
+// into proposals_one_image, whose SIMD variants (common.h: AVX-512, AVX2, baseline x86-64, no
+// -march=native) are chosen when called. No -ffast-math and no contraction: every variant rounds these
+// loops alike.
 
 // ---------------------------------------------------------------------------------------------------
 // SYRK: S[i][j] += sign * sum_p Y[i][p] Y[j][p] for j <= i (lower triangle + diagonal blocks), Y packed
@@ -176,7 +172,7 @@ inline double sum_floats(const float* x, int64_t n) {
 
 // Orthonormalises the b rows (length C) of V in place (modified Gram-Schmidt, twice); a row that
 // collapses (rank-deficient matrix) is replaced by a fresh pseudo-random vector.
-PRIMAPS_CLONES void orthonormalise(int b, int64_t C, double* V, Lcg& rng) {
+PRIMAPS_ALWAYS_INLINE void orthonormalise(int b, int64_t C, double* V, Lcg& rng) {
   for (int j = 0; j < b; ++j) {
     double* vj = V + j * C;
     for (int attempt = 0;; ++attempt) {
@@ -255,48 +251,28 @@ void symv_scalar(const double* S, int64_t Cp, int64_t C, const double* x, double
 
 using SymvFn = void (*)(const double*, int64_t, int64_t, const double*, double*);
 
-// Kernel selection: the best the CPU supports, or (tests) a lower ISA chosen with set_isa.
+// The SYRK and symmetric-product kernels of the SIMD variant in use (common.h: isa_setting()).
+SyrkFn syrk_kernel() {
 #ifdef PRIMAPS_X86
-bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
-bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-
-std::string best_isa() {
-  __builtin_cpu_init();
-  return has_avx512() ? "avx512" : (has_avx2() ? "avx2" : "scalar");
-}
-#else
-std::string best_isa() { return "scalar"; }
+  const int isa = primaps::isa_setting().load(std::memory_order_relaxed);
+  if (isa == primaps::kIsaAvx512) return syrk_avx512;
+  if (isa == primaps::kIsaAvx2) return syrk_avx2;
 #endif
-
-std::string current_isa = best_isa();
-SyrkFn syrk = nullptr;
-SymvFn symv = nullptr;
-
-std::string set_isa(const std::string& isa) {
-  const std::string want = isa == "auto" ? best_isa() : isa;
-  if (want == "scalar") {
-    syrk = syrk_scalar, symv = symv_scalar;
-#ifdef PRIMAPS_X86
-  } else if (want == "avx512" && has_avx512()) {
-    syrk = syrk_avx512, symv = symv_avx2;
-  } else if (want == "avx2" && has_avx2()) {
-    syrk = syrk_avx2, symv = symv_avx2;
-#endif
-  } else {
-    throw std::invalid_argument("isa: expected 'auto', 'scalar' or one this CPU supports "
-                                "(best: " + best_isa() + "), got '" + isa + "'");
-  }
-  current_isa = want;
-  return current_isa;
+  return syrk_scalar;
 }
 
-const std::string initial_isa = set_isa("auto");
+SymvFn symv_kernel() {
+#ifdef PRIMAPS_X86
+  if (primaps::isa_setting().load(std::memory_order_relaxed) >= primaps::kIsaAvx2) return symv_avx2;
+#endif
+  return symv_scalar;
+}
 
 // The SYRK of a whole image on `threads` threads (threads > 1 only when the batch has fewer images
 // than threads): row blocks split so every part has about the same share of the triangle.
 void syrk_rows(const float* Y, int64_t ld, int64_t Cp, int64_t len, double* S, double sign, int threads) {
   if (threads <= 1 || len * Cp * Cp < (int64_t{1} << 22)) {  // small updates: not worth a thread
-    syrk(Y, ld, Cp, len, S, sign, 0, Cp);
+    syrk_kernel()(Y, ld, Cp, len, S, sign, 0, Cp);
     return;
   }
   std::vector<int64_t> bounds{0};
@@ -304,7 +280,7 @@ void syrk_rows(const float* Y, int64_t ld, int64_t Cp, int64_t len, double* S, d
     bounds.push_back(std::min(Cp, round_up(static_cast<int64_t>(Cp * std::sqrt(double(t) / threads)), 4)));
   bounds.push_back(Cp);
   primaps::parallel_for(threads, threads, [&](int64_t t) {
-    if (bounds[t] < bounds[t + 1]) syrk(Y, ld, Cp, len, S, sign, bounds[t], bounds[t + 1]);
+    if (bounds[t] < bounds[t + 1]) syrk_kernel()(Y, ld, Cp, len, S, sign, bounds[t], bounds[t + 1]);
   });
 }
 
@@ -321,9 +297,9 @@ struct Covariance {
 };
 
 // y = A x.
-PRIMAPS_CLONES void apply(const Covariance& A, const double* x, double* y) {
+PRIMAPS_ALWAYS_INLINE void apply(const Covariance& A, const double* x, double* y) {
   const int64_t C = A.C;
-  symv(A.S, A.Cp, C, x, y);
+  symv_kernel()(A.S, A.Cp, C, x, y);
   const double mx = dot(A.mean, x, C);
   for (int64_t c = 0; c < C; ++c) y[c] = y[c] * A.inv_n - A.mean[c] * mx;
 }
@@ -339,7 +315,7 @@ struct EigenWork {
 };
 
 // out_j = sum_i Z[i][j] in_i for j < cols (in: rows of length C, Z: m x m row-major).
-PRIMAPS_CLONES void combine(int m, int cols, int64_t C, const double* Z, const double* in, double* out) {
+PRIMAPS_ALWAYS_INLINE void combine(int m, int cols, int64_t C, const double* Z, const double* in, double* out) {
   std::fill(out, out + static_cast<size_t>(cols) * C, 0.0);
   for (int j = 0; j < cols; ++j)
     for (int i = 0; i < m; ++i) {
@@ -352,7 +328,7 @@ PRIMAPS_CLONES void combine(int m, int cols, int64_t C, const double* Z, const d
 
 // x -= (x . q) q and ax -= (x . q) aq for the n rows q of Q (and aq of AQ), twice (the A-images follow
 // the vector, so A x is never recomputed). Returns ||x|| after.
-PRIMAPS_CLONES double orthogonalise(int n, int64_t C, const double* Q, const double* AQ, double* x, double* ax) {
+PRIMAPS_ALWAYS_INLINE double orthogonalise(int n, int64_t C, const double* Q, const double* AQ, double* x, double* ax) {
   for (int pass = 0; pass < 2; ++pass)
     for (int i = 0; i < n; ++i) {
       const double d = dot(Q + i * C, x, C);
@@ -371,7 +347,7 @@ PRIMAPS_CLONES double orthogonalise(int n, int64_t C, const double* Q, const dou
 // of the spectrum is flat (theta_1 / theta_8 ~ 1.06) and every proposal removes one pixel, this takes
 // ~30 products of one vector per proposal where Chebyshev-filtered subspace iteration took ~28 products
 // of 8 and plain subspace iteration did not converge in 300.
-PRIMAPS_CLONES void top_eigenvector(const Covariance& A, EigenWork& ws, Lcg& rng, double* v) {
+PRIMAPS_ALWAYS_INLINE void top_eigenvector(const Covariance& A, EigenWork& ws, Lcg& rng, double* v) {
   const int b = ws.b;
   const int64_t C = A.C;
   double H[kMaxRitz * kMaxRitz], Z[kMaxRitz * kMaxRitz], lam[kMaxRitz];
@@ -436,7 +412,7 @@ struct Params {
   int64_t max_masks;  // <= 0: no cap
 };
 
-PRIMAPS_CLONES void proposals_one_image(const float* X, int64_t C, int64_t N, const Params& prm,
+PRIMAPS_ALWAYS_INLINE void proposals_one_image_body(const float* X, int64_t C, int64_t N, const Params& prm,
                                         int64_t* owner, float* value, int64_t* count, int inner_threads) {
   const int64_t Cp = round_up(C, 4);
   const int64_t Np = round_up(N, kPad);
@@ -575,6 +551,7 @@ PRIMAPS_CLONES void proposals_one_image(const float* X, int64_t C, int64_t N, co
   }
   *count = k;
 }
+PRIMAPS_SIMD_FUNCTION(proposals_one_image, proposals_one_image_body)
 
 void principal_masks_cpu(primaps::FloatArray features, primaps::Int64Array owner,
                          primaps::FloatArray value, primaps::Int64Array counts, double threshold,
@@ -633,9 +610,6 @@ void stack_proposals_cpu(primaps::Int64Array owner, primaps::FloatArray value, p
 static primaps::Registrar registrar([](py::module_& m) {
   m.def("stack_proposals", &stack_proposals_cpu, py::arg("owner"), py::arg("value"), py::arg("masks"),
         "Scatter disjoint proposals owner/value (B, h, w) into masks (B, M, h, w).");
-  m.def("principal_masks_isa", &set_isa, py::arg("isa"),
-        "Testing hook: selects the SYRK / symmetric-product kernels ('auto', 'avx512', 'avx2', 'scalar') "
-        "for principal_masks and returns the one in use. Not thread-safe: do not call during a run.");
   m.def("principal_masks", &principal_masks_cpu, py::arg("features"), py::arg("owner"),
         py::arg("value"), py::arg("counts"), py::arg("threshold"), py::arg("stop_fraction"),
         py::arg("max_masks"), py::arg("threads"),

@@ -188,7 +188,7 @@ def test_cpu_kernel_isas_match_reference(isa, rng):
     """Every SIMD path of the C++ SYRK and block product (the CPU picks the best at load time)."""
     cpp = primaps_fast._dispatch.cpp()
     try:
-        cpp.principal_masks_isa(isa)
+        cpp.set_isa(isa)
     except ValueError:
         pytest.skip(f"this CPU has no {isa}")
     try:
@@ -196,7 +196,7 @@ def test_cpu_kernel_isas_match_reference(isa, rng):
             f = low_rank_features(2, C, h, w, rng)
             assert_same_proposals(primaps_fast.principal_masks(f, backend="cpu"), reference.principal_masks(f))
     finally:
-        cpp.principal_masks_isa("auto")
+        cpp.set_isa("auto")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
@@ -228,13 +228,13 @@ def test_cpu_kernel_isas_bit_identical():
     try:
         for isa in ("avx512", "avx2", "scalar"):
             try:
-                cpp.principal_masks_isa(isa)
+                cpp.set_isa(isa)
             except ValueError:
                 continue  # not on this CPU
             got = primaps_fast.principal_masks(f, max_masks=None, backend="cpu")
             assert torch.equal(got.masks, want.masks) and torch.equal(got.counts, want.counts), isa
     finally:
-        cpp.principal_masks_isa("auto")
+        cpp.set_isa("auto")
 
 
 def noise_features(B, C, h, w, seed):
