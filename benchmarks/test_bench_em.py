@@ -53,6 +53,55 @@ def test_em_step(benchmark, batch, provider):
                       unit="step", rounds=1 if provider == "reference" else 5)
 
 
+ISAS = ("scalar", "avx2", "avx512")
+
+
+@pytest.mark.benchmark(group="PriMaPs-EM step B x 320x320, K=27: the C++ kernels' SIMD variants")
+@pytest.mark.parametrize("isa", ISAS)
+def test_em_step_isa(benchmark, batch, isa):
+    """The step on each SIMD variant of the C++ kernels this CPU runs (the same bits in each): what the
+    variant chosen at load time gains over the SSE2 baseline."""
+    from primaps_fast._dispatch import cpp
+
+    feats, masks, student, protos = batch
+    try:
+        cpp().set_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU has no {isa}")
+    try:
+        em = _model("cpu", protos)
+        speedup = time_side_by_side(benchmark, lambda: em.step(feats, masks, student), case="em_step_isa",
+                                    provider=isa, unit="step", rounds=5, baseline="scalar")
+    finally:
+        cpp().set_isa("auto")
+    if speedup is not None:
+        print(f"\nEM step, {isa}: {speedup:.2f}x the scalar (SSE2) variant")
+
+
+@pytest.mark.benchmark(group="PriMaPs-EM step B x 320x320, K=27: the floors of its parts")
+@pytest.mark.parametrize("floor", ["exp", "masks", "gemm"])
+def test_em_step_floors(benchmark, batch, floor):
+    """What bounds each part of a step, on the same sizes: one ``exp`` pass over the B x K x H x W upsampled
+    logits (the focal loss's softmax), one read of the masks (the E-step's vote), and the heads' three
+    products (teacher and student scores, the weight's gradient) at the BLAS's speed on every thread."""
+    feats, masks, student, _ = batch
+    B, C, h, w = feats.shape
+    if floor == "exp":
+        logits = torch.randn(B * K * masks.shape[1] * masks.shape[2])
+        out = torch.empty_like(logits)
+        fn = lambda: torch.exp(logits, out=out)  # noqa: E731
+    elif floor == "masks":
+        fn = lambda: masks.max()  # noqa: E731
+    else:
+        weight, grad = torch.randn(K, C), torch.randn(B, K, h * w)
+        x, y = feats.reshape(B, C, h * w), student.reshape(B, C, h * w)
+
+        def fn():
+            torch.matmul(weight, x), torch.matmul(weight, y)
+            return torch.matmul(grad, y.transpose(1, 2)).sum(0)
+    time_side_by_side(benchmark, fn, case="em_step_floors", provider=floor, unit="step", rounds=5)
+
+
 # Peak memory of one batch-8 step, each provider in a fresh process: the peak RSS (VmHWM) after the inputs
 # and the model exist, then after one step; the difference is what the step itself adds.
 _RSS_SCRIPT = r"""
