@@ -50,6 +50,35 @@ def test_cache_contents(tmp_path, dataset, backbone):
     torch.testing.assert_close(flip.get_features(range(5)), want_f, rtol=2e-3, atol=2e-3)
 
 
+def test_size_stated_before_writing(tmp_path, dataset, backbone, capsys):
+    """The size announced on stderr before the arrays are reserved is the size they take on disk."""
+    compute_features(dataset, backbone, tmp_path / "cache", batch_size=5, show_progress=True)
+    err = capsys.readouterr().err
+    line = next(t for t in err.splitlines() if t.startswith(f"feature cache {tmp_path / 'cache'}:"))
+    assert "5 images x 384x4x4 float16" in line and " free" in line
+    on_disk = {n: os.path.getsize(tmp_path / "cache" / n) for n in ("features.npy", "labels.npy", "done.npy")}
+    assert on_disk["features.npy"] > 5 * 384 * 4 * 4 * 2  # the data and an .npy header
+    from primaps_fast.data.cache import _size, cache_bytes
+
+    assert cache_bytes(5, (384, 4, 4), SIZE) == sum(on_disk.values())
+    assert f"features.npy {_size(on_disk['features.npy'])}" in line
+    assert f"float16, {_size(sum(on_disk.values()))} (" in line
+
+
+def test_bf16_cache_is_another_setting(tmp_path, dataset, backbone):
+    """bf16 features are recorded in the manifest (fp32 caches have no entry) and never mixed with fp32."""
+    bf16 = Backbone("dino_vits8", "random", seed=0, precision="bf16")
+    cache = compute_features(dataset, bf16, tmp_path / "c", batch_size=5, show_progress=False)
+    assert cache.manifest["precision"] == "bf16"
+    images = torch.stack([dataset[i][0] for i in range(5)])
+    want = backbone(images)
+    got = cache.get_features(range(5))
+    assert 1e-5 < ((got - want).norm() / want.norm()).item() < 2e-2
+    with pytest.raises(CacheMismatchError, match="precision"):
+        compute_features(dataset, backbone, tmp_path / "c", batch_size=5, show_progress=False)
+    assert "precision" not in compute_features(dataset, backbone, tmp_path / "f", show_progress=False).manifest
+
+
 def test_cache_resume_after_interrupt(tmp_path, dataset, backbone, monkeypatch):
     calls = []
     real = Backbone.forward
