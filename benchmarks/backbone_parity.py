@@ -1,6 +1,6 @@
 """Backbone features against the official featurizer, every backbone at 224, the official size and 448 px.
 
-    python benchmarks/backbone_parity.py [--sizes 224 official 448] [--backbones NAME ...]
+    python benchmarks/backbone_parity.py [--sizes 224 official 448] [--backbones NAME ...] [--pos-std 0.5]
 
 For each backbone, a seeded state dict in the official file's layout (``tests/official_vit.py``, full
 depth) is saved as a ``.pth`` and loaded through ``Backbone(..., weights=path)``; its features are
@@ -8,7 +8,8 @@ compared with the tests' plain-PyTorch official forward on one random image: max
 same for timm's own position-embedding resampling (what ``Backbone`` did before the official
 interpolation hook). Then bf16 autocast against fp32 at the official size: relative L2 and max
 |difference| of the features and the fraction of equal pseudo-label ids (with the CRF) on four
-synthetic scenes. Prints a Markdown table. Random weights: real DINO features may differ in scale.
+synthetic scenes. Prints a Markdown table. Random weights: real DINO features may differ in scale;
+``--pos-std`` sets the position embeddings' standard deviation (0.02 is DINO's initial scale).
 """
 import argparse
 import os
@@ -44,6 +45,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", default=["224", "official", "448"])
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
+    p.add_argument("--pos-std", type=float, default=0.5, help="std of the random position embeddings")
     args = p.parse_args(argv)
     tmp = tempfile.mkdtemp()
     print("| backbone | size | max abs diff vs official | with timm's resampling | max abs feature | "
@@ -52,7 +54,7 @@ def main(argv=None):
     for name in args.backbones:
         spec = BACKBONES[name]
         resnet = spec.kind == "resnet"
-        sd = official_resnet50_state_dict(0) if resnet else official_vit_state_dict(name, 0)
+        sd = official_resnet50_state_dict(0) if resnet else official_vit_state_dict(name, 0, pos_std=args.pos_std)
         path = os.path.join(tmp, name + ".pth")
         torch.save(sd, path)
         fp32, bf16 = Backbone(name, path), Backbone(name, path, precision="bf16")
