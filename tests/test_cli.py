@@ -29,8 +29,8 @@ def test_help_lists_every_command(capsys):
 def test_features_bf16_and_size(tmp_path, capsys):
     """--precision bf16 is recorded in the cache; the cache's size is stated before it is written."""
     fake_trees.cityscapes(tmp_path / "cityscapes", np.random.default_rng(0), hw=(32, 48), per_city=2)
-    args = ["features", "--dataset-root", str(tmp_path / "cityscapes"), "--resolution", "32", "--weights", "random",
-            "--precision", "bf16", "--cache", str(tmp_path / "c")]
+    args = ["features", "--dataset-root", str(tmp_path / "cityscapes"), "--resolution", "32",
+            "--weights", "random", "--precision", "bf16", "--cache", str(tmp_path / "c")]
     assert main(args) == 0
     assert FeatureCache(tmp_path / "c").manifest["precision"] == "bf16"
     assert f"feature cache {tmp_path / 'c'}: 4 images x 384x4x4 float16" in capsys.readouterr().err

@@ -338,8 +338,8 @@ def cache_bytes(num_images: int, feature_shape, size: int) -> int:
 
 def _create(root, manifest: dict, num_images: int, feature_shape, size: int, say: bool = False) -> None:
     """Fill the claimed (empty) folder ``root``: state its size (``say``: on stderr) and check the space,
-    reserve the arrays, write the record and the manifest (last). On any failure the folder is emptied again; a kill leaves ``creating.json``,
-    so the rerun deletes and re-creates it (:func:`claim_folder`)."""
+    reserve the arrays, write the record and the manifest (last). On any failure the folder is emptied
+    again; a kill leaves ``creating.json``, so the rerun deletes and re-creates it (:func:`claim_folder`)."""
     shapes = _shapes(num_images, feature_shape, size)
     sizes = {k: _npy_size(*v) for k, v in shapes.items()}
     free = _free_bytes(root)
@@ -489,9 +489,9 @@ def compute_features(dataset, backbone, root, *, batch_size: int = 16, flip: boo
     ``flip=True`` stores the average of the features of the image and of its horizontal mirror
     (mirrored back), as the official ``test.py`` does for evaluation. Images are decoded and resized by
     ``num_workers`` DataLoader processes (pinned memory on CUDA) while the backbone runs at its
-    ``precision``; the cache's size is printed (stderr, with ``show_progress``) before it is created. An existing cache with other
-    settings raises :class:`CacheMismatchError`; in a complete one, rows that are not finite are
-    computed again. Under ``torchrun`` every rank computes its share (module docstring).
+    ``precision``; the cache's size is printed (stderr, with ``show_progress``) before it is created. An
+    existing cache with other settings raises :class:`CacheMismatchError`; in a complete one, rows that
+    are not finite are computed again. Under ``torchrun`` every rank computes its share (module docstring).
     """
     device = torch.device(distributed.device(device) or "cpu")
     S = dataset.size
