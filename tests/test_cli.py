@@ -34,6 +34,12 @@ def test_features_bf16_and_size(tmp_path, capsys):
     assert main(args) == 0
     assert FeatureCache(tmp_path / "c").manifest["precision"] == "bf16"
     assert f"feature cache {tmp_path / 'c'}: 4 images x 384x4x4 float16" in capsys.readouterr().err
+    # pseudo labels from that cache, and straight from a bf16 backbone, record the precision of their features
+    common = ["--dataset-root", str(tmp_path / "cityscapes"), "--resolution", "32", "--no-crf"]
+    assert main(["pseudo", *common, "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "p")]) == 0
+    assert main(["pseudo", *common, "--weights", "random", "--precision", "bf16", "--out", str(tmp_path / "q")]) == 0
+    for out in ("p", "q"):
+        assert json.load(open(tmp_path / out / "manifest.json"))["features"]["precision"] == "bf16"
     with pytest.raises(SystemExit):
         main(args[:-4] + ["--precision", "fp16", "--cache", str(tmp_path / "d")])
     assert "invalid choice: 'fp16'" in capsys.readouterr().err

@@ -425,7 +425,7 @@ class _Writer:
         self.lrow = int(np.prod(cache.labels.shape[1:]))
 
     def write(self, idx, feats: torch.Tensor, labels: torch.Tensor) -> None:
-        f16 = feats.detach().float().cpu().numpy().astype(np.float16)
+        f16 = feats.detach().to(torch.float16).cpu().numpy()  # converted on the device: half the transfer
         if not np.isfinite(f16).all():
             raise ValueError("features: NaN/Inf (or beyond the float16 range) in the backbone output")
         root = self.cache.root
