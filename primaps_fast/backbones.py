@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import types
 from typing import NamedTuple
 
 import torch
@@ -168,13 +167,20 @@ def official_pos_embed(pos_embed: torch.Tensor, grid) -> torch.Tensor:
     return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, h * w, -1)], 1)
 
 
-def _official_pos_embed_hook(self, x: torch.Tensor) -> torch.Tensor:
-    """Replaces timm's ``VisionTransformer._pos_embed`` (class token, no registers): ``x`` ``(B, h, w, C)``
-    from the patch embedding (``dynamic_img_size``) -> ``(B, 1 + h * w, C)`` with the position embedding
-    of :func:`official_pos_embed` added (in ``x``'s dtype, as DINOv2)."""
-    B, h, w, C = x.shape
-    x = torch.cat([self.cls_token.expand(B, -1, -1), x.reshape(B, h * w, C)], 1)
-    return self.pos_drop(x + official_pos_embed(self.pos_embed, (h, w)).to(x.dtype))
+class _OfficialPosEmbed:
+    """Replaces timm's ``VisionTransformer._pos_embed`` on one model (class token, no registers): ``x``
+    ``(B, h, w, C)`` from the patch embedding (``dynamic_img_size``) -> ``(B, 1 + h * w, C)`` with the
+    position embedding of :func:`official_pos_embed` added (in ``x``'s dtype, as DINOv2). An object
+    rather than a bound function, so that the model still copies and pickles with the hook."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        B, h, w, C = x.shape
+        x = torch.cat([m.cls_token.expand(B, -1, -1), x.reshape(B, h * w, C)], 1)
+        return m.pos_drop(x + official_pos_embed(m.pos_embed, (h, w)).to(x.dtype))
 
 
 def _create(spec: BackboneSpec, **kwargs) -> nn.Module:
@@ -185,7 +191,7 @@ def _create(spec: BackboneSpec, **kwargs) -> nn.Module:
         return timm.create_model(spec.timm_name, num_classes=0, **kwargs)
     model = timm.create_model(spec.timm_name, num_classes=0, dynamic_img_size=True, **kwargs)
     assert model.num_prefix_tokens == 1 and not model.no_embed_class, "the hook assumes a class token only"
-    model._pos_embed = types.MethodType(_official_pos_embed_hook, model)
+    model._pos_embed = _OfficialPosEmbed(model)
     return model
 
 

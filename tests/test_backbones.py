@@ -70,6 +70,19 @@ def test_batch_independence(official_files, rng):
     torch.testing.assert_close(bb(x[1:]), f[1:], rtol=1e-4, atol=1e-5)
 
 
+def test_copies_keep_the_official_interpolation(official_files, rng):
+    """deepcopy and pickle (e.g. torch.save of the module) keep the hook, bound to the copy."""
+    import copy
+    import pickle
+
+    bb = Backbone("dino_vits8", official_files("dino_vits8")[0])
+    x = torch.randn(1, 3, 40, 56, generator=rng)
+    want = bb(x)
+    for other in (copy.deepcopy(bb), pickle.loads(pickle.dumps(bb))):
+        assert other.model._pos_embed.model is other.model
+        torch.testing.assert_close(other(x), want, rtol=0, atol=0)
+
+
 def test_resnet50_layer4(official_files, tmp_path, rng):
     """dino_resnet50: the official dino_resnet50_pretrain.pth layout (torchvision names, no fc) -> layer4."""
     path, sd = official_files("dino_resnet50")
