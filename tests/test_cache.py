@@ -109,6 +109,37 @@ def test_cache_resume_after_interrupt(tmp_path, dataset, backbone, monkeypatch):
     assert calls == []  # complete: nothing recomputed
 
 
+def test_writes_overlap_the_next_batch(tmp_path, dataset, backbone, monkeypatch):
+    """A batch's rows are written on another thread while the next batch is computed: the first write
+    waits until the second forward has started (it would time out if the two ran one after the other)."""
+    import threading
+
+    from primaps_fast.data import cache as cache_module
+
+    second_forward, threads = threading.Event(), []
+    real_forward, real_write = Backbone.forward, cache_module._Writer.write
+
+    def forward(self, images):
+        if threads:  # a batch was handed to the writer
+            second_forward.set()
+        return real_forward(self, images)
+
+    def write(self, idx, feats, labels):
+        threads.append(threading.current_thread())
+        if len(threads) == 1:
+            assert second_forward.wait(timeout=30), "the next batch was not computed during the write"
+        return real_write(self, idx, feats, labels)
+
+    monkeypatch.setattr(Backbone, "forward", forward)
+    monkeypatch.setattr(cache_module._Writer, "write", write)
+    cache = compute_features(dataset, backbone, tmp_path / "c", batch_size=2, show_progress=False)
+    assert cache.complete and len(threads) == 3
+    assert all(t is not threading.main_thread() for t in threads)
+    monkeypatch.undo()
+    fresh = compute_features(dataset, backbone, tmp_path / "fresh", batch_size=2, show_progress=False)
+    np.testing.assert_array_equal(np.asarray(cache.features), np.asarray(fresh.features))
+
+
 def test_cache_settings_mismatch(tmp_path, dataset, backbone):
     compute_features(dataset, backbone, tmp_path / "c", show_progress=False)
     with pytest.raises(CacheMismatchError, match="flip"):

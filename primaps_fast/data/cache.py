@@ -15,9 +15,11 @@ Folder layout::
     creating.json     present only while the folder is created: such a folder without ``manifest.json``
                       is an interrupted creation, which the same command deletes and creates again
 
-Interrupting the computation loses at most the batch in flight of each rank: rerunning (with any number of
-ranks, ``primaps_fast.distributed``) skips every image a record marks, after checking that its stored
-features are finite (rows that are not are computed again). PriMaPs-EM trains from ``features.npy``
+Each batch's rows are written, synced and recorded by a writer thread while the next batch is computed.
+Interrupting the computation loses at most the batch being computed and, when the process is killed,
+the one being written, on each rank: rerunning (with any number of ranks, ``primaps_fast.distributed``)
+skips every image a record marks, after checking that its stored features are finite (rows that are not
+are computed again). PriMaPs-EM trains from ``features.npy``
 without loading the backbone. Caches written before the per-writer records (``done.npy`` alone) are read
 as they are.
 """
@@ -29,6 +31,7 @@ import json
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -424,8 +427,9 @@ class _Writer:
         self.frow = int(np.prod(cache.feature_shape)) * 2
         self.lrow = int(np.prod(cache.labels.shape[1:]))
 
-    def write(self, idx, feats: torch.Tensor, labels: torch.Tensor) -> None:
-        f16 = feats.detach().to(torch.float16).cpu().numpy()  # converted on the device: half the transfer
+    def write(self, idx, feats: torch.Tensor, labels: torch.Tensor) -> int:
+        """Write, sync and record the rows ``idx``; returns their count."""
+        f16 = feats.detach().to(torch.float16).cpu().numpy()
         if not np.isfinite(f16).all():
             raise ValueError("features: NaN/Inf (or beyond the float16 range) in the backbone output")
         root = self.cache.root
@@ -437,6 +441,7 @@ class _Writer:
             fileio.write_npy(self.record, self.done)
         except OSError as exc:
             raise not_writable(exc, root, "cache") from exc
+        return len(idx)
 
 
 def _manifest(dataset, backbone_name, weights_id, flip, feature_shape, precision="fp32") -> dict:
@@ -474,10 +479,21 @@ def _fill(root, manifest: dict, num_images: int, feature_shape, size: int, batch
         mine = distributed.round_robin(batches)
         writer = _Writer(cache)
         with distributed.SharedProgress("features", desc="features", total=len(todo), unit="img",
-                                        enabled=show_progress) as bar:
-            for idx, feats, labels in rows(mine):
-                writer.write(np.asarray(idx), feats, labels)
-                bar.add(len(idx))
+                                        enabled=show_progress) as bar, ThreadPoolExecutor(1) as pool:
+            pending = None  # the previous batch's write, overlapping this batch's computation
+            try:
+                for idx, feats, labels in rows(mine):
+                    # float16 on the device (half the transfer); the copy waits for this batch only
+                    feats = feats.detach().to(torch.float16).cpu()
+                    if pending is not None:
+                        bar.add(pending.result())
+                    pending = pool.submit(writer.write, np.asarray(idx), feats, labels)
+            except BaseException:
+                if pending is not None:  # the finished batch is recorded before the error propagates
+                    wait([pending])
+                raise
+            if pending is not None:
+                bar.add(pending.result())
     distributed.on_main(lambda: _tidy(root, num_images), "features: merging the records on rank 0")
     return FeatureCache(root)
 
