@@ -54,15 +54,15 @@ def test_size_stated_before_writing(tmp_path, dataset, backbone, capsys):
     """The size announced on stderr before the arrays are reserved is the size they take on disk."""
     compute_features(dataset, backbone, tmp_path / "cache", batch_size=5, show_progress=True)
     err = capsys.readouterr().err
-    line = next(t for t in err.splitlines() if t.startswith(f"feature cache {tmp_path / 'cache'}:"))
-    assert "5 images x 384x4x4 float16" in line and " free" in line
+    line = next(t for t in err.splitlines() if t.startswith(f"features: the cache {tmp_path / 'cache'} takes"))
+    assert "for 5 images x 384x4x4 float16 (" in line and " free" in line
     on_disk = {n: os.path.getsize(tmp_path / "cache" / n) for n in ("features.npy", "labels.npy", "done.npy")}
     assert on_disk["features.npy"] > 5 * 384 * 4 * 4 * 2  # the data and an .npy header
     from primaps_fast.data.cache import _size, cache_bytes
 
     assert cache_bytes(5, (384, 4, 4), SIZE) == sum(on_disk.values())
     assert f"features.npy {_size(on_disk['features.npy'])}" in line
-    assert f"float16, {_size(sum(on_disk.values()))} (" in line
+    assert f"takes {_size(sum(on_disk.values()))} for" in line
 
 
 def test_bf16_cache_is_another_setting(tmp_path, dataset, backbone):

@@ -33,7 +33,7 @@ def test_features_bf16_and_size(tmp_path, capsys):
             "--weights", "random", "--precision", "bf16", "--cache", str(tmp_path / "c")]
     assert main(args) == 0
     assert FeatureCache(tmp_path / "c").manifest["precision"] == "bf16"
-    assert f"feature cache {tmp_path / 'c'}: 4 images x 384x4x4 float16" in capsys.readouterr().err
+    assert f"features: the cache {tmp_path / 'c'} takes " in capsys.readouterr().err
     # pseudo labels from that cache, and straight from a bf16 backbone, record the precision of their features
     common = ["--dataset-root", str(tmp_path / "cityscapes"), "--resolution", "32", "--no-crf"]
     assert main(["pseudo", *common, "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "p")]) == 0

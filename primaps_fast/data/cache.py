@@ -302,11 +302,15 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
+def _sizes(sizes: dict) -> str:
+    """``{file name: bytes}`` as ``"features.npy 1.17 MiB, ..."``."""
+    return ", ".join(f"{k} {_size(v)}" for k, v in sizes.items())
+
+
 def _space_error(root, sizes: dict, free: int) -> OSError:
     need = sum(sizes.values())
-    parts = ", ".join(f"{k} {_size(v)}" for k, v in sizes.items())
     return OSError(errno.ENOSPC, f"no space left on device for the feature cache {root}: it needs {_size(need)} "
-                                 f"({parts}) and {_size(free)} are free; free some space or choose another "
+                                 f"({_sizes(sizes)}) and {_size(free)} are free; free some space or choose another "
                                  "--cache, then rerun the same command (the folder was left empty)")
 
 
@@ -347,9 +351,9 @@ def _create(root, manifest: dict, num_images: int, feature_shape, size: int, say
     sizes = {k: _npy_size(*v) for k, v in shapes.items()}
     free = _free_bytes(root)
     if say:
-        print(f"feature cache {root}: {num_images} images x {'x'.join(map(str, feature_shape))} float16, "
-              f"{_size(sum(sizes.values()))} ({', '.join(f'{k} {_size(v)}' for k, v in sizes.items())}); "
-              f"{_size(free)} free", file=sys.stderr, flush=True)
+        print(f"features: the cache {root} takes {_size(sum(sizes.values()))} for {num_images} images x "
+              f"{'x'.join(map(str, feature_shape))} float16 ({_sizes(sizes)}); {_size(free)} free",
+              file=sys.stderr, flush=True)
     if sum(sizes.values()) > free:
         raise _space_error(root, sizes, free)
     try:
