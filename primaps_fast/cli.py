@@ -75,7 +75,8 @@ def _add_dataset_args(p, required=True):
                    help="number of classes (default: 27 Cityscapes/COCO-Stuff, 3 Potsdam; required for a folder "
                         "dataset when training)")
     g.add_argument("--resolution", type=_positive_int, default=None,
-                   help="square input size after resize + centre crop (default: 320 for patch 8, 322 for patch 14)")
+                   help="square input size after resize + centre crop (default: 320 for patch 8 and "
+                        "dino_resnet50, 322 for patch 14)")
     g.add_argument("--num-workers", type=_count, default=None,
                    help="data loading worker processes that decode and resize the images (default: 0; for "
                         "`features` on a CUDA device min(8, CPU cores), so the GPU does not wait for decoding)")
