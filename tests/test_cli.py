@@ -45,6 +45,15 @@ def test_features_bf16_and_size(tmp_path, capsys):
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
 
 
+def test_features_dino_resnet50(tmp_path):
+    """The ResNet backbone through the whole features command: layer4's 2048 channels at stride 32."""
+    fake_trees.cityscapes(tmp_path / "cityscapes", np.random.default_rng(0), hw=(64, 96), per_city=1)
+    assert main(["features", "--dataset-root", str(tmp_path / "cityscapes"), "--resolution", "64",
+                 "--backbone", "dino_resnet50", "--weights", "random", "--cache", str(tmp_path / "c")]) == 0
+    cache = FeatureCache(tmp_path / "c")
+    assert cache.complete and cache.feature_shape == (2048, 2, 2) and cache.manifest["backbone"] == "dino_resnet50"
+
+
 def test_features_and_pseudo(tmp_path, capsys):
     fake_trees.cityscapes(tmp_path / "cityscapes", np.random.default_rng(0), hw=(32, 48), per_city=2)
     common = ["--dataset-root", str(tmp_path / "cityscapes"), "--resolution", "32"]
