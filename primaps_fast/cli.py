@@ -75,8 +75,11 @@ def _add_dataset_args(p, required=True):
                    help="number of classes (default: 27 Cityscapes/COCO-Stuff, 3 Potsdam; required for a folder "
                         "dataset when training)")
     g.add_argument("--resolution", type=_positive_int, default=None,
-                   help="square input size after resize + centre crop (default: 320 for patch 8, 322 for patch 14)")
-    g.add_argument("--num-workers", type=_count, default=0, help="data loading worker processes (default: 0)")
+                   help="square input size after resize + centre crop (default: 320 for patch 8 and "
+                        "dino_resnet50, 322 for patch 14)")
+    g.add_argument("--num-workers", type=_count, default=None,
+                   help="data loading worker processes that decode and resize the images (default: 0; for "
+                        "`features` on a CUDA device min(8, CPU cores), so the GPU does not wait for decoding)")
 
 
 def _add_backbone_args(p):
@@ -84,11 +87,14 @@ def _add_backbone_args(p):
 
     g = p.add_argument_group("backbone")
     g.add_argument("--backbone", default="dino_vits8", choices=sorted(BACKBONES),
-                   help="frozen ViT (default: dino_vits8, the paper's default)")
+                   help="frozen backbone (default: dino_vits8, the paper's default)")
     g.add_argument("--weights", default=None,
                    help="weights file: the official DINO/DINOv2 .pth or a timm checkpoint; 'random' for a random "
                         "initialisation (smoke tests only); default: timm's pretrained weights (needs internet once)")
     g.add_argument("--device", default="cpu", help="torch device for the backbone (default: cpu)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="backbone arithmetic: fp32, or bf16 autocast (faster on GPUs; features differ by "
+                        "~0.5 %%, docs/gpu.md); the cache stores float16 either way (default: fp32)")
     g.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default: 16)")
 
 
@@ -106,10 +112,13 @@ def cmd_features(args):
     from primaps_fast.data.cache import compute_features
 
     ds = _dataset(args, args.backbone)
-    bb = load_backbone(args.backbone, args.weights, device=args.device)
+    bb = load_backbone(args.backbone, args.weights, device=args.device, precision=args.precision)
+    workers = args.num_workers
+    if workers is None:  # decoding in worker processes keeps a GPU busy
+        workers = min(8, os.cpu_count() or 1) if str(args.device).startswith("cuda") else 0
     t = time.perf_counter()
     cache = compute_features(ds, bb, args.cache, batch_size=args.batch_size, flip=args.flip, device=args.device,
-                             num_workers=args.num_workers)
+                             num_workers=workers)
     _report(f"feature cache {args.cache}: {len(cache)} images, features {cache.feature_shape} float16 "
             f"({time.perf_counter() - t:.1f} s)")
 
@@ -127,10 +136,11 @@ def cmd_pseudo(args):
         from primaps_fast.backbones import load_backbone
 
         ds = _dataset(args, args.backbone)
-        source = {"backbone": load_backbone(args.backbone, args.weights, device=args.device), "device": args.device}
+        source = {"backbone": load_backbone(args.backbone, args.weights, device=args.device,
+                                            precision=args.precision), "device": args.device}
     stats = generate_pseudo_labels(ds, args.out, threshold=args.threshold, crf=args.crf,
                                    crf_iterations=args.crf_iterations, batch_size=args.batch_size,
-                                   backend=args.backend, num_workers=args.num_workers, **source)
+                                   backend=args.backend, num_workers=args.num_workers or 0, **source)
     _report(f"pseudo labels in {args.out}: {stats['computed']} computed, {stats['skipped']} already complete"
             + (f", {stats['images_per_s']:.2f} images/s" if stats["computed"] else ""))
 

@@ -103,9 +103,11 @@ def generate_pseudo_labels(dataset, out_root, *, cache=None, backbone=None, thre
         if m["flip"]:
             raise ValueError(f"cache: {cache.root} holds flip-averaged (evaluation) features; pseudo labels "
                              "use plain features (create a cache without --flip)")
-        features_info = {"backbone": m["backbone"], "weights": m["weights"], "resolution": m["resolution"]}
+        features_info = {"backbone": m["backbone"], "weights": m["weights"], "resolution": m["resolution"],
+                         **({"precision": m["precision"]} if "precision" in m else {})}
     else:
-        features_info = {"backbone": backbone.name, "weights": backbone.weights_id, "resolution": dataset.size}
+        features_info = {"backbone": backbone.name, "weights": backbone.weights_id, "resolution": dataset.size,
+                         **({"precision": backbone.precision} if backbone.precision != "fp32" else {})}
     out_root = os.fspath(out_root)
     manifest = pseudo_manifest(dataset, features_info, threshold=threshold, crf=crf, crf_iterations=crf_iterations)
     distributed.check_same({**manifest, "batch_size": batch_size, "backend": backend,

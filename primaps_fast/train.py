@@ -200,7 +200,8 @@ def _student_fn(cache, weights, device, seed):
     from primaps_fast.backbones import load_backbone
     from primaps_fast.data.transforms import student_augment
 
-    bb = load_backbone(cache.manifest["backbone"], weights, device=device)
+    bb = load_backbone(cache.manifest["backbone"], weights, device=device,
+                       precision=cache.manifest.get("precision", "fp32"))
     if bb.weights_id != cache.manifest["weights"]:
         raise ValueError(f"weights: {bb.weights_id} differs from the weights of the cache "
                          f"({cache.manifest['weights']})")

@@ -50,6 +50,35 @@ def test_cache_contents(tmp_path, dataset, backbone):
     torch.testing.assert_close(flip.get_features(range(5)), want_f, rtol=2e-3, atol=2e-3)
 
 
+def test_size_stated_before_writing(tmp_path, dataset, backbone, capsys):
+    """The size announced on stderr before the arrays are reserved is the size they take on disk."""
+    compute_features(dataset, backbone, tmp_path / "cache", batch_size=5, show_progress=True)
+    err = capsys.readouterr().err
+    line = next(t for t in err.splitlines() if t.startswith(f"features: the cache {tmp_path / 'cache'} takes"))
+    assert "for 5 images x 384x4x4 float16 (" in line and " free" in line
+    on_disk = {n: os.path.getsize(tmp_path / "cache" / n) for n in ("features.npy", "labels.npy", "done.npy")}
+    assert on_disk["features.npy"] > 5 * 384 * 4 * 4 * 2  # the data and an .npy header
+    from primaps_fast.data.cache import _size, cache_bytes
+
+    assert cache_bytes(5, (384, 4, 4), SIZE) == sum(on_disk.values())
+    assert f"features.npy {_size(on_disk['features.npy'])}" in line
+    assert f"takes {_size(sum(on_disk.values()))} for" in line
+
+
+def test_bf16_cache_is_another_setting(tmp_path, dataset, backbone):
+    """bf16 features are recorded in the manifest (fp32 caches have no entry) and never mixed with fp32."""
+    bf16 = Backbone("dino_vits8", "random", seed=0, precision="bf16")
+    cache = compute_features(dataset, bf16, tmp_path / "c", batch_size=5, show_progress=False)
+    assert cache.manifest["precision"] == "bf16"
+    images = torch.stack([dataset[i][0] for i in range(5)])
+    want = backbone(images)
+    got = cache.get_features(range(5))
+    assert 1e-5 < ((got - want).norm() / want.norm()).item() < 2e-2
+    with pytest.raises(CacheMismatchError, match="precision"):
+        compute_features(dataset, backbone, tmp_path / "c", batch_size=5, show_progress=False)
+    assert "precision" not in compute_features(dataset, backbone, tmp_path / "f", show_progress=False).manifest
+
+
 def test_cache_resume_after_interrupt(tmp_path, dataset, backbone, monkeypatch):
     calls = []
     real = Backbone.forward
@@ -78,6 +107,37 @@ def test_cache_resume_after_interrupt(tmp_path, dataset, backbone, monkeypatch):
     calls.clear()
     compute_features(dataset, backbone, tmp_path / "c", batch_size=2, show_progress=False)
     assert calls == []  # complete: nothing recomputed
+
+
+def test_writes_overlap_the_next_batch(tmp_path, dataset, backbone, monkeypatch):
+    """A batch's rows are written on another thread while the next batch is computed: the first write
+    waits until the second forward has started (it would time out if the two ran one after the other)."""
+    import threading
+
+    from primaps_fast.data import cache as cache_module
+
+    second_forward, threads = threading.Event(), []
+    real_forward, real_write = Backbone.forward, cache_module._Writer.write
+
+    def forward(self, images):
+        if threads:  # a batch was handed to the writer
+            second_forward.set()
+        return real_forward(self, images)
+
+    def write(self, idx, feats, labels):
+        threads.append(threading.current_thread())
+        if len(threads) == 1:
+            assert second_forward.wait(timeout=30), "the next batch was not computed during the write"
+        return real_write(self, idx, feats, labels)
+
+    monkeypatch.setattr(Backbone, "forward", forward)
+    monkeypatch.setattr(cache_module._Writer, "write", write)
+    cache = compute_features(dataset, backbone, tmp_path / "c", batch_size=2, show_progress=False)
+    assert cache.complete and len(threads) == 3
+    assert all(t is not threading.main_thread() for t in threads)
+    monkeypatch.undo()
+    fresh = compute_features(dataset, backbone, tmp_path / "fresh", batch_size=2, show_progress=False)
+    np.testing.assert_array_equal(np.asarray(cache.features), np.asarray(fresh.features))
 
 
 def test_cache_settings_mismatch(tmp_path, dataset, backbone):

@@ -26,6 +26,34 @@ def test_help_lists_every_command(capsys):
         assert "--" in capsys.readouterr().out
 
 
+def test_features_bf16_and_size(tmp_path, capsys):
+    """--precision bf16 is recorded in the cache; the cache's size is stated before it is written."""
+    fake_trees.cityscapes(tmp_path / "cityscapes", np.random.default_rng(0), hw=(32, 48), per_city=2)
+    args = ["features", "--dataset-root", str(tmp_path / "cityscapes"), "--resolution", "32",
+            "--weights", "random", "--precision", "bf16", "--cache", str(tmp_path / "c")]
+    assert main(args) == 0
+    assert FeatureCache(tmp_path / "c").manifest["precision"] == "bf16"
+    assert f"features: the cache {tmp_path / 'c'} takes " in capsys.readouterr().err
+    # pseudo labels from that cache, and straight from a bf16 backbone, record the precision of their features
+    common = ["--dataset-root", str(tmp_path / "cityscapes"), "--resolution", "32", "--no-crf"]
+    assert main(["pseudo", *common, "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "p")]) == 0
+    assert main(["pseudo", *common, "--weights", "random", "--precision", "bf16", "--out", str(tmp_path / "q")]) == 0
+    for out in ("p", "q"):
+        assert json.load(open(tmp_path / out / "manifest.json"))["features"]["precision"] == "bf16"
+    with pytest.raises(SystemExit):
+        main(args[:-4] + ["--precision", "fp16", "--cache", str(tmp_path / "d")])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_features_dino_resnet50(tmp_path):
+    """The ResNet backbone through the whole features command: layer4's 2048 channels at stride 32."""
+    fake_trees.cityscapes(tmp_path / "cityscapes", np.random.default_rng(0), hw=(64, 96), per_city=1)
+    assert main(["features", "--dataset-root", str(tmp_path / "cityscapes"), "--resolution", "64",
+                 "--backbone", "dino_resnet50", "--weights", "random", "--cache", str(tmp_path / "c")]) == 0
+    cache = FeatureCache(tmp_path / "c")
+    assert cache.complete and cache.feature_shape == (2048, 2, 2) and cache.manifest["backbone"] == "dino_resnet50"
+
+
 def test_features_and_pseudo(tmp_path, capsys):
     fake_trees.cityscapes(tmp_path / "cityscapes", np.random.default_rng(0), hw=(32, 48), per_city=2)
     common = ["--dataset-root", str(tmp_path / "cityscapes"), "--resolution", "32"]

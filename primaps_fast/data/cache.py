@@ -15,9 +15,11 @@ Folder layout::
     creating.json     present only while the folder is created: such a folder without ``manifest.json``
                       is an interrupted creation, which the same command deletes and creates again
 
-Interrupting the computation loses at most the batch in flight of each rank: rerunning (with any number of
-ranks, ``primaps_fast.distributed``) skips every image a record marks, after checking that its stored
-features are finite (rows that are not are computed again). PriMaPs-EM trains from ``features.npy``
+Each batch's rows are written, synced and recorded by a writer thread while the next batch is computed.
+Interrupting the computation loses at most the batch being computed and, when the process is killed,
+the one being written, on each rank: rerunning (with any number of ranks, ``primaps_fast.distributed``)
+skips every image a record marks, after checking that its stored features are finite (rows that are not
+are computed again). PriMaPs-EM trains from ``features.npy``
 without loading the backbone. Caches written before the per-writer records (``done.npy`` alone) are read
 as they are.
 """
@@ -29,6 +31,7 @@ import json
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -299,11 +302,15 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
+def _sizes(sizes: dict) -> str:
+    """``{file name: bytes}`` as ``"features.npy 1.17 MiB, ..."``."""
+    return ", ".join(f"{k} {_size(v)}" for k, v in sizes.items())
+
+
 def _space_error(root, sizes: dict, free: int) -> OSError:
     need = sum(sizes.values())
-    parts = ", ".join(f"{k} {_size(v)}" for k, v in sizes.items())
     return OSError(errno.ENOSPC, f"no space left on device for the feature cache {root}: it needs {_size(need)} "
-                                 f"({parts}) and {_size(free)} are free; free some space or choose another "
+                                 f"({_sizes(sizes)}) and {_size(free)} are free; free some space or choose another "
                                  "--cache, then rerun the same command (the folder was left empty)")
 
 
@@ -325,14 +332,28 @@ def _reserve(path, shape, dtype) -> None:
                 raise
 
 
-def _create(root, manifest: dict, num_images: int, feature_shape, size: int) -> None:
-    """Fill the claimed (empty) folder ``root``: check the space, reserve the arrays, write the record and
-    the manifest (last). On any failure the folder is emptied again; a kill leaves ``creating.json``,
-    so the rerun deletes and re-creates it (:func:`claim_folder`)."""
-    shapes = {"features.npy": ((num_images,) + tuple(feature_shape), np.float16),
-              "labels.npy": ((num_images, size, size), np.uint8), RECORD: ((num_images,), np.bool_)}
+def _shapes(num_images: int, feature_shape, size: int) -> dict:
+    """File name -> (shape, dtype) of the arrays of a cache of ``num_images`` ``size`` x ``size`` images."""
+    return {"features.npy": ((num_images,) + tuple(feature_shape), np.float16),
+            "labels.npy": ((num_images, size, size), np.uint8), RECORD: ((num_images,), np.bool_)}
+
+
+def cache_bytes(num_images: int, feature_shape, size: int) -> int:
+    """The size on disk of a feature cache's arrays (``features.npy``, ``labels.npy``, ``done.npy``)."""
+    return sum(_npy_size(*v) for v in _shapes(num_images, feature_shape, size).values())
+
+
+def _create(root, manifest: dict, num_images: int, feature_shape, size: int, say: bool = False) -> None:
+    """Fill the claimed (empty) folder ``root``: state its size (``say``: on stderr) and check the space,
+    reserve the arrays, write the record and the manifest (last). On any failure the folder is emptied
+    again; a kill leaves ``creating.json``, so the rerun deletes and re-creates it (:func:`claim_folder`)."""
+    shapes = _shapes(num_images, feature_shape, size)
     sizes = {k: _npy_size(*v) for k, v in shapes.items()}
     free = _free_bytes(root)
+    if say:
+        print(f"features: the cache {root} takes {_size(sum(sizes.values()))} for {num_images} images x "
+              f"{'x'.join(map(str, feature_shape))} float16 ({_sizes(sizes)}); {_size(free)} free",
+              file=sys.stderr, flush=True)
     if sum(sizes.values()) > free:
         raise _space_error(root, sizes, free)
     try:
@@ -369,10 +390,10 @@ def _tidy(root, n: int) -> None:
             raise
 
 
-def _open_or_create(root, manifest: dict, num_images: int, feature_shape, size: int) -> None:
+def _open_or_create(root, manifest: dict, num_images: int, feature_shape, size: int, say: bool = False) -> None:
     """Rank 0, before any writer starts: claim and create the folder, or check and tidy it for a resume."""
     if claim_folder(root, manifest, "feature cache", "cache", _FIX_CACHE.format(root=root)):
-        _create(root, manifest, num_images, feature_shape, size)
+        _create(root, manifest, num_images, feature_shape, size, say)
         return
     FeatureCache(root)  # every file readable and of the manifest's shape
     _tidy(root, num_images)
@@ -410,8 +431,9 @@ class _Writer:
         self.frow = int(np.prod(cache.feature_shape)) * 2
         self.lrow = int(np.prod(cache.labels.shape[1:]))
 
-    def write(self, idx, feats: torch.Tensor, labels: torch.Tensor) -> None:
-        f16 = feats.detach().float().cpu().numpy().astype(np.float16)
+    def write(self, idx, feats: torch.Tensor, labels: torch.Tensor) -> int:
+        """Write, sync and record the rows ``idx``; returns their count."""
+        f16 = feats.detach().to(torch.float16).cpu().numpy()
         if not np.isfinite(f16).all():
             raise ValueError("features: NaN/Inf (or beyond the float16 range) in the backbone output")
         root = self.cache.root
@@ -423,12 +445,16 @@ class _Writer:
             fileio.write_npy(self.record, self.done)
         except OSError as exc:
             raise not_writable(exc, root, "cache") from exc
+        return len(idx)
 
 
-def _manifest(dataset, backbone_name, weights_id, flip, feature_shape) -> dict:
+def _manifest(dataset, backbone_name, weights_id, flip, feature_shape, precision="fp32") -> dict:
+    """The cache's settings; ``precision`` is recorded only for bf16 features (fp32 caches, also those made
+    before the setting existed, have no entry)."""
     return {"kind": "primaps-features", "format": FORMAT, "backbone": backbone_name, "weights": weights_id,
             "resolution": dataset.size, "flip": bool(flip), "dataset": dataset.identity(), "names": dataset.names,
-            "dtype": "float16", "feature_shape": list(feature_shape)}
+            "dtype": "float16", "feature_shape": list(feature_shape),
+            **({"precision": precision} if precision != "fp32" else {})}
 
 
 def _fill(root, manifest: dict, num_images: int, feature_shape, size: int, batch_size: int, rows,
@@ -441,7 +467,7 @@ def _fill(root, manifest: dict, num_images: int, feature_shape, size: int, batch
     yields ``(indices, features, labels)`` for this rank's batches."""
     root = os.fspath(root)
     distributed.check_same({**manifest, "batch_size": batch_size}, "features")
-    distributed.on_main(lambda: _open_or_create(root, manifest, num_images, feature_shape, size),
+    distributed.on_main(lambda: _open_or_create(root, manifest, num_images, feature_shape, size, show_progress),
                         "features: opening the cache on rank 0")
     cache = FeatureCache(root)
     todo = distributed.on_main(lambda: np.flatnonzero(~cache.done).tolist(), "features: reading the record")
@@ -457,10 +483,21 @@ def _fill(root, manifest: dict, num_images: int, feature_shape, size: int, batch
         mine = distributed.round_robin(batches)
         writer = _Writer(cache)
         with distributed.SharedProgress("features", desc="features", total=len(todo), unit="img",
-                                        enabled=show_progress) as bar:
-            for idx, feats, labels in rows(mine):
-                writer.write(np.asarray(idx), feats, labels)
-                bar.add(len(idx))
+                                        enabled=show_progress) as bar, ThreadPoolExecutor(1) as pool:
+            pending = None  # the previous batch's write, overlapping this batch's computation
+            try:
+                for idx, feats, labels in rows(mine):
+                    # float16 on the device (half the transfer); the copy waits for this batch only
+                    feats = feats.detach().to(torch.float16).cpu()
+                    if pending is not None:
+                        bar.add(pending.result())
+                    pending = pool.submit(writer.write, np.asarray(idx), feats, labels)
+            except BaseException:
+                if pending is not None:  # the finished batch is recorded before the error propagates
+                    wait([pending])
+                raise
+            if pending is not None:
+                bar.add(pending.result())
     distributed.on_main(lambda: _tidy(root, num_images), "features: merging the records on rank 0")
     return FeatureCache(root)
 
@@ -470,9 +507,11 @@ def compute_features(dataset, backbone, root, *, batch_size: int = 16, flip: boo
     """Compute (or finish computing) the feature cache of ``dataset`` with ``backbone`` in ``root``.
 
     ``flip=True`` stores the average of the features of the image and of its horizontal mirror
-    (mirrored back), as the official ``test.py`` does for evaluation. An existing cache with other
-    settings raises :class:`CacheMismatchError`; in a complete one, rows that are not finite are
-    computed again. Under ``torchrun`` every rank computes its share (module docstring).
+    (mirrored back), as the official ``test.py`` does for evaluation. Images are decoded and resized by
+    ``num_workers`` DataLoader processes (pinned memory on CUDA) while the backbone runs at its
+    ``precision``; the cache's size is printed (stderr, with ``show_progress``) before it is created. An
+    existing cache with other settings raises :class:`CacheMismatchError`; in a complete one, rows that
+    are not finite are computed again. Under ``torchrun`` every rank computes its share (module docstring).
     """
     device = torch.device(distributed.device(device) or "cpu")
     S = dataset.size
@@ -484,17 +523,18 @@ def compute_features(dataset, backbone, root, *, batch_size: int = 16, flip: boo
     def rows(batches):
         mine = [i for b in batches for i in b]
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
-                                             num_workers=num_workers, shuffle=False)
+                                             num_workers=num_workers, shuffle=False,
+                                             pin_memory=device.type == "cuda")
         model = backbone.to(device)
         for idx, (images, labels, _) in zip(batches, loader):
-            images = images.to(device)
+            images = images.to(device, non_blocking=True)
             feats = model(images)
             if flip:
                 feats = 0.5 * (feats + model(images.flip(-1)).flip(-1))
             yield idx, feats, labels
 
-    return _fill(root, _manifest(dataset, backbone.name, backbone.weights_id, flip, shape), len(dataset), shape,
-                 S, batch_size, rows, show_progress)
+    return _fill(root, _manifest(dataset, backbone.name, backbone.weights_id, flip, shape, backbone.precision),
+                 len(dataset), shape, S, batch_size, rows, show_progress)
 
 
 def store_features(dataset, features: torch.Tensor, root, *, backbone: str, weights: str,
