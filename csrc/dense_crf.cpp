@@ -556,12 +556,14 @@ py::tuple dense_crf_lattice_sizes(const primaps::UInt8Array& images, float pos_s
   return py::make_tuple(gauss.M, bilateral);
 }
 
-// pydensecrf's Permutohedral::compute on a lattice of any dimension: values (N, V) by position, out
-// (N, V) = alpha * slice(blur(splat(values))), the blur along axes 0..d, or d..0 when reverse (the
-// transpose). V <= 2 takes pydensecrf's scalar arithmetic (SEQ), as it does; wider rows go through in
-// chunks of C vectors, padded with zero lanes.
+// pydensecrf's DenseKernel::filter on a lattice of any dimension: values (N, V) by position, times
+// pre (N) when given; Permutohedral::compute, alpha * slice(blur(splat(.))), the blur along axes 0..d,
+// or d..0 when reverse (the transpose); times post (N) when given, then times scale: out (N, V). V <= 2
+// takes pydensecrf's scalar arithmetic (SEQ), as it does; wider rows go through in chunks of C vectors,
+// padded with zero lanes.
 template <bool SEQ, int C>
-void lattice_filter(const Lattice& lat, const float* in, float* out, int V, int nc, bool reverse, int threads) {
+void lattice_filter(const Lattice& lat, const float* in, const float* pre, const float* post, float scale, float* out,
+                    int V, int nc, bool reverse, int threads) {
   constexpr int CW = 4 * C;
   const int64_t N = lat.N, M = lat.M;
   Rows qn(N * CW), vals[2] = {Rows((M + 1) * CW, 0.f), Rows((M + 1) * CW, 0.f)};  // row M: zero
@@ -570,7 +572,7 @@ void lattice_filter(const Lattice& lat, const float* in, float* out, int V, int 
     const int l0 = c * CW, lanes = std::min(CW, V - l0);
     chunked(N, threads, [&](int64_t b, int64_t e) {
       for (int64_t k = b; k < e; ++k)
-        for (int l = 0; l < CW; ++l) qn[k * CW + l] = l < lanes ? in[k * V + l0 + l] : 0.f;
+        for (int l = 0; l < CW; ++l) qn[k * CW + l] = l >= lanes ? 0.f : pre ? in[k * V + l0 + l] * pre[k] : in[k * V + l0 + l];
     });
     chunked(M, threads, [&](int64_t b, int64_t e) { splat<C, true>(lat, qn.data(), vals[0].data(), b, e); });
     int cur = 0;
@@ -587,10 +589,32 @@ void lattice_filter(const Lattice& lat, const float* in, float* out, int V, int 
       f32x4 sl[C];
       for (int64_t k = b; k < e; ++k) {
         slice_into<SEQ, C>(lat, vals[cur].data(), k, alpha, sl);
-        for (int l = 0; l < lanes; ++l) out[k * V + l0 + l] = sl[l / 4][l % 4];
+        for (int l = 0; l < lanes; ++l) out[k * V + l0 + l] = (post ? sl[l / 4][l % 4] * post[k] : sl[l / 4][l % 4]) * scale;
       }
     });
   }
+}
+
+// pydensecrf's expAndNormalize of the rows of x (N, L), in place: the max subtracted, exp, divided by
+// the sum (softmax_pixels, 4 rows at a time).
+void softmax_rows(primaps::FloatArray& x, int threads) {
+  primaps::check_ndim(x, 2, "x");
+  const int64_t N = x.shape(0);
+  const int L = static_cast<int>(x.shape(1)), nv = (L + 3) / 4;
+  float* p = x.mutable_data();
+  py::gil_scoped_release release;
+  chunked(N, std::max(1, threads), [&](int64_t b, int64_t e) {
+    std::vector<f32x4> X(4 * nv);
+    for (int64_t k = b; k < e; k += kGroup) {
+      const int g = static_cast<int>(std::min<int64_t>(kGroup, e - k));
+      const float* r[kGroup];  // the group's rows (unused lanes: the first one)
+      for (int q = 0; q < kGroup; ++q) r[q] = p + (k + (q < g ? q : 0)) * L;
+      for (int l = 0; l < L; ++l) X[l] = f32x4{r[0][l], r[1][l], r[2][l], r[3][l]};
+      softmax_pixels(X.data(), L, nv);
+      for (int q = 0; q < g; ++q)
+        for (int l = 0; l < L; ++l) p[(k + q) * L + l] = X[l][q];
+    }
+  });
 }
 
 // The lattice of pydensecrf's DenseKernel for features (N, d), d in 1..kMaxDim, built as pydensecrf
@@ -635,28 +659,40 @@ class PermutohedralLattice {
     return out;
   }
 
-  // out (N, V) = the filter of values (N, V); reverse: the transpose (blur axes in reverse order).
-  void filter(const primaps::FloatArray& values, primaps::FloatArray& out, bool reverse) const {
+  // out (N, V) = (post * filter(pre * values)) * scale, values (N, V); pre/post (N) or None;
+  // reverse: the transpose (blur axes in reverse order).
+  void filter(const primaps::FloatArray& values, primaps::FloatArray& out, bool reverse, const py::object& pre,
+              const py::object& post, float scale) const {
     primaps::check_ndim(values, 2, "values");
     primaps::check_ndim(out, 2, "out");
     if (values.shape(0) != lat_.N || out.shape(0) != lat_.N || out.shape(1) != values.shape(1))
       throw std::invalid_argument("values: expected (" + std::to_string(lat_.N) + ", V) rows and out alike");
     const int V = static_cast<int>(values.shape(1)), nv = (V + 3) / 4;
     if (V < 1) throw std::invalid_argument("values: expected at least one column");
+    primaps::FloatArray pre_a, post_a;  // kept alive while the filter runs
+    auto scale_of = [&](const py::object& o, primaps::FloatArray& a, const char* name) -> const float* {
+      if (o.is_none()) return nullptr;
+      a = o.cast<primaps::FloatArray>();
+      primaps::check_ndim(a, 1, name);
+      if (a.shape(0) != lat_.N) throw std::invalid_argument(std::string(name) + ": expected one value per point");
+      return a.data();
+    };
+    const float *pr = scale_of(pre, pre_a, "pre"), *po = scale_of(post, post_a, "post");
     const float* in = values.data();
     float* o = out.mutable_data();
     py::gil_scoped_release release;
     const int T = threads_;
     switch (V <= 2 ? 0 : nv) {
-      case 0: return lattice_filter<true, 1>(lat_, in, o, V, 1, reverse, T);
-      case 1: return lattice_filter<false, 1>(lat_, in, o, V, 1, reverse, T);
-      case 2: return lattice_filter<false, 2>(lat_, in, o, V, 1, reverse, T);
-      case 3: return lattice_filter<false, 3>(lat_, in, o, V, 1, reverse, T);
-      case 4: return lattice_filter<false, 4>(lat_, in, o, V, 1, reverse, T);
-      case 5: return lattice_filter<false, 5>(lat_, in, o, V, 1, reverse, T);
-      case 6: return lattice_filter<false, 6>(lat_, in, o, V, 1, reverse, T);
-      case 7: return lattice_filter<false, 7>(lat_, in, o, V, 1, reverse, T);
-      default: return lattice_filter<false, kChunk>(lat_, in, o, V, (nv + kChunk - 1) / kChunk, reverse, T);
+      case 0: return lattice_filter<true, 1>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      case 1: return lattice_filter<false, 1>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      case 2: return lattice_filter<false, 2>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      case 3: return lattice_filter<false, 3>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      case 4: return lattice_filter<false, 4>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      case 5: return lattice_filter<false, 5>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      case 6: return lattice_filter<false, 6>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      case 7: return lattice_filter<false, 7>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      default:
+        return lattice_filter<false, kChunk>(lat_, in, pr, po, scale, o, V, (nv + kChunk - 1) / kChunk, reverse, T);
     }
   }
 
@@ -665,7 +701,7 @@ class PermutohedralLattice {
   void build(int dim, const Buffer<float>& feat, int64_t N) {
     if constexpr (d <= kMaxDim) {
       if (dim != d) return build<d + 1>(dim, feat, N);
-      build_lattice<d>(lat_, feat, N, INT64_MAX, threads_, N % 4 != 0);
+      build_lattice<d>(lat_, feat, N, INT64_MAX, threads_, N % 4 != 0, true);
     }
   }
   Lattice lat_;
@@ -690,7 +726,11 @@ primaps::Registrar reg([](py::module_& m) {
       .def_property_readonly("dim", &PermutohedralLattice::dim)
       .def("filter_ones", &PermutohedralLattice::filter_ones, "K 1: float32 (N,)")
       .def("filter", &PermutohedralLattice::filter, py::arg("values"), py::arg("out"), py::arg("reverse"),
-           "out (N, V) float32 = the lattice filter of values (N, V) float32; reverse: the transpose");
+           py::arg("pre") = py::none(), py::arg("post") = py::none(), py::arg("scale") = 1.0f,
+           "out (N, V) float32 = (post * filter(pre * values)) * scale for values (N, V) float32, pre/post (N,) "
+           "float32 or None; reverse: the transpose");
+  m.def("softmax_rows", &softmax_rows, py::arg("x"), py::arg("threads"),
+        "pydensecrf's expAndNormalize of each row of float32 (N, L), in place.");
 });
 
 }  // namespace

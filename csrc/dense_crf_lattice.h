@@ -393,7 +393,7 @@ int64_t hashed_vertices(const int32_t* rem, const int8_t* rk, int64_t n, int64_t
 // (coordinates 1..d, coordinate d most significant: any d coordinates of a vertex determine it),
 // vertex ids in key order (vertex_ids), the CSR list in raster order within a vertex, blur
 // neighbours by merging the sorted keys with key + delta; keys that do not fit 62 bits go through
-// hashed_vertices instead. `phantom` adds the vertices of the zero feature vector, which no pixel
+// hashed_vertices when `hashed` (else they are refused). `phantom` adds the vertices of the zero feature vector, which no pixel
 // splats into or slices from: pydensecrf's SSE path elevates pixels 4 at a time and, when N is not a
 // multiple of 4, inserts the padding lanes (features 0) into its lattice, where the blur passes
 // values through them. With more than sort_above
@@ -403,7 +403,7 @@ int64_t hashed_vertices(const int32_t* rem, const int8_t* rk, int64_t n, int64_t
 // vertices per pixel: 3-27 % faster, no exchange with the Gaussian term's raster order).
 template <int d>
 void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t sort_above, int threads,
-                   bool phantom = false) {
+                   bool phantom = false, bool hashed = false) {
   constexpr int D = d + 1;
   if ((N + 1) * D > INT32_MAX) throw std::invalid_argument("images: too many pixels");
   lat.d = d;
@@ -474,6 +474,9 @@ void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t s
   // to r + 1 every coordinate gains 1 except the one of rank d - r, which loses d.
   const int64_t n = N * D, n_all = P * D;
   const bool packed = bits <= 62;
+  if (!packed && !hashed)
+    throw std::invalid_argument("features: lattice keys need " + std::to_string(bits) +
+                                " bits (> 62): the image is too large or sxy/srgb too small");
   uint64_t unit = 0;
   for (int i = 1; i < D; ++i) unit += uint64_t(1) << shift[i];
   Buffer<int32_t> vid(n_all);

@@ -108,12 +108,15 @@ class _Compatibility:
         else:
             self.kind, self.w = "matrix", (np.float32(0.5) * (w + w.T)).T.copy()  # applied as rows @ W^T
 
+    def scale(self) -> float:
+        """The factor the lattice filter applies itself: ``-w`` for Potts, else 1."""
+        return float(-self.w) if self.kind == "potts" else 1.0
+
     def apply(self, x: np.ndarray) -> np.ndarray:
-        if self.kind == "potts":
-            return np.multiply(-self.w, x, out=x)
+        """The compatibility of rows ``x`` ``(N, L)`` that came out of the filter times :meth:`scale`."""
         if self.kind == "diagonal":
             return np.multiply(x, self.w, out=x)
-        return x @ self.w
+        return x @ self.w if self.kind == "matrix" else x
 
 
 class _Pairwise:
@@ -136,18 +139,16 @@ class _Pairwise:
             if self.normalization != NO_NORMALIZATION:  # pydensecrf computes N / sum(K 1) there, and never uses it
                 k1 = lat.filter_ones().astype(np.float64) + 1e-20
                 norm = 1.0 / (np.sqrt(k1) if self.normalization == NORMALIZE_SYMMETRIC else k1)
-                self._norm = norm.astype(np.float32)[:, None]
+                self._norm = norm.astype(np.float32)
             self._lattice = lat
         return self._lattice
 
     def apply(self, q: np.ndarray) -> np.ndarray:
         """pydensecrf's ``filter(out, Q, transpose=false)`` then the compatibility; q: float32 ``(N, L)``."""
         lat, ntype = self.lattice(), self.normalization
-        x = q * self._norm if ntype in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE) else np.ascontiguousarray(q)
-        out = np.empty_like(x)
-        lat.filter(x, out, False)
-        if ntype in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER):
-            out *= self._norm
+        out = np.empty_like(q)
+        lat.filter(q, out, False, self._norm if ntype in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE) else None,
+                   self._norm if ntype in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER) else None, self.compat.scale())
         return self.compat.apply(out)
 
 
@@ -164,10 +165,8 @@ def _surely_in_range(features: np.ndarray) -> bool:
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
-    """pydensecrf's ``expAndNormalize`` over the labels of rows ``(N, L)``, in place."""
-    x -= x.max(axis=1, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=1, keepdims=True)
+    """pydensecrf's ``expAndNormalize`` over the labels of C-contiguous rows ``(N, L)``, in place."""
+    _dispatch.cpp().softmax_rows(x, _dispatch.num_threads())
     return x
 
 
@@ -254,14 +253,14 @@ class DenseCRF:
         return np.ascontiguousarray(-self._unary.get().T)
 
     def _step(self, q: np.ndarray, neg_u: np.ndarray):
-        """One parallel mean-field update of rows ``q`` ``(N, L)``: returns (new Q, tmp1, tmp2) as
-        pydensecrf's stepInference leaves them (tmp1 the argument of the softmax, tmp2 the last
-        pairwise message)."""
+        """One parallel mean-field update of rows ``q`` ``(N, L)``: returns (tmp1, tmp2) as pydensecrf's
+        stepInference leaves them (tmp1 the argument of the softmax, tmp2 the last pairwise message or
+        None); the new Q is ``_softmax(tmp1)``."""
         tmp1, tmp2 = neg_u.copy(), None
         for term in self._pairwise:
             tmp2 = term.apply(q)
             tmp1 -= tmp2
-        return _softmax(tmp1.copy()), tmp1, tmp2
+        return tmp1, tmp2
 
     def inference(self, niter):
         """Marginals after ``niter`` mean-field iterations: float32 ``(nlabels, nvar)``."""
@@ -272,7 +271,7 @@ class DenseCRF:
         neg_u = self._neg_unary()
         q = _softmax(neg_u.copy())
         for _ in range(niter):
-            q = self._step(q, neg_u)[0]
+            q = _softmax(self._step(q, neg_u)[0])
         return q.T
 
     def _fast_inference(self, niter):  # DenseCRF2D overrides it
@@ -291,9 +290,9 @@ class DenseCRF:
         message (pydensecrf's contents)."""
         q = self._marginals(Q, "Q", writable=True)
         bufs = [self._marginals(t, name, writable=True) for t, name in ((tmp1, "tmp1"), (tmp2, "tmp2"))]
-        new_q, t1, t2 = self._step(np.ascontiguousarray(q.T), self._neg_unary())
-        q[...] = new_q.T
+        t1, t2 = self._step(np.ascontiguousarray(q.T), self._neg_unary())
         bufs[0][...] = t1.T
+        q[...] = _softmax(t1).T
         if t2 is not None:
             bufs[1][...] = t2.T
 
