@@ -350,8 +350,8 @@ int64_t hashed_vertices(const int32_t* rem, const int8_t* rk, int64_t n, int64_t
   std::vector<int32_t> keys;  // (M, d)
   auto slot_of = [&](const int32_t* k) {  // the slot of key k, or the empty slot where it would go
     uint64_t h = 0;
-    for (int i = 0; i < d; ++i) h = (h + static_cast<uint32_t>(k[i])) * 0x9E3779B97F4A7C15ull;
-    for (h = (h ^ (h >> 29)) & mask;; h = (h + 1) & mask) {
+    for (int i = 0; i < d; ++i) h = (h ^ static_cast<uint32_t>(k[i])) * 0x9E3779B97F4A7C15ull;
+    for (h = ((h ^ (h >> 32)) * 0x9E3779B97F4A7C15ull) >> (64 - log2);; h = (h + 1) & mask) {  // the high bits
       const int32_t e = table[h];
       if (e < 0 || std::equal(k, k + d, &keys[int64_t(e) * d])) return h;
     }
