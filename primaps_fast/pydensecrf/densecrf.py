@@ -120,22 +120,23 @@ class _Compatibility:
 
 
 class _Pairwise:
-    """One pairwise term: features ``(d, N)`` (the lattice built on first use), a compatibility, a
-    normalisation; ``apply(Q)`` is pydensecrf's ``PairwisePotential::apply`` on rows ``(N, L)``.
-    ``grid`` describes a DenseCRF2D term for the optimised kernel: ``(sx, sy)`` of a Gaussian, ``(sx,
-    sy, sr, sg, sb, image)`` of a bilateral one."""
+    """One pairwise term: the features ``(N, d)`` that ``features()`` returns (made, and the lattice
+    built, on first use), a compatibility, a normalisation; ``apply(Q)`` is pydensecrf's
+    ``PairwisePotential::apply`` on rows ``(N, L)``. ``lo``/``hi`` bound each feature; ``grid``
+    describes a DenseCRF2D term for the optimised kernel: ``(sx, sy)`` of a Gaussian, ``(sx, sy, sr,
+    sg, sb, image)`` of a bilateral one."""
 
-    def __init__(self, features: np.ndarray, compat: _Compatibility, kernel: KernelType,
+    def __init__(self, features, lo, hi, compat: _Compatibility, kernel: KernelType,
                  normalization: NormalizationType, grid=None):
         self.features, self.compat, self.kernel, self.normalization = features, compat, kernel, normalization
         self.grid = grid
         self._lattice = self._norm = None
-        if not _surely_in_range(features):
+        if not _surely_in_range(np.asarray(lo, np.float64), np.asarray(hi, np.float64)):
             self.lattice()  # builds it now: refused here if its keys really leave int16
 
     def lattice(self):
         if self._lattice is None:
-            lat = _dispatch.cpp().PermutohedralLattice(np.ascontiguousarray(self.features.T), _dispatch.num_threads())
+            lat = _dispatch.cpp().PermutohedralLattice(self.features(), _dispatch.num_threads())
             if self.normalization != NO_NORMALIZATION:  # pydensecrf computes N / sum(K 1) there, and never uses it
                 k1 = lat.filter_ones().astype(np.float64) + 1e-20
                 norm = 1.0 / (np.sqrt(k1) if self.normalization == NORMALIZE_SYMMETRIC else k1)
@@ -152,14 +153,13 @@ class _Pairwise:
         return self.compat.apply(out)
 
 
-def _surely_in_range(features: np.ndarray) -> bool:
-    """Whether the lattice keys of ``features`` ``(d, N)`` certainly stay inside pydensecrf's int16 range
-    (with their blur neighbours), from the bounding box of the features elevated in float64."""
+def _surely_in_range(lo: np.ndarray, hi: np.ndarray) -> bool:
+    """Whether the lattice keys of features in the box ``[lo, hi]`` (per dimension) certainly stay inside
+    pydensecrf's int16 range (with their blur neighbours): the box elevated in float64, with a margin."""
     from primaps_fast.ops.dense_crf import _elevation  # the lattice's elevation matrix
 
-    d = features.shape[0]
+    d = lo.size
     E = _elevation(d).numpy()
-    lo, hi = features.min(axis=1).astype(np.float64), features.max(axis=1).astype(np.float64)
     reach = np.maximum(np.abs(E * lo), np.abs(E * hi)).sum(axis=1)[:d].max()
     return reach + 3 * (d + 1) <= 32767
 
@@ -218,12 +218,14 @@ class DenseCRF:
             raise ValueError(f"features: bad shape for pairwise energy (need (?, {self._nvar}), got {f.shape})")
         if not 1 <= f.shape[0] <= MAX_FEATURE_DIM:
             raise ValueError(f"features: 1 to {MAX_FEATURE_DIM} feature dimensions are supported, got {f.shape[0]}")
-        self._add(f.copy(), compat, kernel, normalization)
+        points = np.ascontiguousarray(f.T)  # (N, d), a copy
+        self._add(lambda: points, points.min(axis=0), points.max(axis=0), compat, kernel, normalization)
 
-    def _add(self, features, compat, kernel, normalization, grid=None):
+    def _add(self, features, lo, hi, compat, kernel, normalization, grid=None):
         kernel = _enum(kernel, KernelType, "kernel")
         normalization = _enum(normalization, NormalizationType, "normalization")
-        self._pairwise.append(_Pairwise(features, _Compatibility(compat, self._nlabel), kernel, normalization, grid))
+        self._pairwise.append(_Pairwise(features, lo, hi, _Compatibility(compat, self._nlabel), kernel, normalization,
+                                        grid))
 
     def setUnary(self, u):
         """Set the unary from a :class:`Unary` (``ConstUnary``, ``LogisticUnary``)."""
@@ -331,15 +333,27 @@ class DenseCRF2D(DenseCRF):
             raise ValueError(f"w: {w} x {h} pixels, more than 2**31 - 1")
         super().__init__(self._w * self._h, nlabels)
 
-    def _positions(self, sx, sy):
-        x = np.arange(self._w, dtype=np.float32) / sx
-        y = np.arange(self._h, dtype=np.float32) / sy
-        return np.broadcast_to(x, (self._h, self._w)).reshape(-1), np.repeat(y, self._w)
+    def _features(self, sx, sy, image=None, srgb=None):
+        """A function giving pydensecrf's features ``(N, d)``: ``(x / sx, y / sy)``, then the image's
+        channels divided by ``srgb`` (float32 divisions, as pydensecrf); and their bounds."""
+        lo = [0.0, 0.0] + ([] if image is None else list(image.min(axis=(0, 1)) / np.float32(srgb)))
+        hi = [(self._w - 1) / sx, (self._h - 1) / sy] + ([] if image is None else
+                                                         list(image.max(axis=(0, 1)) / np.float32(srgb)))
+
+        def features():
+            f = np.empty((self._h, self._w, 2 if image is None else 5), np.float32)
+            f[..., 0] = np.arange(self._w, dtype=np.float32) / sx
+            f[..., 1] = (np.arange(self._h, dtype=np.float32) / sy)[:, None]
+            if image is not None:
+                f[..., 2:] = image / np.float32(srgb)
+            return f.reshape(-1, f.shape[-1])
+
+        return features, lo, hi
 
     def addPairwiseGaussian(self, sxy, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC):
         """Gaussian kernel on ``(x / sx, y / sy)``; ``sxy`` a number or ``(sx, sy)``."""
         sx, sy = _pair(sxy, 2, "sxy")
-        self._add(np.stack(self._positions(sx, sy)), compat, kernel, normalization, grid=(sx, sy))
+        self._add(*self._features(sx, sy), compat, kernel, normalization, grid=(sx, sy))
 
     def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC):
         """Bilateral kernel on ``(x / sx, y / sy, c0 / sr, c1 / sg, c2 / sb)`` of the uint8 ``(h, w, 3)``
@@ -352,9 +366,9 @@ class DenseCRF2D(DenseCRF):
         if im.shape[2] != 3:
             raise ValueError("rgbim: addPairwiseBilateral only works for RGB images (h, w, 3); for other images build "
                              "the features with utils.create_pairwise_bilateral and use addPairwiseEnergy")
-        c = im.reshape(-1, 3)
-        feats = np.stack([*self._positions(sx, sy), c[:, 0] / sr, c[:, 1] / sg, c[:, 2] / sb])
-        self._add(feats, compat, kernel, normalization, grid=(sx, sy, sr, sg, sb, im.copy()))
+        im = im.copy()
+        self._add(*self._features(sx, sy, im, (sr, sg, sb)), compat, kernel, normalization,
+                  grid=(sx, sy, sr, sg, sb, im))
 
     def _fast_inference(self, niter):
         """The optimised kernel of ``primaps_fast.dense_crf`` for its configuration: a Gaussian then a
