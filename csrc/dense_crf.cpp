@@ -572,7 +572,10 @@ void lattice_filter(const Lattice& lat, const float* in, const float* pre, const
     const int l0 = c * CW, lanes = std::min(CW, V - l0);
     chunked(N, threads, [&](int64_t b, int64_t e) {
       for (int64_t k = b; k < e; ++k)
-        for (int l = 0; l < CW; ++l) qn[k * CW + l] = l >= lanes ? 0.f : pre ? in[k * V + l0 + l] * pre[k] : in[k * V + l0 + l];
+        for (int l = 0; l < CW; ++l) {
+          const float x = l < lanes ? in[k * V + l0 + l] : 0.f;
+          qn[k * CW + l] = pre ? x * pre[k] : x;
+        }
     });
     chunked(M, threads, [&](int64_t b, int64_t e) { splat<C, true>(lat, qn.data(), vals[0].data(), b, e); });
     int cur = 0;
@@ -589,7 +592,10 @@ void lattice_filter(const Lattice& lat, const float* in, const float* pre, const
       f32x4 sl[C];
       for (int64_t k = b; k < e; ++k) {
         slice_into<SEQ, C>(lat, vals[cur].data(), k, alpha, sl);
-        for (int l = 0; l < lanes; ++l) out[k * V + l0 + l] = (post ? sl[l / 4][l % 4] * post[k] : sl[l / 4][l % 4]) * scale;
+        for (int l = 0; l < lanes; ++l) {
+          const float x = sl[l / 4][l % 4];
+          out[k * V + l0 + l] = (post ? x * post[k] : x) * scale;
+        }
       }
     });
   }

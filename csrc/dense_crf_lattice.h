@@ -393,10 +393,10 @@ int64_t hashed_vertices(const int32_t* rem, const int8_t* rk, int64_t n, int64_t
 // (coordinates 1..d, coordinate d most significant: any d coordinates of a vertex determine it),
 // vertex ids in key order (vertex_ids), the CSR list in raster order within a vertex, blur
 // neighbours by merging the sorted keys with key + delta; keys that do not fit 62 bits go through
-// hashed_vertices when `hashed` (else they are refused). `phantom` adds the vertices of the zero feature vector, which no pixel
-// splats into or slices from: pydensecrf's SSE path elevates pixels 4 at a time and, when N is not a
-// multiple of 4, inserts the padding lanes (features 0) into its lattice, where the blur passes
-// values through them. With more than sort_above
+// hashed_vertices when `hashed` (else they are refused). `phantom` adds the vertices of the zero
+// feature vector, which no pixel splats into or slices from: pydensecrf's SSE path elevates pixels 4
+// at a time and, when N is not a multiple of 4, inserts the padding lanes (features 0) into its
+// lattice, where the blur passes values through them. With more than sort_above
 // vertices, the pixels are numbered in the order of their remainder-0 vertex: on large lattices a run
 // of pixels then slices from and splats into nearby vertices (textured scenes, ~3 vertices per
 // pixel: up to 9 % faster at 320-480 px); on smaller ones raster order is faster (photographs, 0.6-1.1

@@ -1,7 +1,6 @@
 """primaps_fast.pydensecrf: the lattice against an independent numpy lattice written here, invariances,
 errors, install(), a pydensecrf caller run in a subprocess where pydensecrf does not import, and
 everything against pydensecrf2 when it is installed (those tests skip with the reason otherwise)."""
-import itertools
 import os
 import subprocess
 import sys
@@ -15,14 +14,15 @@ import primaps_fast.pydensecrf as ours
 import primaps_fast.pydensecrf.densecrf as dcrf
 import primaps_fast.pydensecrf.utils as utils
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from child_process import child_env
 
 
 def real():
     """pydensecrf2's densecrf and utils modules (the test skips without them)."""
     if ours.installed():
         ours.uninstall()
-    d = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is an optional comparison (pip install pydensecrf2)")
+    d = pytest.importorskip("pydensecrf.densecrf",
+                            reason="pydensecrf2 is an optional comparison (pip install pydensecrf2)")
     assert not d.__name__.startswith("primaps_fast")
     import pydensecrf.utils as u
 
@@ -386,7 +386,8 @@ def test_utils_equal_pydensecrf():
     np.testing.assert_array_equal(utils.create_pairwise_gaussian((3, 2, 5), (4, 5, 6)),
                                   real_utils.create_pairwise_gaussian((3, 2, 5), (4, 5, 6)))
     img = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
-    for schan, chdim, im in (((3, 4, 5), 2, img), (7, 2, img), (7, -1, img[..., 0]), ((2, 3, 4), 0, img.transpose(2, 0, 1))):
+    cases = (((3, 4, 5), 2, img), (7, 2, img), (7, -1, img[..., 0]), ((2, 3, 4), 0, img.transpose(2, 0, 1)))
+    for schan, chdim, im in cases:
         np.testing.assert_array_equal(utils.create_pairwise_bilateral((2, 3), schan, im, chdim),
                                       real_utils.create_pairwise_bilateral((2, 3), schan, im, chdim))
 
@@ -569,7 +570,8 @@ def run_caller(tmp_path, prelude, runner):
     work.mkdir()
     (work / "caller.py").write_text(CALLER)
     (work / "script.py").write_text(SCRIPT.format(prelude=prelude))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "broken"), ROOT])}
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "broken"), env["PYTHONPATH"]])
     out = tmp_path / "q.npy"
     proc = subprocess.run([sys.executable, *runner, "script.py", str(out)], cwd=work, env=env, capture_output=True,
                           text=True, timeout=300)

@@ -18,9 +18,11 @@ import numpy as np
 
 from primaps_fast import _dispatch
 from primaps_fast.common import CRF_CLIP
+from primaps_fast.ops.dense_crf import MAX_LABELS, _elevation
 
 MAX_FEATURE_DIM = 16  # the lattice dimensions compiled into _C.PermutohedralLattice
 _INT32_MAX = 2 ** 31 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class KernelType(enum.IntEnum):
@@ -91,7 +93,8 @@ class _Compatibility:
 
     def __init__(self, compat, nlabels: int):
         if isinstance(compat, Number):
-            self.kind, self.w = "potts", np.float32(_dispatch.check_number(compat, "compat"))
+            self.kind, self.w = "potts", np.float32(_dispatch.check_number(compat, "compat", lo=-_FLOAT32_MAX,
+                                                                            hi=_FLOAT32_MAX))
             return
         try:
             ndim = memoryview(compat).ndim
@@ -126,10 +129,8 @@ class _Pairwise:
     describes a DenseCRF2D term for the optimised kernel: ``(sx, sy)`` of a Gaussian, ``(sx, sy, sr,
     sg, sb, image)`` of a bilateral one."""
 
-    def __init__(self, features, lo, hi, compat: _Compatibility, kernel: KernelType,
-                 normalization: NormalizationType, grid=None):
-        self.features, self.compat, self.kernel, self.normalization = features, compat, kernel, normalization
-        self.grid = grid
+    def __init__(self, features, lo, hi, compat: _Compatibility, normalization: NormalizationType, grid=None):
+        self.features, self.compat, self.normalization, self.grid = features, compat, normalization, grid
         self._lattice = self._norm = None
         if not _surely_in_range(np.asarray(lo, np.float64), np.asarray(hi, np.float64)):
             self.lattice()  # builds it now: refused here if its keys really leave int16
@@ -156,8 +157,6 @@ class _Pairwise:
 def _surely_in_range(lo: np.ndarray, hi: np.ndarray) -> bool:
     """Whether the lattice keys of features in the box ``[lo, hi]`` (per dimension) certainly stay inside
     pydensecrf's int16 range (with their blur neighbours): the box elevated in float64, with a margin."""
-    from primaps_fast.ops.dense_crf import _elevation  # the lattice's elevation matrix
-
     d = lo.size
     E = _elevation(d).numpy()
     reach = np.maximum(np.abs(E * lo), np.abs(E * hi)).sum(axis=1)[:d].max()
@@ -171,10 +170,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 class Unary:
-    """A unary energy for :meth:`DenseCRF.setUnary`."""
-
-    def get(self) -> np.ndarray:  # pragma: no cover - overridden
-        raise NotImplementedError
+    """A unary energy for :meth:`DenseCRF.setUnary`; ``get()`` gives it as float32 ``(nlabels, nvar)``."""
 
 
 class ConstUnary(Unary):
@@ -222,10 +218,9 @@ class DenseCRF:
         self._add(lambda: points, points.min(axis=0), points.max(axis=0), compat, kernel, normalization)
 
     def _add(self, features, lo, hi, compat, kernel, normalization, grid=None):
-        kernel = _enum(kernel, KernelType, "kernel")
+        _enum(kernel, KernelType, "kernel")  # no effect on inference (KernelType)
         normalization = _enum(normalization, NormalizationType, "normalization")
-        self._pairwise.append(_Pairwise(features, lo, hi, _Compatibility(compat, self._nlabel), kernel, normalization,
-                                        grid))
+        self._pairwise.append(_Pairwise(features, lo, hi, _Compatibility(compat, self._nlabel), normalization, grid))
 
     def setUnary(self, u):
         """Set the unary from a :class:`Unary` (``ConstUnary``, ``LogisticUnary``)."""
@@ -373,10 +368,11 @@ class DenseCRF2D(DenseCRF):
     def _fast_inference(self, niter):
         """The optimised kernel of ``primaps_fast.dense_crf`` for its configuration: a Gaussian then a
         bilateral term, each with equal scales per axis (and per channel), Potts compatibility in
-        (0, 1e30] and symmetric normalisation, a constant unary, and a pixel count that is a multiple
-        of 4 (otherwise pydensecrf's lattice gets its padding vertices, which the kernel does not add)."""
+        (0, 1e30] and symmetric normalisation, a constant unary, at most ``MAX_LABELS`` labels, and a
+        pixel count that is a multiple of 4 (otherwise pydensecrf's lattice gets its padding vertices,
+        which the kernel does not add)."""
         terms = self._pairwise
-        if (len(terms) != 2 or self._nvar % 4 or isinstance(self._unary, LogisticUnary)
+        if (len(terms) != 2 or self._nvar % 4 or self._nlabel > MAX_LABELS or isinstance(self._unary, LogisticUnary)
                 or [t.grid is not None and len(t.grid) for t in terms] != [2, 6]):
             return None
         (gx, gy), (bx, by, sr, sg, sb, image) = terms[0].grid, terms[1].grid
