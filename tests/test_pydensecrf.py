@@ -123,6 +123,19 @@ def ours_filter(features, values, reverse=False, threads=2):
     return out
 
 
+def test_one_point_by_hand():
+    """d = 1, one point at 0: weights (1, 0) on the vertices 0 and 1; splat (1, 0); blur along axis 0
+    (neighbours of 0: 1 and -1; of 1: 2 and 0) gives (1, 0.5), along axis 1 (neighbours key -+ 1) gives
+    (1 + 0.5 * 0.5, 0.5 + 0.5 * 1) = (1.25, 1); slice 1 * 1.25 * alpha, alpha = 1 / (1 + 1/2)."""
+    lat = lattice(np.zeros((1, 1), np.float32))
+    assert lat.vertices == 2
+    assert lat.filter_ones()[0] == pytest.approx(1.25 * 2 / 3, rel=1e-6)
+    out = np.empty((1, 3), np.float32)
+    lat.filter(np.array([[2.0, -1.0, 0.5]], np.float32), out, True)  # the transpose: axes 1 then 0
+    # reverse order: axis 1 first gives (1, 0.5) again by symmetry, then axis 0 gives (1.25, 1)
+    np.testing.assert_allclose(out[0], np.array([2.0, -1.0, 0.5]) * 1.25 * 2 / 3, rtol=1e-6)
+
+
 @pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 16])
 @pytest.mark.parametrize("N", [48, 51])
 def test_lattice_filter_matches_an_independent_lattice(d, N):
