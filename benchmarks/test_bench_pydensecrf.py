@@ -1,5 +1,6 @@
-"""primaps_fast.pydensecrf against pydensecrf2, one thread each (pydensecrf is single-threaded), after
-checking that they agree (100 % argmax, max |dQ| <= 1e-4).
+"""primaps_fast.pydensecrf against pydensecrf2, one thread each (pydensecrf is single-threaded;
+``primaps_fast-all``: ours on every thread of ``torch.get_num_threads()``, its default), after checking
+that they agree (100 % argmax, max |dQ| <= 1e-4).
 
 - ``DenseCRF2D`` on photographs bundled with scikit-image (``bench`` extra), longer side 320 px, 3 / 7 /
   27 labels, the official PriMaPs settings (Gaussian sxy=1 compat=3, bilateral sxy=67 srgb=3 compat=4,
@@ -17,7 +18,8 @@ import torch
 
 from side_by_side import time_side_by_side
 
-PROVIDERS = ["pydensecrf", "primaps_fast"]
+PROVIDERS = ["pydensecrf", "primaps_fast", "primaps_fast-all"]
+ALL_THREADS = torch.get_num_threads()
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +28,11 @@ def shrink(request):
 
 
 @pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # primaps_fast's kernels follow torch's thread setting
+def threads(provider):
+    """One thread, or all of them for ``primaps_fast-all`` (primaps_fast follows torch's setting)."""
+    torch.set_num_threads(ALL_THREADS if provider.endswith("-all") else 1)
     yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(ALL_THREADS)
 
 
 def module(provider):
@@ -38,7 +40,7 @@ def module(provider):
         d = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is an optional comparison")
         assert not d.__name__.startswith("primaps_fast")
         return d
-    import primaps_fast.pydensecrf.densecrf as d
+    import primaps_fast.pydensecrf.densecrf as d  # both primaps_fast providers
 
     return d
 
@@ -72,17 +74,19 @@ def report(benchmark, run, provider, case):
     speedup = time_side_by_side(benchmark, lambda: run(module(provider)), case=case, provider=provider, rounds=5,
                                 baseline="pydensecrf", warmup_rounds=1)
     if speedup is not None:
-        print(f"\n{case}: {benchmark.extra_info['ms_per_image']:.1f} ms, {speedup:.2f}x pydensecrf (one thread)")
+        threads = f"{ALL_THREADS} threads" if provider.endswith("-all") else "one thread"
+        print(f"\n{case}, {provider} on {threads}: {benchmark.extra_info['ms_per_image']:.1f} ms, "
+              f"{speedup:.2f}x pydensecrf")
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("labels", [3, 7, 27])
 @pytest.mark.parametrize("name", ["astronaut", "coffee"])
-def test_dense_crf_2d(benchmark, shrink, one_thread, name, labels, provider):
+def test_dense_crf_2d(benchmark, shrink, threads, name, labels, provider):
     img = photo(name, 320 // shrink)
     H, W, _ = img.shape
     U = unary(labels, (H, W), labels)
-    benchmark.group = f"pydensecrf DenseCRF2D {name} {H}x{W}, {labels} labels, 10 iterations, one thread"
+    benchmark.group = f"pydensecrf DenseCRF2D {name} {H}x{W}, {labels} labels, 10 iterations"
 
     def run(m):
         crf = m.DenseCRF2D(W, H, labels)
@@ -98,7 +102,7 @@ def test_dense_crf_2d(benchmark, shrink, one_thread, name, labels, provider):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("d", [3, 6])
-def test_general_volume(benchmark, shrink, one_thread, d, provider):
+def test_general_volume(benchmark, shrink, threads, d, provider):
     S, L = 48 // shrink, 5
     rng = np.random.default_rng(0)
     blocks = rng.integers(0, 256, (S // 8 + 1,) * 3 + (3,))
@@ -111,7 +115,7 @@ def test_general_volume(benchmark, shrink, one_thread, d, provider):
              else utils.create_pairwise_bilateral((10, 10, 10), (20, 20, 20), vol, chdim=3))
     feats = np.ascontiguousarray(feats)
     U = unary(L, (S, S, S), 1)
-    benchmark.group = f"pydensecrf DenseCRF {S}^3 volume, d = {d}, {L} labels, 5 iterations, one thread"
+    benchmark.group = f"pydensecrf DenseCRF {S}^3 volume, d = {d}, {L} labels, 5 iterations"
 
     def run(m):
         crf = m.DenseCRF(S ** 3, L)
