@@ -355,6 +355,8 @@ def test_errors_where_pydensecrf_would_crash_or_overflow():
         crf.addPairwiseEnergy(np.zeros((2, 30), f32), 3, normalization=7)
     with pytest.raises(ValueError, match="^sxy: "):
         dcrf.DenseCRF2D(5, 6, 3).addPairwiseGaussian(sxy=0, compat=3)
+    with pytest.raises(ValueError, match="^nlabels: .* GiB"):
+        dcrf.DenseCRF(2 ** 31 - 1, 2 ** 31 - 1)  # refused before anything is allocated
     Q, t1, t2 = crf.startInference()
     with pytest.raises(ValueError, match="^Q: "):
         crf.stepInference(np.zeros((3, 29), f32), t1, t2)

@@ -201,6 +201,9 @@ class DenseCRF:
     def __init__(self, nvar, nlabels, *_, **__):
         self._nvar = _dispatch.check_int(nvar, "nvar", lo=1, hi=_INT32_MAX)
         self._nlabel = _dispatch.check_int(nlabels, "nlabels", lo=1, hi=_INT32_MAX)
+        # the mean field's float32 (nvar, nlabels) arrays: unary, marginals, two messages and the filter's rows
+        _dispatch.check_memory(5 * 4 * self._nvar * self._nlabel, "nlabels",
+                               f"a dense CRF of {self._nvar} variables and {self._nlabel} labels")
         self._unary = None
         self._pairwise = []
 
@@ -218,6 +221,9 @@ class DenseCRF:
         self._add(lambda: points, points.min(axis=0), points.max(axis=0), compat, kernel, normalization)
 
     def _add(self, features, lo, hi, compat, kernel, normalization, grid=None):
+        if self._nvar * (len(lo) + 1) > _INT32_MAX:
+            raise ValueError(f"features: {self._nvar} points of {len(lo)} dimensions, more lattice entries "
+                             "(points x (dimensions + 1)) than the 2**31 - 1 supported")
         _enum(kernel, KernelType, "kernel")  # no effect on inference (KernelType)
         normalization = _enum(normalization, NormalizationType, "normalization")
         self._pairwise.append(_Pairwise(features, lo, hi, _Compatibility(compat, self._nlabel), normalization, grid))
