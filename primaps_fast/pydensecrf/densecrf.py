@@ -34,8 +34,9 @@ class KernelType(enum.IntEnum):
 
 
 class NormalizationType(enum.IntEnum):
-    """pydensecrf's kernel normalisation, with ``n = K 1`` (the kernel applied to ones): none (one
-    constant ``N / sum(n)``), ``1 / n`` before or after filtering, or ``1 / sqrt(n)`` on both sides."""
+    """pydensecrf's kernel normalisation, with ``n = K 1`` (the kernel applied to ones): none (pydensecrf
+    computes a constant ``N / sum(n)`` and never applies it), ``1 / n`` before or after filtering, or
+    ``1 / sqrt(n)`` on both sides."""
     NO_NORMALIZATION = 0
     NORMALIZE_BEFORE = 1
     NORMALIZE_AFTER = 2
@@ -393,4 +394,4 @@ class DenseCRF2D(DenseCRF):
                                   np.array([L], np.int64), out, max(0, niter), CRF_CLIP, float(gx),
                                   float(terms[0].compat.w), float(bx), float(sr), float(terms[1].compat.w),
                                   _dispatch.num_threads(), True)
-        return out.reshape(L, N)
+        return np.asfortranarray(out.reshape(L, N))  # pydensecrf's layout, as the general path
