@@ -477,8 +477,9 @@ void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t s
   if (!packed && !hashed)
     throw std::invalid_argument("features: lattice keys need " + std::to_string(bits) +
                                 " bits (> 62): the image is too large or sxy/srgb too small");
-  uint64_t unit = 0;
-  for (int i = 1; i < D; ++i) unit += uint64_t(1) << shift[i];
+  uint64_t unit = 0;  // 1 on every packed coordinate
+  if (packed)
+    for (int i = 1; i < D; ++i) unit += uint64_t(1) << shift[i];
   Buffer<int32_t> vid(n_all);
   Buffer<uint64_t> vkey;
   if (packed) {
