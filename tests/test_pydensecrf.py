@@ -513,6 +513,23 @@ def test_dense_crf_2d_matches_pydensecrf_on_photographs(name, L):
         assert_same(*both(run))
 
 
+def test_dense_crf_2d_beyond_the_fast_kernels_keys_matches_pydensecrf():
+    """srgb so small that the optimised kernel's packed keys would need more than 62 bits, but the keys
+    stay within pydensecrf's int16: the general path runs it (hashed keys) with pydensecrf's results."""
+    rng = np.random.default_rng(13)
+    img = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    U = rng.standard_normal((3, 24 * 32)).astype(np.float32)
+    for srgb in (0.3, 0.1, 0.05):
+        def run(m):
+            crf = m.DenseCRF2D(32, 24, 3)
+            crf.setUnaryEnergy(U)
+            crf.addPairwiseGaussian(1, 3)
+            crf.addPairwiseBilateral(1, srgb, img, 4)
+            return crf.inference(3)
+
+        assert_same(*both(run))
+
+
 def test_const_unary_and_no_unary_match_pydensecrf():
     rng = np.random.default_rng(12)
     img = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)

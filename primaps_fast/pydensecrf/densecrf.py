@@ -15,10 +15,11 @@ import enum
 from numbers import Number
 
 import numpy as np
+import torch
 
 from primaps_fast import _dispatch
 from primaps_fast.common import CRF_CLIP
-from primaps_fast.ops.dense_crf import MAX_LABELS, _elevation
+from primaps_fast.ops.dense_crf import MAX_LABELS, _box_fits, _elevation
 
 MAX_FEATURE_DIM = 16  # the lattice dimensions compiled into _C.PermutohedralLattice
 _INT32_MAX = 2 ** 31 - 1
@@ -132,8 +133,9 @@ class _Pairwise:
 
     def __init__(self, features, lo, hi, compat: _Compatibility, normalization: NormalizationType, grid=None):
         self.features, self.compat, self.normalization, self.grid = features, compat, normalization, grid
+        self.lo, self.hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
         self._lattice = self._norm = None
-        if not _surely_in_range(np.asarray(lo, np.float64), np.asarray(hi, np.float64)):
+        if not _surely_in_range(self.lo, self.hi):
             self.lattice()  # builds it now: refused here if its keys really leave int16
 
     def lattice(self):
@@ -375,9 +377,9 @@ class DenseCRF2D(DenseCRF):
     def _fast_inference(self, niter):
         """The optimised kernel of ``primaps_fast.dense_crf`` for its configuration: a Gaussian then a
         bilateral term, each with equal scales per axis (and per channel), Potts compatibility in
-        (0, 1e30] and symmetric normalisation, a constant unary, at most ``MAX_LABELS`` labels, and a
-        pixel count that is a multiple of 4 (otherwise pydensecrf's lattice gets its padding vertices,
-        which the kernel does not add)."""
+        (0, 1e30] and symmetric normalisation, a constant unary, at most ``MAX_LABELS`` labels, a pixel
+        count that is a multiple of 4 (otherwise pydensecrf's lattice gets its padding vertices, which
+        the kernel does not add), and features whose packed keys fit the kernel's 62 bits."""
         terms = self._pairwise
         if (len(terms) != 2 or self._nvar % 4 or self._nlabel > MAX_LABELS or isinstance(self._unary, LogisticUnary)
                 or [t.grid is not None and len(t.grid) for t in terms] != [2, 6]):
@@ -385,7 +387,9 @@ class DenseCRF2D(DenseCRF):
         (gx, gy), (bx, by, sr, sg, sb, image) = terms[0].grid, terms[1].grid
         if (gx != gy or bx != by or not sr == sg == sb
                 or any(t.normalization != NORMALIZE_SYMMETRIC or t.compat.kind != "potts"
-                       or not 0 < t.compat.w <= 1e30 for t in terms)):
+                       or not 0 < t.compat.w <= 1e30 for t in terms)
+                or not all(_box_fits(_elevation(t.lo.size), torch.from_numpy(t.lo), torch.from_numpy(t.hi))
+                           for t in terms)):
             return None
         L, N = self._nlabel, self._nvar
         unary = (np.zeros((L, N), np.float32) if self._unary is None else self._unary.get()).reshape(-1)
