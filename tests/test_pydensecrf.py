@@ -530,6 +530,28 @@ def test_dense_crf_2d_beyond_the_fast_kernels_keys_matches_pydensecrf():
         assert_same(*both(run))
 
 
+def test_logistic_unary_matches_pydensecrf():
+    """LogisticUnary(L, f): the unary L @ f; setUnaryEnergy(u, f) as pydensecrf (u (nlabels, nvar), f
+    (nvar, nvar))."""
+    rng = np.random.default_rng(14)
+    N, L, k = 60, 3, 5
+    Lm, f = rng.standard_normal((L, k)).astype(np.float32), rng.standard_normal((k, N)).astype(np.float32)
+    u, g = rng.standard_normal((L, N)).astype(np.float32), (rng.standard_normal((N, N)) * 0.2).astype(np.float32)
+    feats = (rng.random((2, N)) * 3).astype(np.float32)
+
+    def run(m, logistic):
+        crf = m.DenseCRF(N, L)
+        if logistic:
+            crf.setUnary(m.LogisticUnary(Lm, f))
+        else:
+            crf.setUnaryEnergy(u, g)
+        crf.addPairwiseEnergy(feats, 2.0)
+        return crf.inference(3)
+
+    for logistic in (True, False):
+        assert_same(*both(lambda m: run(m, logistic)))
+
+
 def test_const_unary_and_no_unary_match_pydensecrf():
     rng = np.random.default_rng(12)
     img = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
