@@ -196,8 +196,8 @@ def random_crf(cls, N, L, d, seed, unary=True):
 
 
 def test_inference_is_the_mean_field_of_its_own_steps():
-    """inference(n) equals n stepInference calls from startInference, and the KL divergence does not grow
-    much along them (mean field decreases it for Potts kernels)."""
+    """inference(n) equals n stepInference calls from startInference, and those steps lower the KL
+    divergence (mean field with a Potts kernel)."""
     crf = random_crf(dcrf.DenseCRF, 500, 4, 3, 0)
     Q, tmp1, tmp2 = crf.startInference()
     kl = [crf.klDivergence(Q)]
