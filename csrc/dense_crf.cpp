@@ -630,7 +630,7 @@ void softmax_rows(primaps::FloatArray& x, int threads) {
 constexpr int kMaxDim = 16;
 class PermutohedralLattice {
  public:
-  PermutohedralLattice(const primaps::FloatArray& features, int threads) : threads_(std::max(1, threads)) {
+  PermutohedralLattice(const primaps::FloatArray& features, int threads) {
     primaps::check_ndim(features, 2, "features");
     const int64_t N = features.shape(0);
     const int d = static_cast<int>(features.shape(1));
@@ -642,7 +642,7 @@ class PermutohedralLattice {
     Buffer<float> feat(features.data(), features.data() + N * d);
     {
       py::gil_scoped_release release;
-      build<1>(d, feat, N);
+      build<1>(d, feat, N, std::max(1, threads));
     }
     if (lat_.rem_lo - 2 * d < -32768 || lat_.rem_hi + 2 * d > 32767)
       throw std::invalid_argument(
@@ -654,12 +654,12 @@ class PermutohedralLattice {
   int dim() const { return lat_.d; }
 
   // K 1 (N,) through the lattice (pydensecrf's norm before it is inverted).
-  primaps::FloatArray filter_ones() const {
+  primaps::FloatArray filter_ones(int threads) const {
     primaps::FloatArray out(lat_.N);
     Buffer<float> k1;
     {
       py::gil_scoped_release release;
-      k1 = primaps::dense_crf::filter_ones(lat_, threads_);
+      k1 = primaps::dense_crf::filter_ones(lat_, std::max(1, threads));
     }
     std::copy(k1.begin(), k1.end(), out.mutable_data());
     return out;
@@ -668,7 +668,7 @@ class PermutohedralLattice {
   // out (N, V) = (post * filter(pre * values)) * scale, values (N, V); pre/post (N) or None;
   // reverse: the transpose (blur axes in reverse order).
   void filter(const primaps::FloatArray& values, primaps::FloatArray& out, bool reverse, const py::object& pre,
-              const py::object& post, float scale) const {
+              const py::object& post, float scale, int threads) const {
     primaps::check_ndim(values, 2, "values");
     primaps::check_ndim(out, 2, "out");
     if (values.shape(0) != lat_.N || out.shape(0) != lat_.N || out.shape(1) != values.shape(1))
@@ -687,7 +687,7 @@ class PermutohedralLattice {
     const float* in = values.data();
     float* o = out.mutable_data();
     py::gil_scoped_release release;
-    const int T = threads_;
+    const int T = std::max(1, threads);
     switch (V <= 2 ? 0 : nv) {
       case 0: return lattice_filter<true, 1>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
       case 1: return lattice_filter<false, 1>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
@@ -704,14 +704,13 @@ class PermutohedralLattice {
 
  private:
   template <int d>
-  void build(int dim, const Buffer<float>& feat, int64_t N) {
+  void build(int dim, const Buffer<float>& feat, int64_t N, int threads) {
     if constexpr (d <= kMaxDim) {
-      if (dim != d) return build<d + 1>(dim, feat, N);
-      build_lattice<d>(lat_, feat, N, INT64_MAX, threads_, N % 4 != 0, true);
+      if (dim != d) return build<d + 1>(dim, feat, N, threads);
+      build_lattice<d>(lat_, feat, N, INT64_MAX, threads, N % 4 != 0, true);
     }
   }
   Lattice lat_;
-  int threads_;
 };
 
 primaps::Registrar reg([](py::module_& m) {
@@ -730,9 +729,10 @@ primaps::Registrar reg([](py::module_& m) {
       .def_property_readonly("points", &PermutohedralLattice::points)
       .def_property_readonly("vertices", &PermutohedralLattice::vertices)
       .def_property_readonly("dim", &PermutohedralLattice::dim)
-      .def("filter_ones", &PermutohedralLattice::filter_ones, "K 1: float32 (N,)")
+      .def("filter_ones", &PermutohedralLattice::filter_ones, py::arg("threads"), "K 1: float32 (N,)")
       .def("filter", &PermutohedralLattice::filter, py::arg("values"), py::arg("out"), py::arg("reverse"),
            py::arg("pre") = py::none(), py::arg("post") = py::none(), py::arg("scale") = 1.0f,
+           py::arg("threads") = 1,
            "out (N, V) float32 = (post * filter(pre * values)) * scale for values (N, V) float32, pre/post (N,) "
            "float32 or None; reverse: the transpose");
   m.def("softmax_rows", &softmax_rows, py::arg("x"), py::arg("threads"),

@@ -119,7 +119,7 @@ def lattice(features, threads=2):
 
 def ours_filter(features, values, reverse=False, threads=2):
     out = np.empty_like(values)
-    lattice(features, threads).filter(values, out, reverse)
+    lattice(features, threads).filter(values, out, reverse, threads=threads)
     return out
 
 
@@ -129,7 +129,7 @@ def test_one_point_by_hand():
     (1 + 0.5 * 0.5, 0.5 + 0.5 * 1) = (1.25, 1); slice 1 * 1.25 * alpha, alpha = 1 / (1 + 1/2)."""
     lat = lattice(np.zeros((1, 1), np.float32))
     assert lat.vertices == 2
-    assert lat.filter_ones()[0] == pytest.approx(1.25 * 2 / 3, rel=1e-6)
+    assert lat.filter_ones(1)[0] == pytest.approx(1.25 * 2 / 3, rel=1e-6)
     out = np.empty((1, 3), np.float32)
     lat.filter(np.array([[2.0, -1.0, 0.5]], np.float32), out, True)  # the transpose: axes 1 then 0
     # reverse order: axis 1 first gives (1, 0.5) again by symmetry, then axis 0 gives (1.25, 1)
@@ -146,7 +146,7 @@ def test_lattice_filter_matches_an_independent_lattice(d, N):
         for reverse in (False, True):
             want = numpy_filter(features, values, reverse)
             np.testing.assert_allclose(ours_filter(features, values, reverse), want, rtol=2e-5, atol=1e-6)
-    k1 = lattice(features).filter_ones()
+    k1 = lattice(features).filter_ones(2)
     np.testing.assert_allclose(k1, numpy_filter(features, np.ones((N, 1)))[:, 0], rtol=2e-5)
     assert lattice(features).vertices == numpy_lattice(features, N % 4 != 0)[0]
 

@@ -142,7 +142,7 @@ class _Pairwise:
         if self._lattice is None:
             lat = _dispatch.cpp().PermutohedralLattice(self.features(), _dispatch.num_threads())
             if self.normalization != NO_NORMALIZATION:  # pydensecrf computes N / sum(K 1) there, and never uses it
-                k1 = lat.filter_ones().astype(np.float64) + 1e-20
+                k1 = lat.filter_ones(_dispatch.num_threads()).astype(np.float64) + 1e-20
                 norm = 1.0 / (np.sqrt(k1) if self.normalization == NORMALIZE_SYMMETRIC else k1)
                 self._norm = norm.astype(np.float32)
             self._lattice = lat
@@ -153,7 +153,8 @@ class _Pairwise:
         lat, ntype = self.lattice(), self.normalization
         out = np.empty_like(q)
         lat.filter(q, out, False, self._norm if ntype in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE) else None,
-                   self._norm if ntype in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER) else None, self.compat.scale())
+                   self._norm if ntype in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER) else None, self.compat.scale(),
+                   _dispatch.num_threads())
         return self.compat.apply(out)
 
 
