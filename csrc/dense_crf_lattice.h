@@ -1,4 +1,5 @@
-// Dense CRF lattices: the permutohedral lattices of pydensecrf's DenseCRF2D (Krähenbühl's "v2" code),
+// Dense CRF lattices: the permutohedral lattices of pydensecrf (Krähenbühl's "v2" code), those of its
+// DenseCRF2D and, for primaps_fast.pydensecrf, those of features of any dimension d (build_lattice<d>),
 // built for memory locality. Used by dense_crf.cpp.
 //
 // Same arithmetic as pydensecrf's SSE path: float32 elevation, round half to even, strict-< rank,
@@ -7,7 +8,8 @@
 // distinct keys of every pixel's d+1 vertices and a radix sort orders them (vertex_ids); the splat's
 // CSR list is placed by counting, with pixels in raster order; the blur neighbours of vertex v along
 // an axis, key(v) + const, form monotone streams found by one merge per axis. The Gaussian lattice of
-// a grid is built without sorting (build_grid_lattice).
+// a grid is built without sorting (build_grid_lattice); keys too wide to pack (many dimensions) go
+// through a hash table of their coordinates (hashed_vertices).
 #pragma once
 
 #include "common.h"
