@@ -216,10 +216,14 @@ inline void blur_row(float* n, const float* o, const float* a, const float* c) {
 struct Params {
   int iterations;
   float clip, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat;
+  bool unary;  // probs holds the unary U itself (-U is exact), not probabilities
 };
 
-// -U = log(clip(p, clip, 1)) of 4 probabilities (pydensecrf's unary_from_softmax, negated).
-inline f32x4 neg_unary(f32x4 p, float clip) {
+// -U = log(clip(p, clip, 1)) of 4 probabilities (pydensecrf's unary_from_softmax, negated), or -p when
+// p is the unary.
+inline f32x4 neg_unary(f32x4 p, const Params& params) {
+  if (params.unary) return -p;
+  const float clip = params.clip;
   const f32x4 lo = f32x4{} + clip, one = f32x4{} + 1.0f;
   p = p < lo ? lo : p;
   return primaps::log_positive(p > one ? one : p);
@@ -303,7 +307,7 @@ void mean_field(const Lattice& gauss, const Lattice& bil, const Params& p, const
       for (int q = 0; q < kGroup; ++q) k[q] = raster[p0 + (q < g ? q : 0)];
       for (int l = 0; l < V; ++l) {
         const float* pl = probs + l * N;
-        const f32x4 x = l < L ? neg_unary(f32x4{pl[k[0]], pl[k[1]], pl[k[2]], pl[k[3]]}, p.clip) : f32x4{} + neg_inf;
+        const f32x4 x = l < L ? neg_unary(f32x4{pl[k[0]], pl[k[1]], pl[k[2]], pl[k[3]]}, p) : f32x4{} + neg_inf;
         for (int q = 0; q < g; ++q) negu[(p0 + q) * V + l] = x[q];
       }
       for (int q = 0; q < g; ++q)
@@ -391,7 +395,7 @@ void build_bilateral(Lattice& bil, const uint8_t* img, int64_t H, int64_t W, con
 }
 
 // Q without pairwise terms (no iterations, or one label): softmax(-U) per pixel, 4 pixels at a time.
-void softmax_only(const float* probs, float clip, float* out, int64_t N, int L, int threads) {
+void softmax_only(const float* probs, const Params& p, float* out, int64_t N, int L, int threads) {
   const int nv = (L + 3) / 4;
   chunked(N, threads, [&](int64_t b, int64_t e) {
     std::vector<f32x4> X(4 * nv);
@@ -399,7 +403,7 @@ void softmax_only(const float* probs, float clip, float* out, int64_t N, int L, 
       const int g = static_cast<int>(std::min<int64_t>(kGroup, e - k));
       for (int l = 0; l < L; ++l) {  // unused lanes: the first pixel
         const float* pl = probs + l * N + k;
-        X[l] = neg_unary(f32x4{pl[0], pl[g > 1], pl[g > 2 ? 2 : 0], pl[g > 3 ? 3 : 0]}, clip);
+        X[l] = neg_unary(f32x4{pl[0], pl[g > 1], pl[g > 2 ? 2 : 0], pl[g > 3 ? 3 : 0]}, p);
       }
       softmax_pixels(X.data(), L, nv);
       for (int l = 0; l < L; ++l)
@@ -412,7 +416,7 @@ void softmax_only(const float* probs, float clip, float* out, int64_t N, int L, 
 // yields the Gaussian lattice of the (H, W) grid, shared by the batch.
 void crf_image(const uint8_t* img, const float* probs, float* out, int64_t H, int64_t W, int L, const Params& p,
                const std::shared_future<const Lattice*>& gauss_future, int build_threads, int threads) {
-  if (p.iterations == 0 || L == 1) return softmax_only(probs, p.clip, out, H * W, L, threads);
+  if (p.iterations == 0 || L == 1) return softmax_only(probs, p, out, H * W, L, threads);
   Lattice bil;
   build_bilateral(bil, img, H, W, p, build_threads);
   const Lattice& gauss = *gauss_future.get();
@@ -466,7 +470,8 @@ int64_t first_nonfinite(const float* x, int64_t n) {
 
 void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& probs,
                const primaps::Int64Array& labels, primaps::FloatArray& out, int iterations, float clip,
-               float pos_sxy, float pos_compat, float bi_sxy, float bi_srgb, float bi_compat, int threads) {
+               float pos_sxy, float pos_compat, float bi_sxy, float bi_srgb, float bi_compat, int threads,
+               bool unary) {
   primaps::check_ndim(images, 4, "images");
   primaps::check_ndim(probs, 1, "probs");
   primaps::check_ndim(labels, 1, "labels");
@@ -487,7 +492,7 @@ void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& pro
     throw std::invalid_argument("probs/out: size does not match the label counts");
   if (!(clip > 0 && clip <= 1)) throw std::invalid_argument("clip: expected 0 < clip <= 1");
   if (H * W * 6 > INT32_MAX) throw std::invalid_argument("images: too many pixels");
-  const Params p{iterations, clip, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat};
+  const Params p{iterations, clip, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat, unary};
   const uint8_t* img = images.data();
   const float* pr = probs.data();
   float* o = out.mutable_data();
@@ -533,7 +538,7 @@ py::tuple dense_crf_lattice_sizes(const primaps::UInt8Array& images, float pos_s
   if (!(pos_sxy > 0 && bi_sxy > 0 && bi_srgb > 0)) throw std::invalid_argument("sxy/srgb: expected > 0");
   const int64_t B = images.shape(0), H = images.shape(2), W = images.shape(3);
   if (H * W * 6 > INT32_MAX) throw std::invalid_argument("images: too many pixels");
-  const Params p{1, 1.f, pos_sxy, 0.f, bi_sxy, bi_srgb, 0.f};
+  const Params p{1, 1.f, pos_sxy, 0.f, bi_sxy, bi_srgb, 0.f, false};
   std::vector<int64_t> sizes(B);
   Lattice gauss;
   {
@@ -551,16 +556,187 @@ py::tuple dense_crf_lattice_sizes(const primaps::UInt8Array& images, float pos_s
   return py::make_tuple(gauss.M, bilateral);
 }
 
+// pydensecrf's DenseKernel::filter on a lattice of any dimension: values (N, V) by position, times
+// pre (N) when given; Permutohedral::compute, alpha * slice(blur(splat(.))), the blur along axes 0..d,
+// or d..0 when reverse (the transpose); times post (N) when given, then times scale: out (N, V). V <= 2
+// takes pydensecrf's scalar arithmetic (SEQ), as it does; wider rows go through in chunks of C vectors,
+// padded with zero lanes.
+template <bool SEQ, int C>
+void lattice_filter(const Lattice& lat, const float* in, const float* pre, const float* post, float scale, float* out,
+                    int V, int nc, bool reverse, int threads) {
+  constexpr int CW = 4 * C;
+  const int64_t N = lat.N, M = lat.M;
+  Rows qn(N * CW), vals[2] = {Rows((M + 1) * CW, 0.f), Rows((M + 1) * CW, 0.f)};  // row M: zero
+  const float alpha = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-lat.d)));
+  for (int c = 0; c < nc; ++c) {
+    const int l0 = c * CW, lanes = std::min(CW, V - l0);
+    chunked(N, threads, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k)
+        for (int l = 0; l < CW; ++l) {
+          const float x = l < lanes ? in[k * V + l0 + l] : 0.f;
+          qn[k * CW + l] = pre ? x * pre[k] : x;
+        }
+    });
+    chunked(M, threads, [&](int64_t b, int64_t e) { splat<C, true>(lat, qn.data(), vals[0].data(), b, e); });
+    int cur = 0;
+    for (int s = 0; s <= lat.d; ++s, cur = 1 - cur) {
+      const int32_t* nb = &lat.nbr[(reverse ? lat.d - s : s) * M * 2];
+      const float* o = vals[cur].data();
+      float* n = vals[1 - cur].data();
+      chunked(M, threads, [&](int64_t b, int64_t e) {
+        for (int64_t v = b; v < e; ++v)
+          blur_row<SEQ, C>(n + v * CW, o + v * CW, o + int64_t(nb[2 * v]) * CW, o + int64_t(nb[2 * v + 1]) * CW);
+      });
+    }
+    chunked(N, threads, [&](int64_t b, int64_t e) {
+      f32x4 sl[C];
+      for (int64_t k = b; k < e; ++k) {
+        slice_into<SEQ, C>(lat, vals[cur].data(), k, alpha, sl);
+        for (int l = 0; l < lanes; ++l) {
+          const float x = sl[l / 4][l % 4];
+          out[k * V + l0 + l] = (post ? x * post[k] : x) * scale;
+        }
+      }
+    });
+  }
+}
+
+// pydensecrf's expAndNormalize of the rows of x (N, L), in place: the max subtracted, exp, divided by
+// the sum (softmax_pixels, 4 rows at a time).
+void softmax_rows(primaps::FloatArray& x, int threads) {
+  primaps::check_ndim(x, 2, "x");
+  const int64_t N = x.shape(0);
+  const int L = static_cast<int>(x.shape(1)), nv = (L + 3) / 4;
+  float* p = x.mutable_data();
+  py::gil_scoped_release release;
+  chunked(N, std::max(1, threads), [&](int64_t b, int64_t e) {
+    std::vector<f32x4> X(4 * nv);
+    for (int64_t k = b; k < e; k += kGroup) {
+      const int g = static_cast<int>(std::min<int64_t>(kGroup, e - k));
+      const float* r[kGroup];  // the group's rows (unused lanes: the first one)
+      for (int q = 0; q < kGroup; ++q) r[q] = p + (k + (q < g ? q : 0)) * L;
+      for (int l = 0; l < L; ++l) X[l] = f32x4{r[0][l], r[1][l], r[2][l], r[3][l]};
+      softmax_pixels(X.data(), L, nv);
+      for (int q = 0; q < g; ++q)
+        for (int l = 0; l < L; ++l) p[(k + q) * L + l] = X[l][q];
+    }
+  });
+}
+
+// The lattice of pydensecrf's DenseKernel for features (N, d), d in 1..kMaxDim, built as pydensecrf
+// builds it (its padding lanes included: build_lattice's phantom), positions in raster order. Keys
+// whose coordinates (or their blur neighbours') leave int16 are refused: pydensecrf's short keys
+// would wrap there and merge distant vertices.
+constexpr int kMaxDim = 16;
+class PermutohedralLattice {
+ public:
+  PermutohedralLattice(const primaps::FloatArray& features, int threads) {
+    primaps::check_ndim(features, 2, "features");
+    const int64_t N = features.shape(0);
+    const int d = static_cast<int>(features.shape(1));
+    if (N < 1) throw std::invalid_argument("features: expected at least one point");
+    if (d < 1 || d > kMaxDim)
+      throw std::invalid_argument("features: expected 1 to " + std::to_string(kMaxDim) + " dimensions, got " +
+                                  std::to_string(d));
+    if (first_nonfinite(features.data(), N * d) < N * d) throw std::invalid_argument("features: contains NaN or Inf");
+    Buffer<float> feat(features.data(), features.data() + N * d);
+    {
+      py::gil_scoped_release release;
+      build<1>(d, feat, N, std::max(1, threads));
+    }
+    if (lat_.rem_lo - 2 * d < -32768 || lat_.rem_hi + 2 * d > 32767)
+      throw std::invalid_argument(
+          "features: lattice coordinates outside pydensecrf's int16 keys (the features are too large: "
+          "their standard deviations, sxy or srgb, too small)");
+  }
+  int64_t points() const { return lat_.N; }
+  int64_t vertices() const { return lat_.M; }
+  int dim() const { return lat_.d; }
+
+  // K 1 (N,) through the lattice (pydensecrf's norm before it is inverted).
+  primaps::FloatArray filter_ones(int threads) const {
+    primaps::FloatArray out(lat_.N);
+    Buffer<float> k1;
+    {
+      py::gil_scoped_release release;
+      k1 = primaps::dense_crf::filter_ones(lat_, std::max(1, threads));
+    }
+    std::copy(k1.begin(), k1.end(), out.mutable_data());
+    return out;
+  }
+
+  // out (N, V) = (post * filter(pre * values)) * scale, values (N, V); pre/post (N) or None;
+  // reverse: the transpose (blur axes in reverse order).
+  void filter(const primaps::FloatArray& values, primaps::FloatArray& out, bool reverse, const py::object& pre,
+              const py::object& post, float scale, int threads) const {
+    primaps::check_ndim(values, 2, "values");
+    primaps::check_ndim(out, 2, "out");
+    if (values.shape(0) != lat_.N || out.shape(0) != lat_.N || out.shape(1) != values.shape(1))
+      throw std::invalid_argument("values: expected (" + std::to_string(lat_.N) + ", V) rows and out alike");
+    const int V = static_cast<int>(values.shape(1)), nv = (V + 3) / 4;
+    if (V < 1) throw std::invalid_argument("values: expected at least one column");
+    primaps::FloatArray pre_a, post_a;  // kept alive while the filter runs
+    auto scale_of = [&](const py::object& o, primaps::FloatArray& a, const char* name) -> const float* {
+      if (o.is_none()) return nullptr;
+      a = o.cast<primaps::FloatArray>();
+      primaps::check_ndim(a, 1, name);
+      if (a.shape(0) != lat_.N) throw std::invalid_argument(std::string(name) + ": expected one value per point");
+      return a.data();
+    };
+    const float *pr = scale_of(pre, pre_a, "pre"), *po = scale_of(post, post_a, "post");
+    const float* in = values.data();
+    float* o = out.mutable_data();
+    py::gil_scoped_release release;
+    const int T = std::max(1, threads);
+    switch (V <= 2 ? 0 : nv) {
+      case 0: return lattice_filter<true, 1>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      case 1: return lattice_filter<false, 1>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      case 2: return lattice_filter<false, 2>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      case 3: return lattice_filter<false, 3>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      case 4: return lattice_filter<false, 4>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      case 5: return lattice_filter<false, 5>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      case 6: return lattice_filter<false, 6>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      case 7: return lattice_filter<false, 7>(lat_, in, pr, po, scale, o, V, 1, reverse, T);
+      default:
+        return lattice_filter<false, kChunk>(lat_, in, pr, po, scale, o, V, (nv + kChunk - 1) / kChunk, reverse, T);
+    }
+  }
+
+ private:
+  template <int d>
+  void build(int dim, const Buffer<float>& feat, int64_t N, int threads) {
+    if constexpr (d <= kMaxDim) {
+      if (dim != d) return build<d + 1>(dim, feat, N, threads);
+      build_lattice<d>(lat_, feat, N, INT64_MAX, threads, N % 4 != 0, true);
+    }
+  }
+  Lattice lat_;
+};
+
 primaps::Registrar reg([](py::module_& m) {
   m.def("dense_crf", &dense_crf, py::arg("images"), py::arg("probs"), py::arg("labels"), py::arg("out"),
         py::arg("iterations"), py::arg("clip"), py::arg("pos_sxy"), py::arg("pos_compat"), py::arg("bi_sxy"),
-        py::arg("bi_srgb"), py::arg("bi_compat"), py::arg("threads"),
+        py::arg("bi_srgb"), py::arg("bi_compat"), py::arg("threads"), py::arg("unary") = false,
         "Dense CRF (pydensecrf v2 mean field) of a batch: images uint8 (B,3,H,W), probabilities float32 flat "
-        "(sum_b L_b*H*W, each (L_b,H,W), finite; the unary is -log(clip(p, clip, 1))), labels int64 (B,) = L_b, "
-        "out like probs.");
+        "(sum_b L_b*H*W, each (L_b,H,W), finite; the unary is -log(clip(p, clip, 1)), or probs itself when "
+        "unary), labels int64 (B,) = L_b, out like probs.");
   m.def("dense_crf_lattice_sizes", &dense_crf_lattice_sizes, py::arg("images"), py::arg("pos_sxy"),
         py::arg("bi_sxy"), py::arg("bi_srgb"), py::arg("threads"),
         "Vertex counts (gaussian, [bilateral per image]) of the lattices dense_crf builds for uint8 (B,3,H,W) images.");
+  py::class_<PermutohedralLattice>(m, "PermutohedralLattice",
+                                   "pydensecrf's permutohedral lattice of float32 features (N, d), d in 1..16.")
+      .def(py::init<const primaps::FloatArray&, int>(), py::arg("features"), py::arg("threads"))
+      .def_property_readonly("points", &PermutohedralLattice::points)
+      .def_property_readonly("vertices", &PermutohedralLattice::vertices)
+      .def_property_readonly("dim", &PermutohedralLattice::dim)
+      .def("filter_ones", &PermutohedralLattice::filter_ones, py::arg("threads"), "K 1: float32 (N,)")
+      .def("filter", &PermutohedralLattice::filter, py::arg("values"), py::arg("out"), py::arg("reverse"),
+           py::arg("pre") = py::none(), py::arg("post") = py::none(), py::arg("scale") = 1.0f,
+           py::arg("threads") = 1,
+           "out (N, V) float32 = (post * filter(pre * values)) * scale for values (N, V) float32, pre/post (N,) "
+           "float32 or None; reverse: the transpose");
+  m.def("softmax_rows", &softmax_rows, py::arg("x"), py::arg("threads"),
+        "pydensecrf's expAndNormalize of each row of float32 (N, L), in place.");
 });
 
 }  // namespace

@@ -1,4 +1,5 @@
-// Dense CRF lattices: the permutohedral lattices of pydensecrf's DenseCRF2D (Krähenbühl's "v2" code),
+// Dense CRF lattices: the permutohedral lattices of pydensecrf (Krähenbühl's "v2" code), those of its
+// DenseCRF2D and, for primaps_fast.pydensecrf, those of features of any dimension d (build_lattice<d>),
 // built for memory locality. Used by dense_crf.cpp.
 //
 // Same arithmetic as pydensecrf's SSE path: float32 elevation, round half to even, strict-< rank,
@@ -7,7 +8,8 @@
 // distinct keys of every pixel's d+1 vertices and a radix sort orders them (vertex_ids); the splat's
 // CSR list is placed by counting, with pixels in raster order; the blur neighbours of vertex v along
 // an axis, key(v) + const, form monotone streams found by one merge per axis. The Gaussian lattice of
-// a grid is built without sorting (build_grid_lattice).
+// a grid is built without sorting (build_grid_lattice); keys too wide to pack (many dimensions) go
+// through a hash table of their coordinates (hashed_vertices).
 #pragma once
 
 #include "common.h"
@@ -169,6 +171,7 @@ struct Lattice {
   Buffer<int32_t> nbr;     // (d+1, M, 2): n1, n2; M = the zero row
   Buffer<float> norm;      // (N) 1/sqrt(K 1 + 1e-20), by position
   bool raster_order = true;  // positions are the raster pixels (raster[k] == k)
+  int32_t rem_lo = 0, rem_hi = 0;  // range of the remainder-0 coordinates 0..d-1 (pydensecrf's keys: +-d)
 
   size_t bytes() const {
     auto of = [](const auto& v) { return v.size() * sizeof(v[0]); };
@@ -178,14 +181,14 @@ struct Lattice {
 
 // Vertex ids of the entries keys[0, n) (each in [1, 2^bits), bits <= 62): vid[i] = the rank of keys[i]
 // among the distinct keys, which are returned in increasing order; start (M+1) = the CSR offsets of
-// the entries grouped by vertex. A hash table (linear probing, at least 1.5 n slots, 0 = empty,
+// the entries [0, counted) grouped by vertex. A hash table (linear probing, at least 1.5 n slots, 0 = empty,
 // inserts by compare-and-swap so that threads share it) gives each entry its key's slot, the lookups
 // prefetched a few entries ahead; the occupied slots sorted by key (radix_sort) number the vertices.
 // Neighbouring pixels share most of their vertices, so most lookups find a slot still in the cache:
 // this is cheaper than sorting all n entries (about 6 per key on photographs, 2 on textured scenes). Where a
 // key lands in the table depends on the threads' timing; the ids do not.
-inline Buffer<uint64_t> vertex_ids(const uint64_t* keys, int64_t n, int bits, uint32_t* vid, Buffer<int64_t>& start,
-                                   int threads) {
+inline Buffer<uint64_t> vertex_ids(const uint64_t* keys, int64_t n, int64_t counted, int bits, uint32_t* vid,
+                                   Buffer<int64_t>& start, int threads) {
   int log2 = 10;
   while ((int64_t(1) << log2) < n + n / 2) ++log2;
   const int64_t slots = int64_t(1) << log2;
@@ -246,7 +249,7 @@ inline Buffer<uint64_t> vertex_ids(const uint64_t* keys, int64_t n, int bits, ui
     for (int64_t i = b; i < e; ++i) {
       if (i + kAhead < e) __builtin_prefetch(&table[vid[i + kAhead]]);
       vid[i] = static_cast<uint32_t>(table[vid[i]]);
-      ++c[vid[i] + 1];
+      c[vid[i] + 1] += i < counted;
     }
   });
   start.assign(M + 1, 0);
@@ -333,23 +336,84 @@ inline bool elevate_pixels(const float* feat, int64_t k, int g, const float* sf,
   return true;
 }
 
+// Vertex ids, the CSR offsets of the entries [0, counted) and the blur neighbours (as Lattice::nbr) of
+// the entries' vertices when their packed keys would need more than 62 bits (many feature dimensions):
+// each vertex keyed by its coordinates 0..d-1, as pydensecrf keys it, the distinct keys numbered in the
+// order the entries first reach them through a hash table (linear probing), the neighbours found by
+// lookups. Entry q is vertex q % (d+1) of point q / (d+1) (rem, rk: as in build_lattice). Returns M.
+template <int d>
+int64_t hashed_vertices(const int32_t* rem, const int8_t* rk, int64_t n, int64_t counted, int32_t* vid,
+                        Buffer<int64_t>& start, Buffer<int32_t>& nbr, int threads) {
+  constexpr int D = d + 1;
+  int log2 = 10;
+  while ((int64_t(1) << log2) < n + n / 2) ++log2;
+  const uint64_t mask = (uint64_t(1) << log2) - 1;
+  Buffer<int32_t> table(mask + 1, -1);
+  std::vector<int32_t> keys;  // (M, d)
+  auto slot_of = [&](const int32_t* k) {  // the slot of key k, or the empty slot where it would go
+    uint64_t h = 0;
+    for (int i = 0; i < d; ++i) h = (h ^ static_cast<uint32_t>(k[i])) * 0x9E3779B97F4A7C15ull;
+    for (h = ((h ^ (h >> 32)) * 0x9E3779B97F4A7C15ull) >> (64 - log2);; h = (h + 1) & mask) {  // the high bits
+      const int32_t e = table[h];
+      if (e < 0 || std::equal(k, k + d, &keys[int64_t(e) * d])) return h;
+    }
+  };
+  int64_t M = 0;
+  int32_t key[d];
+  for (int64_t q = 0; q < n; ++q) {
+    const int64_t k = q / D;
+    const int r = static_cast<int>(q % D);
+    for (int i = 0; i < d; ++i) key[i] = rem[k * D + i] + (rk[k * D + i] <= d - r ? r : r - D);
+    const uint64_t h = slot_of(key);
+    if (table[h] < 0) {
+      table[h] = static_cast<int32_t>(M++);
+      keys.insert(keys.end(), key, key + d);
+    }
+    vid[q] = table[h];
+  }
+  start.assign(M + 1, 0);
+  for (int64_t q = 0; q < counted; ++q) ++start[vid[q] + 1];
+  for (int64_t v = 0; v < M; ++v) start[v + 1] += start[v];
+  // n1 = key - 1 on every coordinate + (d+1) on axis j, n2 = key + 1 - (d+1) on axis j (axis d is not
+  // in the key); absent ones are the zero row M.
+  nbr.resize(D * M * 2);
+  chunked(M, threads, [&](int64_t b, int64_t e) {
+    int32_t n1[d], n2[d];
+    for (int64_t v = b; v < e; ++v)
+      for (int j = 0; j < D; ++j) {
+        for (int i = 0; i < d; ++i) n1[i] = keys[v * d + i] - 1, n2[i] = keys[v * d + i] + 1;
+        if (j < d) n1[j] += D, n2[j] -= D;
+        const int32_t e1 = table[slot_of(n1)], e2 = table[slot_of(n2)];
+        nbr[(j * M + v) * 2] = e1 < 0 ? static_cast<int32_t>(M) : e1;
+        nbr[(j * M + v) * 2 + 1] = e2 < 0 ? static_cast<int32_t>(M) : e2;
+      }
+  });
+  return M;
+}
+
 // Builds the lattice of features feat (N, d), raster order: elevation, keys packed into 64 bits
 // (coordinates 1..d, coordinate d most significant: any d coordinates of a vertex determine it),
 // vertex ids in key order (vertex_ids), the CSR list in raster order within a vertex, blur
-// neighbours by merging the sorted keys with key + delta. With more than sort_above
+// neighbours by merging the sorted keys with key + delta; keys that do not fit 62 bits go through
+// hashed_vertices when `hashed` (else they are refused). `phantom` adds the vertices of the zero
+// feature vector, which no pixel splats into or slices from: pydensecrf's SSE path elevates pixels 4
+// at a time and, when N is not a multiple of 4, inserts the padding lanes (features 0) into its
+// lattice, where the blur passes values through them. With more than sort_above
 // vertices, the pixels are numbered in the order of their remainder-0 vertex: on large lattices a run
 // of pixels then slices from and splats into nearby vertices (textured scenes, ~3 vertices per
 // pixel: up to 9 % faster at 320-480 px); on smaller ones raster order is faster (photographs, 0.6-1.1
 // vertices per pixel: 3-27 % faster, no exchange with the Gaussian term's raster order).
 template <int d>
-void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t sort_above, int threads) {
+void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t sort_above, int threads,
+                   bool phantom = false, bool hashed = false) {
   constexpr int D = d + 1;
-  if (N * D > INT32_MAX) throw std::invalid_argument("images: too many pixels");
+  if ((N + 1) * D > INT32_MAX) throw std::invalid_argument("images: too many pixels");
   lat.d = d;
   lat.N = N;
-  Buffer<int32_t> rem(N * D);
-  Buffer<int8_t> rk(N * D);
-  Buffer<float> bary(N * D);
+  const int64_t P = N + phantom;  // the points: the pixels, then the phantom
+  Buffer<int32_t> rem(P * D);
+  Buffer<int8_t> rk(P * D);
+  Buffer<float> bary(P * D);
   const float inv_std = static_cast<float>(std::sqrt(2.0 / 3.0) * D);
   float sf[d];
   for (int i = 0; i < d; ++i) sf[i] = static_cast<float>(1.0 / std::sqrt(double((i + 2) * (i + 1))) * inv_std);
@@ -375,8 +439,22 @@ void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t s
       }
     }
   });
+  if (phantom) {
+    const float zero[d] = {};
+    elevate_pixels<d>(zero, 0, 1, sf, &rem[N * D], &rk[N * D], &bary[N * D]);
+    for (int i = 0; i < D; ++i) {
+      lo_c[0][i] = std::min(lo_c[0][i], rem[N * D + i]);
+      hi_c[0][i] = std::max(hi_c[0][i], rem[N * D + i]);
+    }
+  }
   if (too_large)
     throw std::invalid_argument("features: lattice coordinates too large (sxy/srgb too small for these inputs)");
+  lat.rem_lo = INT32_MAX, lat.rem_hi = INT32_MIN;
+  for (int c = 0; c < parts; ++c)
+    for (int i = 0; i < d; ++i) {
+      lat.rem_lo = std::min(lat.rem_lo, lo_c[c][i]);
+      lat.rem_hi = std::max(lat.rem_hi, hi_c[c][i]);
+    }
   // Key layout: each coordinate's range, widened so the blur neighbours' keys pack without carries.
   int64_t lo[D];
   int shift[D];
@@ -394,37 +472,44 @@ void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t s
     shift[i] = bits;
     bits += w;
   }
-  if (bits > 62)
-    throw std::invalid_argument("features: lattice keys need " + std::to_string(bits) +
-                                " bits (> 62): the image is too large or sxy/srgb too small");
   // Vertex r of a pixel: r0 + r on the coordinates of rank <= d - r, r - (d+1) on the others. From r
   // to r + 1 every coordinate gains 1 except the one of rank d - r, which loses d.
-  const int64_t n = N * D;
-  uint64_t unit = 0;
-  for (int i = 1; i < D; ++i) unit += uint64_t(1) << shift[i];
-  Buffer<uint64_t> keys(n);
-  chunked(N, threads, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      uint64_t key = 0, step[D] = {};  // step[q]: D on the coordinate of rank q (none for coordinate 0)
-      for (int i = 1; i < D; ++i) {
-        key += static_cast<uint64_t>(rem[k * D + i] - lo[i]) << shift[i];
-        step[rk[k * D + i]] = uint64_t(D) << shift[i];
+  const int64_t n = N * D, n_all = P * D;
+  const bool packed = bits <= 62;
+  if (!packed && !hashed)
+    throw std::invalid_argument("features: lattice keys need " + std::to_string(bits) +
+                                " bits (> 62): the image is too large or sxy/srgb too small");
+  uint64_t unit = 0;  // 1 on every packed coordinate
+  if (packed)
+    for (int i = 1; i < D; ++i) unit += uint64_t(1) << shift[i];
+  Buffer<int32_t> vid(n_all);
+  Buffer<uint64_t> vkey;
+  if (packed) {
+    Buffer<uint64_t> keys(n_all);
+    chunked(P, threads, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        uint64_t key = 0, step[D] = {};  // step[q]: D on the coordinate of rank q (none for coordinate 0)
+        for (int i = 1; i < D; ++i) {
+          key += static_cast<uint64_t>(rem[k * D + i] - lo[i]) << shift[i];
+          step[rk[k * D + i]] = uint64_t(D) << shift[i];
+        }
+        for (int r = 0; r < D; ++r) {
+          keys[k * D + r] = key;
+          key += unit - step[d - r];
+        }
       }
-      for (int r = 0; r < D; ++r) {
-        keys[k * D + r] = key;
-        key += unit - step[d - r];
-      }
-    }
-  });
+    });
+    // Vertex ids in key order, and the CSR offsets.
+    vkey = vertex_ids(keys.data(), n_all, n, bits, reinterpret_cast<uint32_t*>(vid.data()), lat.start, threads);
+    lat.M = static_cast<int64_t>(vkey.size());
+  } else {
+    lat.M = hashed_vertices<d>(rem.data(), rk.data(), n_all, n, vid.data(), lat.start, lat.nbr, threads);
+  }
   rem = {};
   rk = {};
-  // Vertex ids in key order, and the CSR offsets.
-  Buffer<int32_t> vid(n);
-  const Buffer<uint64_t> vkey =
-      vertex_ids(keys.data(), n, bits, reinterpret_cast<uint32_t*>(vid.data()), lat.start, threads);
-  keys = {};
-  const int64_t M = static_cast<int64_t>(vkey.size());
-  lat.M = M;
+  vid.resize(n);
+  bary.resize(n);
+  const int64_t M = lat.M;
   // Pixel positions: raster order, or pixels by the id of their remainder-0 vertex, raster within one.
   const bool in_raster = M <= sort_above;
   lat.raster_order = in_raster;
@@ -475,6 +560,7 @@ void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t s
   // Blur neighbours along axis j: n1 = key - 1 on every coordinate + (d+1) on axis j, n2 = key - that
   // step, each found by one branch-free merge of the sorted keys with themselves shifted by the step.
   // Absent ones point at the zero row M.
+  if (!packed) return;
   lat.nbr.resize(D * M * 2);
   parallel_for(D * 2 * vparts, threads, [&](int64_t job) {
     const int j = static_cast<int>(job / (2 * vparts)), side = static_cast<int>(job / vparts % 2);
@@ -508,9 +594,9 @@ void build_lattice(Lattice& lat, const Buffer<float>& feat, int64_t N, int64_t s
   });
 }
 
-// norm = 1 / sqrt(K 1 + 1e-20), K 1 through the lattice with pydensecrf's scalar path (one
-// channel: the blur adds 0.5 (n1 + n2) in double).
-inline void compute_norm(Lattice& lat, int threads) {
+// K 1 (N, by position): the lattice filter of ones with pydensecrf's scalar path (one channel: the
+// blur adds 0.5 (n1 + n2) in double, the slice sums (w * v) * alpha).
+inline Buffer<float> filter_ones(const Lattice& lat, int threads) {
   const int64_t M = lat.M, N = lat.N;
   const int D = lat.d + 1;
   Buffer<float> vals(M + 1, 0.f), tmp(M + 1, 0.f);
@@ -530,13 +616,22 @@ inline void compute_norm(Lattice& lat, int threads) {
     vals.swap(tmp);
   }
   const float alpha = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-lat.d)));
-  lat.norm.resize(N);
+  Buffer<float> out(N);
   chunked(N, threads, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       float s = 0.f;
       for (int r = 0; r < D; ++r) s += lat.bary[k * D + r] * vals[lat.offset[k * D + r]] * alpha;
-      lat.norm[k] = static_cast<float>(1.0 / std::sqrt(double(s) + 1e-20));
+      out[k] = s;
     }
+  });
+  return out;
+}
+
+// norm = 1 / sqrt(K 1 + 1e-20) (pydensecrf's NORMALIZE_SYMMETRIC).
+inline void compute_norm(Lattice& lat, int threads) {
+  lat.norm = filter_ones(lat, threads);
+  chunked(lat.N, threads, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) lat.norm[k] = static_cast<float>(1.0 / std::sqrt(double(lat.norm[k]) + 1e-20));
   });
 }
 

@@ -16,7 +16,8 @@ To accelerate an unchanged official checkout, run its scripts through this modul
     python -m primaps_fast.official train.py <its usual arguments>      # also test.py, demo.py
 
 which calls :func:`install` (replaces the names of :data:`REPLACEMENTS` in the official modules) and
-then runs the script as ``__main__``. ``docs/official.md`` lists what is replaced, what cannot be
+then runs the script as ``__main__``; where pydensecrf does not import, ``primaps_fast.pydensecrf``
+stands in for it (the official ``crf.py`` imports it), so a checkout runs without pydensecrf. ``docs/official.md`` lists what is replaced, what cannot be
 replaced from outside (code written inline in the official scripts) and the measured speed-ups.
 
 Deliberate differences shared by every backend (``docs/design.md``): a deterministic
@@ -369,6 +370,20 @@ def uninstall() -> list:
     return restored
 
 
+def _stand_in_for_pydensecrf() -> None:
+    """The official ``crf.py`` imports pydensecrf: where it does not import (not installed, or a broken
+    build), ``primaps_fast.pydensecrf`` takes its place in this process, and the runner says so."""
+    try:
+        importlib.import_module("pydensecrf.densecrf")
+        importlib.import_module("pydensecrf.utils")
+    except ImportError as exc:
+        from primaps_fast import pydensecrf
+
+        pydensecrf.install()
+        print(f"primaps_fast.official: pydensecrf does not import ({exc}); primaps_fast.pydensecrf stands in "
+              "for it", file=sys.stderr)
+
+
 USAGE = "usage: python -m primaps_fast.official SCRIPT.py [ARGS...]   (e.g. train.py, test.py, demo.py)"
 
 
@@ -391,6 +406,7 @@ def main(argv=None) -> int:
             sys.path[0] = folder
         else:
             sys.path.insert(0, folder)
+    _stand_in_for_pydensecrf()
     replaced = install()
     print("primaps_fast.official: replaced " + (", ".join(replaced) if replaced else
           "nothing (no official primaps_modules importable from the script's folder)"), file=sys.stderr)
