@@ -69,8 +69,8 @@ struct Axis {
 
 // xs[(ys * K + k) * W + x] = the row pass of L[k, ys] at output column x, for one image L (K, h, w).
 // Always inlined: it runs inside the SIMD variants of the kernels (common.h).
-inline __attribute__((always_inline)) void width_pass(const float* L, int64_t K, int64_t h, int64_t w, const Axis& ax, int64_t W,
-                       std::vector<float>& xs) {
+inline __attribute__((always_inline)) void width_pass(const float* L, int64_t K, int64_t h, int64_t w,
+                                                      const Axis& ax, int64_t W, std::vector<float>& xs) {
   xs.resize(static_cast<size_t>(h * K * W));
   for (int64_t k = 0; k < K; ++k)
     for (int64_t ys = 0; ys < h; ++ys) {
