@@ -174,12 +174,13 @@ def _check_scores(scores: torch.Tensor, name: str) -> torch.Tensor:
     return scores
 
 
-def _norms_ok(v: torch.Tensor) -> torch.Tensor:
+def _norms_ok(v: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
     """0-d bool tensor (no host synchronisation): every row of ``(K, C)`` ``v`` has a finite, non-zero norm,
     so the weight norm ``g * v / |v|`` is defined (torch's float32 norm of a row of 1e-23 is 0, of 1e19
-    inf)."""
-    norms = v.norm(dim=1)
-    return (torch.isfinite(norms) & (norms > 0)).all()
+    inf), and, given ``g (K,)``, that weight is finite too (the norms computed once)."""
+    norms = v.norm(dim=1, keepdim=True)
+    ok = (torch.isfinite(norms) & (norms > 0)).all()
+    return ok if g is None else ok & torch.isfinite(g[:, None] * v / norms).all()
 
 
 def _fix_signs(directions: torch.Tensor) -> torch.Tensor:
@@ -535,8 +536,7 @@ class PriMaPsEM:
             grads = [torch.isfinite(p.grad).all() for p in (self.v, self.g)] + [torch.isfinite(loss).all()]
             adam = [torch.isfinite(t).all() for st in self.optimizer.state.values()
                     for key, t in st.items() if key != "step"]
-            head = [_norms_ok(self.v), _norms_ok(self.ema_v),
-                    torch.isfinite(self.weight()).all(), torch.isfinite(self.weight(ema=True)).all()]
+            head = [_norms_ok(self.v, self.g), _norms_ok(self.ema_v, self.ema_g)]
             return torch.stack([loss.detach().double().reshape(())]
                                + [torch.stack(flags).all().double() for flags in (grads, adam, head)])
 
