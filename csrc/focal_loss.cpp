@@ -13,6 +13,7 @@
 #include "common.h"
 
 #include <cmath>
+#include <cstring>
 
 #include "bilinear.h"
 #include "fast_exp.h"
@@ -22,63 +23,105 @@ namespace {
 
 using namespace primaps;
 
-// One output row y at a time, vectorised along the row: the upsampled scores u (K, W), their
-// exponentials e = exp(u - max) (K, W), the partition sums z (W) and the row maxima mx (W).
+// One output row y at a time, vectorised along the row: for the columns [x0, x0 + n) the upsampled
+// scores u (K, n), their exponentials e = exp(u - max) (K, n), the row maxima mx (n) and z (n) = 1 / the
+// partition sums. The one-pass kernel runs it on chunks of kChunk columns (bounded buffers at any width).
 struct RowSoftmax {
   std::vector<float> u, e, mx, z;
-  RowSoftmax(int64_t K, int64_t W) : u(K * W), e(K * W), mx(W), z(W) {}
+  // e has its rows padded to a multiple of 8 with zeros (transpose_probabilities reads them)
+  RowSoftmax(int64_t K, int64_t n) : u(K * n), e((K + 7) / 8 * 8 * n, 0.f), mx(n), z(n) {}
 
-  PRIMAPS_ALWAYS_INLINE void compute(const std::vector<float>& xs, const Axis& ay, int64_t y, int64_t K, int64_t W) {
+  PRIMAPS_ALWAYS_INLINE void compute(const std::vector<float>& xs, const Axis& ay, int64_t y, int64_t K, int64_t W,
+                                     int64_t x0, int64_t n) {
     const float h0 = ay.l0[y], h1 = ay.l1[y];
     float* __restrict mxp = mx.data();
     float* __restrict zp = z.data();
     for (int64_t k = 0; k < K; ++k) {
-      const float* __restrict a = xs.data() + (ay.i0[y] * K + k) * W;
-      const float* __restrict c = xs.data() + (ay.i1[y] * K + k) * W;
-      float* __restrict uk = u.data() + k * W;
-      for (int64_t x = 0; x < W; ++x) uk[x] = lerp(h0, a[x], h1, c[x]);
+      const float* __restrict a = xs.data() + (ay.i0[y] * K + k) * W + x0;
+      const float* __restrict c = xs.data() + (ay.i1[y] * K + k) * W + x0;
+      float* __restrict uk = u.data() + k * n;
+      for (int64_t x = 0; x < n; ++x) uk[x] = lerp(h0, a[x], h1, c[x]);
       if (k == 0) {
-        for (int64_t x = 0; x < W; ++x) mxp[x] = uk[x];
+        for (int64_t x = 0; x < n; ++x) mxp[x] = uk[x];
       } else {
-        for (int64_t x = 0; x < W; ++x) mxp[x] = uk[x] > mxp[x] ? uk[x] : mxp[x];
+        for (int64_t x = 0; x < n; ++x) mxp[x] = uk[x] > mxp[x] ? uk[x] : mxp[x];
       }
     }
-    for (int64_t x = 0; x < W; ++x) zp[x] = 0.f;
+    for (int64_t x = 0; x < n; ++x) zp[x] = 0.f;
     for (int64_t k = 0; k < K; ++k) {
-      const float* __restrict uk = u.data() + k * W;
-      float* __restrict ek = e.data() + k * W;
-      for (int64_t x = 0; x < W; ++x) {
+      const float* __restrict uk = u.data() + k * n;
+      float* __restrict ek = e.data() + k * n;
+      for (int64_t x = 0; x < n; ++x) {
         const float v = uk[x] - mxp[x];
         ek[x] = v > -87.0f ? v : -87.0f;  // exp(-87) ~ 1.6e-38: ~0 next to exp(0) = 1
       }
-      for (int64_t x = 0; x < W; ++x) ek[x] = exp_nonpositive(ek[x]);
-      for (int64_t x = 0; x < W; ++x) zp[x] += ek[x];
+      for (int64_t x = 0; x < n; ++x) ek[x] = exp_nonpositive(ek[x]);
+      for (int64_t x = 0; x < n; ++x) zp[x] += ek[x];
     }
-    for (int64_t x = 0; x < W; ++x) zp[x] = 1.f / zp[x];  // z holds 1 / sum from here on
+    for (int64_t x = 0; x < n; ++x) zp[x] = 1.f / zp[x];  // z holds 1 / sum from here on
+  }
+
+  // e (K, n) = the probabilities e * z, in place.
+  PRIMAPS_ALWAYS_INLINE void normalise(int64_t K, int64_t n) {
+    const float* __restrict zp = z.data();
+    for (int64_t k = 0; k < K; ++k) {
+      float* __restrict ek = e.data() + k * n;
+      for (int64_t x = 0; x < n; ++x) ek[x] *= zp[x];
+    }
   }
 };
+
+// Per-class sums of the probabilities over the pixels of one image, one rule for both kernels: per
+// (class, column), float32 sums of 8 rows at a time added to float64 ones, then the columns in order.
+struct ProbSums {
+  std::vector<float> part;
+  std::vector<double> acc;
+  int64_t K, W, rows = 0;
+  ProbSums(int64_t K, int64_t W) : part(K * W, 0.f), acc(K * W, 0.0), K(K), W(W) {}
+
+  // The probabilities p (K, n) of the columns [x0, x0 + n) of the current row.
+  PRIMAPS_ALWAYS_INLINE void add(const float* p, int64_t x0, int64_t n) {
+    for (int64_t k = 0; k < K; ++k) {
+      const float* __restrict pk = p + k * n;
+      float* __restrict sk = part.data() + k * W + x0;
+      for (int64_t x = 0; x < n; ++x) sk[x] += pk[x];
+    }
+  }
+  PRIMAPS_ALWAYS_INLINE void end_row() {
+    if (++rows % 8 == 0) flush();
+  }
+  PRIMAPS_ALWAYS_INLINE void flush() {
+    const float* __restrict sp = part.data();
+    double* __restrict ap = acc.data();
+    for (int64_t i = 0; i < K * W; ++i) ap[i] += static_cast<double>(sp[i]);
+    std::fill(part.begin(), part.end(), 0.f);
+  }
+  PRIMAPS_ALWAYS_INLINE void finish(double* S) {
+    flush();
+    for (int64_t k = 0; k < K; ++k) {
+      double sum = 0.0;
+      for (int64_t x = 0; x < W; ++x) sum += acc[k * W + x];
+      S[k] = sum;
+    }
+  }
+};
+
+constexpr int64_t kChunk = 128;  // columns per RowSoftmax of the one-pass kernel
 
 // Pass 1 of one image L (K, h, w): S (K,) = the sums over its pixels of softmax(up).
 PRIMAPS_ALWAYS_INLINE void confidence_body(const float* L, int64_t K, int64_t h, int64_t w, const Axis& ay,
                                            const Axis& ax, int64_t H, int64_t W, double* S) {
   std::vector<float> xs;
   RowSoftmax row(K, W);
-  std::vector<double> acc(static_cast<size_t>(K * W), 0.0);  // per (class, column) sums
+  ProbSums sums(K, W);
   width_pass(L, K, h, w, ax, W, xs);
   for (int64_t y = 0; y < H; ++y) {
-    row.compute(xs, ay, y, K, W);
-    const float* __restrict inv = row.z.data();
-    for (int64_t k = 0; k < K; ++k) {
-      const float* __restrict ek = row.e.data() + k * W;
-      double* __restrict ak = acc.data() + k * W;
-      for (int64_t x = 0; x < W; ++x) ak[x] += static_cast<double>(ek[x] * inv[x]);
-    }
+    row.compute(xs, ay, y, K, W, 0, W);
+    row.normalise(K, W);
+    sums.add(row.e.data(), 0, W);
+    sums.end_row();
   }
-  for (int64_t k = 0; k < K; ++k) {
-    double s = 0.0;
-    for (int64_t x = 0; x < W; ++x) s += acc[k * W + x];
-    S[k] = s;
-  }
+  sums.finish(S);
 }
 PRIMAPS_SIMD_FUNCTION(confidence_image, confidence_body)
 
@@ -125,7 +168,7 @@ PRIMAPS_ALWAYS_INLINE void grad_body(const float* L, const int64_t* tb, const fl
   width_pass(L, K, h, w, ax, W, xs);
   double acc = 0.0;
   for (int64_t y = 0; y < H; ++y) {
-    row.compute(xs, ay, y, K, W);
+    row.compute(xs, ay, y, K, W, 0, W);
     const float* inv = row.z.data();
     bool any = false;
     for (int64_t x = 0; x < W; ++x) {
@@ -174,6 +217,226 @@ PRIMAPS_ALWAYS_INLINE void grad_body(const float* L, const int64_t* tb, const fl
 }
 PRIMAPS_SIMD_FUNCTION(grad_image, grad_body)
 
+// y[0:n] += a * x[0:n].
+PRIMAPS_ALWAYS_INLINE void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
+
+// dT (n, Kp) = the probabilities p (K, n) of a row chunk transposed (Kp = K rounded up to 8; p's rows
+// padded with zeros to Kp), in 8 x 8 tiles of vector shuffles.
+typedef float f32x8 __attribute__((vector_size(32)));
+PRIMAPS_ALWAYS_INLINE void transpose_probabilities(const float* p, int64_t n, int64_t Kp, float* dT) {
+  const int64_t n8 = n / 8 * 8;
+  for (int64_t k0 = 0; k0 < Kp; k0 += 8) {
+    for (int64_t x0 = 0; x0 < n8; x0 += 8) {
+      f32x8 r[8], t[8], u[8];
+      for (int i = 0; i < 8; ++i) std::memcpy(&r[i], p + (k0 + i) * n + x0, sizeof r[i]);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+      }
+      for (int j = 0; j < 4; ++j) {
+        const f32x8 lo = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        const f32x8 hi = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+        std::memcpy(dT + (x0 + j) * Kp + k0, &lo, sizeof lo);
+        std::memcpy(dT + (x0 + j + 4) * Kp + k0, &hi, sizeof hi);
+      }
+    }
+    for (int64_t x = n8; x < n; ++x)
+      for (int64_t k = k0; k < k0 + 8; ++k) dT[x * Kp + k] = p[k * n + x];
+  }
+}
+
+// The classes present in each image's target, and its bad values: slot (B, K) int32 = the rank of class
+// c among the classes of image b's target, -1 where absent; bad (B,) int64 = the count of values neither
+// in [0, K) nor ignore_index. The first read of the target; the moments are kept for present classes only.
+void focal_target_classes(Int64Array target, int64_t ignore_index, Int32Array slot, Int64Array bad, int threads) {
+  check_ndim(target, 3, "target");
+  check_ndim(slot, 2, "slot");
+  check_ndim(bad, 1, "bad");
+  const int64_t B = target.shape(0), n = target.shape(1) * target.shape(2), K = slot.shape(1);
+  if (slot.shape(0) != B || bad.shape(0) != B) throw std::invalid_argument("slot/bad: expected (B, K) and (B,)");
+  const int64_t* T = target.data();
+  int32_t* Sl = slot.mutable_data();
+  int64_t* bp = bad.mutable_data();
+  py::gil_scoped_release release;
+  parallel_for(B, threads, [&](int64_t b) {
+    std::vector<uint8_t> seen(K, 0);
+    int64_t n_bad = 0;
+    for (const int64_t *t = T + b * n, *end = t + n; t != end; ++t) {
+      if (*t == ignore_index) continue;
+      if (*t < 0 || *t >= K)
+        ++n_bad;
+      else
+        seen[*t] = 1;
+    }
+    int32_t rank = 0;
+    for (int64_t c = 0; c < K; ++c) Sl[b * K + c] = seen[c] ? rank++ : -1;
+    bp[b] = n_bad;
+  });
+}
+
+// The one-pass form of image L (K, h, w) with target T (H, W), for when the class weights are not known
+// yet (they depend on the softmax sums of the whole batch): S (K,) as confidence_body (the same rule),
+// C (K,) with C[c] = the sum over the pixels of target c of CE, and, when M is not null, the moments
+// M (h, w, R, Kp) float32 with M[iy, ix, slot[c], k] = the sum over the pixels of target c of
+// tap(iy, ix) * (p_k - [k == c]) (R slots, Kp = K rounded up to 8, zeros beyond K), so that the
+// gradient of sum_pixels w_t * CE w.r.t. L[k, iy, ix] is sum_c w_c M[iy, ix, slot[c], k] (focal_combine).
+// Pixels whose target is ignore_index, outside [0, K) or without a slot contribute nothing (the caller
+// refuses bad targets: focal_target_classes).
+PRIMAPS_ALWAYS_INLINE void moments_body(const float* L, const int64_t* tb, const int32_t* slot, int64_t ignore_index,
+                                        int64_t K, int64_t R, int64_t h, int64_t w, const Axis& ay, const Axis& ax,
+                                        int64_t H, int64_t W, double* S, double* C, float* M) {
+  const int64_t Kp = (K + 7) / 8 * 8;
+  std::vector<float> xs, inv4(kChunk, 1.f), log_inv(kChunk), dT, ring;
+  // The moments of source rows `held` and held + 1 accumulate in a ring of two rows (cache-resident); a
+  // row is written to M once no later output row taps it.
+  const int64_t row_size = w * R * Kp;
+  int64_t held = 0;
+  auto write_row = [&](int64_t iy) {
+    float* part = ring.data() + (iy & 1) * row_size;
+    std::copy(part, part + row_size, M + iy * row_size);
+    std::fill(part, part + row_size, 0.f);
+  };
+  if (M != nullptr) {
+    dT.resize(static_cast<size_t>(kChunk * Kp));
+    ring.assign(static_cast<size_t>(2 * row_size), 0.f);
+  }
+  int64_t tc[kChunk];
+  RowSoftmax row(K, kChunk);
+  ProbSums sums(K, W);
+  width_pass(L, K, h, w, ax, W, xs);
+  for (int64_t k = 0; k < K; ++k) C[k] = 0.0;
+  for (int64_t y = 0; y < H; ++y) {
+    const int64_t iy0 = ay.i0[y], iy1 = ay.i1[y];
+    if (M != nullptr)
+      for (; held < iy0; ++held) write_row(held);
+    const float h0 = ay.l0[y], h1 = ay.l1[y];
+    float* r0 = ring.data() + (iy0 & 1) * row_size;
+    float* r1 = ring.data() + (iy1 & 1) * row_size;
+    for (int64_t x0 = 0; x0 < W; x0 += kChunk) {
+      const int64_t n = std::min(kChunk, W - x0);
+      row.compute(xs, ay, y, K, W, x0, n);
+      std::copy(row.z.begin(), row.z.begin() + n, inv4.begin());  // log(1 / sum), four lanes at a time
+      std::fill(inv4.begin() + n, inv4.end(), 1.f);
+      for (int64_t x = 0; x < kChunk; x += 4) store4(log_inv.data() + x, log_positive(load4(inv4.data() + x)));
+      const int64_t* tr = tb + y * W + x0;
+      for (int64_t x = 0; x < n; ++x) {
+        const int64_t t = tr[x];
+        tc[x] = t != ignore_index && t >= 0 && t < K && slot[t] >= 0 ? t : -1;
+        if (tc[x] >= 0) C[t] += static_cast<double>((row.mx[x] - log_inv[x]) - row.u[t * n + x]);  // lse - up_t
+      }
+      row.normalise(K, n);
+      sums.add(row.e.data(), x0, n);
+      if (M == nullptr) continue;
+      transpose_probabilities(row.e.data(), n, Kp, dT.data());
+      // p_t - 1 at the target, in a pass of its own: a vector load right after a scalar store to the same
+      // bytes would wait for the store
+      for (int64_t x = 0; x < n; ++x)
+        if (tc[x] >= 0) dT[x * Kp + tc[x]] -= 1.f;
+      for (int64_t x = 0; x < n; ++x) {
+        if (tc[x] < 0) continue;
+        const float* d = dT.data() + x * Kp;
+        const int64_t s = slot[tc[x]];
+        const int64_t c0 = (ax.i0[x0 + x] * R + s) * Kp, c1 = (ax.i1[x0 + x] * R + s) * Kp;
+        const float l0 = ax.l0[x0 + x], l1 = ax.l1[x0 + x];
+        axpy(r0 + c0, h0 * l0, d, Kp);
+        axpy(r0 + c1, h0 * l1, d, Kp);
+        axpy(r1 + c0, h1 * l0, d, Kp);
+        axpy(r1 + c1, h1 * l1, d, Kp);
+      }
+    }
+    sums.end_row();
+  }
+  if (M != nullptr)
+    for (; held < h; ++held) write_row(held);
+  sums.finish(S);
+}
+PRIMAPS_SIMD_FUNCTION(moments_image, moments_body)
+
+// One pass over the batch: sums (B, K) f64, class_loss (B, K) f64 and, when with_grad, moments
+// (B, h, w, R, Kp) f32 for the slots (B, K) of focal_target_classes (R >= the classes of any image).
+void focal_moments(FloatArray logits, Int64Array target, Int32Array slot, int64_t ignore_index, DoubleArray sums,
+                   DoubleArray class_loss, FloatArray moments, bool with_grad, int threads) {
+  check_ndim(logits, 4, "logits");
+  check_ndim(target, 3, "target");
+  check_ndim(slot, 2, "slot");
+  check_ndim(sums, 2, "sums");
+  check_ndim(class_loss, 2, "class_loss");
+  const int64_t B = logits.shape(0), K = logits.shape(1), h = logits.shape(2), w = logits.shape(3);
+  const int64_t H = target.shape(1), W = target.shape(2);
+  if (target.shape(0) != B || slot.shape(0) != B || slot.shape(1) != K || sums.shape(0) != B ||
+      sums.shape(1) != K || class_loss.shape(0) != B || class_loss.shape(1) != K)
+    throw std::invalid_argument("target/slot/sums/class_loss: shapes do not match logits");
+  if (K < 1 || h < 1 || w < 1 || H < 1 || W < 1) throw std::invalid_argument("focal_loss: empty input");
+  const int32_t* Sl = slot.data();
+  int64_t R = 0;
+  if (with_grad) {
+    check_ndim(moments, 5, "moments");
+    R = moments.shape(3);
+    const int64_t want[5] = {B, h, w, R, (K + 7) / 8 * 8};
+    for (int d = 0; d < 5; ++d)
+      if (moments.shape(d) != want[d]) throw std::invalid_argument("moments: expected (B, h, w, R, Kp)");
+    for (int64_t i = 0; i < B * K; ++i)
+      if (Sl[i] >= R) throw std::invalid_argument("slot: a slot beyond the moments' R");
+  }
+  const float* L = logits.data();
+  const int64_t* T = target.data();
+  double *Sp = sums.mutable_data(), *Cp = class_loss.mutable_data();
+  float* Mp = with_grad ? moments.mutable_data() : nullptr;
+  const Axis ay(h, H), ax(w, W);
+  py::gil_scoped_release release;
+  parallel_for(B, threads, [&](int64_t b) {
+    moments_image(L + b * K * h * w, T + b * H * W, Sl + b * K, ignore_index, K, R, h, w, ay, ax, H, W, Sp + b * K,
+                  Cp + b * K, Mp == nullptr ? nullptr : Mp + b * h * w * R * ((K + 7) / 8 * 8));
+  });
+}
+
+// grad (B, K, h, w) = sum_c weight[c] * moments[b, iy, ix, slot[b, c], k] / num_pixels over the classes
+// with a slot, summed in float64 (moments and slot as focal_moments and focal_target_classes write them).
+void focal_combine(FloatArray moments, Int32Array slot, FloatArray weight, double num_pixels, FloatArray grad,
+                   int threads) {
+  check_ndim(moments, 5, "moments");
+  check_ndim(slot, 2, "slot");
+  check_ndim(weight, 1, "weight");
+  check_ndim(grad, 4, "grad");
+  const int64_t B = moments.shape(0), h = moments.shape(1), w = moments.shape(2), R = moments.shape(3);
+  const int64_t Kp = moments.shape(4), K = weight.shape(0);
+  if (Kp != (K + 7) / 8 * 8 || slot.shape(0) != B || slot.shape(1) != K || grad.shape(0) != B ||
+      grad.shape(1) != K || grad.shape(2) != h || grad.shape(3) != w)
+    throw std::invalid_argument("moments/slot/weight/grad: expected (B, h, w, R, Kp), (B, K), (K,), (B, K, h, w)");
+  if (!(num_pixels > 0)) throw std::invalid_argument("num_pixels: must be > 0");
+  const float* Mp = moments.data();
+  const int32_t* Sl = slot.data();
+  for (int64_t i = 0; i < B * K; ++i)
+    if (Sl[i] >= R) throw std::invalid_argument("slot: a slot beyond the moments' R");
+  const float* Wt = weight.data();
+  float* G = grad.mutable_data();
+  py::gil_scoped_release release;
+  parallel_for(B, threads, [&](int64_t b) {
+    std::vector<double> acc(Kp);
+    const int32_t* sb = Sl + b * K;
+    for (int64_t j = 0; j < h * w; ++j) {
+      const float* m = Mp + (b * h * w + j) * R * Kp;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t c = 0; c < K; ++c) {
+        if (sb[c] < 0) continue;
+        const double wc = Wt[c];
+        const float* __restrict mc = m + sb[c] * Kp;
+        double* __restrict ap = acc.data();
+        for (int64_t k = 0; k < Kp; ++k) ap[k] += wc * static_cast<double>(mc[k]);
+      }
+      for (int64_t k = 0; k < K; ++k) G[(b * K + k) * h * w + j] = static_cast<float>(acc[k] / num_pixels);
+    }
+  });
+}
+
 // loss[b] = sum over pixels of image b of weight[t] * (lse - up_t); grad (B, K, h, w) or empty.
 void focal_loss_grad(FloatArray logits, Int64Array target, FloatArray weight, int64_t ignore_index,
                      DoubleArray loss, FloatArray grad, bool with_grad, int threads) {
@@ -214,6 +477,16 @@ static Registrar reg([](py::module_& m) {
   m.def("focal_class_weights", &focal_class_weights, py::arg("sums"), py::arg("num_pixels"),
         py::arg("gamma"), py::arg("weight"),
         "Focal class weights (1 - sum_b sums[b, k] / num_pixels) ** gamma, float32 (K,).");
+  m.def("focal_target_classes", &focal_target_classes, py::arg("target"), py::arg("ignore_index"), py::arg("slot"),
+        py::arg("bad"), py::arg("threads"),
+        "Slots (B, K) int32 of the classes present in each image's target and its bad-value counts (B,).");
+  m.def("focal_moments", &focal_moments, py::arg("logits"), py::arg("target"), py::arg("slot"),
+        py::arg("ignore_index"), py::arg("sums"), py::arg("class_loss"), py::arg("moments"), py::arg("with_grad"),
+        py::arg("threads"),
+        "One pass: softmax sums, per-class CE sums and the gradient moments (B, h, w, R, Kp).");
+  m.def("focal_combine", &focal_combine, py::arg("moments"), py::arg("slot"), py::arg("weight"),
+        py::arg("num_pixels"), py::arg("grad"), py::arg("threads"),
+        "The gradient (B, K, h, w) from the moments and the class weights, divided by num_pixels.");
   m.def("focal_loss_grad", &focal_loss_grad, py::arg("logits"), py::arg("target"), py::arg("weight"),
         py::arg("ignore_index"), py::arg("loss"), py::arg("grad"), py::arg("with_grad"),
         py::arg("threads"),

@@ -119,6 +119,52 @@ def test_bad_inputs():
             f(logits, target, ignore_index=ignore_index)
 
 
+def _blocky_target(B, K, H, W, rng):
+    """Pseudo-label-like targets: 8 x 8 blocks of one class, a fifth ignored."""
+    coarse = torch.randint(0, K, (B, 1, (H + 7) // 8, (W + 7) // 8), generator=rng).float()
+    t = F.interpolate(coarse, scale_factor=8, mode="nearest")[:, 0, :H, :W].long()
+    t[torch.rand(B, H, W, generator=rng) < 0.2] = IGNORE
+    return t
+
+
+@pytest.mark.parametrize("case", CASES + [(2, 9, 12, 10, 7, 5), (2, 27, 40, 40, 320, 320)])
+@pytest.mark.parametrize("kind", ["noise", "blocks"])
+def test_one_pass_matches_two_passes(case, kind, rng, monkeypatch):
+    """The one-pass kernel (gradient moments per target class, combined with the weights afterwards)
+    against the two-pass one (weights first) that runs when the moments would be too large: the same loss
+    and gradient to float32 rounding, and both the reference's (shapes include a downsampling one)."""
+    from primaps_fast.ops import focal_loss as op
+
+    B, K, h, w, H, W = case
+    logits = 3 * torch.randn(B, K, h, w, generator=rng)
+    target = make_target(B, K, H, W, rng) if kind == "noise" else _blocky_target(B, K, H, W, rng)
+    one = value_and_grad(primaps_fast.focal_loss, logits, target, backend="cpu")
+    monkeypatch.setattr(op, "MAX_MOMENT_BYTES", 0)
+    two = value_and_grad(primaps_fast.focal_loss, logits, target, backend="cpu")
+    assert_matches(one, two, rtol=2e-6)
+    assert_matches(one, value_and_grad(reference.focal_loss, logits, target))
+
+
+@pytest.mark.parametrize("two_passes", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_target_values_checked_by_the_kernel(two_passes, grad, rng, monkeypatch):
+    """The C++ path reads the target's values once, in its kernel; a bad one gets the message of the other
+    backends' checks, wherever it is, on either kernel."""
+    from primaps_fast.ops import focal_loss as op
+
+    if two_passes:
+        monkeypatch.setattr(op, "MAX_MOMENT_BYTES", 0)
+    logits = torch.randn(3, 4, 5, 5, generator=rng, requires_grad=grad)
+    for value, message in ((4, r"^target: class ids must be in \[0, 4\) or ignore_index=255$"),
+                           (-1, r"^target: negative ids \(other than ignore_index=255\) are not allowed$"),
+                           (254, r"^target: class ids must be in \[0, 4\)")):
+        for b, y, x in ((0, 0, 0), (2, 19, 18), (1, 7, 3)):
+            target = make_target(3, 4, 20, 19, rng)
+            target[b, y, x] = value
+            with pytest.raises(ValueError, match=message):
+                primaps_fast.focal_loss(logits, target, backend="cpu")
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case", [(2, 3, 3, 3, 12, 12), (3, 5, 3, 4, 10, 7)])
 def test_triton_matches_reference(case, rng):

@@ -17,8 +17,10 @@ def check_logits(logits: torch.Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name}: expected at least 2 classes (dim 1), got shape {tuple(logits.shape)}")
 
 
-def check_labels(labels: torch.Tensor, logits: torch.Tensor, name: str, ignore_index: int) -> None:
-    """``labels``: integer ``(B, H, W)`` matching the batch of ``logits``, no negative ids but ``ignore_index``."""
+def check_labels(labels: torch.Tensor, logits: torch.Tensor, name: str, ignore_index: int, *,
+                 values: bool = True) -> None:
+    """``labels``: integer ``(B, H, W)`` matching the batch of ``logits``, no negative ids but ``ignore_index``
+    (that value check, a pass over ``labels``, only with ``values``: ``check_label_values``)."""
     _dispatch.check_tensor(labels, name, ndim=3, integer=True)
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(f"{name}: batch size {labels.shape[0]} does not match logits batch size "
@@ -26,6 +28,12 @@ def check_labels(labels: torch.Tensor, logits: torch.Tensor, name: str, ignore_i
     if labels.device != logits.device:
         raise ValueError(f"{name}: on {labels.device}, but logits are on {logits.device}")
     _dispatch.check_int(ignore_index, "ignore_index")
+    if values:
+        check_label_values(labels, name, ignore_index)
+
+
+def check_label_values(labels: torch.Tensor, name: str, ignore_index: int) -> None:
+    """No negative id in ``labels`` but ``ignore_index``."""
     negative = labels < 0
     if ignore_index < 0:
         negative &= labels != ignore_index

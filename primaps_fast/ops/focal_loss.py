@@ -7,13 +7,21 @@ import torch
 
 from primaps_fast import _dispatch
 from primaps_fast.common import class_weights
-from primaps_fast.ops.assign_pseudo_labels import check_labels, check_logits
+from primaps_fast.ops.assign_pseudo_labels import check_label_values, check_labels, check_logits
 
 
 def check_gamma(gamma, name: str = "gamma") -> float:
     """The focal exponent: a finite number >= 0 (a negative one turns the weights of confident classes into
     infinities)."""
     return _dispatch.check_number(gamma, name, lo=0.0)
+
+
+def check_target_values(target: torch.Tensor, K: int, ignore_index: int) -> None:
+    """Every value of ``target`` a class id in ``[0, K)`` or ``ignore_index`` (two passes over it)."""
+    check_label_values(target, "target", ignore_index)
+    bad = (target != ignore_index) & ((target < 0) | (target >= K))
+    if bool(bad.any()):
+        raise ValueError(f"target: class ids must be in [0, {K}) or ignore_index={ignore_index}")
 
 
 def confidence_sums_cpu(logits: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -23,24 +31,55 @@ def confidence_sums_cpu(logits: torch.Tensor, H: int, W: int) -> torch.Tensor:
     return sums
 
 
+# The one-pass C++ kernel keeps (B, h, w, K, Kp) float32 moments of the gradient until the class weights are
+# known; above this many bytes the two-pass kernel runs instead (no buffer beyond the gradient).
+MAX_MOMENT_BYTES = 512 << 20
+
+
 @torch.library.custom_op("primaps_fast::focal_loss", mutates_args=(), device_types="cpu")
 def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int,
                    with_grad: bool, class_sums: Optional[torch.Tensor] = None,
                    num_pixels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The custom op; this is its C++ kernel (two fused passes) on float32 ``(B, K, h, w)`` logits and int64
-    ``(B, H, W)`` target: the float32 mean loss and its gradient w.r.t. the logits (``(0, 0, 0, 0)``
-    unless ``with_grad``). With ``class_sums`` (float64 ``(R, K)``, see ``focal_loss(class_stats=...)``) the class weights come
-    from them and the sums over pixels are divided by ``num_pixels`` instead of ``B*H*W``."""
-    B = logits.shape[0]
+    """The custom op; this is its C++ kernel on float32 ``(B, K, h, w)`` logits and int64 ``(B, H, W)``
+    target: the float32 mean loss and its gradient w.r.t. the logits (``(0, 0, 0, 0)`` unless
+    ``with_grad``). With ``class_sums`` (float64 ``(R, K)``, see ``focal_loss(class_stats=...)``) the class
+    weights come from them and the sums over pixels are divided by ``num_pixels`` instead of ``B*H*W``.
+
+    One pass over the pixels (``focal_moments``: softmax sums, per-class losses, gradient moments; the
+    target's values checked as they are read), then the gradient from the moments and the weights
+    (``focal_combine``); when the moments would exceed ``MAX_MOMENT_BYTES``, two passes (softmax sums,
+    then loss and gradient with the weights)."""
+    B, K, h, w = logits.shape
     H, W = target.shape[-2:]
+    cpp, threads = _dispatch.cpp(), _dispatch.num_threads()
+    Kp = (K + 7) // 8 * 8
+    if with_grad and B * h * w * K * Kp * 4 > MAX_MOMENT_BYTES:  # (sized for every class present)
+        check_target_values(target, K, ignore_index)
+        if class_sums is None:
+            class_sums, num_pixels = confidence_sums_cpu(logits, H, W), B * H * W
+        weight = class_weights(class_sums, num_pixels, gamma)
+        loss = torch.empty(B, dtype=torch.float64)
+        grad = torch.empty_like(logits)
+        cpp.focal_loss_grad(logits.numpy(), target.numpy(), weight.numpy(), ignore_index, loss.numpy(),
+                            grad.numpy(), True, threads)
+        return (loss.sum() / num_pixels).to(torch.float32), grad.div_(num_pixels)
+    slot, bad = torch.empty(B, K, dtype=torch.int32), torch.empty(B, dtype=torch.int64)
+    cpp.focal_target_classes(target.numpy(), ignore_index, slot.numpy(), bad.numpy(), threads)
+    if bool(bad.any()):
+        check_target_values(target, K, ignore_index)
+    slots = max(int((slot >= 0).sum(1).max()), 1)  # moments for the classes present in an image only
+    sums, class_loss = torch.empty(B, K, dtype=torch.float64), torch.empty(B, K, dtype=torch.float64)
+    moments = torch.empty((B, h, w, slots, Kp) if with_grad else (0, 0, 0, 0, 0))
+    cpp.focal_moments(logits.numpy(), target.numpy(), slot.numpy(), ignore_index, sums.numpy(), class_loss.numpy(),
+                      moments.numpy(), with_grad, threads)
     if class_sums is None:
-        class_sums, num_pixels = confidence_sums_cpu(logits, H, W), B * H * W
+        class_sums, num_pixels = sums, B * H * W
     weight = class_weights(class_sums, num_pixels, gamma)
-    loss = torch.empty(B, dtype=torch.float64)
+    loss = (class_loss.sum(0) * weight.double()).sum() / num_pixels
     grad = torch.empty_like(logits) if with_grad else torch.empty(0, 0, 0, 0)
-    _dispatch.cpp().focal_loss_grad(logits.numpy(), target.numpy(), weight.numpy(), ignore_index, loss.numpy(),
-                                    grad.numpy(), with_grad, _dispatch.num_threads())
-    return (loss.sum() / num_pixels).to(torch.float32), grad.div_(num_pixels)
+    if with_grad:
+        cpp.focal_combine(moments.numpy(), slot.numpy(), weight.numpy(), float(num_pixels), grad.numpy(), threads)
+    return loss.to(torch.float32), grad
 
 
 @_focal_loss_op.register_fake
@@ -93,21 +132,21 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
         scalar tensor ``mean over all B*H*W pixels of w_t * (logsumexp_k up_k - up_t)`` (0 at ignored
         pixels), with ``up`` the upsampled logits and the detached class weights
         ``w_k = (1 - mean over all pixels of softmax(up)_k) ** gamma``. Differentiable w.r.t. ``logits``
-        (the weights are constants). The C++ backend fuses the upsampling into two passes over the
-        pixels (confidences, then loss and gradient) and never stores ``(B, K, H, W)``.
+        (the weights are constants). The C++ backend fuses the upsampling into one pass over the pixels
+        (softmax sums, per-class losses and the gradient's per-class moments at feature resolution, the
+        target's values checked as it reads them) and never stores ``(B, K, H, W)``.
     """
     check_logits(logits)
-    check_labels(target, logits, "target", ignore_index)
+    check_labels(target, logits, "target", ignore_index, values=False)
     check_gamma(gamma)
     if class_stats is not None and not callable(class_stats):
         raise TypeError(f"class_stats: expected a callable or None, got {type(class_stats).__name__}")
     backend = _dispatch.choose_backend(backend, logits, target)
+    if backend != "cpu":  # the C++ kernel checks the values as it reads them
+        check_target_values(target, logits.shape[1], ignore_index)
     if backend == "reference":
         return _dispatch.reference("focal_loss")(logits, target, gamma=gamma, ignore_index=ignore_index,
                                                   class_stats=_checked(class_stats, logits.shape[1]))
-    bad = (target != ignore_index) & ((target < 0) | (target >= logits.shape[1]))
-    if bool(bad.any()):
-        raise ValueError(f"target: class ids must be in [0, {logits.shape[1]}) or ignore_index={ignore_index}")
     return _dispatch.kernel("focal_loss", backend)(logits, target, float(gamma), ignore_index,
                                                     _checked(class_stats, logits.shape[1]))
 
