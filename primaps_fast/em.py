@@ -24,8 +24,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from primaps_fast._dispatch import (BACKENDS, INT64_MAX, check_device, check_int, check_memory, check_number,
-                                    check_tensor)
+from primaps_fast._dispatch import (BACKENDS, INT64_MAX, all_finite, check_device, check_int, check_memory,
+                                    check_number, check_tensor)
 from primaps_fast.progress import progress
 
 _STATE_VERSION = 1
@@ -169,7 +169,7 @@ def _scores(weight: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
 def _check_scores(scores: torch.Tensor, name: str) -> torch.Tensor:
     """Non-finite features always give non-finite scores (every head row is non-zero), so checking the
     K-channel scores replaces a pass over the C-channel features."""
-    if not bool(torch.isfinite(scores).all()):
+    if not all_finite(scores):
         raise ValueError(f"{name}: contains NaN or Inf (or values so large that the class scores overflow)")
     return scores
 
@@ -677,6 +677,6 @@ def _state_tensor(x, name: str, shape: tuple) -> torch.Tensor:
         raise ValueError(f"sd: {name} has shape {tuple(x.shape)}, expected {shape}")
     if x.dtype != torch.float32:
         raise ValueError(f"sd: {name} has dtype {x.dtype}, expected torch.float32")
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError(f"sd: {name} contains NaN or Inf")
     return x

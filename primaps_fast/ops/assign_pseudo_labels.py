@@ -18,9 +18,9 @@ def check_logits(logits: torch.Tensor, name: str = "logits") -> None:
 
 
 def check_labels(labels: torch.Tensor, logits: torch.Tensor, name: str, ignore_index: int, *,
-                 values: bool = True) -> None:
+                 values: bool = True):
     """``labels``: integer ``(B, H, W)`` matching the batch of ``logits``, no negative ids but ``ignore_index``
-    (that value check, a pass over ``labels``, only with ``values``: ``check_label_values``)."""
+    (that value check only with ``values``: ``check_label_values``, whose largest id it returns)."""
     _dispatch.check_tensor(labels, name, ndim=3, integer=True)
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(f"{name}: batch size {labels.shape[0]} does not match logits batch size "
@@ -28,27 +28,34 @@ def check_labels(labels: torch.Tensor, logits: torch.Tensor, name: str, ignore_i
     if labels.device != logits.device:
         raise ValueError(f"{name}: on {labels.device}, but logits are on {logits.device}")
     _dispatch.check_int(ignore_index, "ignore_index")
-    if values:
-        check_label_values(labels, name, ignore_index)
+    return check_label_values(labels, name, ignore_index) if values else None
 
 
-def check_label_values(labels: torch.Tensor, name: str, ignore_index: int) -> None:
-    """No negative id in ``labels`` but ``ignore_index``."""
+def check_label_values(labels: torch.Tensor, name: str, ignore_index: int) -> int:
+    """No negative id in ``labels`` but ``ignore_index``; returns the largest id (-1 if empty). One min/max
+    pass over ``labels``, and a second one only when a negative value is there."""
+    if labels.numel() == 0:
+        return -1
+    lo, hi = (int(v) for v in torch.stack(torch.aminmax(labels)).tolist())
+    if lo >= 0:
+        return hi
     negative = labels < 0
     if ignore_index < 0:
         negative &= labels != ignore_index
     if bool(negative.any()):
         raise ValueError(f"{name}: negative ids (other than ignore_index={ignore_index}) are not allowed")
+    return hi
 
 
-def dense_ids(mask_ids: torch.Tensor, ignore_index: int):
-    """``(ids, ignore, num_ids)``: int64 ids in ``[0, num_ids)`` at every pixel not equal to ``ignore``.
+def dense_ids(mask_ids: torch.Tensor, ignore_index: int, max_id: int):
+    """``(ids, ignore, num_ids)``: int64 ids in ``[0, num_ids)`` at every pixel not equal to ``ignore``, from
+    ``mask_ids`` whose largest value is ``max_id``.
 
     Ids are used as they are when small; otherwise they are renumbered per batch (``torch.unique``) and
     unassigned pixels get ``-1``.
     """
     ids = mask_ids.to(torch.int64).contiguous()
-    num_ids = int(ids.max()) + 1
+    num_ids = max_id + 1
     if num_ids <= max(_MAX_DIRECT_IDS, ids[0].numel()):
         return ids, ignore_index, max(num_ids, 1)
     keep = ids != ignore_index
@@ -107,12 +114,12 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore
         two upsampled scores agree to float32 rounding may take the other class than PyTorch's kernel.
     """
     check_logits(logits)
-    check_labels(mask_ids, logits, "mask_ids", ignore_index)
+    max_id = check_labels(mask_ids, logits, "mask_ids", ignore_index)
     backend = _dispatch.choose_backend(backend, logits, mask_ids)
     if backend == "reference":
         return _dispatch.reference("assign_pseudo_labels")(logits, mask_ids, ignore_index=ignore_index)
     x = logits.detach().to(torch.float32).contiguous()
-    ids, ignore, num_ids = dense_ids(mask_ids, ignore_index)
+    ids, ignore, num_ids = dense_ids(mask_ids, ignore_index, max_id)
     out = _dispatch.kernel("assign_pseudo_labels", backend)(x, ids, num_ids, ignore)
     if ignore != ignore_index:
         out[ids == ignore] = ignore_index

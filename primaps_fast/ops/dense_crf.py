@@ -242,7 +242,7 @@ def dense_crf(images: torch.Tensor, logits: torch.Tensor, *, iterations: int = 1
     x = logits.detach().float()
     if tuple(x.shape[-2:]) != (H, W):
         x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
-    if not bool(torch.isfinite(x).all()):
+    if not _dispatch.all_finite(x):
         raise ValueError("logits: values beyond the float32 range (the CRF computes in float32; |logits| must "
                          "stay below ~3.4e38)")
     probs = torch.softmax(x, dim=1)
