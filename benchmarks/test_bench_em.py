@@ -53,6 +53,19 @@ def test_em_step(benchmark, batch, provider):
                       unit="step", rounds=1 if provider == "reference" else 5)
 
 
+@pytest.mark.benchmark(group="PriMaPs-EM step 32 x 320x320, 384x40x40, K=27 (the training default)")
+def test_em_step_batch32(benchmark, request):
+    """The C++ step at the training's default batch (the reference's would need ~20 GB here): what the
+    README's estimate of 50 CPU epochs is made of."""
+    b = 4 if benchmark.disabled else 32
+    scenes = make_scenes(b, image_size=320, dim=DIM, seed=4)
+    masks = primaps_fast.pseudo_labels(scenes.images, scenes.features, crf=False)
+    student = scenes.features + 0.1 * torch.randn(scenes.features.shape, generator=torch.Generator().manual_seed(5))
+    em = _model("cpu", torch.randn(K, DIM, generator=torch.Generator().manual_seed(3)))
+    time_side_by_side(benchmark, lambda: em.step(scenes.features, masks, student), case="em_step_b32",
+                      provider="cpu", unit="step", rounds=5)
+
+
 ISAS = ("scalar", "avx2", "avx512")
 
 
@@ -78,28 +91,60 @@ def test_em_step_isa(benchmark, batch, isa):
         print(f"\nEM step, {isa}: {speedup:.2f}x the scalar (SSE2) variant")
 
 
-@pytest.mark.benchmark(group="PriMaPs-EM step B x 320x320, K=27: the floors of its parts")
-@pytest.mark.parametrize("floor", ["exp", "masks", "gemm"])
-def test_em_step_floors(benchmark, batch, floor):
-    """What bounds each part of a step, on the same sizes: one ``exp`` pass over the B x K x H x W upsampled
-    logits (the focal loss's softmax), one read of the masks (the E-step's vote), and the heads' three
-    products (teacher and student scores, the weight's gradient) at the BLAS's speed on every thread."""
-    feats, masks, student, _ = batch
+# Each part of a step after the floor that bounds it (the order of the parameters is the order they run):
+# one exp pass over the B x K x H x W upsampled logits for the focal loss's forward and backward, one read
+# of the masks for the E-step, the heads' three products at the BLAS's speed on every thread for the heads.
+PARTS = [("exp", None), ("focal", "exp"), ("masks", None), ("estep", "masks"), ("gemm", None), ("heads", "gemm")]
+
+
+@pytest.mark.benchmark(group="PriMaPs-EM step B x 320x320, K=27: its parts and their floors")
+@pytest.mark.parametrize("part,floor", PARTS, ids=[p for p, _ in PARTS])
+def test_em_step_parts(benchmark, batch, part, floor):
+    """The C++ step's parts, each timed after its floor on the same sizes: the ratio part / floor is what
+    issue 26 asks to keep within 2x."""
+    from primaps_fast.em import _scores
+
+    feats, masks, student, protos = batch
     B, C, h, w = feats.shape
-    if floor == "exp":
+    em = _model("cpu", protos)
+    with torch.no_grad():
+        teacher = _scores(em.weight(ema=True), feats)
+        labels = primaps_fast.assign_pseudo_labels(teacher, masks)
+    if part == "exp":
         logits = torch.randn(B * K * masks.shape[1] * masks.shape[2])
         out = torch.empty_like(logits)
         fn = lambda: torch.exp(logits, out=out)  # noqa: E731
-    elif floor == "masks":
+    elif part == "masks":
         fn = lambda: masks.max()  # noqa: E731
-    else:
+    elif part == "gemm":
         weight, grad = torch.randn(K, C), torch.randn(B, K, h * w)
         x, y = feats.reshape(B, C, h * w), student.reshape(B, C, h * w)
 
         def fn():
             torch.matmul(weight, x), torch.matmul(weight, y)
             return torch.matmul(grad, y.transpose(1, 2)).sum(0)
-    time_side_by_side(benchmark, fn, case="em_step_floors", provider=floor, unit="step", rounds=5)
+    elif part == "focal":
+        scores = _scores(em.weight(), student).detach()
+
+        def fn():
+            x = scores.clone().requires_grad_(True)
+            primaps_fast.focal_loss(x, labels).backward()
+    elif part == "estep":
+        fn = lambda: primaps_fast.assign_pseudo_labels(teacher, masks)  # noqa: E731
+    else:
+        weight = em.weight().detach().requires_grad_(True)
+        grad = torch.randn(B, K, h, w)
+
+        def fn():
+            with torch.no_grad():
+                _scores(weight, feats)
+            _scores(weight, student).backward(grad)
+    case = f"em_step_part_{floor or part}"
+    speedup = time_side_by_side(benchmark, fn, case=case, provider=part, unit="step", rounds=5,
+                                baseline=floor or part)
+    if speedup is not None:
+        benchmark.extra_info["times_the_floor"] = 1 / speedup
+        print(f"\n{part}: {1 / speedup:.2f}x its floor ({floor})")
 
 
 # Peak memory of one batch-8 step, each provider in a fresh process: the peak RSS (VmHWM) after the inputs
