@@ -22,6 +22,10 @@ using namespace primaps;
 PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t* ob, int64_t num_ids,
                                       int64_t ignore_index, int64_t K, int64_t h, int64_t w, const Axis& ay,
                                       const Axis& ax, int64_t H, int64_t W) {
+  // The image's ids are checked before any of its pixels is written: never index past the table.
+  for (int64_t i = 0; i < H * W; ++i)
+    if (mb[i] != ignore_index && (mb[i] < 0 || mb[i] >= num_ids))
+      throw std::invalid_argument("mask_ids: id out of range [0, num_ids)");
   std::vector<float> xs;
   width_pass(L, K, h, w, ax, W, xs);
   // Mask ids present in this image get a dense slot; slot -> K-class histogram.
@@ -81,10 +85,6 @@ void assign_pseudo_labels(FloatArray logits, Int64Array mask_ids, Int64Array out
   const float* L = logits.data();
   const int64_t* M = mask_ids.data();
   int64_t* O = out.mutable_data();
-  // Ids are checked before any pixel is written: never index past the table.
-  for (int64_t i = 0, n = B * H * W; i < n; ++i)
-    if (M[i] != ignore_index && (M[i] < 0 || M[i] >= num_ids))
-      throw std::invalid_argument("mask_ids: id out of range [0, num_ids)");
   const Axis ay(h, H), ax(w, W);
   {
     py::gil_scoped_release release;

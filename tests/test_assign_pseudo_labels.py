@@ -225,3 +225,17 @@ def test_cuda_custom_op(rng):
     ids = torch.randint(0, 7, (2, 20, 24), generator=rng)
     ids[:, :3] = 255
     torch.library.opcheck(torch.ops.primaps_fast.assign_pseudo_labels.default, (logits, ids.cuda(), 7, 255))
+
+
+def test_kernel_refuses_ids_beyond_its_table(rng):
+    """The C++ kernel checks each image's ids before it writes any of its pixels (in the image's worker):
+    an id past num_ids is an error, never a read past the table."""
+    from primaps_fast._dispatch import cpp
+
+    logits = torch.randn(3, 4, 5, 5, generator=rng)
+    for bad in (7, -2):
+        ids = torch.randint(0, 7, (3, 10, 10), generator=rng)
+        ids[2, 9, 9] = bad
+        out = torch.empty_like(ids)
+        with pytest.raises(ValueError, match=r"^mask_ids: id out of range \[0, num_ids\)$"):
+            cpp().assign_pseudo_labels(logits.numpy(), ids.numpy(), out.numpy(), 7, 255, 2)
