@@ -5,8 +5,10 @@
 // bilinear.h, shared with the CUDA kernel): width inside, height outside, no FMA. PyTorch's own kernel
 // may contract some of these into FMAs depending on the CPU, so the argmax agrees with
 // F.interpolate(...).argmax(1) except at pixels whose top two scores tie to float32 rounding. Ties:
-// argmax.h (the first class of the pixel's maximum, the smallest class of the mask's majority). The
-// per-image pass is compiled for SSE2, AVX2 and AVX-512F, the best run (common.h): the same labels.
+// argmax.h (the first class of the pixel's maximum, the smallest class of the mask's majority). Where
+// one class wins a whole source cell by a margin above float32 rounding (cell_winners), its pixels are
+// not upsampled at all: in smooth score maps most are, and the pass is then mostly a read of the masks.
+// The per-image pass is compiled for SSE2, AVX2 and AVX-512F, the best run (common.h): the same labels.
 #include "common.h"
 
 #include <cmath>
@@ -18,16 +20,47 @@ namespace {
 
 using namespace primaps;
 
+// The class that wins every pixel of each source cell (a, b), or -1: (h, w) for an image L (K, h, w). A
+// pixel whose taps are rows {a, a + 1} and columns {b, b + 1} (clamped) upsamples each class to a convex
+// combination of its four corners, computed with two rounded lerps: within ~7 float32 ulps of the largest
+// corner magnitude of the corners' range. A class whose smallest corner exceeds the largest corner of
+// every other class by 2^-19 (32 ulps) of the cell's largest magnitude wins all of its pixels.
+PRIMAPS_ALWAYS_INLINE void cell_winners(const float* L, int64_t K, int64_t h, int64_t w, int32_t* win) {
+  constexpr float kMargin = 1.0f / (1 << 19);
+  for (int64_t a = 0; a < h; ++a)
+    for (int64_t b = 0; b < w; ++b) {
+      const int64_t a1 = a + 1 < h ? a + 1 : a, b1 = b + 1 < w ? b + 1 : b;
+      int32_t top = 0;  // the class with the largest smallest corner (the first one on ties)
+      float top_lo = 0.f, top_hi = 0.f, other_hi = -INFINITY, magnitude = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float* P = L + k * h * w;
+        const float c0 = P[a * w + b], c1 = P[a * w + b1], c2 = P[a1 * w + b], c3 = P[a1 * w + b1];
+        const float lo = std::min(std::min(c0, c1), std::min(c2, c3));
+        const float hi = std::max(std::max(c0, c1), std::max(c2, c3));
+        magnitude = std::max(magnitude, std::max(std::fabs(lo), std::fabs(hi)));
+        if (k == 0) {
+          top_lo = lo, top_hi = hi;
+        } else if (lo > top_lo) {
+          other_hi = std::max(other_hi, top_hi);
+          top = static_cast<int32_t>(k), top_lo = lo, top_hi = hi;
+        } else {
+          other_hi = std::max(other_hi, hi);
+        }
+      }
+      win[a * w + b] = K == 1 || top_lo - other_hi > kMargin * magnitude + 1e-30f ? top : -1;
+    }
+}
+
 // One image: logits L (K, h, w), mask ids mb (H, W) -> ob (H, W) the majority class of each id's pixels.
+// Pixels of a cell with a winner take it; the others get the argmax of their upsampled scores, vectorised
+// along runs of such pixels.
 PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t* ob, int64_t num_ids,
                                       int64_t ignore_index, int64_t K, int64_t h, int64_t w, const Axis& ay,
                                       const Axis& ax, int64_t H, int64_t W) {
-  // The image's ids are checked before any of its pixels is written: never index past the table.
-  for (int64_t i = 0; i < H * W; ++i)
-    if (mb[i] != ignore_index && (mb[i] < 0 || mb[i] >= num_ids))
-      throw std::invalid_argument("mask_ids: id out of range [0, num_ids)");
   std::vector<float> xs;
   width_pass(L, K, h, w, ax, W, xs);
+  std::vector<int32_t> win(static_cast<size_t>(h * w));
+  cell_winners(L, K, h, w, win.data());
   // Mask ids present in this image get a dense slot; slot -> K-class histogram.
   std::vector<int32_t> slot(static_cast<size_t>(num_ids), -1);
   std::vector<int64_t> hist;
@@ -35,29 +68,43 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
   std::vector<float> best(static_cast<size_t>(W));  // class id as float (exact below 2^24), so the
                                                     // selects stay float and the loop vectorises
   for (int64_t y = 0; y < H; ++y) {
-    // Argmax over classes of the upsampled row, vectorised along the row (first maximum wins).
+    const int32_t* wr = win.data() + ay.i0[y] * w;
     const float hy0 = ay.l0[y], hy1 = ay.l1[y];
-    float* __restrict bv = best_v.data();
-    float* __restrict bi = best.data();
-    for (int64_t k = 0; k < K; ++k) {
-      const float* __restrict a = xs.data() + (ay.i0[y] * K + k) * W;
-      const float* __restrict c = xs.data() + (ay.i1[y] * K + k) * W;
-      const float kk = static_cast<float>(k);
-      if (k == 0) {
-        for (int64_t x = 0; x < W; ++x) bv[x] = lerp(hy0, a[x], hy1, c[x]), bi[x] = 0.f;
+    for (int64_t x0 = 0; x0 < W;) {
+      if (wr[ax.i0[x0]] >= 0) {
+        best[x0] = static_cast<float>(wr[ax.i0[x0]]);
+        ++x0;
         continue;
       }
-      for (int64_t x = 0; x < W; ++x) keep_first_max(lerp(hy0, a[x], hy1, c[x]), kk, bv[x], bi[x]);
+      int64_t x1 = x0 + 1;
+      while (x1 < W && wr[ax.i0[x1]] < 0) ++x1;
+      // Argmax over classes of the upsampled pixels [x0, x1), vectorised along them (first maximum wins).
+      float* __restrict bv = best_v.data() + x0;
+      float* __restrict bi = best.data() + x0;
+      const int64_t n = x1 - x0;
+      for (int64_t k = 0; k < K; ++k) {
+        const float* __restrict a = xs.data() + (ay.i0[y] * K + k) * W + x0;
+        const float* __restrict c = xs.data() + (ay.i1[y] * K + k) * W + x0;
+        const float kk = static_cast<float>(k);
+        if (k == 0) {
+          for (int64_t x = 0; x < n; ++x) bv[x] = lerp(hy0, a[x], hy1, c[x]), bi[x] = 0.f;
+          continue;
+        }
+        for (int64_t x = 0; x < n; ++x) keep_first_max(lerp(hy0, a[x], hy1, c[x]), kk, bv[x], bi[x]);
+      }
+      x0 = x1;
     }
     for (int64_t x = 0; x < W; ++x) {
       const int64_t id = mb[y * W + x];
       if (id == ignore_index) continue;
+      if (id < 0 || id >= num_ids)  // before any pixel of the image is written: never past the table
+        throw std::invalid_argument("mask_ids: id out of range [0, num_ids)");
       int32_t& s = slot[static_cast<size_t>(id)];
       if (s < 0) {
         s = static_cast<int32_t>(hist.size() / K);
         hist.resize(hist.size() + K, 0);
       }
-      ++hist[static_cast<size_t>(s) * K + static_cast<int64_t>(bi[x])];
+      ++hist[static_cast<size_t>(s) * K + static_cast<int64_t>(best[x])];
     }
   }
   // Majority per slot, the first (smallest) class on ties.

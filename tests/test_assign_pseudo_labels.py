@@ -239,3 +239,40 @@ def test_kernel_refuses_ids_beyond_its_table(rng):
         out = torch.empty_like(ids)
         with pytest.raises(ValueError, match=r"^mask_ids: id out of range \[0, num_ids\)$"):
             cpp().assign_pseudo_labels(logits.numpy(), ids.numpy(), out.numpy(), 7, 255, 2)
+
+
+def _smooth_logits_with_near_ties(B, K, h, w, rng):
+    """Smooth class maps (most source cells won by one class) with cells where two classes are within
+    1e-7..1e-5 of each other or of the kernel's margin, and some equal corners."""
+    coarse = torch.randn(B, K, 3, 3, generator=rng) * 4
+    logits = F.interpolate(coarse, (h, w), mode="bilinear", align_corners=False)
+    top2 = logits.topk(2, dim=1)
+    first, second = top2.indices[:, 0], top2.indices[:, 1]
+    pick = torch.rand(B, h, w, generator=rng) < 0.3
+    gaps = torch.tensor([0.0, 1e-7, 1e-6, 2e-6, 5e-6, 1e-5, -1e-6])
+    gap = gaps[torch.randint(0, len(gaps), (B, h, w), generator=rng)]
+    lead = logits.gather(1, first[:, None])[:, 0]
+    near = lead * (1 - gap) - gap.abs() * 1e-3
+    logits.scatter_(1, second[:, None], torch.where(pick, near, logits.gather(1, second[:, None])[:, 0])[:, None])
+    return logits.contiguous()
+
+
+@pytest.mark.parametrize("case", [(2, 27, 20, 20, 160, 160), (3, 5, 9, 7, 40, 33), (2, 7, 12, 12, 12, 12)])
+def test_cells_won_by_one_class_keep_the_upsampled_argmax(case, rng):
+    """The kernel skips the upsampling of source cells that one class wins by more than float32 rounding
+    (cell_winners): on smooth maps with near-ties planted around that margin, the per-pixel labels are still
+    the upsampled argmax (per-pixel masks), and the same as the Triton kernel's, which upsamples every pixel."""
+    B, K, h, w, H, W = case
+    logits = _smooth_logits_with_near_ties(B, K, h, w, rng)
+    ids = torch.arange(H * W).view(1, H, W).repeat(B, 1, 1)
+    got = primaps_fast.assign_pseudo_labels(logits, ids, ignore_index=-1, backend="cpu")
+    up = F.interpolate(logits.double(), (H, W), mode="bilinear", align_corners=False)
+    top2 = up.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-5 * top2[:, 0].abs().clamp_min(1)
+    assert 0.3 < clear.float().mean() < 0.999  # the planted near-ties are there
+    assert torch.equal(got[clear], up.argmax(1)[clear])
+    masks = make_masks(B, H, W, rng)
+    assert torch.equal(primaps_fast.assign_pseudo_labels(logits, masks, backend="cpu"),
+                       reference.assign_pseudo_labels(logits, masks))
+    if triton_available():
+        assert torch.equal(got, primaps_fast.assign_pseudo_labels(logits, ids, ignore_index=-1, backend="triton"))
