@@ -145,13 +145,15 @@ def chebyshev_degree(res, theta, low):
 def chebyshev_filter(A, U, AU, degree, low):
     """T_d(2 A / low - I) U (B, C, k) with d = degree[b] in 1..MAX_DEGREE where positive, given AU = A U:
     MAX_DEGREE - 1 steps of four launches each whatever the degrees; a step past d leaves the image."""
-    s = (2.0 / torch.where(degree > 0, low, 1.0))[:, None, None]
-    Y0, Y1 = U, s * AU - U
-    for j in range(2, MAX_DEGREE + 1):
-        m = (degree >= j).to(A.dtype)[:, None, None]
+    s = 2.0 / torch.where(degree > 0, low, 1.0)
+    j = torch.arange(2, MAX_DEGREE + 1, device=A.device)
+    m = (degree[None, :] >= j[:, None]).to(A.dtype)  # (steps, B): 1 where step j applies
+    g = 2.0 * s * m
+    Y0, Y1 = U, s[:, None, None] * AU - U
+    for i in range(MAX_DEGREE - 1):
         # m = 1: Y2 = 2 (s A Y1 - Y1) - Y0 = A (2 s Y1) - 2 Y1 - Y0; m = 0: Y2 = Y1
-        rest = torch.addcmul(Y1, m, torch.add(Y0, Y1, alpha=3.0), value=-1.0)
-        Y0, Y1 = Y1, torch.baddbmm(rest, A, (2.0 * m * s) * Y1)
+        rest = torch.addcmul(Y1, m[i, :, None, None], torch.add(Y0, Y1, alpha=3.0), value=-1.0)
+        Y0, Y1 = Y1, torch.baddbmm(rest, A, g[i, :, None, None] * Y1)
     return Y1
 
 
