@@ -245,6 +245,41 @@ def labels_agree(got, want, min_fraction):
     return frac >= min_fraction, f"{100 * frac:.3f}% labels equal"
 
 
+def triton_syncs(ck, feats):
+    """A note: the host synchronisations of one call of the Triton proposals (torch's sync debug mode:
+    a warning each; not counted on the CPU) and its rounds (launches of the selection kernel)."""
+    import warnings
+
+    import torch
+
+    from primaps_fast.common import DEFAULT_MAX_MASKS
+    from primaps_fast.triton import principal_masks as pm
+
+    rounds, cls = [], type(pm._select_kernel)
+    run = cls.run
+
+    def counted(self, *args, **kwargs):
+        rounds.append(self.fn.__name__ == "_select_kernel")
+        return run(self, *args, **kwargs)
+
+    cls.run = counted
+    cuda = ck.device.type == "cuda"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            pm.principal_masks_triton(feats, 0.4, 0.95, DEFAULT_MAX_MASKS)
+    finally:
+        cls.run = run
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    if not cuda:
+        return f"Triton: {sum(rounds)} rounds (host synchronisations: counted on a GPU only)"
+    return f"Triton: {syncs} host synchronisations in {sum(rounds)} rounds (torch's sync debug mode)"
+
+
 def images_per_s(B):
     return lambda ms: f"{B / ms * 1e3:.0f} images/s"
 
@@ -296,6 +331,8 @@ def stages(ck: Check, B: int):
     if B == ck.target_batch:
         ck.judge(row, f"proposals at batch {B} >= 4000 images/s", images_per_s(B),
                  lambda b, ms: B / ms * 1e3 >= 4000)
+    if "triton" in row.ms:
+        row.notes.append(triton_syncs(ck, feats))
     masks, counts = to(dev, want.masks, want.counts)
     M = masks.shape[1]
 
