@@ -13,7 +13,8 @@ goes on), until every image has stopped:
   Rayleigh-Ritz step), warm-started from the last round's Ritz vectors, until the image passes the C++
   backend's convergence test ``||A u - theta u|| <= 1e-7 theta``. The Chebyshev degree, the test and the
   degenerate-covariance rule restate ``csrc/principal_masks.h``;
-- one host synchronisation per round (``active.any()``), whatever the batch and the features: each
+- one host read per round (``active.any()``), whatever the batch and the features (on CUDA,
+  ``torch.linalg.eigh`` also checks its error flags on the host: a fixed number per round too): each
   round runs a fixed schedule, ``CHUNK_ITERATIONS`` Rayleigh-Ritz steps with ``MAX_DEGREE - 1``
   Chebyshev steps after each but the last, masked per image (a step past an image's degree leaves it as
   it is). An image whose solve needs more steps proposes nothing this round and goes on from its Ritz
@@ -162,7 +163,7 @@ def top_vectors(A, V, todo, steps):
     PSD A[b] (B, C, C) float64 where todo[b], from the block V (B, C, k), which is updated in place to
     the latest Ritz vectors (the next round's start). steps (B,) int64 counts the steps of each image's
     solve, MAX_EIG_ITERATIONS at most (in place; back to 0 when it ends). Returns (v, done): the top
-    eigenvector (B, C) where the solve ended, else 0, and done (B,) bool. Fixed launches, no sync."""
+    eigenvector (B, C) where the solve ended, else 0, and done (B,) bool. Fixed launches, no host read."""
     B, C, k = V.shape
     v = torch.zeros(B, C, dtype=A.dtype, device=A.device)
     ended = torch.zeros(B, dtype=torch.bool, device=A.device)
