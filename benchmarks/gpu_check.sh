@@ -10,7 +10,8 @@
 #                                               this GPU's); it builds only when they do not import
 #   benchmarks/gpu_check.sh OUT_DIR --dry-run   without a GPU: CPU build, Triton interpreted, tiny shapes,
 #                                               the op tests of the CUDA work only, no CUDA column
-# GPU_CHECK_TESTS (paths, space-separated) replaces the tests run on the GPU (default: all of tests/);
+# GPU_CHECK_TESTS (paths, space-separated) replaces the tests run (default: all of tests/ on the GPU, the
+# op tests of the CUDA work in a dry run);
 # GPU_CHECK_S (default 420) is the time after which the slow references are skipped.
 set -uo pipefail
 mode=${2:-}
@@ -55,8 +56,8 @@ echo "build: $build_s"
 # 2. Tests: on the GPU every test (or GPU_CHECK_TESTS), Triton compiled for the GPU
 #    (conftest.py: PRIMAPS_FAST_TEST_DEVICE=cuda).
 if [ "$dry" = --dry-run ]; then
-  tests=(tests/test_cuda_extension.py tests/test_median_filter.py tests/test_assign_pseudo_labels.py
-         tests/test_focal_loss.py tests/test_pseudo_labels.py)
+  ops="tests/test_cuda_extension.py tests/test_median_filter.py tests/test_assign_pseudo_labels.py"
+  read -r -a tests <<< "${GPU_CHECK_TESTS:-$ops tests/test_focal_loss.py tests/test_pseudo_labels.py}"
   parallel=()
 else
   export PRIMAPS_FAST_TEST_DEVICE=cuda

@@ -30,3 +30,20 @@ def pytest_collection_modifyitems(config, items):
 def rng():
     """A seeded torch.Generator, fresh per test."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """The names of the Triton kernels launched while the test runs (interpreter or GPU), in order."""
+    pytest.importorskip("triton")
+    from primaps_fast.triton import dense_crf as triton_crf
+
+    cls = type(triton_crf._splat_kernel)
+    launches, run = [], cls.run
+
+    def counted(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", counted)
+    return launches

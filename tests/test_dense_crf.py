@@ -459,23 +459,6 @@ def test_batched_triton_matches_cpu(kind):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
 
 
-@pytest.fixture
-def triton_launches(monkeypatch):
-    """The names of the Triton kernels launched while the test runs (interpreter or GPU), in order."""
-    pytest.importorskip("triton")
-    from primaps_fast.triton import dense_crf as triton_crf
-
-    cls = type(triton_crf._splat_kernel)
-    launches, run = [], cls.run
-
-    def counted(self, *args, **kwargs):
-        launches.append(self.fn.__name__)
-        return run(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "run", counted)
-    return launches
-
-
 @pytest.mark.interpreter
 def test_triton_crf_launches_do_not_grow_with_the_batch(triton_launches):
     """Batch 2 and batch 8: the same launches. Setup: the two kernels' normalisations (a splat and d + 1

@@ -279,6 +279,42 @@ def test_noise_bit_identical_at_any_thread_count():
         assert torch.equal(out.masks, outs[0].masks) and torch.equal(out.counts, outs[0].counts)
 
 
+@pytest.mark.interpreter
+def test_triton_host_syncs_per_round_do_not_grow_with_the_batch(triton_launches, monkeypatch, rng):
+    """The Triton proposals read the device on the host once per round (``active.any()``) and once to
+    stop, at batch 2 and 8 and on any features: no read per eigen-solver step. Counted: the tensor reads
+    ``__bool__``, ``__int__``, ``__float__``, ``item`` and ``tolist``; rounds: the _select_kernel launches."""
+    from primaps_fast.triton.principal_masks import principal_masks_triton
+
+    reads = []
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+        def counted(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            reads.append(1)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    per_round = {}
+    for B in (2, 8):  # half low-rank (a few proposals), half noise (one pixel each)
+        f = torch.cat([low_rank_features(B // 2, 16, 6, 7, rng), noise_features(B // 2, 16, 6, 7, seed=B)])
+        reads.clear()
+        triton_launches.clear()
+        principal_masks_triton(f, 0.4, 0.95, 254)
+        rounds = triton_launches.count("_select_kernel")
+        assert rounds >= 10
+        per_round[B] = (len(reads) - 1) / rounds
+    assert per_round == {2: 1.0, 8: 1.0}, per_round
+
+
+@pytest.mark.interpreter
+def test_triton_noise_matches_cpu():
+    """Pure noise up to the 254-proposal cap (one pixel each, a flat spectrum: many eigen-solver steps per
+    round, some rounds going on past the round's fixed schedule): the C++ backend's proposals."""
+    skip_unavailable("triton")
+    f = noise_features(1, 64, 24, 24, seed=7)
+    want = primaps_fast.principal_masks(f, backend="cpu")
+    assert want.counts.tolist() == [254]
+    assert_same_proposals(primaps_fast.principal_masks(f, backend="triton"), want)
+
+
 def test_memory_refused_before_allocation(monkeypatch):
     """C = 100000 channels need a float64 C x C matrix (80 GB) per image, even for 2 pixels: a clear
     error up front. With a small memory limit, a moderate input is refused the same way."""

@@ -1,6 +1,7 @@
 """Triton backend of principal_masks (CUDA; runs on the CPU with TRITON_INTERPRET=1 for tests).
 
-All images of the batch advance together, one proposal per round, until every image has stopped:
+All images of the batch advance together, one proposal per round (or none while an image's eigen solve
+goes on), until every image has stopped:
 
 - the scatter ``S`` (float64, B x C x C) of each image's features, shifted by the image mean, over its
   remaining pixels: ``_scatter_kernel`` forms it once; then each round subtracts the outer products of
@@ -9,9 +10,15 @@ All images of the batch advance together, one proposal per round, until every im
   in float64; blocks without a selected pixel are skipped;
 - the top eigenvector of ``cov = S / n - m m^T`` by Chebyshev-filtered block subspace iteration (8
   vectors per image, batched over the images with ``torch.bmm`` in float64 and 8 x 8 ``eigh`` for the
-  Rayleigh-Ritz step), warm-started from the last round's Ritz vectors, until every active image passes
-  the C++ backend's convergence test ``||A u - theta u|| <= 1e-7 theta``. The Chebyshev degree, the test
-  and the degenerate-covariance rule restate ``csrc/principal_masks.h``;
+  Rayleigh-Ritz step), warm-started from the last round's Ritz vectors, until the image passes the C++
+  backend's convergence test ``||A u - theta u|| <= 1e-7 theta``. The Chebyshev degree, the test and the
+  degenerate-covariance rule restate ``csrc/principal_masks.h``;
+- one host read per round (``active.any()``), whatever the batch and the features (on CUDA,
+  ``torch.linalg.eigh`` also checks its error flags on the host: a fixed number per round too): each
+  round runs a fixed schedule, ``CHUNK_ITERATIONS`` Rayleigh-Ritz steps with ``MAX_DEGREE - 1``
+  Chebyshev steps after each but the last, masked per image (a step past an image's degree leaves it as
+  it is). An image whose solve needs more steps proposes nothing this round and goes on from its Ritz
+  vectors in the next;
 - the per-pixel passes in Triton: cosine of every pixel's normalised feature to a per-image vector (the
   direction, then the anchor; the anchor is the first maximum of ``|cos|``), and the fused selection
   (threshold, normalisation, owner/value, update of the remaining set, the removed-pixel mask for S).
@@ -32,6 +39,7 @@ EIG_TOL = 1e-7  # kEigTol
 MAX_EIG_ITERATIONS = 200  # kMaxEigIterations
 MAX_DEGREE = 16  # kMaxDegree
 MAX_AMPLIFICATION = 1e12  # kMaxAmplification
+CHUNK_ITERATIONS = 3  # Rayleigh-Ritz steps per round (most warm-started solves take 2 or 3)
 
 
 @triton.jit
@@ -135,39 +143,54 @@ def chebyshev_degree(res, theta, low):
     return torch.where(ok, d, 0.0).to(torch.int64)
 
 
-def top_vectors(A, V, todo):
-    """Top eigenvector (B, C) of each symmetric PSD A[b] (B, C, C) float64 where todo[b], by
-    Chebyshev-filtered subspace iteration from the block V (B, C, k), which is updated in place to the
-    Ritz vectors (the next warm start). Images not in todo keep V and get a zero vector."""
+def chebyshev_filter(A, U, AU, degree, low):
+    """T_d(2 A / low - I) U (B, C, k) with d = degree[b] in 1..MAX_DEGREE where positive, given AU = A U:
+    MAX_DEGREE - 1 steps of four launches each whatever the degrees; a step past d leaves the image."""
+    s = 2.0 / torch.where(degree > 0, low, 1.0)
+    j = torch.arange(2, MAX_DEGREE + 1, device=A.device)
+    m = (degree[None, :] >= j[:, None]).to(A.dtype)  # (steps, B): 1 where step j applies
+    g = 2.0 * s * m
+    Y0, Y1 = U, s[:, None, None] * AU - U
+    for i in range(MAX_DEGREE - 1):
+        # m = 1: Y2 = 2 (s A Y1 - Y1) - Y0 = A (2 s Y1) - 2 Y1 - Y0; m = 0: Y2 = Y1
+        rest = torch.addcmul(Y1, m[i, :, None, None], torch.add(Y0, Y1, alpha=3.0), value=-1.0)
+        Y0, Y1 = Y1, torch.baddbmm(rest, A, g[i, :, None, None] * Y1)
+    return Y1
+
+
+def top_vectors(A, V, todo, steps):
+    """CHUNK_ITERATIONS Rayleigh-Ritz steps of Chebyshev-filtered subspace iteration on each symmetric
+    PSD A[b] (B, C, C) float64 where todo[b], from the block V (B, C, k), which is updated in place to
+    the latest Ritz vectors (the next round's start). steps (B,) int64 counts the steps of each image's
+    solve, MAX_EIG_ITERATIONS at most (in place; back to 0 when it ends). Returns (v, done): the top
+    eigenvector (B, C) where the solve ended, else 0, and done (B,) bool. Fixed launches, no host read."""
     B, C, k = V.shape
     v = torch.zeros(B, C, dtype=A.dtype, device=A.device)
+    ended = torch.zeros(B, dtype=torch.bool, device=A.device)
     todo = todo.clone()
     X = torch.linalg.qr(V).Q
     W = torch.bmm(A, X)
-    for it in range(MAX_EIG_ITERATIONS):
+    for it in range(CHUNK_ITERATIONS):
         H = torch.bmm(X.transpose(1, 2), W)
         lam, Q = torch.linalg.eigh(0.5 * (H + H.transpose(1, 2)))
         lam, Q = lam.flip(-1), Q.flip(-1)  # descending
         U, AU = torch.bmm(X, Q), torch.bmm(W, Q)
         res = (AU[:, :, 0] - lam[:, :1] * U[:, :, 0]).norm(dim=1)
-        done = todo & ((res <= EIG_TOL * lam[:, 0].abs()) | (it + 1 >= MAX_EIG_ITERATIONS))
+        steps += todo.to(torch.int64)
+        done = todo & ((res <= EIG_TOL * lam[:, 0].abs()) | (steps >= MAX_EIG_ITERATIONS))
         v = torch.where(done[:, None], U[:, :, 0], v)
-        V.copy_(torch.where(done[:, None, None], U, V))
+        ended |= done
         todo &= ~done
-        degree = torch.where(todo, chebyshev_degree(res, lam[:, 0], lam[:, -1]), 0)
-        state = torch.stack([todo.any().to(torch.int64), degree.max()]).tolist()  # one sync per step
-        if not state[0]:
+        V.copy_(torch.where((done | todo)[:, None, None], U, V))
+        if it + 1 == CHUNK_ITERATIONS:
             break
-        s = (2.0 / torch.where(degree > 0, lam[:, -1], 1.0))[:, None, None]
-        Y0, Y1 = U, s * AU - U
-        for j in range(2, state[1] + 1):
-            Y2 = 2.0 * (s * torch.bmm(A, Y1) - Y1) - Y0
-            step = (degree >= j)[:, None, None]
-            Y0, Y1 = torch.where(step, Y1, Y0), torch.where(step, Y2, Y1)
-        X = torch.where((degree > 0)[:, None, None], Y1, AU)  # degree 0: plain power step
+        degree = torch.where(todo, chebyshev_degree(res, lam[:, 0], lam[:, -1]), 0)
+        # degree 0: plain power step
+        X = torch.where((degree > 0)[:, None, None], chebyshev_filter(A, U, AU, degree, lam[:, -1]), AU)
         X = torch.where(todo[:, None, None], torch.linalg.qr(X).Q, U)
         W = torch.bmm(A, X)
-    return v
+    steps.masked_fill_(ended, 0)
+    return v, ended
 
 
 def principal_masks_triton(features, threshold, stop_fraction, max_masks):
@@ -203,9 +226,10 @@ def principal_masks_triton(features, threshold, stop_fraction, max_masks):
         return ((N - n_rem).float() / N < stop) & (counts < cap)
 
     active = torch.ones(B, dtype=torch.bool, device=dev)
+    steps = torch.zeros(B, dtype=torch.int64, device=dev)  # of each image's eigen solve
     while True:
         active &= keep_going()
-        if not bool(active.any()):
+        if not bool(active.any()):  # the round's one host synchronisation
             break
         n = n_rem.clamp_min(1).double()
         mean = sums / n[:, None]
@@ -216,25 +240,25 @@ def principal_masks_triton(features, threshold, stop_fraction, max_masks):
         trace = A.diagonal(dim1=1, dim2=2).sum(-1)
         mean_x = mean + x_mean
         degenerate = trace <= DEGENERATE_RTOL * (trace + (mean_x * mean_x).sum(-1))
-        v = top_vectors(A, V, active & ~degenerate)
+        v, solved = top_vectors(A, V, active & ~degenerate, steps)
         v = torch.where(degenerate[:, None], F.normalize(mean_x, dim=1), v).float()
+        ready = active & (solved | degenerate)  # the others go on solving next round
         cos = _cosine(fn, v, remaining).abs()
         best, anchor = cos.max(-1)  # first maximum: the sign fix of docs/design.md
-        active &= best > 0  # v orthogonal to every remaining feature: stop
         a = fn.gather(2, anchor.view(B, 1, 1).expand(B, C, 1))[:, :, 0]  # (B, C)
         sim = _cosine(fn, a, remaining)
         mx = sim.max(-1).values
-        active &= mx > 0
-        if not bool(active.any()):
-            break
-        _select_kernel[grid](sim, mx.contiguous(), active.to(torch.int8), counts.clone(), remaining, owner,
+        # v orthogonal to every remaining feature, or no remaining pixel similar to the anchor: stop
+        active &= ~ready | ((best > 0) & (mx > 0))
+        ready &= active
+        _select_kernel[grid](sim, mx.contiguous(), ready.to(torch.int8), counts.clone(), remaining, owner,
                              value, removed, threshold, N, BLOCK_P=block_p)
-        counts += active.to(torch.int64)
+        counts += ready.to(torch.int64)
         taken = removed.sum(-1, dtype=torch.int64)
         n_rem -= taken
         # S and the sums of the images that go on: subtract the removed pixels, or recompute from the
         # remaining ones when fewer remain
-        go_on = active & (n_rem > 0) & keep_going()
+        go_on = ready & (n_rem > 0) & keep_going()
         recompute = go_on & (taken > n_rem)
         sel = torch.where(recompute[:, None], remaining, removed) * go_on[:, None].to(torch.int8)
         S.masked_fill_(recompute[:, None, None], 0.0)
