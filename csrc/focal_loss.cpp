@@ -23,13 +23,17 @@ namespace {
 
 using namespace primaps;
 
+// K rounded up to 8: the class axis of the moments and of the transposed probabilities (focal_loss.py
+// allocates the moments with it).
+inline int64_t padded_classes(int64_t K) { return (K + 7) / 8 * 8; }
+
 // One output row y at a time, vectorised along the row: for the columns [x0, x0 + n) the upsampled
 // scores u (K, n), their exponentials e = exp(u - max) (K, n), the row maxima mx (n) and z (n) = 1 / the
 // partition sums. The one-pass kernel runs it on chunks of kChunk columns (bounded buffers at any width).
 struct RowSoftmax {
   std::vector<float> u, e, mx, z;
   // e has its rows padded to a multiple of 8 with zeros (transpose_probabilities reads them)
-  RowSoftmax(int64_t K, int64_t n) : u(K * n), e((K + 7) / 8 * 8 * n, 0.f), mx(n), z(n) {}
+  RowSoftmax(int64_t K, int64_t n) : u(K * n), e(padded_classes(K) * n, 0.f), mx(n), z(n) {}
 
   PRIMAPS_ALWAYS_INLINE void compute(const std::vector<float>& xs, const Axis& ay, int64_t y, int64_t K, int64_t W,
                                      int64_t x0, int64_t n) {
@@ -217,6 +221,12 @@ PRIMAPS_ALWAYS_INLINE void grad_body(const float* L, const int64_t* tb, const fl
 }
 PRIMAPS_SIMD_FUNCTION(grad_image, grad_body)
 
+// Every slot (focal_target_classes) below R, the slots the moments hold: never past them.
+inline void check_slots(const int32_t* slot, int64_t n, int64_t R) {
+  for (int64_t i = 0; i < n; ++i)
+    if (slot[i] >= R) throw std::invalid_argument("slot: a slot beyond the moments' R");
+}
+
 // y[0:n] += a * x[0:n].
 PRIMAPS_ALWAYS_INLINE void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
   for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
@@ -293,7 +303,7 @@ void focal_target_classes(Int64Array target, int64_t ignore_index, Int32Array sl
 PRIMAPS_ALWAYS_INLINE void moments_body(const float* L, const int64_t* tb, const int32_t* slot, int64_t ignore_index,
                                         int64_t K, int64_t R, int64_t h, int64_t w, const Axis& ay, const Axis& ax,
                                         int64_t H, int64_t W, double* S, double* C, float* M) {
-  const int64_t Kp = (K + 7) / 8 * 8;
+  const int64_t Kp = padded_classes(K);
   std::vector<float> xs, inv4(kChunk, 1.f), log_inv(kChunk), dT, ring;
   // The moments of source rows `held` and held + 1 accumulate in a ring of two rows (cache-resident); a
   // row is written to M once no later output row taps it.
@@ -380,11 +390,10 @@ void focal_moments(FloatArray logits, Int64Array target, Int32Array slot, int64_
   if (with_grad) {
     check_ndim(moments, 5, "moments");
     R = moments.shape(3);
-    const int64_t want[5] = {B, h, w, R, (K + 7) / 8 * 8};
+    const int64_t want[5] = {B, h, w, R, padded_classes(K)};
     for (int d = 0; d < 5; ++d)
       if (moments.shape(d) != want[d]) throw std::invalid_argument("moments: expected (B, h, w, R, Kp)");
-    for (int64_t i = 0; i < B * K; ++i)
-      if (Sl[i] >= R) throw std::invalid_argument("slot: a slot beyond the moments' R");
+    check_slots(Sl, B * K, R);
   }
   const float* L = logits.data();
   const int64_t* T = target.data();
@@ -394,7 +403,7 @@ void focal_moments(FloatArray logits, Int64Array target, Int32Array slot, int64_
   py::gil_scoped_release release;
   parallel_for(B, threads, [&](int64_t b) {
     moments_image(L + b * K * h * w, T + b * H * W, Sl + b * K, ignore_index, K, R, h, w, ay, ax, H, W, Sp + b * K,
-                  Cp + b * K, Mp == nullptr ? nullptr : Mp + b * h * w * R * ((K + 7) / 8 * 8));
+                  Cp + b * K, Mp == nullptr ? nullptr : Mp + b * h * w * R * padded_classes(K));
   });
 }
 
@@ -408,14 +417,13 @@ void focal_combine(FloatArray moments, Int32Array slot, FloatArray weight, doubl
   check_ndim(grad, 4, "grad");
   const int64_t B = moments.shape(0), h = moments.shape(1), w = moments.shape(2), R = moments.shape(3);
   const int64_t Kp = moments.shape(4), K = weight.shape(0);
-  if (Kp != (K + 7) / 8 * 8 || slot.shape(0) != B || slot.shape(1) != K || grad.shape(0) != B ||
+  if (Kp != padded_classes(K) || slot.shape(0) != B || slot.shape(1) != K || grad.shape(0) != B ||
       grad.shape(1) != K || grad.shape(2) != h || grad.shape(3) != w)
     throw std::invalid_argument("moments/slot/weight/grad: expected (B, h, w, R, Kp), (B, K), (K,), (B, K, h, w)");
   if (!(num_pixels > 0)) throw std::invalid_argument("num_pixels: must be > 0");
   const float* Mp = moments.data();
   const int32_t* Sl = slot.data();
-  for (int64_t i = 0; i < B * K; ++i)
-    if (Sl[i] >= R) throw std::invalid_argument("slot: a slot beyond the moments' R");
+  check_slots(Sl, B * K, R);
   const float* Wt = weight.data();
   float* G = grad.mutable_data();
   py::gil_scoped_release release;

@@ -306,3 +306,34 @@ def test_cuda_custom_op(rng, with_grad):
     target = torch.randint(0, 4, (2, 20, 24), generator=rng)
     target[0, :2] = IGNORE
     torch.library.opcheck(torch.ops.primaps_fast.focal_loss.default, (logits, target.cuda(), 2.0, IGNORE, with_grad))
+
+
+def test_one_pass_bindings_refuse_inconsistent_buffers(rng):
+    """The C++ entry points of the one-pass kernel check every buffer they index (shapes, slots below the
+    moments' R): a ValueError, never a read or write past a buffer."""
+    from primaps_fast._dispatch import cpp
+
+    B, K, h, w, H, W = 2, 5, 3, 4, 9, 11
+    x, t = torch.randn(B, K, h, w, generator=rng), make_target(B, K, H, W, rng)
+    slot, bad = torch.empty(B, K, dtype=torch.int32), torch.empty(B, dtype=torch.int64)
+    cpp().focal_target_classes(t.numpy(), IGNORE, slot.numpy(), bad.numpy(), 1)
+    R = int((slot >= 0).sum(1).max())
+    sums, cl = torch.empty(B, K, dtype=torch.float64), torch.empty(B, K, dtype=torch.float64)
+    grad, weight = torch.empty(B, K, h, w), torch.ones(K)
+    with pytest.raises(ValueError, match="^slot: a slot beyond"):
+        cpp().focal_moments(x.numpy(), t.numpy(), slot.numpy(), IGNORE, sums.numpy(), cl.numpy(),
+                            torch.empty(B, h, w, R - 1, 8).numpy(), True, 1)
+    with pytest.raises(ValueError, match="^moments: expected"):
+        cpp().focal_moments(x.numpy(), t.numpy(), slot.numpy(), IGNORE, sums.numpy(), cl.numpy(),
+                            torch.empty(B, h, w, R, 5).numpy(), True, 1)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        cpp().focal_moments(x.numpy(), t[:1].numpy(), slot.numpy(), IGNORE, sums.numpy(), cl.numpy(),
+                            torch.empty(0, 0, 0, 0, 0).numpy(), False, 1)
+    with pytest.raises(ValueError, match="^slot: a slot beyond"):
+        cpp().focal_combine(torch.zeros(B, h, w, R - 1, 8).numpy(), slot.numpy(), weight.numpy(), 1.0,
+                            grad.numpy(), 1)
+    with pytest.raises(ValueError, match="^moments/slot/weight/grad"):
+        cpp().focal_combine(torch.zeros(B, h, w, R, 8).numpy(), slot.numpy(), torch.ones(K + 1).numpy(), 1.0,
+                            grad.numpy(), 1)
+    with pytest.raises(ValueError, match="^slot/bad"):
+        cpp().focal_target_classes(t.numpy(), IGNORE, slot[:1].numpy(), bad.numpy(), 1)
