@@ -31,8 +31,9 @@ def confidence_sums_cpu(logits: torch.Tensor, H: int, W: int) -> torch.Tensor:
     return sums
 
 
-# The one-pass C++ kernel keeps (B, h, w, K, Kp) float32 moments of the gradient until the class weights are
-# known; above this many bytes the two-pass kernel runs instead (no buffer beyond the gradient).
+# The one-pass C++ kernel keeps float32 moments of the gradient, (B, h, w, S, Kp) with S the most classes present
+# in an image's target and Kp = K rounded up to 8, until the class weights are known; above this many bytes
+# the two-pass kernel runs instead (no buffer beyond the gradient).
 MAX_MOMENT_BYTES = 512 << 20
 
 
@@ -52,9 +53,12 @@ def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ign
     B, K, h, w = logits.shape
     H, W = target.shape[-2:]
     cpp, threads = _dispatch.cpp(), _dispatch.num_threads()
-    Kp = (K + 7) // 8 * 8
-    if with_grad and B * h * w * K * Kp * 4 > MAX_MOMENT_BYTES:  # (sized for every class present)
+    slot, bad = torch.empty(B, K, dtype=torch.int32), torch.empty(B, dtype=torch.int64)
+    cpp.focal_target_classes(target.numpy(), ignore_index, slot.numpy(), bad.numpy(), threads)
+    if bool(bad.any()):
         check_target_values(target, K, ignore_index)
+    slots, Kp = max(int((slot >= 0).sum(1).max()), 1), (K + 7) // 8 * 8  # Kp: csrc's padded_classes
+    if with_grad and B * h * w * slots * Kp * 4 > MAX_MOMENT_BYTES:
         if class_sums is None:
             class_sums, num_pixels = confidence_sums_cpu(logits, H, W), B * H * W
         weight = class_weights(class_sums, num_pixels, gamma)
@@ -63,11 +67,6 @@ def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ign
         cpp.focal_loss_grad(logits.numpy(), target.numpy(), weight.numpy(), ignore_index, loss.numpy(),
                             grad.numpy(), True, threads)
         return (loss.sum() / num_pixels).to(torch.float32), grad.div_(num_pixels)
-    slot, bad = torch.empty(B, K, dtype=torch.int32), torch.empty(B, dtype=torch.int64)
-    cpp.focal_target_classes(target.numpy(), ignore_index, slot.numpy(), bad.numpy(), threads)
-    if bool(bad.any()):
-        check_target_values(target, K, ignore_index)
-    slots = max(int((slot >= 0).sum(1).max()), 1)  # moments for the classes present in an image only
     sums, class_loss = torch.empty(B, K, dtype=torch.float64), torch.empty(B, K, dtype=torch.float64)
     moments = torch.empty((B, h, w, slots, Kp) if with_grad else (0, 0, 0, 0, 0))
     cpp.focal_moments(logits.numpy(), target.numpy(), slot.numpy(), ignore_index, sums.numpy(), class_loss.numpy(),
