@@ -325,11 +325,13 @@ PRIMAPS_ALWAYS_INLINE void moments_body(const float* L, const int64_t* tb, const
   for (int64_t k = 0; k < K; ++k) C[k] = 0.0;
   for (int64_t y = 0; y < H; ++y) {
     const int64_t iy0 = ay.i0[y], iy1 = ay.i1[y];
-    if (M != nullptr)
-      for (; held < iy0; ++held) write_row(held);
     const float h0 = ay.l0[y], h1 = ay.l1[y];
-    float* r0 = ring.data() + (iy0 & 1) * row_size;
-    float* r1 = ring.data() + (iy1 & 1) * row_size;
+    float *r0 = nullptr, *r1 = nullptr;  // the ring rows of source rows iy0 and iy1
+    if (M != nullptr) {
+      for (; held < iy0; ++held) write_row(held);
+      r0 = ring.data() + (iy0 & 1) * row_size;
+      r1 = ring.data() + (iy1 & 1) * row_size;
+    }
     for (int64_t x0 = 0; x0 < W; x0 += kChunk) {
       const int64_t n = std::min(kChunk, W - x0);
       row.compute(xs, ay, y, K, W, x0, n);
