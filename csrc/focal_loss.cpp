@@ -1,11 +1,15 @@
 // M-step loss of PriMaPs-EM: the official FocalLoss on bilinearly upsampled class scores, forward and
 // backward fused with the upsampling, never storing the (B, K, H, W) upsampled scores.
 //
-// focal_confidence: per-image sums over pixels of softmax(up) (pass 1, for the class weights).
-// focal_loss_grad: per-image sums of w_t * CE (pass 2) and, when requested, the gradient of
-//   sum_pixels w_t * CE w.r.t. the low-resolution logits (the caller scales by grad_output / N):
-//   dL/dup_k = w_t * (p_k - [k == t]) at non-ignored pixels, scattered back through the bilinear taps.
-// focal_class_weights: the class weights from the pass-1 sums (focal_weights.h, shared with CUDA).
+// One pass (what focal_loss runs): focal_target_classes reads the target (the classes present in each
+// image, the count of bad values); focal_moments computes every upsampled softmax once and gives the
+// per-image softmax sums (for the class weights), the per-class sums of CE and the gradient's per-class
+// moments at feature resolution; focal_combine weighs the moments into the gradient.
+// Two passes (when the moments would be too large, and the softmax sums of class_stats):
+// focal_confidence gives the softmax sums; focal_loss_grad the per-image sums of w_t * CE and, when
+// requested, the gradient of sum_pixels w_t * CE w.r.t. the low-resolution logits (the caller scales by
+// grad_output / N): dL/dup_k = w_t * (p_k - [k == t]) at non-ignored pixels, scattered back through the
+// bilinear taps. focal_class_weights: the class weights from the sums (focal_weights.h, shared with CUDA).
 // Threads run over images; every image accumulates into its own buffers in a fixed order, so the
 // results are deterministic. Upsampling as PyTorch's, to float32 rounding (bilinear.h). The per-image
 // passes are compiled for SSE2, AVX2 and AVX-512F, the best run (common.h, PRIMAPS_SIMD_FUNCTION): the
