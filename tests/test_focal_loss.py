@@ -192,13 +192,20 @@ def test_non_contiguous_and_empty(rng):
         primaps_fast.focal_loss(logits, target[:, :0])
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("backend", ["cpu", "cpu-two-passes", "reference",
+                                     pytest.param("triton", marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize("split", [1, 2])
-def test_class_stats_splits_a_batch(backend, split, rng):
+def test_class_stats_splits_a_batch(backend, split, rng, monkeypatch):
     """``class_stats``: a batch split into two calls (two data-parallel ranks) whose hook supplies the
-    statistics of the whole batch gives losses and gradients that add up to those of one call."""
+    statistics of the whole batch gives losses and gradients that add up to those of one call (on the C++
+    backend with the one-pass kernel and with the two-pass one)."""
     if backend == "triton" and not triton_available():
         pytest.skip("triton not available")
+    if backend == "cpu-two-passes":
+        from primaps_fast.ops import focal_loss as op
+
+        monkeypatch.setattr(op, "MAX_MOMENT_BYTES", 0)
+        backend = "cpu"
     B, K, h, w, H, W = 3, 5, 4, 5, 13, 11
     logits = 2 * torch.randn(B, K, h, w, generator=rng)
     target = make_target(B, K, H, W, rng)
