@@ -38,8 +38,8 @@ cpu_ext = Pybind11Extension(
     depends=sorted(glob.glob("csrc/*.h")),  # an edited header rebuilds the module
     include_dirs=["csrc"],
     cxx_std=17,
-    extra_compile_args=compile_args + ["-pthread"],
-    extra_link_args=["-pthread"],
+    extra_compile_args=compile_args + ["-pthread", "-fopenmp"],
+    extra_link_args=["-pthread", "-fopenmp"],
 )
 cuda_ext = Extension("primaps_fast._C_cuda", sorted(glob.glob("csrc/cuda/*.cu")))
 CUDA_DEPENDS = sorted(glob.glob("csrc/*.h") + glob.glob("csrc/cuda/*.cuh"))

@@ -48,6 +48,11 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -101,14 +106,26 @@ class Barrier {
   std::condition_variable cv_;
 };
 
-// Runs body(t, T, barrier) on T threads (the caller's included). body must not throw.
+// Runs body(t, T, barrier) on a team of up to T threads (the caller's included; OpenMP's, as in
+// primaps::parallel_for): body gets the team's actual size, which OpenMP may make smaller than asked.
+// body must not throw.
 template <typename F>
 void team(int T, const F& body) {
+#ifdef _OPENMP
+  std::unique_ptr<Barrier> barrier;
+#pragma omp parallel num_threads(T)
+  {
+#pragma omp single
+    barrier = std::make_unique<Barrier>(omp_get_num_threads());  // the single's end is a barrier
+    body(omp_get_thread_num(), omp_get_num_threads(), *barrier);
+  }
+#else
   Barrier barrier(T);
   std::vector<std::thread> pool;
   for (int t = 1; t < T; ++t) pool.emplace_back([&, t] { body(t, T, barrier); });
   body(0, T, barrier);
   for (auto& th : pool) th.join();
+#endif
 }
 
 // exp of four lanes x <= 0, 0 below -87.33 (where expf leaves the normal floats) and for -inf.
@@ -502,11 +519,11 @@ void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& pro
     if (first_nonfinite(pr + start[b], start[b + 1] - start[b]) < start[b + 1] - start[b])
       throw std::invalid_argument("probs[" + std::to_string(b) + "]: contains NaN or Inf");
   threads = std::max(1, threads);
-  const int outer = static_cast<int>(std::min<int64_t>(threads, B));
-  const int inner = std::max(1, threads / outer);
+  const primaps::ThreadSplit split = primaps::split_threads(B, threads);
+  const int outer = split.outer, inner = split.inner;
   // The Gaussian lattice depends only on (H, W, pos_sxy): the one the previous call kept, or built
   // once for the batch, at the same time as the first bilateral lattices when there are threads to
-  // spare (a single image gives it half of them). gauss_future is destroyed first and, as the last
+  // spare (when the images run one after another, half of them). gauss_future is destroyed first and, as the last
   // reference to an async state, waits for the task.
   const bool any = iterations > 0 && *std::max_element(lab, lab + B) > 1;
   std::shared_ptr<const Lattice> gauss = any ? kept_gaussian(H, W, pos_sxy) : std::make_shared<const Lattice>();
@@ -525,7 +542,7 @@ void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& pro
   const int build_threads = outer == 1 && threads > 1 && build ? std::max(1, inner - gauss_threads) : inner;
   parallel_for(B, outer, [&](int64_t b) {
     crf_image(img + b * 3 * H * W, pr + start[b], o + start[b], H, W, static_cast<int>(lab[b]), p, gauss_future,
-              build_threads, inner);
+              b == 0 ? build_threads : inner, inner);
   });
 }
 
