@@ -5,12 +5,13 @@
 // bilinear.h, shared with the CUDA kernel): width inside, height outside, no FMA. PyTorch's own kernel
 // may contract some of these into FMAs depending on the CPU, so the argmax agrees with
 // F.interpolate(...).argmax(1) except at pixels whose top two scores tie to float32 rounding. Ties:
-// argmax.h (the first class of the pixel's maximum, the smallest class of the mask's majority). Where
-// one class wins a whole source cell by a margin above float32 rounding (cell_winners), its pixels are
-// not upsampled at all: in smooth score maps most are, and the pass is then mostly a read of the masks.
+// argmax.h (the first class of the pixel's maximum, the smallest class of the mask's majority). Classes
+// that fall short of another over a whole source cell by a margin above float32 rounding are not
+// upsampled at its pixels (cell_candidates): in smooth score maps ~3 of 27 classes are left per cell.
 // The per-image pass is compiled for SSE2, AVX2 and AVX-512F, the best run (common.h): the same labels.
 #include "common.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "argmax.h"
@@ -20,47 +21,50 @@ namespace {
 
 using namespace primaps;
 
-// The class that wins every pixel of each source cell (a, b), or -1: (h, w) for an image L (K, h, w). A
-// pixel whose taps are rows {a, a + 1} and columns {b, b + 1} (clamped) upsamples each class to a convex
-// combination of its four corners, computed with two rounded lerps: within ~7 float32 ulps of the largest
-// corner magnitude of the corners' range. A class whose smallest corner exceeds the largest corner of
-// every other class by 2^-19 (32 ulps) of the cell's largest magnitude wins all of its pixels.
-PRIMAPS_ALWAYS_INLINE void cell_winners(const float* L, int64_t K, int64_t h, int64_t w, int32_t* win) {
+// The classes that can win a pixel of each source cell (a, b), in increasing order: for an image L
+// (K, h, w), cell c's classes are cls[start[c] .. start[c + 1]). A pixel whose taps are rows {a, a + 1} and
+// columns {b, b + 1} (clamped) upsamples each class to a convex combination of its four corners, computed
+// with two rounded lerps: within ~7 float32 ulps of the largest corner magnitude of the corners' range. A
+// class whose largest corner is below the largest smallest corner (of any class) by more than 2^-19 (32
+// ulps) of the cell's largest magnitude is below that class at every pixel of the cell, so it is never
+// the pixel's first maximum and is left out. In smooth score maps a cell keeps ~3 of 27 classes, and
+// often one: then its pixels are not upsampled at all.
+PRIMAPS_ALWAYS_INLINE void cell_candidates(const float* L, int64_t K, int64_t h, int64_t w,
+                                           std::vector<int32_t>& start, std::vector<int32_t>& cls) {
   constexpr float kMargin = 1.0f / (1 << 19);
+  std::vector<float> his(static_cast<size_t>(K));
+  start.assign(1, 0);
+  cls.clear();
   for (int64_t a = 0; a < h; ++a)
     for (int64_t b = 0; b < w; ++b) {
       const int64_t a1 = a + 1 < h ? a + 1 : a, b1 = b + 1 < w ? b + 1 : b;
-      int32_t top = 0;  // the class with the largest smallest corner (the first one on ties)
-      float top_lo = 0.f, top_hi = 0.f, other_hi = -INFINITY, magnitude = 0.f;
+      float top_lo = -INFINITY, magnitude = 0.f;
       for (int64_t k = 0; k < K; ++k) {
         const float* P = L + k * h * w;
         const float c0 = P[a * w + b], c1 = P[a * w + b1], c2 = P[a1 * w + b], c3 = P[a1 * w + b1];
         const float lo = std::min(std::min(c0, c1), std::min(c2, c3));
         const float hi = std::max(std::max(c0, c1), std::max(c2, c3));
         magnitude = std::max(magnitude, std::max(std::fabs(lo), std::fabs(hi)));
-        if (k == 0) {
-          top_lo = lo, top_hi = hi;
-        } else if (lo > top_lo) {
-          other_hi = std::max(other_hi, top_hi);
-          top = static_cast<int32_t>(k), top_lo = lo, top_hi = hi;
-        } else {
-          other_hi = std::max(other_hi, hi);
-        }
+        top_lo = std::max(top_lo, lo);
+        his[k] = hi;
       }
-      win[a * w + b] = K == 1 || top_lo - other_hi > kMargin * magnitude + 1e-30f ? top : -1;
+      const float floor = top_lo - (kMargin * magnitude + 1e-30f);
+      for (int64_t k = 0; k < K; ++k)
+        if (his[k] >= floor) cls.push_back(static_cast<int32_t>(k));
+      start.push_back(static_cast<int32_t>(cls.size()));
     }
 }
 
 // One image: logits L (K, h, w), mask ids mb (H, W) -> ob (H, W) the majority class of each id's pixels.
-// Pixels of a cell with a winner take it; the others get the argmax of their upsampled scores, vectorised
-// along runs of such pixels.
+// Each pixel's argmax runs over its cell's candidates only (none when there is one), vectorised along the
+// cell's pixels of the row. The vote and the output go by runs of equal ids (and classes).
 PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t* ob, int64_t num_ids,
                                       int64_t ignore_index, int64_t K, int64_t h, int64_t w, const Axis& ay,
                                       const Axis& ax, int64_t H, int64_t W) {
   std::vector<float> xs;
   width_pass(L, K, h, w, ax, W, xs);
-  std::vector<int32_t> win(static_cast<size_t>(h * w));
-  cell_winners(L, K, h, w, win.data());
+  std::vector<int32_t> start, cls;
+  cell_candidates(L, K, h, w, start, cls);
   // Mask ids present in this image get a dense slot; slot -> K-class histogram.
   std::vector<int32_t> slot(static_cast<size_t>(num_ids), -1);
   std::vector<int64_t> hist;
@@ -68,51 +72,62 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
   std::vector<float> best(static_cast<size_t>(W));  // class id as float (exact below 2^24), so the
                                                     // selects stay float and the loop vectorises
   for (int64_t y = 0; y < H; ++y) {
-    const int32_t* wr = win.data() + ay.i0[y] * w;
+    const int32_t* cs = start.data() + ay.i0[y] * w;
     const float hy0 = ay.l0[y], hy1 = ay.l1[y];
-    for (int64_t x0 = 0; x0 < W;) {
-      if (wr[ax.i0[x0]] >= 0) {
-        best[x0] = static_cast<float>(wr[ax.i0[x0]]);
-        ++x0;
-        continue;
-      }
+    for (int64_t x0 = 0; x0 < W;) {  // the pixels [x0, x1) of source column b
+      const int64_t b = ax.i0[x0];
       int64_t x1 = x0 + 1;
-      while (x1 < W && wr[ax.i0[x1]] < 0) ++x1;
-      // Argmax over classes of the upsampled pixels [x0, x1), vectorised along them (first maximum wins).
+      while (x1 < W && ax.i0[x1] == b) ++x1;
+      const int32_t* c = cls.data() + cs[b];
+      const int64_t nc = cs[b + 1] - cs[b], n = x1 - x0;
       float* __restrict bv = best_v.data() + x0;
       float* __restrict bi = best.data() + x0;
-      const int64_t n = x1 - x0;
-      for (int64_t k = 0; k < K; ++k) {
-        const float* __restrict a = xs.data() + (ay.i0[y] * K + k) * W + x0;
-        const float* __restrict c = xs.data() + (ay.i1[y] * K + k) * W + x0;
+      if (nc == 1) {
+        std::fill(bi, bi + n, static_cast<float>(c[0]));
+        x0 = x1;
+        continue;
+      }
+      for (int64_t j = 0; j < nc; ++j) {
+        const int64_t k = c[j];
         const float kk = static_cast<float>(k);
-        if (k == 0) {
-          for (int64_t x = 0; x < n; ++x) bv[x] = lerp(hy0, a[x], hy1, c[x]), bi[x] = 0.f;
-          continue;
-        }
-        for (int64_t x = 0; x < n; ++x) keep_first_max(lerp(hy0, a[x], hy1, c[x]), kk, bv[x], bi[x]);
+        const float* __restrict p = xs.data() + (ay.i0[y] * K + k) * W + x0;
+        const float* __restrict q = xs.data() + (ay.i1[y] * K + k) * W + x0;
+        if (j == 0)
+          for (int64_t x = 0; x < n; ++x) bv[x] = lerp(hy0, p[x], hy1, q[x]), bi[x] = kk;
+        else
+          for (int64_t x = 0; x < n; ++x) keep_first_max(lerp(hy0, p[x], hy1, q[x]), kk, bv[x], bi[x]);
       }
       x0 = x1;
     }
-    for (int64_t x = 0; x < W; ++x) {
-      const int64_t id = mb[y * W + x];
-      if (id == ignore_index) continue;
-      if (id < 0 || id >= num_ids)  // before any pixel of the image is written: never past the table
-        throw std::invalid_argument("mask_ids: id out of range [0, num_ids)");
-      int32_t& s = slot[static_cast<size_t>(id)];
-      if (s < 0) {
-        s = static_cast<int32_t>(hist.size() / K);
-        hist.resize(hist.size() + K, 0);
+    const int64_t* row = mb + y * W;
+    for (int64_t x0 = 0; x0 < W;) {
+      const int64_t id = row[x0];
+      const float k = best[x0];
+      int64_t x1 = x0 + 1;
+      while (x1 < W && row[x1] == id && best[x1] == k) ++x1;
+      if (id != ignore_index) {
+        if (id < 0 || id >= num_ids)  // before any pixel of the image is written: never past the table
+          throw std::invalid_argument("mask_ids: id out of range [0, num_ids)");
+        int32_t& s = slot[static_cast<size_t>(id)];
+        if (s < 0) {
+          s = static_cast<int32_t>(hist.size() / K);
+          hist.resize(hist.size() + K, 0);
+        }
+        hist[static_cast<size_t>(s) * K + static_cast<int64_t>(k)] += x1 - x0;
       }
-      ++hist[static_cast<size_t>(s) * K + static_cast<int64_t>(best[x])];
+      x0 = x1;
     }
   }
   // Majority per slot, the first (smallest) class on ties.
   std::vector<int64_t> winner(hist.size() / K);
   for (size_t s = 0; s < winner.size(); ++s) winner[s] = first_argmax(hist.data() + s * K, K);
-  for (int64_t i = 0; i < H * W; ++i) {
+  for (int64_t i = 0; i < H * W;) {
     const int64_t id = mb[i];
-    ob[i] = id == ignore_index ? ignore_index : winner[static_cast<size_t>(slot[static_cast<size_t>(id)])];
+    const int64_t v = id == ignore_index ? ignore_index : winner[static_cast<size_t>(slot[static_cast<size_t>(id)])];
+    int64_t j = i;
+    do ob[j++] = v;
+    while (j < H * W && mb[j] == id);
+    i = j;
   }
 }
 PRIMAPS_SIMD_FUNCTION(image, image_body)

@@ -4,7 +4,9 @@
 // so that equal inputs give bit-identical upsampled values on both.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
+#include <cstring>
 #include <cstdint>
 #include <vector>
 
@@ -67,17 +69,42 @@ struct Axis {
   }
 };
 
-// xs[(ys * K + k) * W + x] = the row pass of L[k, ys] at output column x, for one image L (K, h, w).
-// Always inlined: it runs inside the SIMD variants of the kernels (common.h).
+#ifndef __CUDACC__
+// xs[(ys * K + k) * W + x] = the row pass of L[k, ys] at output column x, for one image L (K, h, w), with 8
+// floats of slack after the last row. The output columns of one source column (the same i0, hence the
+// same i1) form a run: two source values broadcast against the run's weights, 8 lanes at a time, whole
+// vectors stored. A run's spill past its end is rewritten by the runs after it (rows are written in
+// memory order), the last row's by nothing (the slack). Always inlined: it runs inside the SIMD variants
+// of the kernels (common.h).
 inline __attribute__((always_inline)) void width_pass(const float* L, int64_t K, int64_t h, int64_t w,
                                                       const Axis& ax, int64_t W, std::vector<float>& xs) {
-  xs.resize(static_cast<size_t>(h * K * W));
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t ys = 0; ys < h; ++ys) {
+  typedef float f32x8 __attribute__((vector_size(32)));
+  constexpr int64_t V = 8;
+  std::vector<float> l0(static_cast<size_t>(W + V), 0.f), l1(static_cast<size_t>(W + V), 0.f);
+  std::copy(ax.l0.begin(), ax.l0.end(), l0.begin());
+  std::copy(ax.l1.begin(), ax.l1.end(), l1.begin());
+  std::vector<int64_t> runs;  // the first column of each run, then W
+  for (int64_t x = 0; x < W; ++x)
+    if (x == 0 || ax.i0[x] != ax.i0[x - 1]) runs.push_back(x);
+  runs.push_back(W);
+  xs.resize(static_cast<size_t>(h * K * W + V));
+  for (int64_t ys = 0; ys < h; ++ys)
+    for (int64_t k = 0; k < K; ++k) {
       const float* row = L + (k * h + ys) * w;
       float* dst = xs.data() + (ys * K + k) * W;
-      for (int64_t x = 0; x < W; ++x) dst[x] = lerp(ax.l0[x], row[ax.i0[x]], ax.l1[x], row[ax.i1[x]]);
+      for (size_t j = 0; j + 1 < runs.size(); ++j) {
+        const int64_t x0 = runs[j], x1 = runs[j + 1];
+        const float v0 = row[ax.i0[x0]], v1 = row[ax.i1[x0]];
+        for (int64_t x = x0; x < x1; x += V) {  // lerp's products and sum, lane by lane
+          f32x8 a, b;
+          std::memcpy(&a, l0.data() + x, sizeof a);
+          std::memcpy(&b, l1.data() + x, sizeof b);
+          const f32x8 r = a * v0 + b * v1;
+          std::memcpy(dst + x, &r, sizeof r);
+        }
+      }
     }
 }
+#endif
 
 }  // namespace primaps

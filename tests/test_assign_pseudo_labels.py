@@ -257,11 +257,14 @@ def _smooth_logits_with_near_ties(B, K, h, w, rng):
     return logits.contiguous()
 
 
-@pytest.mark.parametrize("case", [(2, 27, 20, 20, 160, 160), (3, 5, 9, 7, 40, 33), (2, 7, 12, 12, 12, 12)])
+@pytest.mark.parametrize("case", [(2, 27, 20, 20, 160, 160), (3, 5, 9, 7, 40, 33), (2, 7, 12, 12, 12, 12),
+                                  (2, 6, 5, 4, 70, 61), (2, 4, 30, 30, 17, 23)])
 def test_cells_won_by_one_class_keep_the_upsampled_argmax(case, rng):
-    """The kernel skips the upsampling of source cells that one class wins by more than float32 rounding
-    (cell_winners): on smooth maps with near-ties planted around that margin, the per-pixel labels are still
-    the upsampled argmax (per-pixel masks), and the same as the Triton kernel's, which upsamples every pixel."""
+    """The kernel upsamples, at the pixels of a source cell, only the classes that can win there: those not
+    below another class over the whole cell by more than float32 rounding (cell_candidates). On smooth maps
+    with near-ties planted around that margin, the per-pixel labels are still the upsampled argmax
+    (per-pixel masks), and the same as the Triton kernel's, which upsamples every class at every pixel.
+    Scales of 8, non-integer, 1, 14-15 (runs of columns longer than the row pass's 8 lanes) and below 1."""
     B, K, h, w, H, W = case
     logits = _smooth_logits_with_near_ties(B, K, h, w, rng)
     ids = torch.arange(H * W).view(1, H, W).repeat(B, 1, 1)
