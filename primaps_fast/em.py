@@ -13,7 +13,6 @@ direction's sign fixed so that its largest-magnitude entry is positive.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import ctypes
 import functools
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from primaps_fast._dispatch import (BACKENDS, INT64_MAX, all_finite, check_device, check_int, check_memory,
-                                    check_number, check_tensor)
+                                    check_number, check_tensor, cpp)
 from primaps_fast.progress import progress
 
 _STATE_VERSION = 1
@@ -87,29 +86,25 @@ def deterministic_blas():
 # threads and partial sums are added in task order. So every result is the same at any thread count, and
 # the products still use every core.
 _COLUMNS = 4096
-_pool = {"size": 0, "executor": None}
-if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads
-    os.register_at_fork(after_in_child=lambda: _pool.update(size=0, executor=None))
-
-
-def _one_mkl_thread():
-    fn = _mkl_set_num_threads_local()
-    if fn is not None:
-        fn(1)
 
 
 def _run(tasks: list) -> list:
-    """The results of the zero-argument callables ``tasks``, in order, each run with one MKL thread."""
+    """The results of the zero-argument callables ``tasks``, in order, each run with one MKL thread, on the
+    C++ kernels' threads (torch's own OpenMP threads: threads of our own would compete with them while
+    they spin after a torch op)."""
     threads = torch.get_num_threads()
-    if threads <= 1 or len(tasks) <= 1:
+    results = [None] * len(tasks)
+
+    def call(i):
         with deterministic_blas():
-            return [task() for task in tasks]
-    if _pool["size"] != threads:
-        if _pool["executor"] is not None:
-            _pool["executor"].shutdown(wait=False)
-        _pool.update(size=threads, executor=concurrent.futures.ThreadPoolExecutor(
-            threads, thread_name_prefix="primaps-em", initializer=_one_mkl_thread))
-    return list(_pool["executor"].map(lambda task: task(), tasks))
+            results[i] = tasks[i]()
+
+    if threads <= 1 or len(tasks) <= 1:
+        for i in range(len(tasks)):
+            call(i)
+    else:
+        cpp().run_tasks(call, len(tasks), threads)
+    return results
 
 
 def _spans(batch: int, pixels: int) -> list:

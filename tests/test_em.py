@@ -277,6 +277,35 @@ def test_missing_state_entries_are_named(rng):
         PriMaPsEM(K, C).load_state_dict(sd)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_head_tasks_run_in_order_and_raise(threads):
+    """The heads' BLAS tasks run on the C++ kernels' threads (primaps_fast.em._run): every result in task
+    order at any thread count, and an exception in one task reaches the caller (on several threads after
+    every other task ran; on one, the tasks after it do not run)."""
+    from primaps_fast.em import _run, deterministic_blas
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(7, 33, 29, generator=torch.Generator().manual_seed(threads))
+        got = _run([lambda i=i: torch.mm(x[i], x[i].t()) for i in range(7)])
+        with deterministic_blas():  # each task's MKL thread count
+            assert all(torch.equal(g, torch.mm(x[i], x[i].t())) for i, g in enumerate(got))
+        ran = []
+
+        def task(i):
+            ran.append(i)
+            if i == 3:
+                raise KeyError("task 3")
+            return i
+
+        with pytest.raises(KeyError, match="task 3"):
+            _run([lambda i=i: task(i) for i in range(6)])
+        assert sorted(ran) == list(range(6 if threads > 1 else 4))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_training_is_identical_at_any_thread_count():
     """MKL's GEMMs split their sums differently at 2 threads than at 1, 3 or 4 (the head's (K, C) x (C, h*w)
     products): PriMaPsEM runs them under deterministic_blas, so the initialisation, training and predictions
