@@ -586,8 +586,7 @@ void principal_masks_cpu(primaps::FloatArray features, primaps::Int64Array owner
   });
 }
 
-// masks (B, M, h, w) = the disjoint proposals (owner, value) stacked, zero elsewhere. Done here rather
-// than with torch ops so no OpenMP pool wakes up (its spinning threads would slow the next kernel call).
+// masks (B, M, h, w) = the disjoint proposals (owner, value) stacked, zero elsewhere.
 void stack_proposals_cpu(primaps::Int64Array owner, primaps::FloatArray value, primaps::FloatArray masks) {
   primaps::check_ndim(owner, 3, "owner");
   primaps::check_ndim(value, 3, "value");
