@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "argmax.h"
 #include "bilinear.h"
@@ -56,8 +57,7 @@ PRIMAPS_ALWAYS_INLINE void cell_candidates(const float* L, int64_t K, int64_t h,
 }
 
 // One image: logits L (K, h, w), mask ids mb (H, W) -> ob (H, W) the majority class of each id's pixels.
-// Each pixel's argmax runs over its cell's candidates only (none when there is one), vectorised along the
-// cell's pixels of the row. The vote and the output go by runs of equal ids (and classes).
+// The vote and the output go by runs of equal ids (and classes).
 PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t* ob, int64_t num_ids,
                                       int64_t ignore_index, int64_t K, int64_t h, int64_t w, const Axis& ay,
                                       const Axis& ax, int64_t H, int64_t W) {
@@ -68,34 +68,61 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
   // Mask ids present in this image get a dense slot; slot -> K-class histogram.
   std::vector<int32_t> slot(static_cast<size_t>(num_ids), -1);
   std::vector<int64_t> hist;
+  // Each pixel's argmax: in a cell with at most K / 4 candidates over those only, 8 lanes at a time and
+  // whole vectors stored (a cell's spill past its pixels is rewritten by the cells after it; `best` has 8
+  // floats of slack); along a run of cells with more, over every class, vectorised along the whole run.
+  typedef float f32x8 __attribute__((vector_size(32)));
+  typedef int32_t i32x8 __attribute__((vector_size(32)));
+  const int64_t sparse = std::max<int64_t>(1, K / 4);
   std::vector<float> best_v(static_cast<size_t>(W));
-  std::vector<float> best(static_cast<size_t>(W));  // class id as float (exact below 2^24), so the
-                                                    // selects stay float and the loop vectorises
+  std::vector<float> best(static_cast<size_t>(W + 8));  // class id as float (exact below 2^24), so the
+                                                        // selects stay float and the loops vectorise
   for (int64_t y = 0; y < H; ++y) {
     const int32_t* cs = start.data() + ay.i0[y] * w;
     const float hy0 = ay.l0[y], hy1 = ay.l1[y];
-    for (int64_t x0 = 0; x0 < W;) {  // the pixels [x0, x1) of source column b
-      const int64_t b = ax.i0[x0];
+    const float* r0 = xs.data() + ay.i0[y] * K * W;
+    const float* r1 = xs.data() + ay.i1[y] * K * W;
+    auto dense = [&](int64_t x) { return cs[ax.i0[x] + 1] - cs[ax.i0[x]] > sparse; };
+    for (int64_t x0 = 0; x0 < W;) {
       int64_t x1 = x0 + 1;
-      while (x1 < W && ax.i0[x1] == b) ++x1;
-      const int32_t* c = cls.data() + cs[b];
-      const int64_t nc = cs[b + 1] - cs[b], n = x1 - x0;
-      float* __restrict bv = best_v.data() + x0;
-      float* __restrict bi = best.data() + x0;
-      if (nc == 1) {
-        std::fill(bi, bi + n, static_cast<float>(c[0]));
-        x0 = x1;
-        continue;
-      }
-      for (int64_t j = 0; j < nc; ++j) {
-        const int64_t k = c[j];
-        const float kk = static_cast<float>(k);
-        const float* __restrict p = xs.data() + (ay.i0[y] * K + k) * W + x0;
-        const float* __restrict q = xs.data() + (ay.i1[y] * K + k) * W + x0;
-        if (j == 0)
-          for (int64_t x = 0; x < n; ++x) bv[x] = lerp(hy0, p[x], hy1, q[x]), bi[x] = kk;
-        else
-          for (int64_t x = 0; x < n; ++x) keep_first_max(lerp(hy0, p[x], hy1, q[x]), kk, bv[x], bi[x]);
+      if (dense(x0)) {  // the pixels [x0, x1) of a run of dense cells
+        while (x1 < W && dense(x1)) ++x1;
+        float* __restrict bv = best_v.data() + x0;
+        float* __restrict bi = best.data() + x0;
+        const int64_t n = x1 - x0;
+        for (int64_t k = 0; k < K; ++k) {
+          const float* __restrict p = r0 + k * W + x0;
+          const float* __restrict q = r1 + k * W + x0;
+          const float kk = static_cast<float>(k);
+          if (k == 0)
+            for (int64_t x = 0; x < n; ++x) bv[x] = lerp(hy0, p[x], hy1, q[x]), bi[x] = 0.f;
+          else
+            for (int64_t x = 0; x < n; ++x) keep_first_max(lerp(hy0, p[x], hy1, q[x]), kk, bv[x], bi[x]);
+        }
+      } else {  // the pixels [x0, x1) of source column b
+        const int64_t b = ax.i0[x0];
+        while (x1 < W && ax.i0[x1] == b) ++x1;
+        const int32_t* c = cls.data() + cs[b];
+        const int64_t nc = cs[b + 1] - cs[b];
+        auto up = [&](int64_t k, int64_t x) {  // lerp's products and sum, lane by lane
+          f32x8 p, q;
+          std::memcpy(&p, r0 + k * W + x, sizeof p);
+          std::memcpy(&q, r1 + k * W + x, sizeof q);
+          return hy0 * p + hy1 * q;
+        };
+        for (int64_t x = x0; x < x1; x += 8) {
+          f32x8 bi = f32x8{} + static_cast<float>(c[0]);
+          if (nc > 1) {
+            f32x8 bv = up(c[0], x);
+            for (int64_t j = 1; j < nc; ++j) {
+              const f32x8 u = up(c[j], x);
+              const i32x8 take = u > bv;  // the first maximum: only a larger value takes over
+              bi = take ? f32x8{} + static_cast<float>(c[j]) : bi;
+              bv = take ? u : bv;
+            }
+          }
+          std::memcpy(best.data() + x, &bi, sizeof bi);
+        }
       }
       x0 = x1;
     }
