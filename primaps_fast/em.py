@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from primaps_fast._dispatch import (BACKENDS, INT64_MAX, all_finite, check_device, check_int, check_memory,
-                                    check_number, check_tensor, cpp)
+                                    check_number, check_tensor, cpp, num_threads)
 from primaps_fast.progress import progress
 
 _STATE_VERSION = 1
@@ -82,9 +82,9 @@ def deterministic_blas():
 
 
 # The model's large products on the CPU are cut into tasks of at most _COLUMNS pixels (a cut that does not
-# depend on the thread count), each a one-thread GEMM; the tasks run on a pool of torch.get_num_threads()
-# threads and partial sums are added in task order. So every result is the same at any thread count, and
-# the products still use every core.
+# depend on the thread count), each a one-thread GEMM; the tasks run on the C++ kernels' threads
+# (_dispatch.num_threads()) and partial sums are added in task order. So every result is the same at any
+# thread count, and the products still use every core.
 _COLUMNS = 4096
 
 
@@ -92,7 +92,7 @@ def _run(tasks: list) -> list:
     """The results of the zero-argument callables ``tasks``, in order, each run with one MKL thread, on the
     C++ kernels' threads (torch's own OpenMP threads: threads of our own would compete with them while
     they spin after a torch op)."""
-    threads = torch.get_num_threads()
+    threads = num_threads()
     results = [None] * len(tasks)
 
     def call(i):

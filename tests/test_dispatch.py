@@ -1,5 +1,8 @@
 """Backend choice and the errors of missing builds (primaps_fast._dispatch)."""
+import os
+import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -178,3 +181,53 @@ def test_eager_custom_op_calls_do_not_import_dynamo():
                          cwd=CWD)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_kernels_run_in_a_forked_child_on_one_thread():
+    """The C++ kernels run on torch's OpenMP threads, which a forked child does not have: there, a team of
+    several threads waits forever, in torch's own parallel ops as in ours, so a child sets one thread as
+    torch's DataLoader workers do. In a child of a process whose kernels ran on two threads, with
+    torch.set_num_threads(1), the kernels (E-step, focal loss, dense CRF, the EM heads) end and give the
+    parent's results."""
+    from primaps_fast import PriMaPsEM
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        logits = torch.randn(2, 5, 40, 40, generator=gen)
+        masks = torch.randint(0, 4, (2, 320, 320), generator=gen)
+        images = torch.randint(0, 256, (2, 3, 80, 80), dtype=torch.uint8, generator=gen)
+        feats = torch.randn(2, 16, 40, 40, generator=gen)
+        probs = torch.softmax(logits[:, :, :10].repeat(1, 1, 8, 2), 1)
+
+        def run():
+            em = PriMaPsEM(5, 16)
+            em.init_prototypes(torch.randn(5, 16, generator=torch.Generator().manual_seed(1)))
+            em.step(feats, masks)
+            return [primaps_fast.assign_pseudo_labels(logits, masks), primaps_fast.focal_loss(logits, masks),
+                    primaps_fast.dense_crf(images, probs), em.weight().detach()]
+
+        want = run()
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 when every result matches, never return into pytest
+            code = 1
+            try:
+                torch.set_num_threads(1)
+                code = 0 if all(torch.equal(a, b) for a, b in zip(run(), want)) else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        torch.set_num_threads(before)
