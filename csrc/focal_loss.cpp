@@ -33,7 +33,9 @@ inline int64_t padded_classes(int64_t K) { return (K + 7) / 8 * 8; }
 
 // One output row y at a time, vectorised along the row: for the columns [x0, x0 + n) the upsampled
 // scores u (K, n), their exponentials e = exp(u - max) (K, n), the row maxima mx (n) and z (n) = 1 / the
-// partition sums. The one-pass kernel runs it on chunks of kChunk columns (bounded buffers at any width).
+// partition sums (ProbSums::add turns e into the probabilities). Each pass over the classes does all of
+// its work per pixel in one loop. The one-pass kernel runs it on chunks of kChunk columns (bounded buffers
+// at any width).
 struct RowSoftmax {
   std::vector<float> u, e, mx, z;
   // e has its rows padded to a multiple of 8 with zeros (transpose_probabilities reads them)
@@ -48,11 +50,10 @@ struct RowSoftmax {
       const float* __restrict a = xs.data() + (ay.i0[y] * K + k) * W + x0;
       const float* __restrict c = xs.data() + (ay.i1[y] * K + k) * W + x0;
       float* __restrict uk = u.data() + k * n;
-      for (int64_t x = 0; x < n; ++x) uk[x] = lerp(h0, a[x], h1, c[x]);
-      if (k == 0) {
-        for (int64_t x = 0; x < n; ++x) mxp[x] = uk[x];
-      } else {
-        for (int64_t x = 0; x < n; ++x) mxp[x] = uk[x] > mxp[x] ? uk[x] : mxp[x];
+      for (int64_t x = 0; x < n; ++x) {
+        const float v = lerp(h0, a[x], h1, c[x]);
+        uk[x] = v;
+        mxp[x] = k == 0 || v > mxp[x] ? v : mxp[x];
       }
     }
     for (int64_t x = 0; x < n; ++x) zp[x] = 0.f;
@@ -61,21 +62,12 @@ struct RowSoftmax {
       float* __restrict ek = e.data() + k * n;
       for (int64_t x = 0; x < n; ++x) {
         const float v = uk[x] - mxp[x];
-        ek[x] = v > -87.0f ? v : -87.0f;  // exp(-87) ~ 1.6e-38: ~0 next to exp(0) = 1
+        const float p = exp_nonpositive(v > -87.0f ? v : -87.0f);  // exp(-87) ~ 1.6e-38: ~0 next to exp(0) = 1
+        ek[x] = p;
+        zp[x] += p;
       }
-      for (int64_t x = 0; x < n; ++x) ek[x] = exp_nonpositive(ek[x]);
-      for (int64_t x = 0; x < n; ++x) zp[x] += ek[x];
     }
     for (int64_t x = 0; x < n; ++x) zp[x] = 1.f / zp[x];  // z holds 1 / sum from here on
-  }
-
-  // e (K, n) = the probabilities e * z, in place.
-  PRIMAPS_ALWAYS_INLINE void normalise(int64_t K, int64_t n) {
-    const float* __restrict zp = z.data();
-    for (int64_t k = 0; k < K; ++k) {
-      float* __restrict ek = e.data() + k * n;
-      for (int64_t x = 0; x < n; ++x) ek[x] *= zp[x];
-    }
   }
 };
 
@@ -87,12 +79,18 @@ struct ProbSums {
   int64_t K, W, rows = 0;
   ProbSums(int64_t K, int64_t W) : part(K * W, 0.f), acc(K * W, 0.0), K(K), W(W) {}
 
-  // The probabilities p (K, n) of the columns [x0, x0 + n) of the current row.
-  PRIMAPS_ALWAYS_INLINE void add(const float* p, int64_t x0, int64_t n) {
+  // The probabilities of the columns [x0, x0 + n) of the current row, from a RowSoftmax of them: its e
+  // (K, n) times its z (n), written back to e (the probabilities from here on) and added.
+  PRIMAPS_ALWAYS_INLINE void add(RowSoftmax& row, int64_t x0, int64_t n) {
+    const float* __restrict zp = row.z.data();
     for (int64_t k = 0; k < K; ++k) {
-      const float* __restrict pk = p + k * n;
+      float* __restrict ek = row.e.data() + k * n;
       float* __restrict sk = part.data() + k * W + x0;
-      for (int64_t x = 0; x < n; ++x) sk[x] += pk[x];
+      for (int64_t x = 0; x < n; ++x) {
+        const float p = ek[x] * zp[x];
+        ek[x] = p;
+        sk[x] += p;
+      }
     }
   }
   PRIMAPS_ALWAYS_INLINE void end_row() {
@@ -125,8 +123,7 @@ PRIMAPS_ALWAYS_INLINE void confidence_body(const float* L, int64_t K, int64_t h,
   width_pass(L, K, h, w, ax, W, xs);
   for (int64_t y = 0; y < H; ++y) {
     row.compute(xs, ay, y, K, W, 0, W);
-    row.normalise(K, W);
-    sums.add(row.e.data(), 0, W);
+    sums.add(row, 0, W);
     sums.end_row();
   }
   sums.finish(S);
@@ -348,8 +345,7 @@ PRIMAPS_ALWAYS_INLINE void moments_body(const float* L, const int64_t* tb, const
         tc[x] = t != ignore_index && t >= 0 && t < K && slot[t] >= 0 ? t : -1;
         if (tc[x] >= 0) C[t] += static_cast<double>((row.mx[x] - log_inv[x]) - row.u[t * n + x]);  // lse - up_t
       }
-      row.normalise(K, n);
-      sums.add(row.e.data(), x0, n);
+      sums.add(row, x0, n);
       if (M == nullptr) continue;
       transpose_probabilities(row.e.data(), n, Kp, dT.data());
       // p_t - 1 at the target, in a pass of its own: a vector load right after a scalar store to the same
