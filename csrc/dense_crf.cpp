@@ -522,9 +522,9 @@ void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& pro
   const primaps::ThreadSplit split = primaps::split_threads(B, threads);
   const int outer = split.outer, inner = split.inner;
   // The Gaussian lattice depends only on (H, W, pos_sxy): the one the previous call kept, or built
-  // once for the batch, at the same time as the first bilateral lattices when there are threads to
-  // spare (when the images run one after another, half of them). gauss_future is destroyed first and, as the last
-  // reference to an async state, waits for the task.
+  // once for the batch, at the same time as the first bilateral lattice(s) when there are threads to
+  // spare (when the images run one after another, half of them). gauss_future is destroyed first and, as
+  // the last reference to an async state, waits for the task.
   const bool any = iterations > 0 && *std::max_element(lab, lab + B) > 1;
   std::shared_ptr<const Lattice> gauss = any ? kept_gaussian(H, W, pos_sxy) : std::make_shared<const Lattice>();
   const bool build = !gauss;

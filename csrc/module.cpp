@@ -4,7 +4,6 @@
 PYBIND11_MODULE(_C, m) {
   m.doc() = "primaps_fast C++ kernels (CPU). Buffers are C-contiguous numpy views of torch tensors.";
   for (auto fn : primaps::registry()) fn(m);
-  // The SIMD variant of the kernels that have several (common.h).
   // Python callables on the kernels' threads (torch's OpenMP threads, common.h): the EM heads' BLAS tasks,
   // which on threads of their own would compete with torch's spinning pool.
   m.def("run_tasks", [](const py::function& fn, int64_t n, int threads) {
@@ -16,6 +15,7 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("fn"), py::arg("n"), py::arg("threads"),
         "Calls fn(i) for i in range(n) on up to `threads` threads, each call holding the GIL (fn should "
         "release it, as torch ops do); the first exception is raised after all calls have ended.");
+  // The SIMD variant of the kernels that have several (common.h).
   m.def("isa", [] { return std::string(primaps::kIsaNames[primaps::isa_setting().load()]); },
         "The SIMD variant the C++ kernels run: 'scalar' (SSE2), 'avx2' or 'avx512'.");
   m.def("set_isa", [](const std::string& isa) {
