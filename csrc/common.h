@@ -35,18 +35,12 @@ inline void check_ndim(const A& a, py::ssize_t dims, const char* name) {
                                 " dimensions, got " + std::to_string(a.ndim()));
 }
 
-// Runs fn(i) for i in [0, n) on up to `threads` threads (the caller's included). Work is handed out
-// dynamically, one index at a time, so uneven items balance. The first exception thrown by any worker is
-// rethrown in the caller after all workers have finished.
-//
-// The threads are OpenMP's, and the module links the libgomp that torch has already loaded (the same
-// soname), so the kernels run on torch's own intra-op threads. With threads of their own they would
-// compete with torch's, which spin for some milliseconds after every parallel torch op: on 2 cores that
-// made a 4.7 ms kernel take 7.7 ms when it followed a torch op.
-inline void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
-  if (n <= 0) return;
-  int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
-  if (workers == 1) {
+// Runs fn(i) for i in [0, n) on `workers` threads (the caller's included): OpenMP's when `openmp` (and the
+// module is built with it), else std::threads of their own. Work is handed out dynamically, one index at a
+// time, so uneven items balance. The first exception thrown by any worker is rethrown in the caller after
+// all workers have finished.
+inline void run_workers(int64_t n, int workers, bool openmp, const std::function<void(int64_t)>& fn) {
+  if (workers <= 1) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
@@ -64,30 +58,42 @@ inline void parallel_for(int64_t n, int threads, const std::function<void(int64_
     }
   };
 #ifdef _OPENMP
+  if (openmp) {
 #pragma omp parallel num_threads(workers)
-  work();
-#else
-  std::vector<std::thread> pool;
-  pool.reserve(workers - 1);
-  for (int t = 1; t < workers; ++t) pool.emplace_back(work);
-  work();
-  for (auto& th : pool) th.join();
+    work();
+  } else
 #endif
+  {
+    std::vector<std::thread> pool;
+    pool.reserve(workers - 1);
+    for (int t = 1; t < workers; ++t) pool.emplace_back(work);
+    work();
+    for (auto& th : pool) th.join();
+  }
   if (error) std::rethrow_exception(error);
 }
 
-// How n items share `threads` when each item can also split its own work: {outer, inner}, the items side
-// by side on `outer` threads, each on `inner`. OpenMP gives a team started inside another team one thread
-// (its default, which torch keeps), so only one of the two is above 1: the items run one after another on
-// all threads when that gives each at least twice the threads it would get side by side (fewer items than
-// half the threads), and side by side on one thread each otherwise.
-struct ThreadSplit {
-  int outer, inner;
-};
-inline ThreadSplit split_threads(int64_t n, int threads) {
+// Runs fn(i) for i in [0, n) on up to `threads` threads (the caller's included), as run_workers.
+//
+// The threads are OpenMP's, and the module links the libgomp that torch has already loaded (the same
+// soname), so the kernels run on torch's own intra-op threads. With threads of their own they would
+// compete with torch's, which spin for some milliseconds after every parallel torch op: on 2 cores that
+// made a 4.7 ms kernel take 7.7 ms when it followed a torch op.
+inline void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
+  if (n <= 0) return;
+  run_workers(n, static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n))), true, fn);
+}
+
+// The items of a batch that can also split their own work: fn(i, inner) for i in [0, n), min(n, threads)
+// items side by side, each with inner = threads / that many threads of its own. OpenMP gives a team
+// started inside another team one thread (its default, which torch keeps), so when the items get more
+// than one thread each they run on std::threads, each the master of its own OpenMP teams; otherwise on
+// parallel_for's.
+inline void parallel_items(int64_t n, int threads, const std::function<void(int64_t, int)>& fn) {
+  if (n <= 0) return;
   threads = std::max(1, threads);
-  if (n <= 1 || 2 * n <= threads) return {1, threads};
-  return {static_cast<int>(std::min<int64_t>(n, threads)), 1};
+  const int outer = static_cast<int>(std::min<int64_t>(n, threads)), inner = std::max(1, threads / outer);
+  run_workers(n, outer, inner == 1, [&](int64_t i) { fn(i, inner); });
 }
 
 #ifndef __CUDACC__

@@ -519,12 +519,12 @@ void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& pro
     if (first_nonfinite(pr + start[b], start[b + 1] - start[b]) < start[b + 1] - start[b])
       throw std::invalid_argument("probs[" + std::to_string(b) + "]: contains NaN or Inf");
   threads = std::max(1, threads);
-  const primaps::ThreadSplit split = primaps::split_threads(B, threads);
-  const int outer = split.outer, inner = split.inner;
+  const int outer = static_cast<int>(std::min<int64_t>(threads, B));
+  const int inner = std::max(1, threads / outer);  // what parallel_items gives each image
   // The Gaussian lattice depends only on (H, W, pos_sxy): the one the previous call kept, or built
-  // once for the batch, at the same time as the first bilateral lattice(s) when there are threads to
-  // spare (when the images run one after another, half of them). gauss_future is destroyed first and, as
-  // the last reference to an async state, waits for the task.
+  // once for the batch, at the same time as the first bilateral lattices when there are threads to
+  // spare (a single image gives it half of them). gauss_future is destroyed first and, as the last
+  // reference to an async state, waits for the task.
   const bool any = iterations > 0 && *std::max_element(lab, lab + B) > 1;
   std::shared_ptr<const Lattice> gauss = any ? kept_gaussian(H, W, pos_sxy) : std::make_shared<const Lattice>();
   const bool build = !gauss;
@@ -540,9 +540,9 @@ void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& pro
         return gauss.get();
       }).share();
   const int build_threads = outer == 1 && threads > 1 && build ? std::max(1, inner - gauss_threads) : inner;
-  parallel_for(B, outer, [&](int64_t b) {
+  primaps::parallel_items(B, threads, [&](int64_t b, int) {
     crf_image(img + b * 3 * H * W, pr + start[b], o + start[b], H, W, static_cast<int>(lab[b]), p, gauss_future,
-              b == 0 ? build_threads : inner, inner);
+              build_threads, inner);
   });
 }
 

@@ -268,8 +268,8 @@ SymvFn symv_kernel() {
   return symv_scalar;
 }
 
-// The SYRK of a whole image on `threads` threads (threads > 1 only when the batch has at most half as many
-// images as threads): row blocks split so every part has about the same share of the triangle.
+// The SYRK of a whole image on `threads` threads (threads > 1 only when the batch has fewer images
+// than threads): row blocks split so every part has about the same share of the triangle.
 void syrk_rows(const float* Y, int64_t ld, int64_t Cp, int64_t len, double* S, double sign, int threads) {
   if (threads <= 1 || len * Cp * Cp < (int64_t{1} << 22)) {  // small updates: not worth a thread
     syrk_kernel()(Y, ld, Cp, len, S, sign, 0, Cp);
@@ -579,9 +579,7 @@ void principal_masks_cpu(primaps::FloatArray features, primaps::Int64Array owner
   const Params prm{static_cast<float>(threshold), static_cast<float>(stop_fraction), max_masks};
   const int64_t N = h * w;
   py::gil_scoped_release release;
-  const primaps::ThreadSplit split = primaps::split_threads(B, threads);
-  const int outer = split.outer, inner = split.inner;
-  primaps::parallel_for(B, outer, [&](int64_t i) {
+  primaps::parallel_items(B, threads, [&](int64_t i, int inner) {
     proposals_one_image(X + i * C * N, C, N, prm, own + i * N, val + i * N, cnt + i, inner);
   });
 }
