@@ -85,15 +85,22 @@ inline void parallel_for(int64_t n, int threads, const std::function<void(int64_
 }
 
 // The items of a batch that can also split their own work: fn(i, inner) for i in [0, n), min(n, threads)
-// items side by side, each with inner = threads / that many threads of its own. OpenMP gives a team
+// items side by side, each with inner = threads / that many threads of its own (item_split). OpenMP gives a team
 // started inside another team one thread (its default, which torch keeps), so when the items get more
 // than one thread each they run on std::threads, each the master of its own OpenMP teams; otherwise on
 // parallel_for's.
+struct ItemSplit {
+  int outer, inner;  // items side by side, threads of each
+};
+inline ItemSplit item_split(int64_t n, int threads) {
+  threads = std::max(1, threads);
+  const int outer = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, threads)));
+  return {outer, std::max(1, threads / outer)};
+}
 inline void parallel_items(int64_t n, int threads, const std::function<void(int64_t, int)>& fn) {
   if (n <= 0) return;
-  threads = std::max(1, threads);
-  const int outer = static_cast<int>(std::min<int64_t>(n, threads)), inner = std::max(1, threads / outer);
-  run_workers(n, outer, inner == 1, [&](int64_t i) { fn(i, inner); });
+  const ItemSplit split = item_split(n, threads);
+  run_workers(n, split.outer, split.inner == 1, [&](int64_t i) { fn(i, split.inner); });
 }
 
 #ifndef __CUDACC__

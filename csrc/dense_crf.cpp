@@ -519,8 +519,8 @@ void dense_crf(const primaps::UInt8Array& images, const primaps::FloatArray& pro
     if (first_nonfinite(pr + start[b], start[b + 1] - start[b]) < start[b + 1] - start[b])
       throw std::invalid_argument("probs[" + std::to_string(b) + "]: contains NaN or Inf");
   threads = std::max(1, threads);
-  const int outer = static_cast<int>(std::min<int64_t>(threads, B));
-  const int inner = std::max(1, threads / outer);  // what parallel_items gives each image
+  const primaps::ItemSplit split = primaps::item_split(B, threads);  // as parallel_items runs the images
+  const int outer = split.outer, inner = split.inner;
   // The Gaussian lattice depends only on (H, W, pos_sxy): the one the previous call kept, or built
   // once for the batch, at the same time as the first bilateral lattices when there are threads to
   // spare (a single image gives it half of them). gauss_future is destroyed first and, as the last
