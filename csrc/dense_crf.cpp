@@ -131,7 +131,7 @@ void team(int T, const F& body) {
 // exp of four lanes x <= 0, 0 below -87.33 (where expf leaves the normal floats) and for -inf.
 inline f32x4 exp4_nonpositive(f32x4 x) {
   const f32x4 lo = f32x4{} - 87.33f;
-  return x < lo ? f32x4{} : primaps::exp_nonpositive(x < lo ? lo : x);
+  return x < lo ? f32x4{} : primaps::exp_clamped(x < lo ? lo : x);
 }
 
 // The mean field updates pixels in groups of 4, with the label rows transposed so that the lanes are

@@ -1,23 +1,33 @@
 // M-step loss of PriMaPs-EM: the official FocalLoss on bilinearly upsampled class scores, forward and
 // backward fused with the upsampling, never storing the (B, K, H, W) upsampled scores.
 //
-// One pass (what focal_loss runs): focal_target_classes reads the target (the classes present in each
-// image, the count of bad values); focal_moments computes every upsampled softmax once and gives the
-// per-image softmax sums (for the class weights), the per-class sums of CE and the gradient's per-class
-// moments at feature resolution; focal_combine weighs the moments into the gradient.
-// Two passes (when the moments would be too large, and the softmax sums of class_stats):
-// focal_confidence gives the softmax sums; focal_loss_grad the per-image sums of w_t * CE and, when
-// requested, the gradient of sum_pixels w_t * CE w.r.t. the low-resolution logits (the caller scales by
-// grad_output / N): dL/dup_k = w_t * (p_k - [k == t]) at non-ignored pixels, scattered back through the
-// bilinear taps. focal_class_weights: the class weights from the sums (focal_weights.h, shared with CUDA).
-// Threads run over images; every image accumulates into its own buffers in a fixed order, so the
-// results are deterministic. Upsampling as PyTorch's, to float32 rounding (bilinear.h). The per-image
-// passes are compiled for SSE2, AVX2 and AVX-512F, the best run (common.h, PRIMAPS_SIMD_FUNCTION): the
-// same bits in every variant.
+// One kernel, focal_moments, walks the pixels of each image once: the softmax of the upsampled scores at
+// every pixel, its per-image sums (for the class weights), the per-class sums of CE and, when asked, the
+// gradient's moments at feature resolution, per moment slot. focal_target_classes reads the target first
+// (the classes present in each image, the count of bad values); focal_combine weighs the moments into the
+// gradient; focal_confidence is focal_moments without a target (the softmax sums alone). Python runs one
+// pass with a slot per present class (the class weights, which need the sums of the whole batch, applied
+// afterwards) or, when those moments would be too large, two: the sums, then one slot that holds every
+// class with its weight applied as it accumulates (ops/focal_loss.py). focal_class_weights: the class
+// weights from the sums (focal_weights.h, shared with CUDA).
+//
+// Pixel-major: a pixel's classes are Kp = K rounded up to 8 lanes, in f32x8 chunks (zeros beyond K). Lanes
+// are chosen with bitwise selects: GCC turns vector ?: into a loop over the lanes in some variants. Along
+// a segment of output columns with the same bilinear taps (column_segments) the upsampled score of a class
+// is affine, so its exponential is geometric: two exps per class and segment, exp(u(first) - m) and the
+// ratio exp(slope), m the segment's largest score at its ends, then a product per pixel (at most kSegment
+// of them: within ~1e-6 of exp(u - m)). Segments of one column, and those where a class ends more than
+// kSpread below m, take an exp per pixel and class of u - (the pixel's max), as the reference does. The CE
+// uses the target's upsampled score as PyTorch rounds it (bilinear.h). Threads run over images; every image
+// accumulates into its own buffers in a fixed order, so the results are deterministic, and the same bits in
+// every SIMD variant (common.h: SSE2 and AVX2, which AVX-512 CPUs run too).
 #include "common.h"
 
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <new>
+#include <type_traits>
 
 #include "bilinear.h"
 #include "fast_exp.h"
@@ -27,110 +37,289 @@ namespace {
 
 using namespace primaps;
 
-// K rounded up to 8: the class axis of the moments and of the transposed probabilities (focal_loss.py
-// allocates the moments with it).
+// K rounded up to 8: the class axis of the moments (focal_loss.py allocates them with it).
 inline int64_t padded_classes(int64_t K) { return (K + 7) / 8 * 8; }
 
-// One output row y at a time, vectorised along the row: for the columns [x0, x0 + n) the upsampled
-// scores u (K, n), their exponentials e = exp(u - max) (K, n), the row maxima mx (n) and z (n) = 1 / the
-// partition sums (ProbSums::add turns e into the probabilities, in the loop that sums them). The upsampling
-// and the maximum share one loop; the exp has a loop of its own, which every SIMD variant vectorises (fused
-// with the clamp and the sum, the SSE2 and AVX2 variants ran it 1.6x-2.7x slower). The one-pass kernel
-// runs it on chunks of kChunk columns (bounded buffers at any width).
-struct RowSoftmax {
-  std::vector<float> u, e, mx, z;
-  // e has its rows padded to a multiple of 8 with zeros (transpose_probabilities reads them)
-  RowSoftmax(int64_t K, int64_t n) : u(K * n), e(padded_classes(K) * n, 0.f), mx(n), z(n) {}
+constexpr int64_t kSegment = 16;  // the most columns one geometric recurrence runs over
+constexpr float kSpread = 80.f;   // exp(-80) ~ 1.8e-35: every term of a recurrence a normal float
 
-  PRIMAPS_ALWAYS_INLINE void compute(const std::vector<float>& xs, const Axis& ay, int64_t y, int64_t K, int64_t W,
-                                     int64_t x0, int64_t n) {
-    const float h0 = ay.l0[y], h1 = ay.l1[y];
-    float* __restrict mxp = mx.data();
-    float* __restrict zp = z.data();
-    for (int64_t k = 0; k < K; ++k) {
-      const float* __restrict a = xs.data() + (ay.i0[y] * K + k) * W + x0;
-      const float* __restrict c = xs.data() + (ay.i1[y] * K + k) * W + x0;
-      float* __restrict uk = u.data() + k * n;
-      for (int64_t x = 0; x < n; ++x) {
-        const float v = lerp(h0, a[x], h1, c[x]);
-        uk[x] = v;
-        mxp[x] = k == 0 || v > mxp[x] ? v : mxp[x];
-      }
-    }
-    for (int64_t x = 0; x < n; ++x) zp[x] = 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      const float* __restrict uk = u.data() + k * n;
-      float* __restrict ek = e.data() + k * n;
-      for (int64_t x = 0; x < n; ++x) {
-        const float v = uk[x] - mxp[x];
-        ek[x] = v > -87.0f ? v : -87.0f;  // exp(-87) ~ 1.6e-38: ~0 next to exp(0) = 1
-      }
-      for (int64_t x = 0; x < n; ++x) ek[x] = exp_nonpositive(ek[x]);
-      for (int64_t x = 0; x < n; ++x) zp[x] += ek[x];
-    }
-    for (int64_t x = 0; x < n; ++x) zp[x] = 1.f / zp[x];  // z holds 1 / sum from here on
-  }
-};
-
-// Per-class sums of the probabilities over the pixels of one image, one rule for both kernels: per
-// (class, column), float32 sums of 8 rows at a time added to float64 ones, then the columns in order.
-struct ProbSums {
-  std::vector<float> part;
-  std::vector<double> acc;
-  int64_t K, W, rows = 0;
-  ProbSums(int64_t K, int64_t W) : part(K * W, 0.f), acc(K * W, 0.0), K(K), W(W) {}
-
-  // The probabilities of the columns [x0, x0 + n) of the current row, from a RowSoftmax of them: its e
-  // (K, n) times its z (n), written back to e (the probabilities from here on) and added.
-  PRIMAPS_ALWAYS_INLINE void add(RowSoftmax& row, int64_t x0, int64_t n) {
-    const float* __restrict zp = row.z.data();
-    for (int64_t k = 0; k < K; ++k) {
-      float* __restrict ek = row.e.data() + k * n;
-      float* __restrict sk = part.data() + k * W + x0;
-      for (int64_t x = 0; x < n; ++x) {
-        const float p = ek[x] * zp[x];
-        ek[x] = p;
-        sk[x] += p;
-      }
-    }
-  }
-  PRIMAPS_ALWAYS_INLINE void end_row() {
-    if (++rows % 8 == 0) flush();
-  }
-  PRIMAPS_ALWAYS_INLINE void flush() {
-    const float* __restrict sp = part.data();
-    double* __restrict ap = acc.data();
-    for (int64_t i = 0; i < K * W; ++i) ap[i] += static_cast<double>(sp[i]);
-    std::fill(part.begin(), part.end(), 0.f);
-  }
-  PRIMAPS_ALWAYS_INLINE void finish(double* S) {
-    flush();
-    for (int64_t k = 0; k < K; ++k) {
-      double sum = 0.0;
-      for (int64_t x = 0; x < W; ++x) sum += acc[k * W + x];
-      S[k] = sum;
-    }
-  }
-};
-
-constexpr int64_t kChunk = 128;  // columns per RowSoftmax of the one-pass kernel
-
-// Pass 1 of one image L (K, h, w): S (K,) = the sums over its pixels of softmax(up).
-PRIMAPS_ALWAYS_INLINE void confidence_body(const float* L, int64_t K, int64_t h, int64_t w, const Axis& ay,
-                                           const Axis& ax, int64_t H, int64_t W, double* S) {
-  std::vector<float> xs;
-  RowSoftmax row(K, W);
-  ProbSums sums(K, W);
-  width_pass(L, K, h, w, ax, W, xs);
-  for (int64_t y = 0; y < H; ++y) {
-    row.compute(xs, ay, y, K, W, 0, W);
-    sums.add(row, 0, W);
-    sums.end_row();
-  }
-  sums.finish(S);
+// The first column of each segment of the W output columns, then W: consecutive columns with the same taps
+// (i0, i1) on which the weight l1 is affine, at most kSegment of them. ATen clamps the columns left of the
+// first source centre to l1 = 0: a segment also starts where l1 leaves or reaches 0.
+std::vector<int64_t> column_segments(const Axis& ax, int64_t W) {
+  std::vector<int64_t> start;
+  for (int64_t x = 0; x < W; ++x)
+    if (x == 0 || ax.i0[x] != ax.i0[x - 1] || ax.i1[x] != ax.i1[x - 1] ||
+        (ax.l1[x - 1] == 0.f) != (ax.l1[x] == 0.f) || x - start.back() == kSegment)
+      start.push_back(x);
+  start.push_back(W);
+  return start;
 }
-PRIMAPS_SIMD_FUNCTION(confidence_image, confidence_body)
 
+// The Kp lanes of a pixel as chunks of 8: NC in registers, or, for NC = 0 (K > 32), any number on the heap.
+template <int NC, typename V = f32x8>
+struct Lanes {
+  alignas(32) V v[NC] = {};  // alignas: in a template argument, GCC drops the vectors' alignment
+  explicit Lanes(int) {}
+  PRIMAPS_ALWAYS_INLINE V& operator[](int c) { return v[c]; }
+};
+template <typename V>
+struct Lanes<0, V> {  // aligned by hand, as above
+  static constexpr std::align_val_t kAlign{64};
+  V* v;
+  explicit Lanes(int nc) : v(static_cast<V*>(::operator new(sizeof(V) * nc, kAlign))) {
+    for (int c = 0; c < nc; ++c) new (v + c) V();
+  }
+  ~Lanes() { ::operator delete(v, kAlign); }
+  Lanes(const Lanes&) = delete;
+  Lanes& operator=(const Lanes&) = delete;
+  PRIMAPS_ALWAYS_INLINE V& operator[](int c) { return v[c]; }
+};
+
+// mask ? a : b lane by lane (mask lanes all ones or all zeros), and the maximum and minimum.
+template <typename V, typename I>
+PRIMAPS_ALWAYS_INLINE V select(I mask, V a, V b) {
+  return (V)((mask & (I)a) | (~mask & (I)b));
+}
+PRIMAPS_ALWAYS_INLINE f32x8 vmax(f32x8 a, f32x8 b) { return select(a > b, a, b); }
+PRIMAPS_ALWAYS_INLINE f32x8 vmin(f32x8 a, f32x8 b) { return select(a < b, a, b); }
+PRIMAPS_ALWAYS_INLINE f32x4 vmax(f32x4 a, f32x4 b) { return select(a > b, a, b); }
+
+// The sum and the maximum of 8 lanes, in a fixed order of pairs.
+PRIMAPS_ALWAYS_INLINE float hsum8(f32x8 v) {
+  const f32x4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const f32x4 b = a + __builtin_shufflevector(a, a, 2, 3, 0, 1);
+  return b[0] + b[1];
+}
+PRIMAPS_ALWAYS_INLINE float hmax8(f32x8 v) {
+  const f32x4 a = vmax(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7));
+  const f32x4 b = vmax(a, __builtin_shufflevector(a, a, 2, 3, 0, 1));
+  return b[0] > b[1] ? b[0] : b[1];
+}
+
+// u (Kp lanes) = the upsampled scores at column x of an output row between the width-passed source rows
+// a and b (W, Kp) with weights h0, h1: lerp lane by lane (the products rounded, then the sum).
+template <int NC>
+PRIMAPS_ALWAYS_INLINE void upsampled(const float* a, const float* b, float h0, float h1, int64_t x, int nc,
+                                     Lanes<NC>& u) {
+  const int64_t Kp = 8 * nc;
+  for (int c = 0; c < nc; ++c) u[c] = h0 * load8(a + x * Kp + 8 * c) + h1 * load8(b + x * Kp + 8 * c);
+}
+
+// exp(max(d, -87)) on the classes (valid lanes), 0 beyond them.
+PRIMAPS_ALWAYS_INLINE f32x8 exp_of_classes(f32x8 d, i32x8 valid) {
+  const f32x8 lo = f32x8{} - 87.f;
+  return from_bits(valid & (i32x8)exp_clamped(select(valid, vmax(d, lo), lo)));
+}
+
+// The width pass of source row ys of lt (h, w, Kp) into dst (W, Kp): lerp of the two source columns of
+// each output column, lane by lane, as bilinear.h's width_pass.
+PRIMAPS_ALWAYS_INLINE void width_pass_row(const float* lt, int64_t ys, int64_t w, const Axis& ax, int64_t W,
+                                          int nc, float* dst) {
+  const int64_t Kp = 8 * nc;
+  for (int64_t x = 0; x < W; ++x) {
+    const float* a = lt + (ys * w + ax.i0[x]) * Kp;
+    const float* b = lt + (ys * w + ax.i1[x]) * Kp;
+    const float l0 = ax.l0[x], l1 = ax.l1[x];
+    for (int c = 0; c < nc; ++c) store8(dst + x * Kp + 8 * c, l0 * load8(a + 8 * c) + l1 * load8(b + 8 * c));
+  }
+}
+
+// The moments of one run of pixels of target class t in one segment (source columns with moment cells
+// c0, c1 = i0 * R, i1 * R) added to the ring rows r0, r1 of the output row's source rows: a0, a1 = the
+// sums of l0 * p and l1 * p over the run, w0, w1 = those of l0 and l1 (the one-hot part of p - [k == t]);
+// each times factor[t] and the row weights h0, h1, into slot slot[t].
+template <int NC>
+PRIMAPS_ALWAYS_INLINE void add_moments(int64_t t, const int32_t* slot, const float* factor, int nc, Lanes<NC>& a0,
+                                       Lanes<NC>& a1, float w0, float w1, float h0, float h1, float* r0, float* r1,
+                                       int64_t c0, int64_t c1) {
+  const int64_t Kp = 8 * nc;
+  a0[t / 8][t % 8] -= w0;
+  a1[t / 8][t % 8] -= w1;
+  const float f0 = h0 * factor[t], f1 = h1 * factor[t];
+  float* m00 = r0 + (c0 + slot[t]) * Kp;
+  float* m01 = r0 + (c1 + slot[t]) * Kp;
+  float* m10 = r1 + (c0 + slot[t]) * Kp;
+  float* m11 = r1 + (c1 + slot[t]) * Kp;
+  for (int c = 0; c < nc; ++c) {
+    store8(m00 + 8 * c, load8(m00 + 8 * c) + f0 * a0[c]);
+    store8(m01 + 8 * c, load8(m01 + 8 * c) + f0 * a1[c]);
+    store8(m10 + 8 * c, load8(m10 + 8 * c) + f1 * a0[c]);
+    store8(m11 + 8 * c, load8(m11 + 8 * c) + f1 * a1[c]);
+  }
+}
+
+// One image L (K, h, w), Kp = 8 * NC lanes (NC = 0: any), with target T (H, W) or none (tb null: the softmax
+// sums alone). S (K,) = the sums over its pixels of softmax(up), float32 over 16 columns of a row at a time,
+// added to float64 ones. With a target, C (K,) with C[c] = the sum over the pixels of target c of CE and,
+// when M is not null, the moments M (h, w, R, Kp) float32: M[iy, ix, s, k] = the sum over the pixels whose
+// target c has slot[c] = s of factor[c] * tap(iy, ix) * (p_k - [k == c]) (zeros beyond K). The gradient of
+// sum_pixels w_t * CE w.r.t. L[k, iy, ix] is then sum_c w_c M[iy, ix, slot[c], k] for unit factors and a
+// slot per class, or M[iy, ix, 0, k] for factors w and one slot for all (focal_combine either way).
+// Pixels whose target is ignore_index, outside [0, K) or without a slot add no CE and no moments (the caller
+// refuses bad targets: focal_target_classes).
+template <int NC>
+PRIMAPS_ALWAYS_INLINE void moments_body(std::integral_constant<int, NC>, const float* L, const int64_t* tb,
+                                        const int32_t* slot, const float* factor, int64_t ignore_index, int64_t K,
+                                        int64_t R, int64_t h, int64_t w, const Axis& ay, const Axis& ax,
+                                        const std::vector<int64_t>& seg, int64_t H, int64_t W, double* S,
+                                        double* C, float* M) {
+  const int nc = NC > 0 ? NC : static_cast<int>(padded_classes(K) / 8);
+  const int64_t Kp = 8 * static_cast<int64_t>(nc);
+  std::vector<float> lt(static_cast<size_t>(h * w * Kp), 0.f);  // L pixel-major, (h, w, Kp)
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i = 0; i < h * w; ++i) lt[i * Kp + k] = L[k * h * w + i];
+  // The width pass of the two source rows an output row taps, (W, Kp) each, at index ys & 1.
+  std::vector<float> src(static_cast<size_t>(2 * W * Kp));
+  int64_t src_row[2] = {-1, -1};
+  // The moments of source rows `held` and held + 1 accumulate in a ring of two rows (cache-resident); a row
+  // is written to M once no later output row taps it.
+  const int64_t row_size = w * R * Kp;
+  std::vector<float> ring;
+  if (M != nullptr) ring.assign(static_cast<size_t>(2 * row_size), 0.f);
+  int64_t held = 0;
+  auto write_row = [&](int64_t iy) {
+    float* part = ring.data() + (iy & 1) * row_size;
+    std::copy(part, part + row_size, M + iy * row_size);
+    std::fill(part, part + row_size, 0.f);
+  };
+  // per column of the current row: the partition sum, the score it is relative to, log-sum-exp (padded
+  // to 4 lanes)
+  const int64_t W4 = (W + 3) / 4 * 4;
+  std::vector<float> s_row(W4, 1.f), m_row(W4, 0.f), lse(W4);
+  std::vector<double> acc(Kp, 0.0);
+  float part_out[8];
+  Lanes<NC, i32x8> valid(nc);
+  for (int c = 0; c < nc; ++c)
+    for (int l = 0; l < 8; ++l) valid[c][l] = 8 * c + l < K ? -1 : 0;
+  Lanes<NC> ua(nc), ub(nc), e(nc), ratio(nc), p(nc), part(nc), a0(nc), a1(nc);
+  if (C != nullptr)
+    for (int64_t k = 0; k < K; ++k) C[k] = 0.0;
+  const f32x8 lowest = f32x8{} - std::numeric_limits<float>::infinity();
+  for (int64_t y = 0; y < H; ++y) {
+    const int64_t iy0 = ay.i0[y], iy1 = ay.i1[y];
+    const float h0 = ay.l0[y], h1 = ay.l1[y];
+    for (const int64_t ys : {iy0, iy1})
+      if (src_row[ys & 1] != ys) {
+        src_row[ys & 1] = ys;
+        width_pass_row(lt.data(), ys, w, ax, W, nc, src.data() + (ys & 1) * W * Kp);
+      }
+    const float* a = src.data() + (iy0 & 1) * W * Kp;
+    const float* b = src.data() + (iy1 & 1) * W * Kp;
+    float *r0 = nullptr, *r1 = nullptr;  // the ring rows of source rows iy0 and iy1
+    if (M != nullptr) {
+      for (; held < iy0; ++held) write_row(held);
+      r0 = ring.data() + (iy0 & 1) * row_size;
+      r1 = ring.data() + (iy1 & 1) * row_size;
+    }
+    const int64_t* tr = tb == nullptr ? nullptr : tb + y * W;
+    for (size_t j = 0; j + 1 < seg.size(); ++j) {
+      const int64_t xa = seg[j], xb = seg[j + 1];
+      const int64_t c0 = ax.i0[xa] * R, c1 = ax.i1[xa] * R;
+      upsampled(a, b, h0, h1, xa, nc, ua);
+      upsampled(a, b, h0, h1, xb - 1, nc, ub);
+      f32x8 hi = lowest, lo = -lowest;
+      for (int c = 0; c < nc; ++c) {
+        hi = select(valid[c], vmax(hi, vmax(ua[c], ub[c])), hi);
+        lo = select(valid[c], vmin(lo, vmin(ua[c], ub[c])), lo);
+      }
+      const float m = hmax8(hi), spread = m + hmax8(-lo);  // m - the lowest score at an end
+      const bool geometric = xb - xa > 1 && spread <= kSpread;
+      if (geometric) {
+        const float inv = 1.f / static_cast<float>(xb - xa - 1);
+        for (int c = 0; c < nc; ++c) {
+          e[c] = exp_of_classes(ua[c] - m, valid[c]);
+          ratio[c] = exp_clamped((ub[c] - ua[c]) * inv);  // |slope| <= kSpread; 1 beyond K
+        }
+      }
+      int64_t cur = -1;  // the target class of the run whose moments a0, a1 hold
+      float w0 = 0.f, w1 = 0.f;
+      for (int64_t x = xa; x < xb; ++x) {
+        float mx = m;
+        if (!geometric) {
+          upsampled(a, b, h0, h1, x, nc, p);
+          f32x8 v = lowest;
+          for (int c = 0; c < nc; ++c) v = select(valid[c], vmax(v, p[c]), v);
+          mx = hmax8(v);
+          for (int c = 0; c < nc; ++c) e[c] = exp_of_classes(p[c] - mx, valid[c]);
+        }
+        f32x8 total = e[0];
+        for (int c = 1; c < nc; ++c) total += e[c];
+        const float s = hsum8(total), z = 1.f / s;
+        for (int c = 0; c < nc; ++c) {
+          p[c] = e[c] * z;
+          part[c] += p[c];
+        }
+        if (geometric)
+          for (int c = 0; c < nc; ++c) e[c] *= ratio[c];
+        s_row[x] = s;
+        m_row[x] = mx;
+        if ((x & 15) == 15 || x == W - 1)
+          for (int c = 0; c < nc; ++c) {
+            store8(part_out, part[c]);
+            for (int l = 0; l < 8; ++l) acc[8 * c + l] += static_cast<double>(part_out[l]);
+            part[c] = f32x8{};
+          }
+        if (M == nullptr) continue;
+        const int64_t t = tr[x];
+        if (t == ignore_index || t < 0 || t >= K || slot[t] < 0) continue;
+        if (t != cur) {
+          if (cur >= 0) add_moments(cur, slot, factor, nc, a0, a1, w0, w1, h0, h1, r0, r1, c0, c1);
+          cur = t;
+          for (int c = 0; c < nc; ++c) a0[c] = a1[c] = f32x8{};
+          w0 = w1 = 0.f;
+        }
+        const float l0 = ax.l0[x], l1 = ax.l1[x];
+        for (int c = 0; c < nc; ++c) {
+          a0[c] += l0 * p[c];
+          a1[c] += l1 * p[c];
+        }
+        w0 += l0;
+        w1 += l1;
+      }
+      if (cur >= 0) add_moments(cur, slot, factor, nc, a0, a1, w0, w1, h0, h1, r0, r1, c0, c1);
+    }
+    if (tr == nullptr) continue;
+    for (int64_t x = 0; x < W4; x += 4)
+      store4(lse.data() + x, load4(m_row.data() + x) + log_positive(load4(s_row.data() + x)));
+    int64_t cur = -1;  // the CE of a run of pixels of one target class, summed before it is added to C
+    double run = 0.0;
+    for (int64_t x = 0; x < W; ++x) {
+      const int64_t t = tr[x];
+      if (t == ignore_index || t < 0 || t >= K || slot[t] < 0) continue;
+      if (t != cur) {
+        if (cur >= 0) C[cur] += run;
+        cur = t;
+        run = 0.0;
+      }
+      run += static_cast<double>(lse[x] - lerp(h0, a[x * Kp + t], h1, b[x * Kp + t]));  // lse - up_t
+    }
+    if (cur >= 0) C[cur] += run;
+  }
+  if (M != nullptr)
+    for (; held < h; ++held) write_row(held);
+  for (int64_t k = 0; k < K; ++k) S[k] = acc[k];
+}
+PRIMAPS_SIMD_FUNCTION_AVX2(moments_image, moments_body)
+
+// moments_image on the chunk count of K's Kp (in registers up to K = 32).
+template <typename... A>
+void moments_of_image(int64_t K, A&&... a) {
+  switch (padded_classes(K) / 8) {
+    case 1:
+      return moments_image(std::integral_constant<int, 1>{}, std::forward<A>(a)...);
+    case 2:
+      return moments_image(std::integral_constant<int, 2>{}, std::forward<A>(a)...);
+    case 3:
+      return moments_image(std::integral_constant<int, 3>{}, std::forward<A>(a)...);
+    case 4:
+      return moments_image(std::integral_constant<int, 4>{}, std::forward<A>(a)...);
+    default:
+      return moments_image(std::integral_constant<int, 0>{}, std::forward<A>(a)...);
+  }
+}
+
+// sums (B, K) float64 = the per-image sums of softmax(up) (focal_moments without a target).
 void focal_confidence(FloatArray logits, int64_t H, int64_t W, DoubleArray sums, int threads) {
   check_ndim(logits, 4, "logits");
   check_ndim(sums, 2, "sums");
@@ -140,8 +329,12 @@ void focal_confidence(FloatArray logits, int64_t H, int64_t W, DoubleArray sums,
   const float* L = logits.data();
   double* S = sums.mutable_data();
   const Axis ay(h, H), ax(w, W);
+  const std::vector<int64_t> seg = column_segments(ax, W);
   py::gil_scoped_release release;
-  parallel_for(B, threads, [&](int64_t b) { confidence_image(L + b * K * h * w, K, h, w, ay, ax, H, W, S + b * K); });
+  parallel_for(B, threads, [&](int64_t b) {
+    moments_of_image(K, L + b * K * h * w, nullptr, nullptr, nullptr, int64_t{0}, K, int64_t{0}, h, w, ay, ax, seg,
+                     H, W, S + b * K, nullptr, nullptr);
+  });
 }
 
 // weight (K,) from sums (B, K): the per-image sums added in image order, then focal_class_weight.
@@ -160,109 +353,10 @@ void focal_class_weights(DoubleArray sums, double num_pixels, float gamma, Float
   }
 }
 
-// Pass 2 of one image L (K, h, w) with target T (H, W): *loss = sum over pixels of Wt[t] * CE and, when
-// G is not null, G (K, h, w) = its gradient w.r.t. L.
-PRIMAPS_ALWAYS_INLINE void grad_body(const float* L, const int64_t* tb, const float* Wt, int64_t ignore_index,
-                                     int64_t K, int64_t h, int64_t w, const Axis& ay, const Axis& ax, int64_t H,
-                                     int64_t W, double* loss, float* gb) {
-  const bool with_grad = gb != nullptr;
-  std::vector<float> xs, wt(W), d(W);
-  std::vector<int64_t> tc(W);
-  RowSoftmax row(K, W);
-  std::vector<double> gx;  // d/d xs, layout (h, K, W)
-  if (with_grad) gx.assign(static_cast<size_t>(h * K * W), 0.0);
-  width_pass(L, K, h, w, ax, W, xs);
-  double acc = 0.0;
-  for (int64_t y = 0; y < H; ++y) {
-    row.compute(xs, ay, y, K, W, 0, W);
-    const float* inv = row.z.data();
-    bool any = false;
-    for (int64_t x = 0; x < W; ++x) {
-      const int64_t t = tb[y * W + x];
-      if (t == ignore_index) {  // weight 0: no loss, no gradient
-        wt[x] = 0.f;
-        tc[x] = -1;
-        continue;
-      }
-      any = true;
-      wt[x] = Wt[t];
-      tc[x] = t;
-      const float lse = row.mx[x] - std::log(inv[x]);
-      acc += static_cast<double>(wt[x]) * static_cast<double>(lse - row.u[t * W + x]);
-    }
-    if (!with_grad || !any) continue;
-    const double h0 = ay.l0[y], h1 = ay.l1[y];
-    for (int64_t k = 0; k < K; ++k) {
-      const float* __restrict ek = row.e.data() + k * W;
-      float* __restrict dp = d.data();
-      const float* __restrict wp = wt.data();
-      for (int64_t x = 0; x < W; ++x) dp[x] = wp[x] * (ek[x] * inv[x]);
-      for (int64_t x = 0; x < W; ++x)
-        if (tc[x] == k) dp[x] = wp[x] * (ek[x] * inv[x] - 1.f);
-      double* __restrict g0 = gx.data() + (ay.i0[y] * K + k) * W;
-      for (int64_t x = 0; x < W; ++x) g0[x] += h0 * static_cast<double>(dp[x]);
-      double* __restrict g1 = gx.data() + (ay.i1[y] * K + k) * W;
-      for (int64_t x = 0; x < W; ++x) g1[x] += h1 * static_cast<double>(dp[x]);
-    }
-  }
-  *loss = acc;
-  if (!with_grad) return;
-  // Width pass transposed: grad[k, ys, x0] += w0 * gx, grad[k, ys, x1] += w1 * gx.
-  std::vector<double> out_row(static_cast<size_t>(w));
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t ys = 0; ys < h; ++ys) {
-      std::fill(out_row.begin(), out_row.end(), 0.0);
-      const double* src = gx.data() + (ys * K + k) * W;
-      for (int64_t x = 0; x < W; ++x) {
-        out_row[ax.i0[x]] += ax.l0[x] * src[x];
-        out_row[ax.i1[x]] += ax.l1[x] * src[x];
-      }
-      float* dst = gb + (k * h + ys) * w;
-      for (int64_t i = 0; i < w; ++i) dst[i] = static_cast<float>(out_row[i]);
-    }
-}
-PRIMAPS_SIMD_FUNCTION(grad_image, grad_body)
-
 // Every slot (focal_target_classes) below R, the slots the moments hold: never past them.
 inline void check_slots(const int32_t* slot, int64_t n, int64_t R) {
   for (int64_t i = 0; i < n; ++i)
     if (slot[i] >= R) throw std::invalid_argument("slot: a slot beyond the moments' R");
-}
-
-// y[0:n] += a * x[0:n].
-PRIMAPS_ALWAYS_INLINE void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
-}
-
-// dT (n, Kp) = the probabilities p (K, n) of a row chunk transposed (Kp = K rounded up to 8; p's rows
-// padded with zeros to Kp), in 8 x 8 tiles of vector shuffles.
-typedef float f32x8 __attribute__((vector_size(32)));
-PRIMAPS_ALWAYS_INLINE void transpose_probabilities(const float* p, int64_t n, int64_t Kp, float* dT) {
-  const int64_t n8 = n / 8 * 8;
-  for (int64_t k0 = 0; k0 < Kp; k0 += 8) {
-    for (int64_t x0 = 0; x0 < n8; x0 += 8) {
-      f32x8 r[8], t[8], u[8];
-      for (int i = 0; i < 8; ++i) std::memcpy(&r[i], p + (k0 + i) * n + x0, sizeof r[i]);
-      for (int i = 0; i < 8; i += 2) {
-        t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-        t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-      }
-      for (int i = 0; i < 8; i += 4) {
-        u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-        u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-        u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
-        u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
-      }
-      for (int j = 0; j < 4; ++j) {
-        const f32x8 lo = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-        const f32x8 hi = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-        std::memcpy(dT + (x0 + j) * Kp + k0, &lo, sizeof lo);
-        std::memcpy(dT + (x0 + j + 4) * Kp + k0, &hi, sizeof hi);
-      }
-    }
-    for (int64_t x = n8; x < n; ++x)
-      for (int64_t k = k0; k < k0 + 8; ++k) dT[x * Kp + k] = p[k * n + x];
-  }
 }
 
 // The classes present in each image's target, and its bad values: slot (B, K) int32 = the rank of class
@@ -294,99 +388,22 @@ void focal_target_classes(Int64Array target, int64_t ignore_index, Int32Array sl
   });
 }
 
-// The one-pass form of image L (K, h, w) with target T (H, W), for when the class weights are not known
-// yet (they depend on the softmax sums of the whole batch): S (K,) as confidence_body (the same rule),
-// C (K,) with C[c] = the sum over the pixels of target c of CE, and, when M is not null, the moments
-// M (h, w, R, Kp) float32 with M[iy, ix, slot[c], k] = the sum over the pixels of target c of
-// tap(iy, ix) * (p_k - [k == c]) (R slots, Kp = K rounded up to 8, zeros beyond K), so that the
-// gradient of sum_pixels w_t * CE w.r.t. L[k, iy, ix] is sum_c w_c M[iy, ix, slot[c], k] (focal_combine).
-// Pixels whose target is ignore_index, outside [0, K) or without a slot contribute nothing (the caller
-// refuses bad targets: focal_target_classes).
-PRIMAPS_ALWAYS_INLINE void moments_body(const float* L, const int64_t* tb, const int32_t* slot, int64_t ignore_index,
-                                        int64_t K, int64_t R, int64_t h, int64_t w, const Axis& ay, const Axis& ax,
-                                        int64_t H, int64_t W, double* S, double* C, float* M) {
-  const int64_t Kp = padded_classes(K);
-  std::vector<float> xs, inv4(kChunk, 1.f), log_inv(kChunk), dT, ring;
-  // The moments of source rows `held` and held + 1 accumulate in a ring of two rows (cache-resident); a
-  // row is written to M once no later output row taps it.
-  const int64_t row_size = w * R * Kp;
-  int64_t held = 0;
-  auto write_row = [&](int64_t iy) {
-    float* part = ring.data() + (iy & 1) * row_size;
-    std::copy(part, part + row_size, M + iy * row_size);
-    std::fill(part, part + row_size, 0.f);
-  };
-  if (M != nullptr) {
-    dT.resize(static_cast<size_t>(kChunk * Kp));
-    ring.assign(static_cast<size_t>(2 * row_size), 0.f);
-  }
-  int64_t tc[kChunk];
-  RowSoftmax row(K, kChunk);
-  ProbSums sums(K, W);
-  width_pass(L, K, h, w, ax, W, xs);
-  for (int64_t k = 0; k < K; ++k) C[k] = 0.0;
-  for (int64_t y = 0; y < H; ++y) {
-    const int64_t iy0 = ay.i0[y], iy1 = ay.i1[y];
-    const float h0 = ay.l0[y], h1 = ay.l1[y];
-    float *r0 = nullptr, *r1 = nullptr;  // the ring rows of source rows iy0 and iy1
-    if (M != nullptr) {
-      for (; held < iy0; ++held) write_row(held);
-      r0 = ring.data() + (iy0 & 1) * row_size;
-      r1 = ring.data() + (iy1 & 1) * row_size;
-    }
-    for (int64_t x0 = 0; x0 < W; x0 += kChunk) {
-      const int64_t n = std::min(kChunk, W - x0);
-      row.compute(xs, ay, y, K, W, x0, n);
-      std::copy(row.z.begin(), row.z.begin() + n, inv4.begin());  // log(1 / sum), four lanes at a time
-      std::fill(inv4.begin() + n, inv4.end(), 1.f);
-      for (int64_t x = 0; x < kChunk; x += 4) store4(log_inv.data() + x, log_positive(load4(inv4.data() + x)));
-      const int64_t* tr = tb + y * W + x0;
-      for (int64_t x = 0; x < n; ++x) {
-        const int64_t t = tr[x];
-        tc[x] = t != ignore_index && t >= 0 && t < K && slot[t] >= 0 ? t : -1;
-        if (tc[x] >= 0) C[t] += static_cast<double>((row.mx[x] - log_inv[x]) - row.u[t * n + x]);  // lse - up_t
-      }
-      sums.add(row, x0, n);
-      if (M == nullptr) continue;
-      transpose_probabilities(row.e.data(), n, Kp, dT.data());
-      // p_t - 1 at the target, in a pass of its own: a vector load right after a scalar store to the same
-      // bytes would wait for the store
-      for (int64_t x = 0; x < n; ++x)
-        if (tc[x] >= 0) dT[x * Kp + tc[x]] -= 1.f;
-      for (int64_t x = 0; x < n; ++x) {
-        if (tc[x] < 0) continue;
-        const float* d = dT.data() + x * Kp;
-        const int64_t s = slot[tc[x]];
-        const int64_t c0 = (ax.i0[x0 + x] * R + s) * Kp, c1 = (ax.i1[x0 + x] * R + s) * Kp;
-        const float l0 = ax.l0[x0 + x], l1 = ax.l1[x0 + x];
-        axpy(r0 + c0, h0 * l0, d, Kp);
-        axpy(r0 + c1, h0 * l1, d, Kp);
-        axpy(r1 + c0, h1 * l0, d, Kp);
-        axpy(r1 + c1, h1 * l1, d, Kp);
-      }
-    }
-    sums.end_row();
-  }
-  if (M != nullptr)
-    for (; held < h; ++held) write_row(held);
-  sums.finish(S);
-}
-PRIMAPS_SIMD_FUNCTION(moments_image, moments_body)
-
 // One pass over the batch: sums (B, K) f64, class_loss (B, K) f64 and, when with_grad, moments
-// (B, h, w, R, Kp) f32 for the slots (B, K) of focal_target_classes (R >= the classes of any image).
-void focal_moments(FloatArray logits, Int64Array target, Int32Array slot, int64_t ignore_index, DoubleArray sums,
-                   DoubleArray class_loss, FloatArray moments, bool with_grad, int threads) {
+// (B, h, w, R, Kp) f32 for the slots (B, K) (R >= the slots of any image) and the factors (K,) of
+// moments_body.
+void focal_moments(FloatArray logits, Int64Array target, Int32Array slot, FloatArray factor, int64_t ignore_index,
+                   DoubleArray sums, DoubleArray class_loss, FloatArray moments, bool with_grad, int threads) {
   check_ndim(logits, 4, "logits");
   check_ndim(target, 3, "target");
   check_ndim(slot, 2, "slot");
+  check_ndim(factor, 1, "factor");
   check_ndim(sums, 2, "sums");
   check_ndim(class_loss, 2, "class_loss");
   const int64_t B = logits.shape(0), K = logits.shape(1), h = logits.shape(2), w = logits.shape(3);
   const int64_t H = target.shape(1), W = target.shape(2);
-  if (target.shape(0) != B || slot.shape(0) != B || slot.shape(1) != K || sums.shape(0) != B ||
-      sums.shape(1) != K || class_loss.shape(0) != B || class_loss.shape(1) != K)
-    throw std::invalid_argument("target/slot/sums/class_loss: shapes do not match logits");
+  if (target.shape(0) != B || slot.shape(0) != B || slot.shape(1) != K || factor.shape(0) != K ||
+      sums.shape(0) != B || sums.shape(1) != K || class_loss.shape(0) != B || class_loss.shape(1) != K)
+    throw std::invalid_argument("target/slot/factor/sums/class_loss: shapes do not match logits");
   if (K < 1 || h < 1 || w < 1 || H < 1 || W < 1) throw std::invalid_argument("focal_loss: empty input");
   const int32_t* Sl = slot.data();
   int64_t R = 0;
@@ -400,13 +417,15 @@ void focal_moments(FloatArray logits, Int64Array target, Int32Array slot, int64_
   }
   const float* L = logits.data();
   const int64_t* T = target.data();
+  const float* F = factor.data();
   double *Sp = sums.mutable_data(), *Cp = class_loss.mutable_data();
   float* Mp = with_grad ? moments.mutable_data() : nullptr;
   const Axis ay(h, H), ax(w, W);
+  const std::vector<int64_t> seg = column_segments(ax, W);
   py::gil_scoped_release release;
   parallel_for(B, threads, [&](int64_t b) {
-    moments_image(L + b * K * h * w, T + b * H * W, Sl + b * K, ignore_index, K, R, h, w, ay, ax, H, W, Sp + b * K,
-                  Cp + b * K, Mp == nullptr ? nullptr : Mp + b * h * w * R * padded_classes(K));
+    moments_of_image(K, L + b * K * h * w, T + b * H * W, Sl + b * K, F, ignore_index, K, R, h, w, ay, ax, seg, H,
+                     W, Sp + b * K, Cp + b * K, Mp == nullptr ? nullptr : Mp + b * h * w * R * padded_classes(K));
   });
 }
 
@@ -448,39 +467,6 @@ void focal_combine(FloatArray moments, Int32Array slot, FloatArray weight, doubl
   });
 }
 
-// loss[b] = sum over pixels of image b of weight[t] * (lse - up_t); grad (B, K, h, w) or empty.
-void focal_loss_grad(FloatArray logits, Int64Array target, FloatArray weight, int64_t ignore_index,
-                     DoubleArray loss, FloatArray grad, bool with_grad, int threads) {
-  check_ndim(logits, 4, "logits");
-  check_ndim(target, 3, "target");
-  check_ndim(weight, 1, "weight");
-  check_ndim(loss, 1, "loss");
-  const int64_t B = logits.shape(0), K = logits.shape(1), h = logits.shape(2), w = logits.shape(3);
-  const int64_t H = target.shape(1), W = target.shape(2);
-  if (target.shape(0) != B || weight.shape(0) != K || loss.shape(0) != B)
-    throw std::invalid_argument("target/weight/loss: shapes do not match logits");
-  if (with_grad) {
-    check_ndim(grad, 4, "grad");
-    for (int d = 0; d < 4; ++d)
-      if (grad.shape(d) != logits.shape(d)) throw std::invalid_argument("grad: shape must equal logits");
-  }
-  if (K < 1 || h < 1 || w < 1 || H < 1 || W < 1) throw std::invalid_argument("focal_loss: empty input");
-  const float* L = logits.data();
-  const int64_t* T = target.data();
-  for (int64_t i = 0, n = B * H * W; i < n; ++i)
-    if (T[i] != ignore_index && (T[i] < 0 || T[i] >= K))
-      throw std::invalid_argument("target: class id out of range [0, K)");
-  const float* Wt = weight.data();
-  double* Lo = loss.mutable_data();
-  float* G = with_grad ? grad.mutable_data() : nullptr;
-  const Axis ay(h, H), ax(w, W);
-  py::gil_scoped_release release;
-  parallel_for(B, threads, [&](int64_t b) {
-    grad_image(L + b * K * h * w, T + b * H * W, Wt, ignore_index, K, h, w, ay, ax, H, W, Lo + b,
-               with_grad ? G + b * K * h * w : nullptr);
-  });
-}
-
 static Registrar reg([](py::module_& m) {
   m.def("focal_confidence", &focal_confidence, py::arg("logits"), py::arg("H"), py::arg("W"),
         py::arg("sums"), py::arg("threads"),
@@ -491,17 +477,13 @@ static Registrar reg([](py::module_& m) {
   m.def("focal_target_classes", &focal_target_classes, py::arg("target"), py::arg("ignore_index"), py::arg("slot"),
         py::arg("bad"), py::arg("threads"),
         "Slots (B, K) int32 of the classes present in each image's target and its bad-value counts (B,).");
-  m.def("focal_moments", &focal_moments, py::arg("logits"), py::arg("target"), py::arg("slot"),
+  m.def("focal_moments", &focal_moments, py::arg("logits"), py::arg("target"), py::arg("slot"), py::arg("factor"),
         py::arg("ignore_index"), py::arg("sums"), py::arg("class_loss"), py::arg("moments"), py::arg("with_grad"),
         py::arg("threads"),
         "One pass: softmax sums, per-class CE sums and the gradient moments (B, h, w, R, Kp).");
   m.def("focal_combine", &focal_combine, py::arg("moments"), py::arg("slot"), py::arg("weight"),
         py::arg("num_pixels"), py::arg("grad"), py::arg("threads"),
         "The gradient (B, K, h, w) from the moments and the class weights, divided by num_pixels.");
-  m.def("focal_loss_grad", &focal_loss_grad, py::arg("logits"), py::arg("target"), py::arg("weight"),
-        py::arg("ignore_index"), py::arg("loss"), py::arg("grad"), py::arg("with_grad"),
-        py::arg("threads"),
-        "Per-image sums of weighted CE on the upsampled logits and (optionally) their gradient.");
 });
 
 }  // namespace

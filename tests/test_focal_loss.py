@@ -53,6 +53,20 @@ def test_cpu_matches_reference_autograd(case, gamma, rng):
     assert_matches(got, want)
 
 
+@pytest.mark.parametrize("case", [(2, 40, 3, 4, 64, 50), (1, 9, 2, 3, 96, 7), (2, 3, 6, 5, 61, 29)])
+def test_cpu_exact_and_geometric_segments(case, rng):
+    """The C++ kernel's two ways to a segment's exponentials (bilinear upsampling is affine along a run of
+    columns with the same taps: a geometric product, or one exp per pixel where the classes spread more than
+    80 at an end of the run) against the reference: K > 32 (the chunks on the heap), runs of up to 48
+    columns (the product restarted every 16), and logits that mix small and very large spreads."""
+    B, K, h, w, H, W = case
+    logits = torch.randn(B, K, h, w, generator=rng)
+    logits[:, :, :, w // 2:] *= 60  # spreads of a few hundred: the per-pixel exp
+    target = make_target(B, K, H, W, rng)
+    want = value_and_grad(reference.focal_loss, logits, target)
+    assert_matches(value_and_grad(primaps_fast.focal_loss, logits, target, backend="cpu"), want)
+
+
 def test_official_formula_and_grad_output(rng):
     """The reference against the official FocalLoss written out on materialised upsampled logits."""
     logits = torch.randn(2, 4, 5, 5, generator=rng, dtype=torch.float64)
@@ -327,15 +341,19 @@ def test_one_pass_bindings_refuse_inconsistent_buffers(rng):
     R = int((slot >= 0).sum(1).max())
     sums, cl = torch.empty(B, K, dtype=torch.float64), torch.empty(B, K, dtype=torch.float64)
     grad, weight = torch.empty(B, K, h, w), torch.ones(K)
+    ones = weight  # the kernel's per-class factors
     with pytest.raises(ValueError, match="^slot: a slot beyond"):
-        cpp().focal_moments(x.numpy(), t.numpy(), slot.numpy(), IGNORE, sums.numpy(), cl.numpy(),
+        cpp().focal_moments(x.numpy(), t.numpy(), slot.numpy(), ones.numpy(), IGNORE, sums.numpy(), cl.numpy(),
                             torch.empty(B, h, w, R - 1, 8).numpy(), True, 1)
     with pytest.raises(ValueError, match="^moments: expected"):
-        cpp().focal_moments(x.numpy(), t.numpy(), slot.numpy(), IGNORE, sums.numpy(), cl.numpy(),
+        cpp().focal_moments(x.numpy(), t.numpy(), slot.numpy(), ones.numpy(), IGNORE, sums.numpy(), cl.numpy(),
                             torch.empty(B, h, w, R, 5).numpy(), True, 1)
     with pytest.raises(ValueError, match="shapes do not match"):
-        cpp().focal_moments(x.numpy(), t[:1].numpy(), slot.numpy(), IGNORE, sums.numpy(), cl.numpy(),
+        cpp().focal_moments(x.numpy(), t[:1].numpy(), slot.numpy(), ones.numpy(), IGNORE, sums.numpy(), cl.numpy(),
                             torch.empty(0, 0, 0, 0, 0).numpy(), False, 1)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        cpp().focal_moments(x.numpy(), t.numpy(), slot.numpy(), torch.ones(K - 1).numpy(), IGNORE, sums.numpy(),
+                            cl.numpy(), torch.empty(0, 0, 0, 0, 0).numpy(), False, 1)
     with pytest.raises(ValueError, match="^slot: a slot beyond"):
         cpp().focal_combine(torch.zeros(B, h, w, R - 1, 8).numpy(), slot.numpy(), weight.numpy(), 1.0,
                             grad.numpy(), 1)

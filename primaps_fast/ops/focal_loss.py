@@ -33,7 +33,7 @@ def confidence_sums_cpu(logits: torch.Tensor, H: int, W: int) -> torch.Tensor:
 
 # The one-pass C++ kernel keeps float32 moments of the gradient, (B, h, w, S, Kp) with S the most classes present
 # in an image's target and Kp = K rounded up to 8, until the class weights are known; above this many bytes
-# the two-pass kernel runs instead (no buffer beyond the gradient).
+# two passes run instead, with moments of one slot (the size of the gradient, Kp for K).
 MAX_MOMENT_BYTES = 512 << 20
 
 
@@ -46,10 +46,11 @@ def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ign
     ``with_grad``). With ``class_sums`` (float64 ``(R, K)``, see ``focal_loss(class_stats=...)``) the class
     weights come from them and the sums over pixels are divided by ``num_pixels`` instead of ``B*H*W``.
 
-    One pass over the pixels (``focal_moments``: softmax sums, per-class losses, gradient moments; the
-    target's values checked as they are read), then the gradient from the moments and the weights
-    (``focal_combine``); when the moments would exceed ``MAX_MOMENT_BYTES``, two passes (softmax sums,
-    then loss and gradient with the weights)."""
+    One pass over the pixels (``focal_moments``: softmax sums, per-class losses, the gradient's moments of
+    each class present; the target's values checked as they are read), then the gradient from the moments
+    and the weights (``focal_combine``). When those moments would exceed ``MAX_MOMENT_BYTES``, two passes:
+    the softmax sums (``focal_confidence``), then the same kernel with one moment slot that every class
+    adds to, times its weight."""
     B, K, h, w = logits.shape
     H, W = target.shape[-2:]
     cpp, threads = _dispatch.cpp(), _dispatch.num_threads()
@@ -58,26 +59,29 @@ def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ign
     if bool(bad.any()):
         check_target_values(target, K, ignore_index)
     slots, Kp = max(int((slot >= 0).sum(1).max()), 1), (K + 7) // 8 * 8  # Kp: csrc's padded_classes
-    if with_grad and B * h * w * slots * Kp * 4 > MAX_MOMENT_BYTES:
+    factor, weight = torch.ones(K), None
+    combine_slot, combine_weight = slot, None  # the moments of each class, weighted afterwards
+    if with_grad and B * h * w * slots * Kp * 4 > MAX_MOMENT_BYTES:  # two passes: the weights first
         if class_sums is None:
             class_sums, num_pixels = confidence_sums_cpu(logits, H, W), B * H * W
         weight = class_weights(class_sums, num_pixels, gamma)
-        loss = torch.empty(B, dtype=torch.float64)
-        grad = torch.empty_like(logits)
-        cpp.focal_loss_grad(logits.numpy(), target.numpy(), weight.numpy(), ignore_index, loss.numpy(),
-                            grad.numpy(), True, threads)
-        return (loss.sum() / num_pixels).to(torch.float32), grad.div_(num_pixels)
+        # one slot for every class, each pixel's moments times its class weight as they accumulate
+        slot, factor, slots = torch.where(slot >= 0, 0, -1).to(torch.int32), weight, 1
+        combine_slot, combine_weight = torch.full_like(slot, -1), torch.ones(K)
+        combine_slot[:, 0] = 0
     sums, class_loss = torch.empty(B, K, dtype=torch.float64), torch.empty(B, K, dtype=torch.float64)
     moments = torch.empty((B, h, w, slots, Kp) if with_grad else (0, 0, 0, 0, 0))
-    cpp.focal_moments(logits.numpy(), target.numpy(), slot.numpy(), ignore_index, sums.numpy(), class_loss.numpy(),
-                      moments.numpy(), with_grad, threads)
+    cpp.focal_moments(logits.numpy(), target.numpy(), slot.numpy(), factor.numpy(), ignore_index, sums.numpy(),
+                      class_loss.numpy(), moments.numpy(), with_grad, threads)
     if class_sums is None:
         class_sums, num_pixels = sums, B * H * W
-    weight = class_weights(class_sums, num_pixels, gamma)
+    if weight is None:
+        weight = class_weights(class_sums, num_pixels, gamma)
     loss = (class_loss.sum(0) * weight.double()).sum() / num_pixels
     grad = torch.empty_like(logits) if with_grad else torch.empty(0, 0, 0, 0)
     if with_grad:
-        cpp.focal_combine(moments.numpy(), slot.numpy(), weight.numpy(), float(num_pixels), grad.numpy(), threads)
+        cpp.focal_combine(moments.numpy(), combine_slot.numpy(), (combine_weight if combine_weight is not None
+                          else weight).numpy(), float(num_pixels), grad.numpy(), threads)
     return loss.to(torch.float32), grad
 
 
