@@ -168,7 +168,9 @@ def test_lattices_match_reference(pos_sxy):
     got = dense_crf_list(img[None], [p], pos_sxy=pos_sxy, iterations=5, backend="cpu")[0]
     want = ref.dense_crf_list(img[None], [p], pos_sxy=pos_sxy, iterations=5)[0]
     assert agreement(got, want) == 1.0
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # 5e-5: the reference's own float32 rounding moves its marginals by up to 2.6e-5 between torch's CPU
+    # kernels (ATEN_CPU_CAPABILITY default / avx2 / avx512) on this textured scene
+    torch.testing.assert_close(got, want, atol=5e-5, rtol=0)
 
 
 @pytest.mark.parametrize("H,W,L,seed,noise", [(64, 80, 6, 10, 0.0), (33, 47, 4, 11, 3.0), (24, 40, 1, 12, 0.0),
