@@ -13,10 +13,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 
 #include "argmax.h"
 #include "bilinear.h"
+#include "vectors.h"
 
 namespace {
 
@@ -71,8 +71,6 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
   // Each pixel's argmax: in a cell with at most K / 4 candidates over those only, 8 lanes at a time and
   // whole vectors stored (a cell's spill past its pixels is rewritten by the cells after it; `best` has 8
   // floats of slack); along a run of cells with more, over every class, vectorised along the whole run.
-  typedef float f32x8 __attribute__((vector_size(32)));
-  typedef int32_t i32x8 __attribute__((vector_size(32)));
   const int64_t sparse = std::max<int64_t>(1, K / 4);
   std::vector<float> best_v(static_cast<size_t>(W));
   std::vector<float> best(static_cast<size_t>(W + 8));  // class id as float (exact below 2^24), so the
@@ -105,10 +103,7 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
         const int32_t* c = cls.data() + cs[b];
         const int64_t nc = cs[b + 1] - cs[b];
         auto up = [&](int64_t k, int64_t x) {  // lerp's products and sum, lane by lane
-          f32x8 p, q;
-          std::memcpy(&p, r0 + k * W + x, sizeof p);
-          std::memcpy(&q, r1 + k * W + x, sizeof q);
-          return hy0 * p + hy1 * q;
+          return hy0 * load8(r0 + k * W + x) + hy1 * load8(r1 + k * W + x);
         };
         for (int64_t x = x0; x < x1; x += 8) {
           f32x8 bi = f32x8{} + static_cast<float>(c[0]);
@@ -117,11 +112,11 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
             for (int64_t j = 1; j < nc; ++j) {
               const f32x8 u = up(c[j], x);
               const i32x8 take = u > bv;  // the first maximum: only a larger value takes over
-              bi = take ? f32x8{} + static_cast<float>(c[j]) : bi;
-              bv = take ? u : bv;
+              bi = select(take, f32x8{} + static_cast<float>(c[j]), bi);
+              bv = select(take, u, bv);
             }
           }
-          std::memcpy(best.data() + x, &bi, sizeof bi);
+          store8(best.data() + x, bi);
         }
       }
       x0 = x1;

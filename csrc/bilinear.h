@@ -6,11 +6,13 @@
 
 #include <algorithm>
 #include <cstddef>
-#include <cstring>
 #include <cstdint>
 #include <vector>
 
 #include "host_device.h"
+#ifndef __CUDACC__
+#include "vectors.h"
+#endif
 
 namespace primaps {
 
@@ -78,7 +80,6 @@ struct Axis {
 // of the kernels (common.h).
 inline __attribute__((always_inline)) void width_pass(const float* L, int64_t K, int64_t h, int64_t w,
                                                       const Axis& ax, int64_t W, std::vector<float>& xs) {
-  typedef float f32x8 __attribute__((vector_size(32)));
   constexpr int64_t V = 8;
   std::vector<float> l0(static_cast<size_t>(W + V), 0.f), l1(static_cast<size_t>(W + V), 0.f);
   std::copy(ax.l0.begin(), ax.l0.end(), l0.begin());
@@ -95,13 +96,8 @@ inline __attribute__((always_inline)) void width_pass(const float* L, int64_t K,
       for (size_t j = 0; j + 1 < runs.size(); ++j) {
         const int64_t x0 = runs[j], x1 = runs[j + 1];
         const float v0 = row[ax.i0[x0]], v1 = row[ax.i1[x0]];
-        for (int64_t x = x0; x < x1; x += V) {  // lerp's products and sum, lane by lane
-          f32x8 a, b;
-          std::memcpy(&a, l0.data() + x, sizeof a);
-          std::memcpy(&b, l1.data() + x, sizeof b);
-          const f32x8 r = a * v0 + b * v1;
-          std::memcpy(dst + x, &r, sizeof r);
-        }
+        for (int64_t x = x0; x < x1; x += V)  // lerp's products and sum, lane by lane
+          store8(dst + x, load8(l0.data() + x) * v0 + load8(l1.data() + x) * v1);
       }
     }
 }

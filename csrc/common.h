@@ -138,38 +138,31 @@ inline std::atomic<int>& isa_setting() {
 }
 
 // PRIMAPS_SIMD_FUNCTION(name, body): defines name(args...), which calls the always-inline function `body`
-// compiled for the variant of isa_setting().
+// compiled for the variant of isa_setting(). PRIMAPS_SIMD_FUNCTION_AVX2(name, body): the same without an
+// AVX-512 variant (AVX-512 CPUs run the AVX2 one), for bodies that AVX-512F compiles slower (the focal
+// loss's pixel loop: 30 % slower there, its compares of 8-lane vectors going through mask registers).
 #if PRIMAPS_SIMD_VARIANTS
-#define PRIMAPS_SIMD_FUNCTION(NAME, BODY)                                                              \
+#define PRIMAPS_SIMD_VARIANT(NAME, TARGET, BODY)                                                       \
   template <typename... A>                                                                             \
-  __attribute__((target("avx512f"))) void NAME##_avx512(A&&... a) {                                   \
+  __attribute__((target(TARGET))) void NAME(A&&... a) {                                                \
     BODY(std::forward<A>(a)...);                                                                       \
-  }                                                                                                    \
-  template <typename... A>                                                                             \
-  __attribute__((target("avx2"))) void NAME##_avx2(A&&... a) {                                        \
-    BODY(std::forward<A>(a)...);                                                                       \
-  }                                                                                                    \
+  }
+// name(args...) running ON_AVX512, NAME##_avx2 or the baseline body by isa_setting()
+#define PRIMAPS_SIMD_DISPATCH(NAME, BODY, ON_AVX512)                                                   \
   template <typename... A>                                                                             \
   void NAME(A&&... a) {                                                                                \
     const int level = primaps::isa_setting().load(std::memory_order_relaxed);                          \
-    if (level == primaps::kIsaAvx512) return NAME##_avx512(std::forward<A>(a)...);                     \
+    if (level == primaps::kIsaAvx512) return ON_AVX512(std::forward<A>(a)...);                         \
     if (level == primaps::kIsaAvx2) return NAME##_avx2(std::forward<A>(a)...);                         \
     BODY(std::forward<A>(a)...);                                                                       \
   }
-// PRIMAPS_SIMD_FUNCTION_AVX2(name, body): the same without an AVX-512 variant (AVX-512 CPUs run the AVX2
-// one), for bodies that AVX-512F compiles slower (the focal loss's pixel loop: 30 % slower there, its
-// compares of 8-lane vectors going through mask registers).
+#define PRIMAPS_SIMD_FUNCTION(NAME, BODY)                                                              \
+  PRIMAPS_SIMD_VARIANT(NAME##_avx512, "avx512f", BODY)                                                 \
+  PRIMAPS_SIMD_VARIANT(NAME##_avx2, "avx2", BODY)                                                      \
+  PRIMAPS_SIMD_DISPATCH(NAME, BODY, NAME##_avx512)
 #define PRIMAPS_SIMD_FUNCTION_AVX2(NAME, BODY)                                                         \
-  template <typename... A>                                                                             \
-  __attribute__((target("avx2"))) void NAME##_avx2(A&&... a) {                                        \
-    BODY(std::forward<A>(a)...);                                                                       \
-  }                                                                                                    \
-  template <typename... A>                                                                             \
-  void NAME(A&&... a) {                                                                                \
-    if (primaps::isa_setting().load(std::memory_order_relaxed) >= primaps::kIsaAvx2)                   \
-      return NAME##_avx2(std::forward<A>(a)...);                                                       \
-    BODY(std::forward<A>(a)...);                                                                       \
-  }
+  PRIMAPS_SIMD_VARIANT(NAME##_avx2, "avx2", BODY)                                                      \
+  PRIMAPS_SIMD_DISPATCH(NAME, BODY, NAME##_avx2)
 #else
 #define PRIMAPS_SIMD_FUNCTION(NAME, BODY)                                                              \
   template <typename... A>                                                                             \

@@ -4,48 +4,16 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
+
+#include "vectors.h"
 
 namespace primaps {
-
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x4 __attribute__((vector_size(16)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-
-// Everything here is always inlined: the SIMD variants of the kernels (common.h) compile it for their ISA.
-#define PRIMAPS_FAST_MATH_INLINE inline __attribute__((always_inline))
-
-PRIMAPS_FAST_MATH_INLINE f32x4 load4(const float* p) {
-  f32x4 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-PRIMAPS_FAST_MATH_INLINE void store4(float* p, f32x4 v) { std::memcpy(p, &v, sizeof v); }
-PRIMAPS_FAST_MATH_INLINE f32x8 load8(const float* p) {
-  f32x8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-PRIMAPS_FAST_MATH_INLINE void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
-
-PRIMAPS_FAST_MATH_INLINE int32_t to_int(float n) { return static_cast<int32_t>(n); }
-PRIMAPS_FAST_MATH_INLINE i32x4 to_int(f32x4 n) { return __builtin_convertvector(n, i32x4); }
-PRIMAPS_FAST_MATH_INLINE i32x8 to_int(f32x8 n) { return __builtin_convertvector(n, i32x8); }
-PRIMAPS_FAST_MATH_INLINE float from_bits(int32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-// a cast between same-size vectors keeps the bits
-PRIMAPS_FAST_MATH_INLINE f32x4 from_bits(i32x4 bits) { return (f32x4)bits; }
-PRIMAPS_FAST_MATH_INLINE f32x8 from_bits(i32x8 bits) { return (f32x8)bits; }
 
 // exp(x) for -87.33 <= x <= 88 (the caller clamps), within 1 ulp: exp(x) = 2^n * e^r, |r| <= ln2/2,
 // Cody-Waite reduction with ln 2 in two parts, degree-6 polynomial for e^r (Cephes' expf); n in
 // [-126, 127], so 2^n is the normal float built from its exponent bits.
 template <typename F>
-PRIMAPS_FAST_MATH_INLINE F exp_clamped(F x) {
+PRIMAPS_VECTOR_INLINE F exp_clamped(F x) {
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   const F n = (x * 1.44269504088896341f + magic) - magic;
   const F r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
@@ -61,7 +29,7 @@ PRIMAPS_FAST_MATH_INLINE F exp_clamped(F x) {
 // log(x) of 4 lanes of positive normal floats (the caller clamps), within 1 ulp: x = m 2^e with m in
 // [sqrt(1/2), sqrt(2)), log x = e ln 2 + log(m) with log(m) = t - t^2 / 2 + t^3 P(t), t = m - 1 and P
 // of degree 8 (Cephes' logf), ln 2 in two parts.
-PRIMAPS_FAST_MATH_INLINE f32x4 log_positive(f32x4 x) {
+PRIMAPS_VECTOR_INLINE f32x4 log_positive(f32x4 x) {
   const i32x4 bits = (i32x4)x;
   const f32x4 m = from_bits((bits & 0x807fffff) | 0x3f000000);  // in [0.5, 1)
   const i32x4 small = m < 0.707106781f;                          // -1 where m < sqrt(1/2)

@@ -11,10 +11,9 @@
 // class with its weight applied as it accumulates (ops/focal_loss.py). focal_class_weights: the class
 // weights from the sums (focal_weights.h, shared with CUDA).
 //
-// Pixel-major: a pixel's classes are Kp = K rounded up to 8 lanes, in f32x8 chunks (zeros beyond K). Lanes
-// are chosen with bitwise selects: GCC turns vector ?: into a loop over the lanes in some variants. Along
-// a segment of output columns with the same bilinear taps (column_segments) the upsampled score of a class
-// is affine, so its exponential is geometric: two exps per class and segment, exp(u(first) - m) and the
+// Pixel-major: a pixel's classes are Kp = K rounded up to 8 lanes, in f32x8 chunks (zeros beyond K). Along a
+// segment of output columns with the same bilinear taps (column_segments) the upsampled score of a class is
+// affine, so its exponential is geometric: two exps per class and segment, exp(u(first) - m) and the
 // ratio exp(slope), m the segment's largest score at its ends, then a product per pixel (at most kSegment
 // of them: within ~1e-6 of exp(u - m)). Segments of one column, and those where a class ends more than
 // kSpread below m, take an exp per pixel and class of u - (the pixel's max), as the reference does. The CE
@@ -24,7 +23,6 @@
 #include "common.h"
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <new>
 #include <type_traits>
@@ -32,6 +30,7 @@
 #include "bilinear.h"
 #include "fast_exp.h"
 #include "focal_weights.h"
+#include "vectors.h"
 
 namespace {
 
@@ -75,15 +74,6 @@ struct Lanes<0, V> {  // aligned by hand, as above
   Lanes& operator=(const Lanes&) = delete;
   PRIMAPS_ALWAYS_INLINE V& operator[](int c) { return v[c]; }
 };
-
-// mask ? a : b lane by lane (mask lanes all ones or all zeros), and the maximum and minimum.
-template <typename V, typename I>
-PRIMAPS_ALWAYS_INLINE V select(I mask, V a, V b) {
-  return (V)((mask & (I)a) | (~mask & (I)b));
-}
-PRIMAPS_ALWAYS_INLINE f32x8 vmax(f32x8 a, f32x8 b) { return select(a > b, a, b); }
-PRIMAPS_ALWAYS_INLINE f32x8 vmin(f32x8 a, f32x8 b) { return select(a < b, a, b); }
-PRIMAPS_ALWAYS_INLINE f32x4 vmax(f32x4 a, f32x4 b) { return select(a > b, a, b); }
 
 // The sum and the maximum of 8 lanes, in a fixed order of pairs.
 PRIMAPS_ALWAYS_INLINE float hsum8(f32x8 v) {
@@ -147,6 +137,11 @@ PRIMAPS_ALWAYS_INLINE void add_moments(int64_t t, const int32_t* slot, const flo
     store8(m10 + 8 * c, load8(m10 + 8 * c) + f1 * a0[c]);
     store8(m11 + 8 * c, load8(m11 + 8 * c) + f1 * a1[c]);
   }
+}
+
+// Whether a pixel of target t adds CE and moments: a class in [0, K) with a slot (not ignore_index).
+PRIMAPS_ALWAYS_INLINE bool counted(int64_t t, int64_t ignore_index, int64_t K, const int32_t* slot) {
+  return t != ignore_index && t >= 0 && t < K && slot[t] >= 0;
 }
 
 // One image L (K, h, w), Kp = 8 * NC lanes (NC = 0: any), with target T (H, W) or none (tb null: the softmax
@@ -216,15 +211,19 @@ PRIMAPS_ALWAYS_INLINE void moments_body(std::integral_constant<int, NC>, const f
     for (size_t j = 0; j + 1 < seg.size(); ++j) {
       const int64_t xa = seg[j], xb = seg[j + 1];
       const int64_t c0 = ax.i0[xa] * R, c1 = ax.i1[xa] * R;
-      upsampled(a, b, h0, h1, xa, nc, ua);
-      upsampled(a, b, h0, h1, xb - 1, nc, ub);
-      f32x8 hi = lowest, lo = -lowest;
-      for (int c = 0; c < nc; ++c) {
-        hi = select(valid[c], vmax(hi, vmax(ua[c], ub[c])), hi);
-        lo = select(valid[c], vmin(lo, vmin(ua[c], ub[c])), lo);
+      float m = 0.f;  // the segment's largest score at its ends (geometric segments)
+      bool geometric = xb - xa > 1;
+      if (geometric) {
+        upsampled(a, b, h0, h1, xa, nc, ua);
+        upsampled(a, b, h0, h1, xb - 1, nc, ub);
+        f32x8 hi = lowest, lo = -lowest;
+        for (int c = 0; c < nc; ++c) {
+          hi = select(valid[c], vmax(hi, vmax(ua[c], ub[c])), hi);
+          lo = select(valid[c], vmin(lo, vmin(ua[c], ub[c])), lo);
+        }
+        m = hmax8(hi);
+        geometric = m + hmax8(-lo) <= kSpread;  // m - the lowest score at an end
       }
-      const float m = hmax8(hi), spread = m + hmax8(-lo);  // m - the lowest score at an end
-      const bool geometric = xb - xa > 1 && spread <= kSpread;
       if (geometric) {
         const float inv = 1.f / static_cast<float>(xb - xa - 1);
         for (int c = 0; c < nc; ++c) {
@@ -262,7 +261,7 @@ PRIMAPS_ALWAYS_INLINE void moments_body(std::integral_constant<int, NC>, const f
           }
         if (M == nullptr) continue;
         const int64_t t = tr[x];
-        if (t == ignore_index || t < 0 || t >= K || slot[t] < 0) continue;
+        if (!counted(t, ignore_index, K, slot)) continue;
         if (t != cur) {
           if (cur >= 0) add_moments(cur, slot, factor, nc, a0, a1, w0, w1, h0, h1, r0, r1, c0, c1);
           cur = t;
@@ -286,7 +285,7 @@ PRIMAPS_ALWAYS_INLINE void moments_body(std::integral_constant<int, NC>, const f
     double run = 0.0;
     for (int64_t x = 0; x < W; ++x) {
       const int64_t t = tr[x];
-      if (t == ignore_index || t < 0 || t >= K || slot[t] < 0) continue;
+      if (!counted(t, ignore_index, K, slot)) continue;
       if (t != cur) {
         if (cur >= 0) C[cur] += run;
         cur = t;

@@ -59,29 +59,32 @@ def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ign
     if bool(bad.any()):
         check_target_values(target, K, ignore_index)
     slots, Kp = max(int((slot >= 0).sum(1).max()), 1), (K + 7) // 8 * 8  # Kp: csrc's padded_classes
-    factor, weight = torch.ones(K), None
-    combine_slot, combine_weight = slot, None  # the moments of each class, weighted afterwards
-    if with_grad and B * h * w * slots * Kp * 4 > MAX_MOMENT_BYTES:  # two passes: the weights first
+    two_passes = with_grad and B * h * w * slots * Kp * 4 > MAX_MOMENT_BYTES
+    if two_passes:  # the weights first
         if class_sums is None:
             class_sums, num_pixels = confidence_sums_cpu(logits, H, W), B * H * W
         weight = class_weights(class_sums, num_pixels, gamma)
-        # one slot for every class, each pixel's moments times its class weight as they accumulate
+        # one slot that every class adds to, each pixel's moments times its class weight as they accumulate
         slot, factor, slots = torch.where(slot >= 0, 0, -1).to(torch.int32), weight, 1
-        combine_slot, combine_weight = torch.full_like(slot, -1), torch.ones(K)
-        combine_slot[:, 0] = 0
+    else:  # a slot per class present, weighted afterwards
+        factor = torch.ones(K)
     sums, class_loss = torch.empty(B, K, dtype=torch.float64), torch.empty(B, K, dtype=torch.float64)
     moments = torch.empty((B, h, w, slots, Kp) if with_grad else (0, 0, 0, 0, 0))
     cpp.focal_moments(logits.numpy(), target.numpy(), slot.numpy(), factor.numpy(), ignore_index, sums.numpy(),
                       class_loss.numpy(), moments.numpy(), with_grad, threads)
     if class_sums is None:
         class_sums, num_pixels = sums, B * H * W
-    if weight is None:
+    if not two_passes:
         weight = class_weights(class_sums, num_pixels, gamma)
     loss = (class_loss.sum(0) * weight.double()).sum() / num_pixels
     grad = torch.empty_like(logits) if with_grad else torch.empty(0, 0, 0, 0)
     if with_grad:
-        cpp.focal_combine(moments.numpy(), combine_slot.numpy(), (combine_weight if combine_weight is not None
-                          else weight).numpy(), float(num_pixels), grad.numpy(), threads)
+        combine_slot, combine_weight = slot, weight
+        if two_passes:  # the one slot, weighted already
+            combine_slot, combine_weight = torch.full_like(slot, -1), torch.ones(K)
+            combine_slot[:, 0] = 0
+        cpp.focal_combine(moments.numpy(), combine_slot.numpy(), combine_weight.numpy(), float(num_pixels),
+                          grad.numpy(), threads)
     return loss.to(torch.float32), grad
 
 
