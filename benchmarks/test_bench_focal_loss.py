@@ -1,5 +1,7 @@
 """PriMaPs-EM M-step loss (focal_loss forward + backward) on a batch of 8 with 27 classes, 40x40 scores ->
-320x320 labels: reference = the official FocalLoss with autograd on the upsampled logits."""
+320x320 labels: reference = the official FocalLoss with autograd on the upsampled logits. Two inputs: the
+EM benchmark's class scores, and the same scores times 60 ("sharp": classes more than 80 apart, where the
+C++ kernel takes an exp per pixel and class instead of its geometric products, its worst case)."""
 import pytest
 import torch
 
@@ -10,9 +12,12 @@ from side_by_side import PROVIDERS, time_side_by_side
 
 
 @pytest.mark.benchmark(group="focal_loss fwd+bwd 8x27x40x40 -> 320x320")
+@pytest.mark.parametrize("kind", ["scores", "sharp"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_focal_loss(benchmark, provider):
+def test_focal_loss(benchmark, provider, kind):
     logits, _, target = em_inputs()
+    if kind == "sharp":
+        logits = 60 * logits
     x, t = on_device(provider, logits, target)
 
     def fn():
@@ -28,5 +33,5 @@ def test_focal_loss(benchmark, provider):
         v0.backward()
         torch.testing.assert_close(v.cpu(), v0.detach(), rtol=1e-5, atol=0)
         torch.testing.assert_close(g.cpu(), leaf.grad, rtol=1e-4, atol=1e-5 * float(leaf.grad.abs().max()))
-    time_side_by_side(benchmark, fn, case="focal", provider=provider, per=EM_B,
+    time_side_by_side(benchmark, fn, case=f"focal_{kind}", provider=provider, per=EM_B,
                       rounds=2 if provider == "reference" else 5)

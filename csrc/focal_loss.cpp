@@ -26,6 +26,9 @@
 #include <limits>
 #include <new>
 #include <type_traits>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #include "bilinear.h"
 #include "fast_exp.h"
@@ -139,6 +142,17 @@ PRIMAPS_ALWAYS_INLINE void add_moments(int64_t t, const int32_t* slot, const flo
   }
 }
 
+// Denormal floats flushed to zero on this thread while it lives (x86: MXCSR's FTZ and DAZ bits). Scores
+// more than ~87 apart make probabilities and moments below the normal floats, and each operation on one
+// costs a microcode assist: 7x slower on such inputs. They are below 1.2e-38, so zero changes nothing.
+struct FlushDenormals {
+#if defined(__SSE__)
+  const unsigned csr = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(csr | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(csr); }
+#endif
+};
+
 // Whether a pixel of target t adds CE and moments: a class in [0, K) with a slot (not ignore_index).
 PRIMAPS_ALWAYS_INLINE bool counted(int64_t t, int64_t ignore_index, int64_t K, const int32_t* slot) {
   return t != ignore_index && t >= 0 && t < K && slot[t] >= 0;
@@ -159,6 +173,7 @@ PRIMAPS_ALWAYS_INLINE void moments_body(std::integral_constant<int, NC>, const f
                                         int64_t R, int64_t h, int64_t w, const Axis& ay, const Axis& ax,
                                         const std::vector<int64_t>& seg, int64_t H, int64_t W, double* S,
                                         double* C, float* M) {
+  const FlushDenormals flush;
   const int nc = NC > 0 ? NC : static_cast<int>(padded_classes(K) / 8);
   const int64_t Kp = 8 * static_cast<int64_t>(nc);
   std::vector<float> lt(static_cast<size_t>(h * w * Kp), 0.f);  // L pixel-major, (h, w, Kp)
