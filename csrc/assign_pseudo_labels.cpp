@@ -5,10 +5,15 @@
 // bilinear.h, shared with the CUDA kernel): width inside, height outside, no FMA. PyTorch's own kernel
 // may contract some of these into FMAs depending on the CPU, so the argmax agrees with
 // F.interpolate(...).argmax(1) except at pixels whose top two scores tie to float32 rounding. Ties:
-// argmax.h (the first class of the pixel's maximum, the smallest class of the mask's majority). Classes
-// that fall short of another over a whole source cell by a margin above float32 rounding are not
-// upsampled at its pixels (cell_candidates): in smooth score maps ~3 of 27 classes are left per cell.
-// The per-image pass is compiled for SSE2, AVX2 and AVX-512F, the best run (common.h): the same labels.
+// argmax.h (the first class of the pixel's maximum, the smallest class of the mask's majority).
+//
+// An image goes by cells: the output pixels whose taps are the source rows {a, a1} and columns {b, b1}.
+// Classes that fall short of another over a whole cell by a margin above float32 rounding are not
+// upsampled at its pixels (cell_candidates): in smooth score maps ~3 of 27 classes are left per cell,
+// often one, and then its pixels are not upsampled at all. The mask ids are read once, as runs per row;
+// a cell's pixels of one id take their votes from the argmax's counts, and the labels are written by the
+// runs. The per-image pass is compiled for SSE2, AVX2 and AVX-512F, the best run (common.h): the same
+// labels.
 #include "common.h"
 
 #include <algorithm>
@@ -22,134 +27,271 @@ namespace {
 
 using namespace primaps;
 
-// The classes that can win a pixel of each source cell (a, b), in increasing order: for an image L
-// (K, h, w), cell c's classes are cls[start[c] .. start[c + 1]). A pixel whose taps are rows {a, a + 1} and
-// columns {b, b + 1} (clamped) upsamples each class to a convex combination of its four corners, computed
-// with two rounded lerps: within ~7 float32 ulps of the largest corner magnitude of the corners' range. A
-// class whose largest corner is below the largest smallest corner (of any class) by more than 2^-19 (32
-// ulps) of the cell's largest magnitude is below that class at every pixel of the cell, so it is never
-// the pixel's first maximum and is left out. In smooth score maps a cell keeps ~3 of 27 classes, and
-// often one: then its pixels are not upsampled at all.
-PRIMAPS_ALWAYS_INLINE void cell_candidates(const float* L, int64_t K, int64_t h, int64_t w,
-                                           std::vector<int32_t>& start, std::vector<int32_t>& cls) {
+constexpr int64_t kRows = 16;                           // the most output rows of a band held at once
+constexpr int32_t kMixed = INT32_MIN, kUnset = INT32_MIN + 1;  // Scratch::block: several ids, not yet seen
+
+// Working memory of one image.
+struct Scratch {
+  std::vector<float> his, top, mag;  // cell_candidates: corner maxima (K, w + 8), max minimum and magnitude (w + 8)
+  std::vector<int32_t> bits;         // ((K + 31) / 32, w + 8): each cell's candidate classes as bits
+  std::vector<int32_t> cand;         // (K): one cell's candidates, increasing
+  std::vector<float> xs;             // (K, 2, 8): the width pass of a cell's candidates over 8 columns
+  std::vector<int32_t> counts;       // (K, 8): per candidate, lane by lane, the block pixels it wins
+  std::vector<int32_t> classes;      // (kRows, W + 8): the argmax of the pixels of blocks with several ids
+  std::vector<int32_t> block;        // per cell: the slot of its block's one mask id (-1: ignored), or kMixed
+  std::vector<int64_t> stop;         // the id runs of the rows held: the end of each, its slot,
+  std::vector<int32_t> stop_slot;    // and the first run of each row (kRows + 1)
+  std::vector<size_t> row_first;
+};
+
+// The classes that can win a pixel of each cell (a, b), b in [0, w), of the source rows a and a1, as bits
+// (s.bits[word * (w + 8) + b], class k at bit k % 32 of word k / 32). A pixel of the cell (taps rows {a, a1},
+// columns {b, b1} with b1 <= b + 1) upsamples each class to a convex combination of those corners,
+// computed with two rounded lerps: within ~7 float32 ulps of the largest corner magnitude of the
+// corners' range. A class whose largest corner (of rows a, a1 and columns b, min(b + 1, w - 1)) is below
+// the largest smallest corner (of any class) by more than 2^-19 (32 ulps) of the largest magnitude is
+// below that class at every pixel of the cell, so it is never the pixel's first maximum and is left out.
+// Vectorised along b; min and max are exact, so the lanes give the scalar rule's bits.
+PRIMAPS_ALWAYS_INLINE void cell_candidates(const float* L, int64_t K, int64_t h, int64_t w, int64_t a, int64_t a1,
+                                           Scratch& s) {
   constexpr float kMargin = 1.0f / (1 << 19);
-  std::vector<float> his(static_cast<size_t>(K));
-  start.assign(1, 0);
-  cls.clear();
-  for (int64_t a = 0; a < h; ++a)
-    for (int64_t b = 0; b < w; ++b) {
-      const int64_t a1 = a + 1 < h ? a + 1 : a, b1 = b + 1 < w ? b + 1 : b;
-      float top_lo = -INFINITY, magnitude = 0.f;
-      for (int64_t k = 0; k < K; ++k) {
-        const float* P = L + k * h * w;
-        const float c0 = P[a * w + b], c1 = P[a * w + b1], c2 = P[a1 * w + b], c3 = P[a1 * w + b1];
-        const float lo = std::min(std::min(c0, c1), std::min(c2, c3));
-        const float hi = std::max(std::max(c0, c1), std::max(c2, c3));
-        magnitude = std::max(magnitude, std::max(std::fabs(lo), std::fabs(hi)));
-        top_lo = std::max(top_lo, lo);
-        his[k] = hi;
-      }
-      const float floor = top_lo - (kMargin * magnitude + 1e-30f);
-      for (int64_t k = 0; k < K; ++k)
-        if (his[k] >= floor) cls.push_back(static_cast<int32_t>(k));
-      start.push_back(static_cast<int32_t>(cls.size()));
+  const int64_t ws = w + 8;
+  s.his.resize(static_cast<size_t>(K * ws));
+  s.top.assign(static_cast<size_t>(ws), -INFINITY);
+  s.mag.assign(static_cast<size_t>(ws), 0.f);
+  const int64_t wv = (w - 1) / 8 * 8;  // cells b < wv: 8 lanes with b + 1 < w
+  for (int64_t k = 0; k < K; ++k) {
+    const float* r0 = L + (k * h + a) * w;
+    const float* r1 = L + (k * h + a1) * w;
+    float* hi_k = s.his.data() + k * ws;
+    for (int64_t b = 0; b < wv; b += 8) {
+      const f32x8 c0 = load8(r0 + b), c1 = load8(r0 + b + 1), c2 = load8(r1 + b), c3 = load8(r1 + b + 1);
+      const f32x8 lo = vmin(vmin(c0, c1), vmin(c2, c3)), hi = vmax(vmax(c0, c1), vmax(c2, c3));
+      store8(hi_k + b, hi);
+      store8(s.top.data() + b, vmax(load8(s.top.data() + b), lo));
+      store8(s.mag.data() + b, vmax(load8(s.mag.data() + b), vmax(-lo, hi)));  // max |corner|: lo <= hi
     }
+    for (int64_t b = wv; b < w; ++b) {
+      const int64_t b1 = b + 1 < w ? b + 1 : b;
+      const float c0 = r0[b], c1 = r0[b1], c2 = r1[b], c3 = r1[b1];
+      const float lo = std::min(std::min(c0, c1), std::min(c2, c3)), hi = std::max(std::max(c0, c1), std::max(c2, c3));
+      hi_k[b] = hi;
+      s.top[b] = std::max(s.top[b], lo);
+      s.mag[b] = std::max(s.mag[b], std::max(-lo, hi));
+    }
+  }
+  s.bits.assign(static_cast<size_t>((K + 31) / 32 * ws), 0);
+  for (int64_t b = 0; b < w; b += 8) {  // lanes past w: never read
+    const f32x8 floor = load8(s.top.data() + b) - (kMargin * load8(s.mag.data() + b) + 1e-30f);
+    for (int64_t k = 0; k < K; ++k) {
+      int32_t* word = s.bits.data() + k / 32 * ws + b;
+      const i32x8 keep = load8(s.his.data() + k * ws + b) >= floor;
+      store8(word, load8(word) | (keep & static_cast<int32_t>(1u << (k % 32))));
+    }
+  }
+}
+
+// The candidates of cell b into s.cand, increasing; returns how many.
+PRIMAPS_ALWAYS_INLINE int64_t candidates_of(int64_t b, int64_t K, int64_t w, Scratch& s) {
+  int64_t n = 0;
+  for (int64_t word = 0; word < (K + 31) / 32; ++word)
+    for (uint32_t m = static_cast<uint32_t>(s.bits[word * (w + 8) + b]); m; m &= m - 1)
+      s.cand[n++] = static_cast<int32_t>(32 * word + __builtin_ctz(m));
+  return n;
+}
+
+// The argmax at the pixels of rows [y0, y0 + nr) and columns [x0, x1) of one cell (source rows a, a1,
+// columns b, b1) over its candidates s.cand[0 .. nc), nc >= 2. With `store`, into
+// s.classes[r * (W + 8) + x] (whole vectors: the spill past x1 is rewritten by the cells after it or lands
+// in the slack), returning the one class of all those pixels or -1 when they have several; otherwise the
+// pixels each candidate wins, added to votes[cand[i]].
+template <bool store>
+PRIMAPS_ALWAYS_INLINE int32_t cell_argmax(const float* L, int64_t h, int64_t w, int64_t a, int64_t a1, int64_t b,
+                                          int64_t b1, int64_t nc, const Axis& ay, const float* l0,
+                                          const float* l1, int64_t y0, int64_t nr, int64_t x0, int64_t x1,
+                                          int64_t W, int64_t* votes, Scratch& s) {
+  const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const int32_t* c = s.cand.data();
+  float* xs = s.xs.data();
+  int32_t* counts = s.counts.data();
+  if (!store) std::fill(counts, counts + 8 * nc, 0);
+  i32x8 differ = {};
+  int32_t first = -1;
+  for (int64_t x = x0; x < x1; x += 8) {
+    const f32x8 w0 = load8(l0 + x), w1 = load8(l1 + x);
+    for (int64_t i = 0; i < nc; ++i) {  // the width pass of both source rows (lerp's products and sum)
+      const float* P = L + c[i] * h * w;
+      store8(xs + 16 * i, w0 * P[a * w + b] + w1 * P[a * w + b1]);
+      store8(xs + 16 * i + 8, w0 * P[a1 * w + b] + w1 * P[a1 * w + b1]);
+    }
+    const i32x8 inside = lane < static_cast<int32_t>(x1 - x);
+    for (int64_t r = 0; r < nr; ++r) {
+      const float hy0 = ay.l0[y0 + r], hy1 = ay.l1[y0 + r];
+      f32x8 bv = hy0 * load8(xs) + hy1 * load8(xs + 8);
+      i32x8 bi = i32x8{} + c[0];
+      for (int64_t i = 1; i < nc; ++i) {
+        const f32x8 u = hy0 * load8(xs + 16 * i) + hy1 * load8(xs + 16 * i + 8);
+        const i32x8 take = u > bv;  // the first maximum: only a larger value takes over
+        bi = select(take, i32x8{} + c[i], bi);
+        bv = select(take, u, bv);
+      }
+      if (store) {
+        store8(s.classes.data() + r * (W + 8) + x, bi);
+        if (first < 0) first = bi[0];
+        differ |= inside & (bi ^ first);
+      } else {
+        for (int64_t i = 0; i < nc; ++i)  // lanes of equal classes are -1
+          store8(counts + 8 * i, load8(counts + 8 * i) - (inside & (bi == c[i])));
+      }
+    }
+  }
+  if (!store) {
+    for (int64_t i = 0; i < nc; ++i) {
+      int64_t n = 0;
+      for (int l = 0; l < 8; ++l) n += counts[8 * i + l];
+      votes[c[i]] += n;
+    }
+    return -1;
+  }
+  int32_t any = 0;
+  for (int l = 0; l < 8; ++l) any |= differ[l];
+  return any ? -1 : first;
+}
+
+// The first index after x of a value other than row[x] in row[0 .. n), or n: 16 ids per comparison.
+PRIMAPS_ALWAYS_INLINE int64_t run_end(const int64_t* row, int64_t x, int64_t n) {
+  const int64_t id = row[x];
+  for (++x; x + 16 <= n; x += 16) {
+    const i64x4 d = ((load4(row + x) ^ id) | (load4(row + x + 4) ^ id)) |
+                    ((load4(row + x + 8) ^ id) | (load4(row + x + 12) ^ id));
+    if (d[0] | d[1] | d[2] | d[3]) break;
+  }
+  while (x < n && row[x] == id) ++x;
+  return x;
 }
 
 // One image: logits L (K, h, w), mask ids mb (H, W) -> ob (H, W) the majority class of each id's pixels.
-// The vote and the output go by runs of equal ids (and classes).
+//
+// Row by row, a band of up to kRows output rows of one source row pair is split into blocks, its pixels of
+// one cell. The ids are read first, as runs per row; a block of one id takes its votes straight from the
+// argmax (the pixels each candidate wins, or all of them for a cell of one candidate; nothing for ignored
+// blocks), a block of several ids from the stored argmax along each row's runs.
 PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t* ob, int64_t num_ids,
                                       int64_t ignore_index, int64_t K, int64_t h, int64_t w, const Axis& ay,
                                       const Axis& ax, int64_t H, int64_t W) {
-  std::vector<float> xs;
-  width_pass(L, K, h, w, ax, W, xs);
-  std::vector<int32_t> start, cls;
-  cell_candidates(L, K, h, w, start, cls);
+  const std::vector<int64_t> bands = tap_runs(ay, H), cells = tap_runs(ax, W);
+  const int64_t nx = static_cast<int64_t>(cells.size()) - 1;
+  std::vector<int32_t> cell_of(static_cast<size_t>(W));
+  for (int64_t j = 0; j < nx; ++j) std::fill(cell_of.begin() + cells[j], cell_of.begin() + cells[j + 1], j);
+  std::vector<float> l0(static_cast<size_t>(W + 8), 0.f), l1(static_cast<size_t>(W + 8), 0.f);
+  std::copy(ax.l0.begin(), ax.l0.end(), l0.begin());
+  std::copy(ax.l1.begin(), ax.l1.end(), l1.begin());
+  Scratch s;
+  s.cand.resize(static_cast<size_t>(K));
+  s.xs.resize(static_cast<size_t>(16 * K));
+  s.counts.resize(static_cast<size_t>(8 * K));
+  s.classes.resize(static_cast<size_t>(kRows * (W + 8)));
+  s.row_first.resize(kRows + 1);
+  std::vector<size_t> cursor(kRows);  // per row held: its first run not left of the current cell
   // Mask ids present in this image get a dense slot; slot -> K-class histogram.
   std::vector<int32_t> slot(static_cast<size_t>(num_ids), -1);
   std::vector<int64_t> hist;
-  // Each pixel's argmax: in a cell with at most K / 4 candidates over those only, 8 lanes at a time and
-  // whole vectors stored (a cell's spill past its pixels is rewritten by the cells after it; `best` has 8
-  // floats of slack); along a run of cells with more, over every class, vectorised along the whole run.
-  const int64_t sparse = std::max<int64_t>(1, K / 4);
-  std::vector<float> best_v(static_cast<size_t>(W));
-  std::vector<float> best(static_cast<size_t>(W + 8));  // class id as float (exact below 2^24), so the
-                                                        // selects stay float and the loops vectorise
-  for (int64_t y = 0; y < H; ++y) {
-    const int32_t* cs = start.data() + ay.i0[y] * w;
-    const float hy0 = ay.l0[y], hy1 = ay.l1[y];
-    const float* r0 = xs.data() + ay.i0[y] * K * W;
-    const float* r1 = xs.data() + ay.i1[y] * K * W;
-    auto dense = [&](int64_t x) { return cs[ax.i0[x] + 1] - cs[ax.i0[x]] > sparse; };
-    for (int64_t x0 = 0; x0 < W;) {
-      int64_t x1 = x0 + 1;
-      if (dense(x0)) {  // the pixels [x0, x1) of a run of dense cells
-        while (x1 < W && dense(x1)) ++x1;
-        float* __restrict bv = best_v.data() + x0;
-        float* __restrict bi = best.data() + x0;
-        const int64_t n = x1 - x0;
-        for (int64_t k = 0; k < K; ++k) {
-          const float* __restrict p = r0 + k * W + x0;
-          const float* __restrict q = r1 + k * W + x0;
-          const float kk = static_cast<float>(k);
-          if (k == 0)
-            for (int64_t x = 0; x < n; ++x) bv[x] = lerp(hy0, p[x], hy1, q[x]), bi[x] = 0.f;
+  auto slot_of = [&](int64_t id) -> int32_t {  // -1 for ignore_index
+    if (id == ignore_index) return -1;
+    if (id < 0 || id >= num_ids)  // before any pixel of the image is written: never past the table
+      throw std::invalid_argument("mask_ids: id out of range [0, num_ids)");
+    int32_t& v = slot[static_cast<size_t>(id)];
+    if (v < 0) {
+      v = static_cast<int32_t>(hist.size() / K);
+      hist.resize(hist.size() + K, 0);
+    }
+    return v;
+  };
+  // The image in raster order as runs of equal ids: the end of each (flat index) and its slot.
+  std::vector<int64_t> image_stop;
+  std::vector<int32_t> image_slot;
+  int64_t last_id = 0;
+  for (size_t band = 0; band + 1 < bands.size(); ++band) {
+    const int64_t a = ay.i0[bands[band]], a1 = ay.i1[bands[band]];
+    cell_candidates(L, K, h, w, a, a1, s);
+    for (int64_t y0 = bands[band]; y0 < bands[band + 1]; y0 += kRows) {
+      const int64_t nr = std::min(kRows, bands[band + 1] - y0);
+      // The ids: runs of each row, and the one slot of each block.
+      s.block.assign(static_cast<size_t>(nx), kUnset);
+      s.stop.clear();
+      s.stop_slot.clear();
+      for (int64_t r = 0; r < nr; ++r) {
+        s.row_first[r] = s.stop.size();
+        const int64_t* row = mb + (y0 + r) * W;
+        for (int64_t p0 = 0, p1; p0 < W; p0 = p1) {
+          const int64_t id = row[p0];
+          p1 = run_end(row, p0, W);
+          const int32_t v = slot_of(id);
+          s.stop.push_back(p1);
+          s.stop_slot.push_back(v);
+          if (!image_stop.empty() && id == last_id)
+            image_stop.back() = (y0 + r) * W + p1;
           else
-            for (int64_t x = 0; x < n; ++x) keep_first_max(lerp(hy0, p[x], hy1, q[x]), kk, bv[x], bi[x]);
+            image_stop.push_back((y0 + r) * W + p1), image_slot.push_back(v), last_id = id;
+          for (int64_t j = cell_of[p0]; j < nx && cells[j] < p1; ++j) {
+            int32_t& one = s.block[j];
+            const bool whole = cells[j] >= p0 && cells[j + 1] <= p1;
+            one = whole && (one == kUnset || one == v) ? v : kMixed;
+          }
         }
-      } else {  // the pixels [x0, x1) of source column b
-        const int64_t b = ax.i0[x0];
-        while (x1 < W && ax.i0[x1] == b) ++x1;
-        const int32_t* c = cls.data() + cs[b];
-        const int64_t nc = cs[b + 1] - cs[b];
-        auto up = [&](int64_t k, int64_t x) {  // lerp's products and sum, lane by lane
-          return hy0 * load8(r0 + k * W + x) + hy1 * load8(r1 + k * W + x);
-        };
-        for (int64_t x = x0; x < x1; x += 8) {
-          f32x8 bi = f32x8{} + static_cast<float>(c[0]);
-          if (nc > 1) {
-            f32x8 bv = up(c[0], x);
-            for (int64_t j = 1; j < nc; ++j) {
-              const f32x8 u = up(c[j], x);
-              const i32x8 take = u > bv;  // the first maximum: only a larger value takes over
-              bi = select(take, f32x8{} + static_cast<float>(c[j]), bi);
-              bv = select(take, u, bv);
+      }
+      s.row_first[nr] = s.stop.size();
+      // The votes, block by block.
+      for (int64_t r = 0; r < nr; ++r) cursor[r] = s.row_first[r];
+      for (int64_t j = 0; j < nx; ++j) {
+        const int64_t x0 = cells[j], x1 = cells[j + 1], b = ax.i0[x0], b1 = ax.i1[x0];
+        const int32_t one = s.block[j];
+        if (one == -1) continue;  // ignored pixels only
+        const int64_t nc = candidates_of(b, K, w, s);
+        if (one != kMixed) {
+          int64_t* votes = hist.data() + static_cast<int64_t>(one) * K;
+          if (nc == 1)
+            votes[s.cand[0]] += nr * (x1 - x0);
+          else
+            cell_argmax<false>(L, h, w, a, a1, b, b1, nc, ay, l0.data(), l1.data(), y0, nr, x0, x1, W, votes, s);
+          continue;
+        }
+        const int32_t k1 = nc == 1 ? s.cand[0]
+                                   : cell_argmax<true>(L, h, w, a, a1, b, b1, nc, ay, l0.data(), l1.data(), y0,
+                                                       nr, x0, x1, W, nullptr, s);
+        for (int64_t r = 0; r < nr; ++r) {  // along the runs of each row
+          const int32_t* classes = s.classes.data() + r * (W + 8);
+          size_t& i = cursor[r];
+          while (s.stop[i] <= x0) ++i;
+          for (size_t q = i; q < s.row_first[r + 1]; ++q) {
+            const int64_t o0 = std::max(q == s.row_first[r] ? 0 : s.stop[q - 1], x0), o1 = std::min(s.stop[q], x1);
+            if (o0 >= x1) break;
+            const int32_t v = s.stop_slot[q];
+            if (v < 0) continue;
+            int64_t* votes = hist.data() + static_cast<int64_t>(v) * K;
+            if (k1 >= 0) {
+              votes[k1] += o1 - o0;
+              continue;
+            }
+            for (int64_t x = o0; x < o1;) {  // by runs of one class
+              const int32_t k = classes[x];
+              const int64_t start = x;
+              while (++x < o1 && classes[x] == k) {
+              }
+              votes[k] += x - start;
             }
           }
-          store8(best.data() + x, bi);
         }
       }
-      x0 = x1;
-    }
-    const int64_t* row = mb + y * W;
-    for (int64_t x0 = 0; x0 < W;) {
-      const int64_t id = row[x0];
-      const float k = best[x0];
-      int64_t x1 = x0 + 1;
-      while (x1 < W && row[x1] == id && best[x1] == k) ++x1;
-      if (id != ignore_index) {
-        if (id < 0 || id >= num_ids)  // before any pixel of the image is written: never past the table
-          throw std::invalid_argument("mask_ids: id out of range [0, num_ids)");
-        int32_t& s = slot[static_cast<size_t>(id)];
-        if (s < 0) {
-          s = static_cast<int32_t>(hist.size() / K);
-          hist.resize(hist.size() + K, 0);
-        }
-        hist[static_cast<size_t>(s) * K + static_cast<int64_t>(k)] += x1 - x0;
-      }
-      x0 = x1;
     }
   }
-  // Majority per slot, the first (smallest) class on ties.
+  // Majority per slot, the first (smallest) class on ties; then the labels, run by run.
   std::vector<int64_t> winner(hist.size() / K);
-  for (size_t s = 0; s < winner.size(); ++s) winner[s] = first_argmax(hist.data() + s * K, K);
-  for (int64_t i = 0; i < H * W;) {
-    const int64_t id = mb[i];
-    const int64_t v = id == ignore_index ? ignore_index : winner[static_cast<size_t>(slot[static_cast<size_t>(id)])];
-    int64_t j = i;
-    do ob[j++] = v;
-    while (j < H * W && mb[j] == id);
-    i = j;
+  for (size_t v = 0; v < winner.size(); ++v) winner[v] = first_argmax(hist.data() + v * K, K);
+  int64_t begin = 0;
+  for (size_t i = 0; i < image_stop.size(); begin = image_stop[i++]) {
+    const int32_t v = image_slot[i];
+    std::fill(ob + begin, ob + image_stop[i], v < 0 ? ignore_index : winner[static_cast<size_t>(v)]);
   }
 }
 PRIMAPS_SIMD_FUNCTION(image, image_body)

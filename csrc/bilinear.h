@@ -10,9 +10,6 @@
 #include <vector>
 
 #include "host_device.h"
-#ifndef __CUDACC__
-#include "vectors.h"
-#endif
 
 namespace primaps {
 
@@ -71,36 +68,14 @@ struct Axis {
   }
 };
 
-#ifndef __CUDACC__
-// xs[(ys * K + k) * W + x] = the row pass of L[k, ys] at output column x, for one image L (K, h, w), with 8
-// floats of slack after the last row. The output columns of one source column (the same i0, hence the
-// same i1) form a run: two source values broadcast against the run's weights, 8 lanes at a time, whole
-// vectors stored. A run's spill past its end is rewritten by the runs after it (rows are written in
-// memory order), the last row's by nothing (the slack). Always inlined: it runs inside the SIMD variants
-// of the kernels (common.h).
-inline __attribute__((always_inline)) void width_pass(const float* L, int64_t K, int64_t h, int64_t w,
-                                                      const Axis& ax, int64_t W, std::vector<float>& xs) {
-  constexpr int64_t V = 8;
-  std::vector<float> l0(static_cast<size_t>(W + V), 0.f), l1(static_cast<size_t>(W + V), 0.f);
-  std::copy(ax.l0.begin(), ax.l0.end(), l0.begin());
-  std::copy(ax.l1.begin(), ax.l1.end(), l1.begin());
-  std::vector<int64_t> runs;  // the first column of each run, then W
-  for (int64_t x = 0; x < W; ++x)
-    if (x == 0 || ax.i0[x] != ax.i0[x - 1]) runs.push_back(x);
-  runs.push_back(W);
-  xs.resize(static_cast<size_t>(h * K * W + V));
-  for (int64_t ys = 0; ys < h; ++ys)
-    for (int64_t k = 0; k < K; ++k) {
-      const float* row = L + (k * h + ys) * w;
-      float* dst = xs.data() + (ys * K + k) * W;
-      for (size_t j = 0; j + 1 < runs.size(); ++j) {
-        const int64_t x0 = runs[j], x1 = runs[j + 1];
-        const float v0 = row[ax.i0[x0]], v1 = row[ax.i1[x0]];
-        for (int64_t x = x0; x < x1; x += V)  // lerp's products and sum, lane by lane
-          store8(dst + x, load8(l0.data() + x) * v0 + load8(l1.data() + x) * v1);
-      }
-    }
+// The output indices [0, n) of `ax` in runs that share their taps i0 (hence i1): the first index of
+// each run, then n. Along the width of an upsampling these are the output columns of one source cell.
+inline std::vector<int64_t> tap_runs(const Axis& ax, int64_t n) {
+  std::vector<int64_t> first;
+  for (int64_t d = 0; d < n; ++d)
+    if (d == 0 || ax.i0[d] != ax.i0[d - 1]) first.push_back(d);
+  first.push_back(n);
+  return first;
 }
-#endif
 
 }  // namespace primaps

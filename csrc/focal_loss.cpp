@@ -106,7 +106,7 @@ PRIMAPS_ALWAYS_INLINE f32x8 exp_of_classes(f32x8 d, i32x8 valid) {
 }
 
 // The width pass of source row ys of lt (h, w, Kp) into dst (W, Kp): lerp of the two source columns of
-// each output column, lane by lane, as bilinear.h's width_pass.
+// each output column, lane by lane (lerp's products and sum, bilinear.h).
 PRIMAPS_ALWAYS_INLINE void width_pass_row(const float* lt, int64_t ys, int64_t w, const Axis& ax, int64_t W,
                                           int nc, float* dst) {
   const int64_t Kp = 8 * nc;

@@ -279,3 +279,54 @@ def test_cells_won_by_one_class_keep_the_upsampled_argmax(case, rng):
                        reference.assign_pseudo_labels(logits, masks))
     if triton_available():
         assert torch.equal(got, primaps_fast.assign_pseudo_labels(logits, ids, ignore_index=-1, backend="triton"))
+
+
+@pytest.mark.parametrize("case", [(2, 40, 6, 5, 70, 61), (2, 27, 10, 10, 80, 80), (1, 33, 2, 3, 100, 9),
+                                  (2, 5, 1, 1, 7, 5)])
+@pytest.mark.parametrize("smooth", [True, False])
+def test_blocks_of_one_and_of_several_ids(case, smooth, rng):
+    """The C++ kernel votes a block (the pixels of one source cell in up to 16 rows of a band) of one mask
+    id from the pixels each candidate class wins, and a block of several ids along each row's runs of ids:
+    masks with large regions, ragged edges, pixel noise and ignored parts in the same image, more than 32
+    classes (two words of candidate bits), bands taller than 16 rows, single source rows and columns."""
+    B, K, h, w, H, W = case
+    logits = (_smooth_logits_with_near_ties(B, K, h, w, rng) if smooth and h > 1 and w > 1
+              else torch.randn(B, K, h, w, generator=rng))
+    ids = make_masks(B, H, W, rng, num_ids=5)
+    noise = torch.rand(B, H, W, generator=rng) < 0.1  # ragged edges and single-pixel ids
+    ids[noise] = torch.randint(0, 40, (int(noise.sum()),), generator=rng)
+    ids[:, H // 2:, : W // 3] = torch.arange(H * W).view(H, W)[H // 2:, : W // 3] + 100  # a pixel per id
+    ids[:, -3:, -W // 4:] = IGNORE
+    want = reference.assign_pseudo_labels(logits, ids)
+    assert torch.equal(primaps_fast.assign_pseudo_labels(logits, ids, backend="cpu"), want)
+
+
+@pytest.mark.parametrize("case", [(2, 6, 10, 10, 80, 80), (1, 36, 7, 9, 61, 70)])
+def test_exact_ties_in_every_mask(case, rng):
+    """Every vote is counted exactly: each mask holds exactly as many pixels of its two leading classes
+    (surplus pixels ignored), so the smaller class wins, and one vote too many or too few for either
+    changes the label. Masks of 20 x 20 pixels span whole source cells (voted from the argmax's counts) and
+    cells shared with other masks or ignored pixels (voted along the rows)."""
+    B, K, h, w, H, W = case
+    logits = F.interpolate(torch.randn(B, K, 3, 3, generator=rng) * 4, (h, w), mode="bilinear")
+    each = torch.arange(H * W).view(1, H, W).repeat(B, 1, 1)
+    per_pixel = primaps_fast.assign_pseudo_labels(logits, each, ignore_index=-1, backend="cpu")
+    assert torch.equal(per_pixel, reference.assign_pseudo_labels(logits, each, ignore_index=-1))
+    ids = (torch.arange(H)[:, None] // 20 * 10 + torch.arange(W)[None] // 20).repeat(B, 1, 1)
+    expect = {}
+    for b in range(B):
+        for m in ids[b].unique().tolist():
+            where = (ids[b] == m).flatten().nonzero()[:, 0]
+            counts = torch.bincount(per_pixel[b].flatten()[where], minlength=K)
+            top = counts.topk(2)
+            (p, q), (cp, cq) = top.indices.tolist(), top.values.tolist()
+            if cq == 0:
+                continue
+            surplus = where[per_pixel[b].flatten()[where] == p][cq:]  # the last pixels of class p
+            ids[b].view(-1)[surplus] = IGNORE
+            expect[(b, m)] = min(p, q)
+    got = primaps_fast.assign_pseudo_labels(logits, ids, backend="cpu")
+    assert len(expect) > 10
+    for (b, m), k in expect.items():
+        assert (got[b][ids[b] == m] == k).all(), (b, m)
+    assert torch.equal(got, reference.assign_pseudo_labels(logits, ids))
