@@ -193,13 +193,18 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
   s.classes.resize(static_cast<size_t>(kRows * (W + 8)));
   s.row_first.resize(kRows + 1);
   std::vector<size_t> cursor(kRows);  // per row held: its first run not left of the current cell
-  // Mask ids present in this image get a dense slot; slot -> K-class histogram.
-  std::vector<int32_t> slot(static_cast<size_t>(num_ids), -1);
+  // Mask ids present in this image get a dense slot (the table grows up to num_ids as larger ids come);
+  // slot -> K-class histogram. Ids are checked here, before any pixel of the image is written.
+  std::vector<int32_t> slot;
   std::vector<int64_t> hist;
   auto slot_of = [&](int64_t id) -> int32_t {  // -1 for ignore_index
     if (id == ignore_index) return -1;
-    if (id < 0 || id >= num_ids)  // before any pixel of the image is written: never past the table
-      throw std::invalid_argument("mask_ids: id out of range [0, num_ids)");
+    if (id < 0)
+      throw std::invalid_argument("mask_ids: negative ids (other than ignore_index=" + std::to_string(ignore_index) +
+                                  ") are not allowed");
+    if (id >= num_ids) throw std::out_of_range("mask_ids: id out of range [0, num_ids)");
+    if (static_cast<size_t>(id) >= slot.size())
+      slot.resize(std::min<size_t>(std::max<size_t>(2 * slot.size(), id + 1), num_ids), -1);
     int32_t& v = slot[static_cast<size_t>(id)];
     if (v < 0) {
       v = static_cast<int32_t>(hist.size() / K);
@@ -323,7 +328,8 @@ void assign_pseudo_labels(FloatArray logits, Int64Array mask_ids, Int64Array out
 static Registrar reg([](py::module_& m) {
   m.def("assign_pseudo_labels", &assign_pseudo_labels, py::arg("logits"), py::arg("mask_ids"),
         py::arg("out"), py::arg("num_ids"), py::arg("ignore_index"), py::arg("threads"),
-        "Majority class of the upsampled argmax per (image, mask id); ignore_index elsewhere.");
+        "Majority class of the upsampled argmax per (image, mask id); ignore_index elsewhere. Ids are checked as "
+        "they are read: a negative one other than ignore_index raises ValueError, one >= num_ids IndexError.");
 });
 
 }  // namespace

@@ -229,16 +229,22 @@ def test_cuda_custom_op(rng):
 
 def test_kernel_refuses_ids_beyond_its_table(rng):
     """The C++ kernel checks each image's ids before it writes any of its pixels (in the image's worker):
-    an id past num_ids is an error, never a read past the table."""
+    an id past num_ids is an IndexError, never a read past the table; a negative id other than
+    ignore_index the ValueError of check_label_values."""
     from primaps_fast._dispatch import cpp
 
     logits = torch.randn(3, 4, 5, 5, generator=rng)
-    for bad in (7, -2):
+    for bad, error, message in ((7, IndexError, r"^mask_ids: id out of range \[0, num_ids\)$"),
+                                (-2, ValueError, r"^mask_ids: negative ids \(other than ignore_index=255\) are not "
+                                                 r"allowed$")):
         ids = torch.randint(0, 7, (3, 10, 10), generator=rng)
         ids[2, 9, 9] = bad
         out = torch.empty_like(ids)
-        with pytest.raises(ValueError, match=r"^mask_ids: id out of range \[0, num_ids\)$"):
+        with pytest.raises(error, match=message):
             cpp().assign_pseudo_labels(logits.numpy(), ids.numpy(), out.numpy(), 7, 255, 2)
+        if bad < 0:  # the same message from the op, without a pass of its own over the ids
+            with pytest.raises(ValueError, match=message):
+                primaps_fast.assign_pseudo_labels(logits, ids, backend="cpu")
 
 
 def _smooth_logits_with_near_ties(B, K, h, w, rng):

@@ -47,6 +47,11 @@ def check_label_values(labels: torch.Tensor, name: str, ignore_index: int) -> in
     return hi
 
 
+def direct_ids(mask_ids: torch.Tensor) -> int:
+    """The most ids the kernels take as they are in ``(B, H, W)`` ``mask_ids`` (a table slot per id)."""
+    return max(_MAX_DIRECT_IDS, mask_ids[0].numel())
+
+
 def dense_ids(mask_ids: torch.Tensor, ignore_index: int, max_id: int):
     """``(ids, ignore, num_ids)``: int64 ids in ``[0, num_ids)`` at every pixel not equal to ``ignore``, from
     ``mask_ids`` whose largest value is ``max_id``.
@@ -56,7 +61,7 @@ def dense_ids(mask_ids: torch.Tensor, ignore_index: int, max_id: int):
     """
     ids = mask_ids.to(torch.int64).contiguous()
     num_ids = max_id + 1
-    if num_ids <= max(_MAX_DIRECT_IDS, ids[0].numel()):
+    if num_ids <= direct_ids(ids):
         return ids, ignore_index, max(num_ids, 1)
     keep = ids != ignore_index
     uniq, inverse = torch.unique(ids[keep], return_inverse=True)
@@ -69,7 +74,8 @@ def dense_ids(mask_ids: torch.Tensor, ignore_index: int, max_id: int):
 def _assign_pseudo_labels_op(logits: torch.Tensor, ids: torch.Tensor, num_ids: int, ignore: int) -> torch.Tensor:
     """The custom op; this is its C++ kernel: float32 ``(B, K, h, w)`` logits, int64 ``(B, H, W)`` ids in
     ``[0, num_ids)`` or ``ignore`` -> int64 ``(B, H, W)`` majority classes (``ignore`` where the id is
-    ``ignore``)."""
+    ``ignore``). The C++ kernel raises ``ValueError`` for a negative id other than ``ignore`` and
+    ``IndexError`` for one ``>= num_ids``."""
     out = torch.empty_like(ids)
     _dispatch.cpp().assign_pseudo_labels(logits.numpy(), ids.numpy(), out.numpy(), num_ids, ignore,
                                          _dispatch.num_threads())
@@ -114,13 +120,22 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore
         two upsampled scores agree to float32 rounding may take the other class than PyTorch's kernel.
     """
     check_logits(logits)
-    max_id = check_labels(mask_ids, logits, "mask_ids", ignore_index)
+    check_labels(mask_ids, logits, "mask_ids", ignore_index, values=False)
     backend = _dispatch.choose_backend(backend, logits, mask_ids)
     if backend == "reference":
+        check_label_values(mask_ids, "mask_ids", ignore_index)
         return _dispatch.reference("assign_pseudo_labels")(logits, mask_ids, ignore_index=ignore_index)
     x = logits.detach().to(torch.float32).contiguous()
+    kernel = _dispatch.kernel("assign_pseudo_labels", backend)
+    if backend == "cpu":  # the C++ kernel checks the ids as it reads them, with check_label_values' message
+        ids = mask_ids.to(torch.int64).contiguous()
+        try:
+            return kernel(x, ids, direct_ids(ids), ignore_index)
+        except IndexError:  # an id beyond its table: renumbered below
+            pass
+    max_id = check_label_values(mask_ids, "mask_ids", ignore_index)
     ids, ignore, num_ids = dense_ids(mask_ids, ignore_index, max_id)
-    out = _dispatch.kernel("assign_pseudo_labels", backend)(x, ids, num_ids, ignore)
+    out = kernel(x, ids, num_ids, ignore)
     if ignore != ignore_index:
         out[ids == ignore] = ignore_index
     return out
