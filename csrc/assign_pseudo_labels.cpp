@@ -10,9 +10,8 @@
 // An image goes by cells: the output pixels whose taps are the source rows {a, a1} and columns {b, b1}.
 // Classes that fall short of another over a whole cell by a margin above float32 rounding are not
 // upsampled at its pixels (cell_candidates): in smooth score maps ~3 of 27 classes are left per cell,
-// often one, and then its pixels are not upsampled at all. The mask ids are read once, as runs per row;
-// a cell's pixels of one id take their votes from the argmax's counts, and the labels are written by the
-// runs. The per-image pass is compiled for SSE2, AVX2 and AVX-512F, the best run (common.h): the same
+// often one, and then its pixels are not upsampled at all. A cell's pixels of one mask id take their votes
+// from the argmax's counts; the labels are written 4 at a time where the id stays the same. The per-image pass is compiled for SSE2, AVX2 and AVX-512F, the best run (common.h): the same
 // labels.
 #include "common.h"
 
@@ -27,8 +26,7 @@ namespace {
 
 using namespace primaps;
 
-constexpr int64_t kRows = 16;                           // the most output rows of a band held at once
-constexpr int32_t kMixed = INT32_MIN, kUnset = INT32_MIN + 1;  // Scratch::block: several ids, not yet seen
+constexpr int64_t kRows = 16;  // the most output rows of a band held at once
 
 // Working memory of one image.
 struct Scratch {
@@ -38,10 +36,6 @@ struct Scratch {
   std::vector<float> xs;             // (K, 2, 8): the width pass of a cell's candidates over 8 columns
   std::vector<int32_t> counts;       // (K, 8): per candidate, lane by lane, the block pixels it wins
   std::vector<int32_t> classes;      // (kRows, W + 8): the argmax of the pixels of blocks with several ids
-  std::vector<int32_t> block;        // per cell: the slot of its block's one mask id (-1: ignored), or kMixed
-  std::vector<int64_t> stop;         // the id runs of the rows held: the end of each, its slot,
-  std::vector<int32_t> stop_slot;    // and the first run of each row (kRows + 1)
-  std::vector<size_t> row_first;
 };
 
 // The classes that can win a pixel of each cell (a, b), b in [0, w), of the source rows a and a1, as bits
@@ -100,16 +94,28 @@ PRIMAPS_ALWAYS_INLINE int64_t candidates_of(int64_t b, int64_t K, int64_t w, Scr
   return n;
 }
 
+// Lane l < min(n, 8): all ones where p[l] == id, else 0.
+PRIMAPS_ALWAYS_INLINE i32x8 lanes_equal(const int64_t* p, int64_t n, int64_t id) {
+  if (n >= 8)
+    return __builtin_shufflevector(__builtin_convertvector(load4(p) == id, i32x4),
+                                   __builtin_convertvector(load4(p + 4) == id, i32x4), 0, 1, 2, 3, 4, 5, 6, 7);
+  i32x8 m = {};
+  for (int64_t l = 0; l < n; ++l) m[l] = p[l] == id ? -1 : 0;
+  return m;
+}
+
 // The argmax at the pixels of rows [y0, y0 + nr) and columns [x0, x1) of one cell (source rows a, a1,
 // columns b, b1) over its candidates s.cand[0 .. nc), nc >= 2. With `store`, into
-// s.classes[r * (W + 8) + x] (whole vectors: the spill past x1 is rewritten by the cells after it or lands
-// in the slack), returning the one class of all those pixels or -1 when they have several; otherwise the
-// pixels each candidate wins, added to votes[cand[i]].
+// s.classes[r * (W + 8) + x] (whole vectors: the spill past x1 lands on columns of later cells, written
+// before they are read, or in the slack), returning the one class of all those pixels or -1 when they
+// have several. Otherwise the pixels each candidate wins are added to votes[cand[i]]: all of them, or
+// with `ids` (the mask ids of row y0, rows W apart) those whose id is `id`.
 template <bool store>
 PRIMAPS_ALWAYS_INLINE int32_t cell_argmax(const float* L, int64_t h, int64_t w, int64_t a, int64_t a1, int64_t b,
                                           int64_t b1, int64_t nc, const Axis& ay, const float* l0,
                                           const float* l1, int64_t y0, int64_t nr, int64_t x0, int64_t x1,
-                                          int64_t W, int64_t* votes, Scratch& s) {
+                                          int64_t W, int64_t* votes, const int64_t* ids, int64_t id,
+                                          Scratch& s) {
   const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
   const int32_t* c = s.cand.data();
   float* xs = s.xs.data();
@@ -140,8 +146,9 @@ PRIMAPS_ALWAYS_INLINE int32_t cell_argmax(const float* L, int64_t h, int64_t w, 
         if (first < 0) first = bi[0];
         differ |= inside & (bi ^ first);
       } else {
+        const i32x8 counted = ids ? lanes_equal(ids + r * W + x, x1 - x, id) : inside;
         for (int64_t i = 0; i < nc; ++i)  // lanes of equal classes are -1
-          store8(counts + 8 * i, load8(counts + 8 * i) - (inside & (bi == c[i])));
+          store8(counts + 8 * i, load8(counts + 8 * i) - (counted & (bi == c[i])));
       }
     }
   }
@@ -158,31 +165,43 @@ PRIMAPS_ALWAYS_INLINE int32_t cell_argmax(const float* L, int64_t h, int64_t w, 
   return any ? -1 : first;
 }
 
-// The first index after x of a value other than row[x] in row[0 .. n), or n: 16 ids per comparison.
-PRIMAPS_ALWAYS_INLINE int64_t run_end(const int64_t* row, int64_t x, int64_t n) {
-  const int64_t id = row[x];
-  for (++x; x + 16 <= n; x += 16) {
-    const i64x4 d = ((load4(row + x) ^ id) | (load4(row + x + 4) ^ id)) |
-                    ((load4(row + x + 8) ^ id) | (load4(row + x + 12) ^ id));
-    if (d[0] | d[1] | d[2] | d[3]) break;
+// Whether p[0 .. n) all equal id (`or_other` = id: a single value) or the value or_other: 4 ids per
+// comparison.
+PRIMAPS_ALWAYS_INLINE bool all_in(const int64_t* p, int64_t n, int64_t id, int64_t or_other) {
+  i64x4 d = {};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const i64x4 v = load4(p + i);
+    d |= ~((v == id) | (v == or_other));
   }
-  while (x < n && row[x] == id) ++x;
-  return x;
+  int64_t rest = 0;
+  for (; i < n; ++i) rest |= p[i] != id && p[i] != or_other;
+  return !(d[0] | d[1] | d[2] | d[3] | rest);
+}
+
+// How many of p[0 .. n) equal id.
+PRIMAPS_ALWAYS_INLINE int64_t count_equal(const int64_t* p, int64_t n, int64_t id) {
+  i64x4 m = {};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) m -= load4(p + i) == id;
+  int64_t count = m[0] + m[1] + m[2] + m[3];
+  for (; i < n; ++i) count += p[i] == id;
+  return count;
 }
 
 // One image: logits L (K, h, w), mask ids mb (H, W) -> ob (H, W) the majority class of each id's pixels.
 //
-// Row by row, a band of up to kRows output rows of one source row pair is split into blocks, its pixels of
-// one cell. The ids are read first, as runs per row; a block of one id takes its votes straight from the
-// argmax (the pixels each candidate wins, or all of them for a cell of one candidate; nothing for ignored
-// blocks), a block of several ids from the stored argmax along each row's runs.
+// A band of up to kRows output rows of one source row pair goes block by block, a block being its pixels
+// of one cell. A block of one mask id takes its votes straight from the argmax (the pixels each candidate
+// wins, or all of them for a cell of one candidate; nothing when the id is ignore_index); a block of
+// several ids from the stored argmax, by runs of one id and class along each row; a block of one id and
+// some ignored pixels as one of one id, counting the pixels of that id only. Every id is checked there,
+// before any label is written.
 PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t* ob, int64_t num_ids,
                                       int64_t ignore_index, int64_t K, int64_t h, int64_t w, const Axis& ay,
                                       const Axis& ax, int64_t H, int64_t W) {
   const std::vector<int64_t> bands = tap_runs(ay, H), cells = tap_runs(ax, W);
   const int64_t nx = static_cast<int64_t>(cells.size()) - 1;
-  std::vector<int32_t> cell_of(static_cast<size_t>(W));
-  for (int64_t j = 0; j < nx; ++j) std::fill(cell_of.begin() + cells[j], cell_of.begin() + cells[j + 1], j);
   std::vector<float> l0(static_cast<size_t>(W + 8), 0.f), l1(static_cast<size_t>(W + 8), 0.f);
   std::copy(ax.l0.begin(), ax.l0.end(), l0.begin());
   std::copy(ax.l1.begin(), ax.l1.end(), l1.begin());
@@ -191,10 +210,8 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
   s.xs.resize(static_cast<size_t>(16 * K));
   s.counts.resize(static_cast<size_t>(8 * K));
   s.classes.resize(static_cast<size_t>(kRows * (W + 8)));
-  s.row_first.resize(kRows + 1);
-  std::vector<size_t> cursor(kRows);  // per row held: its first run not left of the current cell
   // Mask ids present in this image get a dense slot (the table grows up to num_ids as larger ids come);
-  // slot -> K-class histogram. Ids are checked here, before any pixel of the image is written.
+  // slot -> K-class histogram.
   std::vector<int32_t> slot;
   std::vector<int64_t> hist;
   auto slot_of = [&](int64_t id) -> int32_t {  // -1 for ignore_index
@@ -212,91 +229,78 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
     }
     return v;
   };
-  // The image in raster order as runs of equal ids: the end of each (flat index) and its slot.
-  std::vector<int64_t> image_stop;
-  std::vector<int32_t> image_slot;
-  int64_t last_id = 0;
   for (size_t band = 0; band + 1 < bands.size(); ++band) {
     const int64_t a = ay.i0[bands[band]], a1 = ay.i1[bands[band]];
     cell_candidates(L, K, h, w, a, a1, s);
     for (int64_t y0 = bands[band]; y0 < bands[band + 1]; y0 += kRows) {
       const int64_t nr = std::min(kRows, bands[band + 1] - y0);
-      // The ids: runs of each row, and the one slot of each block.
-      s.block.assign(static_cast<size_t>(nx), kUnset);
-      s.stop.clear();
-      s.stop_slot.clear();
-      for (int64_t r = 0; r < nr; ++r) {
-        s.row_first[r] = s.stop.size();
-        const int64_t* row = mb + (y0 + r) * W;
-        for (int64_t p0 = 0, p1; p0 < W; p0 = p1) {
-          const int64_t id = row[p0];
-          p1 = run_end(row, p0, W);
-          const int32_t v = slot_of(id);
-          s.stop.push_back(p1);
-          s.stop_slot.push_back(v);
-          if (!image_stop.empty() && id == last_id)
-            image_stop.back() = (y0 + r) * W + p1;
-          else
-            image_stop.push_back((y0 + r) * W + p1), image_slot.push_back(v), last_id = id;
-          for (int64_t j = cell_of[p0]; j < nx && cells[j] < p1; ++j) {
-            int32_t& one = s.block[j];
-            const bool whole = cells[j] >= p0 && cells[j + 1] <= p1;
-            one = whole && (one == kUnset || one == v) ? v : kMixed;
-          }
-        }
-      }
-      s.row_first[nr] = s.stop.size();
-      // The votes, block by block.
-      for (int64_t r = 0; r < nr; ++r) cursor[r] = s.row_first[r];
+      const int64_t* rows = mb + y0 * W;
       for (int64_t j = 0; j < nx; ++j) {
         const int64_t x0 = cells[j], x1 = cells[j + 1], b = ax.i0[x0], b1 = ax.i1[x0];
-        const int32_t one = s.block[j];
-        if (one == -1) continue;  // ignored pixels only
+        const int64_t n = x1 - x0;
+        // The block's id: the one of all its pixels (`pure`), or of all but some ignored (`clean`).
+        int64_t id = rows[x0];
+        bool pure = true, clean = true;
+        for (int64_t r = 0; r < nr && pure; ++r) pure = all_in(rows + r * W + x0, n, id, id);
+        if (pure && id == ignore_index) continue;
+        if (!pure) {
+          for (int64_t e = 0; e < nr * n && id == ignore_index; ++e) id = rows[e / n * W + x0 + e % n];
+          for (int64_t r = 0; r < nr && clean; ++r) clean = all_in(rows + r * W + x0, n, id, ignore_index);
+        }
         const int64_t nc = candidates_of(b, K, w, s);
-        if (one != kMixed) {
-          int64_t* votes = hist.data() + static_cast<int64_t>(one) * K;
-          if (nc == 1)
-            votes[s.cand[0]] += nr * (x1 - x0);
+        if (clean) {
+          const int32_t v = slot_of(id);  // before hist.data(): it may grow hist
+          int64_t* votes = hist.data() + static_cast<int64_t>(v) * K;
+          if (nc > 1)
+            cell_argmax<false>(L, h, w, a, a1, b, b1, nc, ay, l0.data(), l1.data(), y0, nr, x0, x1, W, votes,
+                               pure ? nullptr : rows, id, s);
+          else if (pure)
+            votes[s.cand[0]] += nr * n;
           else
-            cell_argmax<false>(L, h, w, a, a1, b, b1, nc, ay, l0.data(), l1.data(), y0, nr, x0, x1, W, votes, s);
+            for (int64_t r = 0; r < nr; ++r) votes[s.cand[0]] += count_equal(rows + r * W + x0, n, id);
           continue;
         }
         const int32_t k1 = nc == 1 ? s.cand[0]
                                    : cell_argmax<true>(L, h, w, a, a1, b, b1, nc, ay, l0.data(), l1.data(), y0,
-                                                       nr, x0, x1, W, nullptr, s);
-        for (int64_t r = 0; r < nr; ++r) {  // along the runs of each row
+                                                       nr, x0, x1, W, nullptr, nullptr, 0, s);
+        for (int64_t r = 0; r < nr; ++r) {  // by runs of one id and one class
+          const int64_t* row = rows + r * W;
           const int32_t* classes = s.classes.data() + r * (W + 8);
-          size_t& i = cursor[r];
-          while (s.stop[i] <= x0) ++i;
-          for (size_t q = i; q < s.row_first[r + 1]; ++q) {
-            const int64_t o0 = std::max(q == s.row_first[r] ? 0 : s.stop[q - 1], x0), o1 = std::min(s.stop[q], x1);
-            if (o0 >= x1) break;
-            const int32_t v = s.stop_slot[q];
-            if (v < 0) continue;
-            int64_t* votes = hist.data() + static_cast<int64_t>(v) * K;
-            if (k1 >= 0) {
-              votes[k1] += o1 - o0;
-              continue;
+          for (int64_t x = x0; x < x1;) {
+            const int64_t run_id = row[x], start = x;
+            const int32_t k = k1 >= 0 ? k1 : classes[x];
+            while (++x < x1 && row[x] == run_id && (k1 >= 0 || classes[x] == k)) {
             }
-            for (int64_t x = o0; x < o1;) {  // by runs of one class
-              const int32_t k = classes[x];
-              const int64_t start = x;
-              while (++x < o1 && classes[x] == k) {
-              }
-              votes[k] += x - start;
-            }
+            const int32_t v = slot_of(run_id);
+            if (v >= 0) hist[static_cast<size_t>(v) * K + k] += x - start;
           }
         }
       }
     }
   }
-  // Majority per slot, the first (smallest) class on ties; then the labels, run by run.
+  // Majority per slot, the first (smallest) class on ties; then the labels, 4 pixels at a time while the
+  // id stays the same.
   std::vector<int64_t> winner(hist.size() / K);
   for (size_t v = 0; v < winner.size(); ++v) winner[v] = first_argmax(hist.data() + v * K, K);
-  int64_t begin = 0;
-  for (size_t i = 0; i < image_stop.size(); begin = image_stop[i++]) {
-    const int32_t v = image_slot[i];
-    std::fill(ob + begin, ob + image_stop[i], v < 0 ? ignore_index : winner[static_cast<size_t>(v)]);
+  auto label_of = [&](int64_t id) {
+    return id == ignore_index ? ignore_index : winner[static_cast<size_t>(slot[static_cast<size_t>(id)])];
+  };
+  const int64_t n = H * W;
+  int64_t id = mb[0], label = label_of(id), i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const i64x4 d = load4(mb + i) ^ id;
+    if (!(d[0] | d[1] | d[2] | d[3])) {
+      store4(ob + i, i64x4{} + label);
+      continue;
+    }
+    for (int64_t e = i; e < i + 4; ++e) {
+      if (mb[e] != id) id = mb[e], label = label_of(id);
+      ob[e] = label;
+    }
+  }
+  for (; i < n; ++i) {
+    if (mb[i] != id) id = mb[i], label = label_of(id);
+    ob[i] = label;
   }
 }
 PRIMAPS_SIMD_FUNCTION(image, image_body)

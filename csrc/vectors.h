@@ -40,6 +40,7 @@ PRIMAPS_VECTOR_INLINE i64x4 load4(const int64_t* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+PRIMAPS_VECTOR_INLINE void store4(int64_t* p, i64x4 v) { std::memcpy(p, &v, sizeof v); }
 
 PRIMAPS_VECTOR_INLINE int32_t to_int(float n) { return static_cast<int32_t>(n); }
 PRIMAPS_VECTOR_INLINE i32x4 to_int(f32x4 n) { return __builtin_convertvector(n, i32x4); }

@@ -292,7 +292,8 @@ def test_cells_won_by_one_class_keep_the_upsampled_argmax(case, rng):
 @pytest.mark.parametrize("smooth", [True, False])
 def test_blocks_of_one_and_of_several_ids(case, smooth, rng):
     """The C++ kernel votes a block (the pixels of one source cell in up to 16 rows of a band) of one mask
-    id from the pixels each candidate class wins, and a block of several ids along each row's runs of ids:
+    id (and some ignored pixels) from the pixels each candidate class wins, and a block of several ids
+    along each row's runs of ids and classes:
     masks with large regions, ragged edges, pixel noise and ignored parts in the same image, more than 32
     classes (two words of candidate bits), bands taller than 16 rows, single source rows and columns."""
     B, K, h, w, H, W = case
@@ -303,6 +304,7 @@ def test_blocks_of_one_and_of_several_ids(case, smooth, rng):
     ids[noise] = torch.randint(0, 40, (int(noise.sum()),), generator=rng)
     ids[:, H // 2:, : W // 3] = torch.arange(H * W).view(H, W)[H // 2:, : W // 3] + 100  # a pixel per id
     ids[:, -3:, -W // 4:] = IGNORE
+    ids[torch.rand(B, H, W, generator=rng) < 0.05] = IGNORE  # blocks of one id and some ignored pixels
     want = reference.assign_pseudo_labels(logits, ids)
     assert torch.equal(primaps_fast.assign_pseudo_labels(logits, ids, backend="cpu"), want)
 
