@@ -11,8 +11,8 @@
 // Classes that fall short of another over a whole cell by a margin above float32 rounding are not
 // upsampled at its pixels (cell_candidates): in smooth score maps ~3 of 27 classes are left per cell,
 // often one, and then its pixels are not upsampled at all. A cell's pixels of one mask id take their votes
-// from the argmax's counts; the labels are written 4 at a time where the id stays the same. The per-image pass is compiled for SSE2, AVX2 and AVX-512F, the best run (common.h): the same
-// labels.
+// from the argmax's counts; the labels are written 4 at a time where the id stays the same. The per-image
+// pass is compiled for SSE2, AVX2 and AVX-512F, the best run (common.h): the same labels.
 #include "common.h"
 
 #include <algorithm>
@@ -30,7 +30,7 @@ constexpr int64_t kRows = 16;  // the most output rows of a band held at once
 
 // Working memory of one image.
 struct Scratch {
-  std::vector<float> his, top, mag;  // cell_candidates: corner maxima (K, w + 8), max minimum and magnitude (w + 8)
+  std::vector<float> his, top, mag;  // cell_candidates: corner maxima (K, w + 8); top minimum, magnitude (w + 8)
   std::vector<int32_t> bits;         // ((K + 31) / 32, w + 8): each cell's candidate classes as bits
   std::vector<int32_t> cand;         // (K): one cell's candidates, increasing
   std::vector<float> xs;             // (K, 2, 8): the width pass of a cell's candidates over 8 columns
@@ -68,7 +68,8 @@ PRIMAPS_ALWAYS_INLINE void cell_candidates(const float* L, int64_t K, int64_t h,
     for (int64_t b = wv; b < w; ++b) {
       const int64_t b1 = b + 1 < w ? b + 1 : b;
       const float c0 = r0[b], c1 = r0[b1], c2 = r1[b], c3 = r1[b1];
-      const float lo = std::min(std::min(c0, c1), std::min(c2, c3)), hi = std::max(std::max(c0, c1), std::max(c2, c3));
+      const float lo = std::min(std::min(c0, c1), std::min(c2, c3));
+      const float hi = std::max(std::max(c0, c1), std::max(c2, c3));
       hi_k[b] = hi;
       s.top[b] = std::max(s.top[b], lo);
       s.mag[b] = std::max(s.mag[b], std::max(-lo, hi));
