@@ -6,7 +6,8 @@ process on the E-step inputs that decide its speed; the table of docs/design.md.
 Each checkout must have its C++ module built in place (``primaps_fast/_C*.so``); the inputs are made with
 the installed package. Both modules are loaded into this process and called in alternation, ``--rounds``
 times 20 calls each (batch 8, 27 classes, 40x40 scores, 320x320 ids); every row checks that the two give
-the same labels. Prints a Markdown table of the medians and the best rounds.
+the same labels. Older builds, whose kernel has no ``ignore_class`` argument, are called
+without it. Prints a Markdown table of the medians and the best rounds.
 """
 import argparse
 import glob
@@ -81,8 +82,9 @@ def main():
         for _ in range(args.rounds):
             for name, module in builds.items():
                 out = torch.empty_like(ids)
+                ignore = (255, 255) if "ignore_class" in module.assign_pseudo_labels.__doc__ else (255,)
                 call = lambda: module.assign_pseudo_labels(x.numpy(), ids.numpy(), out.numpy(),  # noqa: E731
-                                                           num_ids, 255, args.threads)
+                                                           num_ids, *ignore, args.threads)
                 call()
                 start = time.perf_counter()
                 for _ in range(20):

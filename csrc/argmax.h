@@ -18,12 +18,15 @@ PRIMAPS_HD void keep_first_max(T v, I i, T& best, I& best_i) {
   best = take ? v : best;
 }
 
-// Index of the first maximum of v[0..n), n >= 1 (a histogram of votes).
+// The majority of a mask's votes v[0..n) (pixels per class): the first class with the most votes, the votes
+// for class `ignore_class` not counted (the official loop drops the votes equal to its ignore label, which
+// matters when that label is a class id), or -1 when no class has a vote.
 template <typename T>
-PRIMAPS_HD int64_t first_argmax(const T* v, int64_t n) {
-  int64_t best = 0;
-  for (int64_t k = 1; k < n; ++k)
-    if (v[k] > v[best]) best = k;
+PRIMAPS_HD int64_t majority_class(const T* v, int64_t n, int64_t ignore_class) {
+  int64_t best = -1;
+  T most = 0;
+  for (int64_t k = 0; k < n; ++k)
+    if (k != ignore_class && v[k] > most) most = v[k], best = k;
   return best;
 }
 

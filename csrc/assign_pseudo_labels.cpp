@@ -190,7 +190,8 @@ PRIMAPS_ALWAYS_INLINE int64_t count_equal(const int64_t* p, int64_t n, int64_t i
   return count;
 }
 
-// One image: logits L (K, h, w), mask ids mb (H, W) -> ob (H, W) the majority class of each id's pixels.
+// One image: logits L (K, h, w), mask ids mb (H, W) -> ob (H, W) the majority class of each id's pixels
+// (majority_class: the votes for ignore_class not counted, ignore_class for a mask without votes).
 //
 // A band of up to kRows output rows of one source row pair goes block by block, a block being its pixels
 // of one cell. A block of one mask id takes its votes straight from the argmax (the pixels each candidate
@@ -199,8 +200,8 @@ PRIMAPS_ALWAYS_INLINE int64_t count_equal(const int64_t* p, int64_t n, int64_t i
 // some ignored pixels as one of one id, counting the pixels of that id only. Every id is checked there,
 // before any label is written.
 PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t* ob, int64_t num_ids,
-                                      int64_t ignore_index, int64_t K, int64_t h, int64_t w, const Axis& ay,
-                                      const Axis& ax, int64_t H, int64_t W) {
+                                      int64_t ignore_index, int64_t ignore_class, int64_t K, int64_t h, int64_t w,
+                                      const Axis& ay, const Axis& ax, int64_t H, int64_t W) {
   const std::vector<int64_t> bands = tap_runs(ay, H), cells = tap_runs(ax, W);
   const int64_t nx = static_cast<int64_t>(cells.size()) - 1;
   std::vector<float> l0(static_cast<size_t>(W + 8), 0.f), l1(static_cast<size_t>(W + 8), 0.f);
@@ -279,10 +280,13 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
       }
     }
   }
-  // Majority per slot, the first (smallest) class on ties; then the labels, 4 pixels at a time while the
-  // id stays the same.
+  // Majority per slot (argmax.h; ignore_class for a mask without votes); then the labels, 4 pixels at a time
+  // while the id stays the same.
   std::vector<int64_t> winner(hist.size() / K);
-  for (size_t v = 0; v < winner.size(); ++v) winner[v] = first_argmax(hist.data() + v * K, K);
+  for (size_t v = 0; v < winner.size(); ++v) {
+    const int64_t k = majority_class(hist.data() + v * K, K, ignore_class);
+    winner[v] = k < 0 ? ignore_class : k;
+  }
   auto label_of = [&](int64_t id) {
     return id == ignore_index ? ignore_index : winner[static_cast<size_t>(slot[static_cast<size_t>(id)])];
   };
@@ -307,7 +311,7 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
 PRIMAPS_SIMD_FUNCTION(image, image_body)
 
 void assign_pseudo_labels(FloatArray logits, Int64Array mask_ids, Int64Array out, int64_t num_ids,
-                          int64_t ignore_index, int threads) {
+                          int64_t ignore_index, int64_t ignore_class, int threads) {
   check_ndim(logits, 4, "logits");
   check_ndim(mask_ids, 3, "mask_ids");
   check_ndim(out, 3, "out");
@@ -325,15 +329,17 @@ void assign_pseudo_labels(FloatArray logits, Int64Array mask_ids, Int64Array out
   {
     py::gil_scoped_release release;
     parallel_for(B, threads, [&](int64_t b) {
-      image(L + b * K * h * w, M + b * H * W, O + b * H * W, num_ids, ignore_index, K, h, w, ay, ax, H, W);
+      image(L + b * K * h * w, M + b * H * W, O + b * H * W, num_ids, ignore_index, ignore_class, K, h, w, ay, ax,
+            H, W);
     });
   }
 }
 
 static Registrar reg([](py::module_& m) {
   m.def("assign_pseudo_labels", &assign_pseudo_labels, py::arg("logits"), py::arg("mask_ids"),
-        py::arg("out"), py::arg("num_ids"), py::arg("ignore_index"), py::arg("threads"),
-        "Majority class of the upsampled argmax per (image, mask id); ignore_index elsewhere. Ids are checked as "
+        py::arg("out"), py::arg("num_ids"), py::arg("ignore_index"), py::arg("ignore_class"), py::arg("threads"),
+        "Majority class of the upsampled argmax per (image, mask id), votes for ignore_class not counted "
+        "(ignore_class for a mask without votes); ignore_index where the id is ignore_index. Ids are checked as "
         "they are read: a negative one other than ignore_index raises ValueError, one >= num_ids IndexError.");
 });
 

@@ -224,7 +224,7 @@ def test_cuda_custom_op(rng):
     logits = torch.randn(2, 4, 5, 6, generator=rng).cuda()
     ids = torch.randint(0, 7, (2, 20, 24), generator=rng)
     ids[:, :3] = 255
-    torch.library.opcheck(torch.ops.primaps_fast.assign_pseudo_labels.default, (logits, ids.cuda(), 7, 255))
+    torch.library.opcheck(torch.ops.primaps_fast.assign_pseudo_labels.default, (logits, ids.cuda(), 7, 255, 255))
 
 
 def test_kernel_refuses_ids_beyond_its_table(rng):
@@ -241,7 +241,7 @@ def test_kernel_refuses_ids_beyond_its_table(rng):
         ids[2, 9, 9] = bad
         out = torch.empty_like(ids)
         with pytest.raises(error, match=message):
-            cpp().assign_pseudo_labels(logits.numpy(), ids.numpy(), out.numpy(), 7, 255, 2)
+            cpp().assign_pseudo_labels(logits.numpy(), ids.numpy(), out.numpy(), 7, 255, 255, 2)
         if bad < 0:  # the same message from the op, without a pass of its own over the ids
             with pytest.raises(ValueError, match=message):
                 primaps_fast.assign_pseudo_labels(logits, ids, backend="cpu")
@@ -338,3 +338,24 @@ def test_exact_ties_in_every_mask(case, rng):
     for (b, m), k in expect.items():
         assert (got[b][ids[b] == m] == k).all(), (b, m)
     assert torch.equal(got, reference.assign_pseudo_labels(logits, ids))
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("ignore", [0, 2, -1])
+def test_ignore_index_that_is_a_class(backend, ignore, rng):
+    """The official loop drops the votes equal to its ignore label (``cls[fill][cls[fill] != ignore]``): when
+    ignore_index is a class id, its pixels do not vote, and a mask won by that class everywhere keeps
+    ignore_index. Also through the renumbering of large ids."""
+    if backend == "triton" and not triton_available():
+        pytest.skip("Triton is not installed")
+    logits = torch.randn(2, 5, 6, 6, generator=rng)
+    logits[1, :, :3] = torch.tensor([0.0, -1, -1, -1, -1]).view(5, 1, 1) if ignore == 0 else logits[1, :, :3]
+    ids = torch.randint(1, 9, (2, 30, 30), generator=rng)
+    ids[1, :12] = 9  # class 0 wins all of it (ignore == 0): no votes
+    ids[:, -2:] = ignore
+    want = reference.assign_pseudo_labels(logits, ids, ignore_index=ignore)
+    if ignore == 0:  # mask 9 has no votes
+        assert (want[1, :12] == 0).all()
+    assert torch.equal(primaps_fast.assign_pseudo_labels(logits, ids, ignore_index=ignore, backend=backend), want)
+    big = torch.where(ids != ignore, ids * 1_000_003 + 11, ids)  # renumbered: the ids' ignore becomes -1
+    assert torch.equal(primaps_fast.assign_pseudo_labels(logits, big, ignore_index=ignore, backend=backend), want)

@@ -51,9 +51,9 @@ def test_bad_sizes_are_value_errors_before_any_cuda_call():
     with pytest.raises(ValueError, match="masks"):
         ext.median_filter(0, 0, 1, 0, 4, 0, 0)
     with pytest.raises(ValueError, match="empty"):
-        ext.assign_pseudo_labels(0, 0, 0, 0, 0, 0, 3, 4, 4, 8, 8, 5, 255, 0, 0)
+        ext.assign_pseudo_labels(0, 0, 0, 0, 0, 0, 3, 4, 4, 8, 8, 5, 255, 255, 0, 0)
     with pytest.raises(ValueError, match="num_ids"):
-        ext.assign_pseudo_labels(0, 0, 0, 0, 0, 1, 3, 4, 4, 8, 8, 0, 255, 0, 0)
+        ext.assign_pseudo_labels(0, 0, 0, 0, 0, 1, 3, 4, 4, 8, 8, 0, 255, 255, 0, 0)
     with pytest.raises(ValueError, match="empty"):
         ext.focal_weights(0, 0, 0, 1, 0, 4, 4, 8, 8, 2.0, 0, 0)
     with pytest.raises(ValueError, match="masks"):

@@ -22,7 +22,7 @@ def test_assign_pseudo_labels_op(rng):
     logits = torch.randn(2, 4, 5, 6, generator=rng)
     ids = torch.randint(0, 7, (2, 20, 24), generator=rng)
     ids[:, :3] = 255
-    torch.library.opcheck(ops.assign_pseudo_labels.default, (logits, ids, 7, 255))
+    torch.library.opcheck(ops.assign_pseudo_labels.default, (logits, ids, 7, 255, 255))
 
 
 @pytest.mark.parametrize("with_grad", [True, False])
@@ -66,7 +66,7 @@ def test_kernel_ops_compile_without_graph_breaks(rng):
 
     def kernels(x, t, p):
         loss, _ = ops.focal_loss(x, t, 2.0, 255, True)
-        labels = ops.assign_pseudo_labels(x.detach(), t, 5, 255)
+        labels = ops.assign_pseudo_labels(x.detach(), t, 5, 255, 255)
         return loss, labels, ops.median_filter(p)
 
     torch._dynamo.reset()

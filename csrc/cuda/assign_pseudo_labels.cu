@@ -6,9 +6,9 @@
 // and votes for (mask id, class) in a histogram in shared memory (one atomic per distinct vote of a
 // warp), which each block then adds to the image's histogram in global memory (integer atomics: the
 // counts, hence the result, do not depend on the order). When num_ids * K counts do not fit in shared
-// memory, the votes go to global memory directly. Then winner_kernel takes the first maximum of every
-// (image, id) histogram (the smallest class on ties, argmax.h) and write_kernel writes it to the mask's
-// pixels.
+// memory, the votes go to global memory directly. Then winner_kernel takes the majority of every (image, id)
+// histogram (argmax.h: the smallest class on ties, ignore_class's votes not counted) and write_kernel
+// writes it to the mask's pixels.
 #include "../argmax.h"
 #include "../bilinear.h"
 #include "common.cuh"
@@ -60,25 +60,33 @@ __global__ void vote_kernel(const float* __restrict__ logits, const int64_t* __r
   }
 }
 
-// winner[s] = first maximum of hist[s, :K] for every (image, id) slot s.
-__global__ void winner_kernel(const int* __restrict__ hist, int* __restrict__ winner, int64_t slots, int64_t K) {
+// winner[s] = the majority class of hist[s, :K] for every (image, id) slot s (argmax.h), -1 without votes.
+__global__ void winner_kernel(const int* __restrict__ hist, int* __restrict__ winner, int64_t slots, int64_t K,
+                              int64_t ignore_class) {
   for (int64_t s = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; s < slots; s += int64_t{gridDim.x} * blockDim.x)
-    winner[s] = static_cast<int>(first_argmax(hist + s * K, K));
+    winner[s] = static_cast<int>(majority_class(hist + s * K, K, ignore_class));
 }
 
 __global__ void write_kernel(const int64_t* __restrict__ ids, const int* __restrict__ winner,
-                             int64_t* __restrict__ out, int64_t B, int64_t HW, int64_t num_ids, int64_t ignore) {
+                             int64_t* __restrict__ out, int64_t B, int64_t HW, int64_t num_ids, int64_t ignore,
+                             int64_t ignore_class) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < B * HW; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t id = ids[i];
-    out[i] = (id == ignore || id < 0 || id >= num_ids) ? ignore : winner[(i / HW) * num_ids + id];
+    if (id == ignore || id < 0 || id >= num_ids) {
+      out[i] = ignore;
+    } else {
+      const int k = winner[(i / HW) * num_ids + id];
+      out[i] = k < 0 ? ignore_class : k;
+    }
   }
 }
 
 // logits float32 (B, K, h, w); ids int64 (B, H, W) in [0, num_ids) or ignore_index; out int64 (B, H, W);
-// workspace: hist int32 (B, num_ids, K) zero-filled, winner int32 (B, num_ids).
+// votes for ignore_class not counted (ignore_class for a mask without votes); workspace: hist int32
+// (B, num_ids, K) zero-filled, winner int32 (B, num_ids).
 void assign_pseudo_labels(Ptr logits, Ptr ids, Ptr out, Ptr hist, Ptr winner, int64_t B, int64_t K, int64_t h,
-                          int64_t w, int64_t H, int64_t W, int64_t num_ids, int64_t ignore_index, int device,
-                          Ptr stream) {
+                          int64_t w, int64_t H, int64_t W, int64_t num_ids, int64_t ignore_index, int64_t ignore_class,
+                          int device, Ptr stream) {
   const char* what = "assign_pseudo_labels";
   gpu::require(B >= 1 && K >= 1 && h >= 1 && w >= 1 && H >= 1 && W >= 1,
                "assign_pseudo_labels: empty input (every size must be >= 1)");
@@ -93,16 +101,18 @@ void assign_pseudo_labels(Ptr logits, Ptr ids, Ptr out, Ptr hist, Ptr winner, in
               gpu::ptr<const int64_t>(ids), gpu::ptr<int>(hist), K, h, w, H, W, num_ids, ignore_index,
               source_scale(h, H), source_scale(w, W), tiles, shared_hist);
   gpu::launch(what, winner_kernel, gpu::grid_for(B * num_ids, kThreads), kThreads, 0, s, gpu::ptr<const int>(hist),
-              gpu::ptr<int>(winner), B * num_ids, K);
+              gpu::ptr<int>(winner), B * num_ids, K, ignore_class);
   gpu::launch(what, write_kernel, gpu::grid_for(B * H * W, kThreads), kThreads, 0, s, gpu::ptr<const int64_t>(ids),
-              gpu::ptr<const int>(winner), gpu::ptr<int64_t>(out), B, H * W, num_ids, ignore_index);
+              gpu::ptr<const int>(winner), gpu::ptr<int64_t>(out), B, H * W, num_ids, ignore_index, ignore_class);
 }
 
 static Registrar reg([](py::module_& m) {
   m.def("assign_pseudo_labels", &assign_pseudo_labels, py::arg("logits"), py::arg("mask_ids"), py::arg("out"),
         py::arg("hist"), py::arg("winner"), py::arg("B"), py::arg("K"), py::arg("h"), py::arg("w"), py::arg("H"),
-        py::arg("W"), py::arg("num_ids"), py::arg("ignore_index"), py::arg("device"), py::arg("stream"),
-        "Majority class of the upsampled argmax per (image, mask id); ignore_index elsewhere. Workspace: "
+        py::arg("W"), py::arg("num_ids"), py::arg("ignore_index"), py::arg("ignore_class"), py::arg("device"),
+        py::arg("stream"),
+        "Majority class of the upsampled argmax per (image, mask id), votes for ignore_class not counted "
+        "(ignore_class for a mask without votes); ignore_index where the id is ignore_index. Workspace: "
         "hist int32 (B, num_ids, K) zero-filled, winner int32 (B, num_ids).");
 });
 

@@ -71,19 +71,21 @@ def dense_ids(mask_ids: torch.Tensor, ignore_index: int, max_id: int):
 
 
 @torch.library.custom_op("primaps_fast::assign_pseudo_labels", mutates_args=(), device_types="cpu")
-def _assign_pseudo_labels_op(logits: torch.Tensor, ids: torch.Tensor, num_ids: int, ignore: int) -> torch.Tensor:
+def _assign_pseudo_labels_op(logits: torch.Tensor, ids: torch.Tensor, num_ids: int, ignore: int,
+                             ignore_class: int) -> torch.Tensor:
     """The custom op; this is its C++ kernel: float32 ``(B, K, h, w)`` logits, int64 ``(B, H, W)`` ids in
     ``[0, num_ids)`` or ``ignore`` -> int64 ``(B, H, W)`` majority classes (``ignore`` where the id is
-    ``ignore``). The C++ kernel raises ``ValueError`` for a negative id other than ``ignore`` and
+    ``ignore``), the votes for class ``ignore_class`` not counted (``ignore_class`` for a mask without
+    votes: the official loop drops the votes equal to its ignore label). The C++ kernel raises ``ValueError`` for a negative id other than ``ignore`` and
     ``IndexError`` for one ``>= num_ids``."""
     out = torch.empty_like(ids)
-    _dispatch.cpp().assign_pseudo_labels(logits.numpy(), ids.numpy(), out.numpy(), num_ids, ignore,
+    _dispatch.cpp().assign_pseudo_labels(logits.numpy(), ids.numpy(), out.numpy(), num_ids, ignore, ignore_class,
                                          _dispatch.num_threads())
     return out
 
 
 @_assign_pseudo_labels_op.register_fake
-def _(logits, ids, num_ids, ignore):
+def _(logits, ids, num_ids, ignore, ignore_class):
     return torch.empty_like(ids)
 
 
@@ -115,7 +117,9 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore
         ``argmax_k F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)`` inside the
         mask, written to every pixel of the mask; ``ignore_index`` elsewhere. Ties between classes go
         to the smallest class id (what the official ``torch.mode`` does on CPU); ties in the
-        per-pixel argmax go to the first class. The C++ and Triton backends never materialise the
+        per-pixel argmax go to the first class. As in the official loop, pixels whose class equals
+        ``ignore_index`` (when it is a class id, e.g. 0) do not vote, and a mask without votes keeps
+        ``ignore_index``. The C++ and Triton backends never materialise the
         ``(B, K, H, W)`` upsampled scores; they upsample in float32 without FMA, so a pixel whose top
         two upsampled scores agree to float32 rounding may take the other class than PyTorch's kernel.
     """
@@ -130,12 +134,12 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore
     if backend == "cpu":  # the C++ kernel checks the ids as it reads them, with check_label_values' message
         ids = mask_ids.to(torch.int64).contiguous()
         try:
-            return kernel(x, ids, direct_ids(ids), ignore_index)
+            return kernel(x, ids, direct_ids(ids), ignore_index, ignore_index)
         except IndexError:  # an id beyond its table: renumbered below
             pass
     max_id = check_label_values(mask_ids, "mask_ids", ignore_index)
     ids, ignore, num_ids = dense_ids(mask_ids, ignore_index, max_id)
-    out = kernel(x, ids, num_ids, ignore)
+    out = kernel(x, ids, num_ids, ignore, ignore_index)
     if ignore != ignore_index:
         out[ids == ignore] = ignore_index
     return out

@@ -41,8 +41,10 @@ def upsampled_argmax_triton(x: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     return out
 
 
-def assign_pseudo_labels_triton(x: torch.Tensor, ids: torch.Tensor, num_ids: int, ignore: int) -> torch.Tensor:
-    """Majority class per (image, id) of the upsampled argmax; ``ignore`` where ``ids == ignore``.
+def assign_pseudo_labels_triton(x: torch.Tensor, ids: torch.Tensor, num_ids: int, ignore: int,
+                                ignore_class: int) -> torch.Tensor:
+    """Majority class per (image, id) of the upsampled argmax, the votes for class ``ignore_class`` not
+    counted (``ignore_class`` for a mask without votes); ``ignore`` where ``ids == ignore``.
 
     ``x``: contiguous float32 ``(B, K, h, w)``; ``ids``: int64 ``(B, H, W)`` in ``[0, num_ids)`` or ``ignore``.
     """
@@ -52,5 +54,7 @@ def assign_pseudo_labels_triton(x: torch.Tensor, ids: torch.Tensor, num_ids: int
     image = torch.arange(B, device=x.device).view(B, 1, 1).expand_as(ids)
     slot = image * num_ids + torch.where(valid, ids, 0)
     counts = torch.bincount((slot * K + cls)[valid], minlength=B * num_ids * K).view(B * num_ids, K)
-    winner = counts.argmax(1)  # first maximum: the smallest class id
+    if 0 <= ignore_class < K:  # the official loop drops these votes
+        counts[:, ignore_class] = 0
+    winner = torch.where(counts.amax(1) > 0, counts.argmax(1), ignore_class)  # first maximum: the smallest class
     return torch.where(valid, winner[slot], torch.full_like(ids, ignore))
