@@ -76,8 +76,8 @@ def _assign_pseudo_labels_op(logits: torch.Tensor, ids: torch.Tensor, num_ids: i
     """The custom op; this is its C++ kernel: float32 ``(B, K, h, w)`` logits, int64 ``(B, H, W)`` ids in
     ``[0, num_ids)`` or ``ignore`` -> int64 ``(B, H, W)`` majority classes (``ignore`` where the id is
     ``ignore``), the votes for class ``ignore_class`` not counted (``ignore_class`` for a mask without
-    votes: the official loop drops the votes equal to its ignore label). The C++ kernel raises ``ValueError`` for a negative id other than ``ignore`` and
-    ``IndexError`` for one ``>= num_ids``."""
+    votes: the official loop drops the votes equal to its ignore label). The C++ kernel raises
+    ``ValueError`` for a negative id other than ``ignore`` and ``IndexError`` for one ``>= num_ids``."""
     out = torch.empty_like(ids)
     _dispatch.cpp().assign_pseudo_labels(logits.numpy(), ids.numpy(), out.numpy(), num_ids, ignore, ignore_class,
                                          _dispatch.num_threads())
@@ -119,9 +119,9 @@ def assign_pseudo_labels(logits: torch.Tensor, mask_ids: torch.Tensor, *, ignore
         to the smallest class id (what the official ``torch.mode`` does on CPU); ties in the
         per-pixel argmax go to the first class. As in the official loop, pixels whose class equals
         ``ignore_index`` (when it is a class id, e.g. 0) do not vote, and a mask without votes keeps
-        ``ignore_index``. The C++ and Triton backends never materialise the
-        ``(B, K, H, W)`` upsampled scores; they upsample in float32 without FMA, so a pixel whose top
-        two upsampled scores agree to float32 rounding may take the other class than PyTorch's kernel.
+        ``ignore_index``. The C++ and Triton backends never materialise the ``(B, K, H, W)`` upsampled
+        scores; they upsample in float32 without FMA, so a pixel whose top two upsampled scores agree to
+        float32 rounding may take the other class than PyTorch's kernel.
     """
     check_logits(logits)
     check_labels(mask_ids, logits, "mask_ids", ignore_index, values=False)
