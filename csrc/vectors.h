@@ -17,30 +17,25 @@ typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef int64_t i64x4 __attribute__((vector_size(32)));
 
-PRIMAPS_VECTOR_INLINE f32x4 load4(const float* p) {
-  f32x4 v;
+// Unaligned loads and stores of a vector V of the lanes at p: one rule, named by lane count and type below.
+template <typename V, typename T>
+PRIMAPS_VECTOR_INLINE V load_lanes(const T* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-PRIMAPS_VECTOR_INLINE void store4(float* p, f32x4 v) { std::memcpy(p, &v, sizeof v); }
-PRIMAPS_VECTOR_INLINE f32x8 load8(const float* p) {
-  f32x8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+template <typename V, typename T>
+PRIMAPS_VECTOR_INLINE void store_lanes(T* p, V v) {
+  std::memcpy(p, &v, sizeof v);
 }
-PRIMAPS_VECTOR_INLINE void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
-PRIMAPS_VECTOR_INLINE i32x8 load8(const int32_t* p) {
-  i32x8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-PRIMAPS_VECTOR_INLINE void store8(int32_t* p, i32x8 v) { std::memcpy(p, &v, sizeof v); }
-PRIMAPS_VECTOR_INLINE i64x4 load4(const int64_t* p) {
-  i64x4 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-PRIMAPS_VECTOR_INLINE void store4(int64_t* p, i64x4 v) { std::memcpy(p, &v, sizeof v); }
+PRIMAPS_VECTOR_INLINE f32x4 load4(const float* p) { return load_lanes<f32x4>(p); }
+PRIMAPS_VECTOR_INLINE f32x8 load8(const float* p) { return load_lanes<f32x8>(p); }
+PRIMAPS_VECTOR_INLINE i32x8 load8(const int32_t* p) { return load_lanes<i32x8>(p); }
+PRIMAPS_VECTOR_INLINE i64x4 load4(const int64_t* p) { return load_lanes<i64x4>(p); }
+PRIMAPS_VECTOR_INLINE void store4(float* p, f32x4 v) { store_lanes(p, v); }
+PRIMAPS_VECTOR_INLINE void store8(float* p, f32x8 v) { store_lanes(p, v); }
+PRIMAPS_VECTOR_INLINE void store8(int32_t* p, i32x8 v) { store_lanes(p, v); }
+PRIMAPS_VECTOR_INLINE void store4(int64_t* p, i64x4 v) { store_lanes(p, v); }
 
 PRIMAPS_VECTOR_INLINE int32_t to_int(float n) { return static_cast<int32_t>(n); }
 PRIMAPS_VECTOR_INLINE i32x4 to_int(f32x4 n) { return __builtin_convertvector(n, i32x4); }
