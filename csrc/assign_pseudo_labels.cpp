@@ -53,19 +53,25 @@ PRIMAPS_ALWAYS_INLINE void cell_candidates(const float* L, int64_t K, int64_t h,
   s.his.resize(static_cast<size_t>(K * ws));
   s.top.assign(static_cast<size_t>(ws), -INFINITY);
   s.mag.assign(static_cast<size_t>(ws), 0.f);
-  const int64_t wv = (w - 1) / 8 * 8;  // cells b < wv: 8 lanes with b + 1 < w
+  // Cells b < nv by 8 lanes with b + 1 < w (the last 8 overlapping earlier ones: max is idempotent), the
+  // others one by one.
+  const int64_t nv = w > 8 ? w - 1 : 0;
+  const int64_t a2 = std::min(a1 + 1, h - 1);  // the next band's new row: fetched ahead, classes h * w apart
   for (int64_t k = 0; k < K; ++k) {
     const float* r0 = L + (k * h + a) * w;
     const float* r1 = L + (k * h + a1) * w;
+    for (int64_t b = 0; b < w; b += 16) __builtin_prefetch(L + (k * h + a2) * w + b);
+    __builtin_prefetch(L + (k * h + a2) * w + w - 1);
     float* hi_k = s.his.data() + k * ws;
-    for (int64_t b = 0; b < wv; b += 8) {
+    for (int64_t i = 0; i < nv; i += 8) {
+      const int64_t b = std::min(i, nv - 8);
       const f32x8 c0 = load8(r0 + b), c1 = load8(r0 + b + 1), c2 = load8(r1 + b), c3 = load8(r1 + b + 1);
       const f32x8 lo = vmin(vmin(c0, c1), vmin(c2, c3)), hi = vmax(vmax(c0, c1), vmax(c2, c3));
       store8(hi_k + b, hi);
       store8(s.top.data() + b, vmax(load8(s.top.data() + b), lo));
       store8(s.mag.data() + b, vmax(load8(s.mag.data() + b), vmax(-lo, hi)));  // max |corner|: lo <= hi
     }
-    for (int64_t b = wv; b < w; ++b) {
+    for (int64_t b = nv; b < w; ++b) {
       const int64_t b1 = b + 1 < w ? b + 1 : b;
       const float c0 = r0[b], c1 = r0[b1], c2 = r1[b], c3 = r1[b1];
       const float lo = std::min(std::min(c0, c1), std::min(c2, c3));
@@ -75,13 +81,14 @@ PRIMAPS_ALWAYS_INLINE void cell_candidates(const float* L, int64_t K, int64_t h,
       s.mag[b] = std::max(s.mag[b], std::max(-lo, hi));
     }
   }
-  s.bits.assign(static_cast<size_t>((K + 31) / 32 * ws), 0);
+  s.bits.resize(static_cast<size_t>((K + 31) / 32 * ws));
   for (int64_t b = 0; b < w; b += 8) {  // lanes past w: never read
     const f32x8 floor = load8(s.top.data() + b) - (kMargin * load8(s.mag.data() + b) + 1e-30f);
-    for (int64_t k = 0; k < K; ++k) {
-      int32_t* word = s.bits.data() + k / 32 * ws + b;
-      const i32x8 keep = load8(s.his.data() + k * ws + b) >= floor;
-      store8(word, load8(word) | (keep & static_cast<int32_t>(1u << (k % 32))));
+    for (int64_t word = 0; word < (K + 31) / 32; ++word) {
+      i32x8 bits = {};
+      for (int64_t k = 32 * word; k < std::min(K, 32 * word + 32); ++k)
+        bits |= (load8(s.his.data() + k * ws + b) >= floor) & static_cast<int32_t>(1u << (k % 32));
+      store8(s.bits.data() + word * ws + b, bits);
     }
   }
 }
@@ -106,38 +113,44 @@ PRIMAPS_ALWAYS_INLINE i32x8 lanes_equal(const int64_t* p, int64_t n, int64_t id)
 }
 
 // The argmax at the pixels of rows [y0, y0 + nr) and columns [x0, x1) of one cell (source rows a, a1,
-// columns b, b1) over its candidates s.cand[0 .. nc), nc >= 2. With `store`, into
-// s.classes[r * (W + 8) + x] (whole vectors: the spill past x1 lands on columns of later cells, written
-// before they are read, or in the slack), returning the one class of all those pixels or -1 when they
-// have several. Otherwise the pixels each candidate wins are added to votes[cand[i]]: all of them, or
-// with `ids` (the mask ids of row y0, rows W apart) those whose id is `id`.
-template <bool store>
+// columns b, b1) over its candidates s.cand[0 .. nc), nc >= 2; NC > 0 when nc == NC (the width pass and the
+// counts then stay in registers), else 0. With `store`, into s.classes[r * (W + 8) + x] (whole vectors: the
+// spill past x1 lands on columns of later cells, written before they are read, or in the slack), returning
+// the one class of all those pixels or -1 when they have several. Otherwise the pixels each candidate wins
+// are added to votes[cand[i]]: all of them, or with `ids` (the mask ids of row y0, rows W apart) those
+// whose id is `id`.
+template <bool store, int NC>
 PRIMAPS_ALWAYS_INLINE int32_t cell_argmax(const float* L, int64_t h, int64_t w, int64_t a, int64_t a1, int64_t b,
                                           int64_t b1, int64_t nc, const Axis& ay, const float* l0,
                                           const float* l1, int64_t y0, int64_t nr, int64_t x0, int64_t x1,
                                           int64_t W, int64_t* votes, const int64_t* ids, int64_t id,
                                           Scratch& s) {
+  constexpr int kHeld = NC > 0 ? NC : 1;
+  const int64_t m = NC > 0 ? NC : nc;
   const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
   const int32_t* c = s.cand.data();
-  float* xs = s.xs.data();
+  f32x8 held[2 * kHeld];  // NC > 0: the width pass of candidate i, source rows a and a1, at 2i and 2i + 1
+  i32x8 tally[kHeld] = {};
+  auto put = [&](int64_t j, f32x8 v) { NC > 0 ? void(held[j] = v) : store8(s.xs.data() + 8 * j, v); };
+  auto get = [&](int64_t j) { return NC > 0 ? held[j] : load8(s.xs.data() + 8 * j); };
   int32_t* counts = s.counts.data();
-  if (!store) std::fill(counts, counts + 8 * nc, 0);
+  if (!store && NC == 0) std::fill(counts, counts + 8 * nc, 0);
   i32x8 differ = {};
   int32_t first = -1;
   for (int64_t x = x0; x < x1; x += 8) {
     const f32x8 w0 = load8(l0 + x), w1 = load8(l1 + x);
-    for (int64_t i = 0; i < nc; ++i) {  // the width pass of both source rows (lerp's products and sum)
+    for (int64_t i = 0; i < m; ++i) {  // the width pass of both source rows (lerp's products and sum)
       const float* P = L + c[i] * h * w;
-      store8(xs + 16 * i, w0 * P[a * w + b] + w1 * P[a * w + b1]);
-      store8(xs + 16 * i + 8, w0 * P[a1 * w + b] + w1 * P[a1 * w + b1]);
+      put(2 * i, w0 * P[a * w + b] + w1 * P[a * w + b1]);
+      put(2 * i + 1, w0 * P[a1 * w + b] + w1 * P[a1 * w + b1]);
     }
     const i32x8 inside = lane < static_cast<int32_t>(x1 - x);
     for (int64_t r = 0; r < nr; ++r) {
       const float hy0 = ay.l0[y0 + r], hy1 = ay.l1[y0 + r];
-      f32x8 bv = hy0 * load8(xs) + hy1 * load8(xs + 8);
+      f32x8 bv = hy0 * get(0) + hy1 * get(1);
       i32x8 bi = i32x8{} + c[0];
-      for (int64_t i = 1; i < nc; ++i) {
-        const f32x8 u = hy0 * load8(xs + 16 * i) + hy1 * load8(xs + 16 * i + 8);
+      for (int64_t i = 1; i < m; ++i) {
+        const f32x8 u = hy0 * get(2 * i) + hy1 * get(2 * i + 1);
         const i32x8 take = u > bv;  // the first maximum: only a larger value takes over
         bi = select(take, i32x8{} + c[i], bi);
         bv = select(take, u, bv);
@@ -148,22 +161,37 @@ PRIMAPS_ALWAYS_INLINE int32_t cell_argmax(const float* L, int64_t h, int64_t w, 
         differ |= inside & (bi ^ first);
       } else {
         const i32x8 counted = ids ? lanes_equal(ids + r * W + x, x1 - x, id) : inside;
-        for (int64_t i = 0; i < nc; ++i)  // lanes of equal classes are -1
-          store8(counts + 8 * i, load8(counts + 8 * i) - (counted & (bi == c[i])));
+        for (int64_t i = 0; i < m; ++i) {  // lanes of equal classes are -1
+          const i32x8 won = counted & (bi == c[i]);
+          if (NC > 0)
+            tally[i] -= won;
+          else
+            store8(counts + 8 * i, load8(counts + 8 * i) - won);
+        }
       }
     }
   }
   if (!store) {
-    for (int64_t i = 0; i < nc; ++i) {
-      int64_t n = 0;
-      for (int l = 0; l < 8; ++l) n += counts[8 * i + l];
-      votes[c[i]] += n;
+    for (int64_t i = 0; i < m; ++i) {
+      const i32x8 t = NC > 0 ? tally[i] : load8(counts + 8 * i);
+      votes[c[i]] += t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
     }
     return -1;
   }
   int32_t any = 0;
   for (int l = 0; l < 8; ++l) any |= differ[l];
   return any ? -1 : first;
+}
+
+// cell_argmax with the candidates' count as a constant where there are 2 to 4 (most cells).
+template <bool store, typename... A>
+PRIMAPS_ALWAYS_INLINE int32_t cell_argmax_of(int64_t nc, A&&... a) {
+  switch (nc) {
+    case 2: return cell_argmax<store, 2>(a...);
+    case 3: return cell_argmax<store, 3>(a...);
+    case 4: return cell_argmax<store, 4>(a...);
+    default: return cell_argmax<store, 0>(a...);
+  }
 }
 
 // Whether p[0 .. n) all equal id (`or_other` = id: a single value) or the value or_other: 4 ids per
@@ -254,7 +282,7 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
           const int32_t v = slot_of(id);  // before hist.data(): it may grow hist
           int64_t* votes = hist.data() + static_cast<int64_t>(v) * K;
           if (nc > 1)
-            cell_argmax<false>(L, h, w, a, a1, b, b1, nc, ay, l0.data(), l1.data(), y0, nr, x0, x1, W, votes,
+            cell_argmax_of<false>(nc, L, h, w, a, a1, b, b1, nc, ay, l0.data(), l1.data(), y0, nr, x0, x1, W, votes,
                                pure ? nullptr : rows, id, s);
           else if (pure)
             votes[s.cand[0]] += nr * n;
@@ -263,7 +291,7 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
           continue;
         }
         const int32_t k1 = nc == 1 ? s.cand[0]
-                                   : cell_argmax<true>(L, h, w, a, a1, b, b1, nc, ay, l0.data(), l1.data(), y0,
+                                   : cell_argmax_of<true>(nc, L, h, w, a, a1, b, b1, nc, ay, l0.data(), l1.data(), y0,
                                                        nr, x0, x1, W, nullptr, nullptr, 0, s);
         for (int64_t r = 0; r < nr; ++r) {  // by runs of one id and one class
           const int64_t* row = rows + r * W;
