@@ -246,6 +246,38 @@ def test_class_stats_splits_a_batch(backend, split, rng, monkeypatch):
     assert_matches(alone, want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("two_passes", [False, True])
+def test_class_stats_hook_between_pass_and_gradient(two_passes, rng, monkeypatch):
+    """On the C++ backend a ``class_stats`` hook costs no pass of its own: it is called once, with the sums of
+    the one pass over the pixels (the two-pass kernel: of its first pass, as without a hook), and what it
+    returns weighs the loss and the gradient of that pass."""
+    from primaps_fast.ops import focal_loss as op
+
+    if two_passes:
+        monkeypatch.setattr(op, "MAX_MOMENT_BYTES", 0)
+    first_passes = []
+    real = op.confidence_sums_cpu
+    monkeypatch.setattr(op, "confidence_sums_cpu", lambda *a: first_passes.append(1) or real(*a))
+    B, K, h, w, H, W = 2, 6, 5, 4, 19, 14
+    logits = 3 * torch.randn(B, K, h, w, generator=rng)
+    target = make_target(B, K, H, W, rng)
+    other = torch.rand(3, K, generator=rng, dtype=torch.float64) * H * W  # statistics of a larger batch
+    calls = []
+
+    def hook(sums, n):
+        calls.append((sums.clone(), n))
+        return other, 5 * B * H * W
+
+    got = value_and_grad(primaps_fast.focal_loss, logits, target, gamma=2.5, backend="cpu", class_stats=hook)
+    assert len(calls) == 1 and calls[0][1] == B * H * W
+    assert len(first_passes) == (1 if two_passes else 0)
+    up = F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(calls[0][0], up.softmax(1).double().sum((2, 3)), rtol=1e-5, atol=1e-6)
+    want = value_and_grad(primaps_fast.focal_loss, logits, target, gamma=2.5, backend="reference",
+                          class_stats=lambda s, n: (other, 5 * B * H * W))
+    assert_matches(got, want)
+
+
 def test_class_stats_bad_hooks():
     logits, target = torch.randn(2, 3, 4, 4), torch.zeros(2, 8, 8, dtype=torch.int64)
     f = primaps_fast.focal_loss

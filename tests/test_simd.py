@@ -1,12 +1,13 @@
 """The SIMD variants of the C++ kernels (csrc/common.h: the x86-64 baseline "scalar", AVX2, AVX-512F, the
-best the CPU has chosen when the module loads) give the same bits: loss, gradient, confidence sums and
-E-step labels compared across every variant this CPU runs, on shapes whose rows end in partial vectors.
+best the CPU has chosen when the module loads) give the same bits: loss, gradient, softmax sums (of the
+one-pass kernel and of the two-pass kernel's first pass) and E-step labels compared across every variant this CPU runs, on shapes whose rows end in partial vectors.
 (The proposals' variants: tests/test_principal_masks.py.)"""
 import pytest
 import torch
 
 import primaps_fast
 from primaps_fast._dispatch import cpp
+from primaps_fast.ops.focal_loss import confidence_sums_cpu
 
 ISAS = ("scalar", "avx2", "avx512")
 
@@ -28,7 +29,8 @@ def _outputs(logits, target, ids):
     primaps_fast.focal_loss(logits, target, backend="cpu",
                             class_stats=lambda s, n: (stats.append(s.clone()) or (s, n)))
     labels = primaps_fast.assign_pseudo_labels(logits, ids, backend="cpu")
-    return loss.detach(), x.grad, stats[0], labels
+    two_pass_sums = confidence_sums_cpu(logits, *target.shape[-2:])  # the two-pass kernel's first pass
+    return loss.detach(), x.grad, stats[0], two_pass_sums, labels
 
 
 @pytest.mark.parametrize("K,h,w,H,W", [(2, 1, 1, 1, 1), (5, 3, 4, 7, 15), (27, 5, 6, 17, 33), (3, 8, 8, 40, 40),

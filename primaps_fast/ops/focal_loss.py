@@ -37,14 +37,13 @@ def confidence_sums_cpu(logits: torch.Tensor, H: int, W: int) -> torch.Tensor:
 MAX_MOMENT_BYTES = 512 << 20
 
 
-@torch.library.custom_op("primaps_fast::focal_loss", mutates_args=(), device_types="cpu")
-def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int,
-                   with_grad: bool, class_sums: Optional[torch.Tensor] = None,
-                   num_pixels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The custom op; this is its C++ kernel on float32 ``(B, K, h, w)`` logits and int64 ``(B, H, W)``
-    target: the float32 mean loss and its gradient w.r.t. the logits (``(0, 0, 0, 0)`` unless
-    ``with_grad``). With ``class_sums`` (float64 ``(R, K)``, see ``focal_loss(class_stats=...)``) the class
-    weights come from them and the sums over pixels are divided by ``num_pixels`` instead of ``B*H*W``.
+def _focal_loss_cpu(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int, with_grad: bool,
+                    class_stats=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ kernels on float32 ``(B, K, h, w)`` logits and int64 ``(B, H, W)`` target: the float32 mean loss
+    and its gradient w.r.t. the logits (``(0, 0, 0, 0)`` unless ``with_grad``). ``class_stats``: None (the
+    class weights from this batch's softmax sums, the mean over ``B*H*W``) or a checked hook ``(sums,
+    num_pixels) -> (sums, num_pixels)`` (``focal_loss(class_stats=...)``), called once with this call's
+    sums as soon as they are known.
 
     One pass over the pixels (``focal_moments``: softmax sums, per-class losses, the gradient's moments of
     each class present; the target's values checked as they are read), then the gradient from the moments
@@ -54,6 +53,7 @@ def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ign
     B, K, h, w = logits.shape
     H, W = target.shape[-2:]
     cpp, threads = _dispatch.cpp(), _dispatch.num_threads()
+    stats = class_stats or (lambda sums, num_pixels: (sums, num_pixels))
     slot, bad = torch.empty(B, K, dtype=torch.int32), torch.empty(B, dtype=torch.int64)
     cpp.focal_target_classes(target.numpy(), ignore_index, slot.numpy(), bad.numpy(), threads)
     if bool(bad.any()):
@@ -61,8 +61,7 @@ def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ign
     slots, Kp = max(int((slot >= 0).sum(1).max()), 1), (K + 7) // 8 * 8  # Kp: csrc's padded_classes
     two_passes = with_grad and B * h * w * slots * Kp * 4 > MAX_MOMENT_BYTES
     if two_passes:  # the weights first
-        if class_sums is None:
-            class_sums, num_pixels = confidence_sums_cpu(logits, H, W), B * H * W
+        class_sums, num_pixels = stats(confidence_sums_cpu(logits, H, W), B * H * W)
         weight = class_weights(class_sums, num_pixels, gamma)
         # one slot that every class adds to, each pixel's moments times its class weight as they accumulate
         slot, factor, slots = torch.where(slot >= 0, 0, -1).to(torch.int32), weight, 1
@@ -72,9 +71,8 @@ def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ign
     moments = torch.empty((B, h, w, slots, Kp) if with_grad else (0, 0, 0, 0, 0))
     cpp.focal_moments(logits.numpy(), target.numpy(), slot.numpy(), factor.numpy(), ignore_index, sums.numpy(),
                       class_loss.numpy(), moments.numpy(), with_grad, threads)
-    if class_sums is None:
-        class_sums, num_pixels = sums, B * H * W
     if not two_passes:
+        class_sums, num_pixels = stats(sums, B * H * W)
         weight = class_weights(class_sums, num_pixels, gamma)
     loss = (class_loss.sum(0) * weight.double()).sum() / num_pixels
     grad = torch.empty_like(logits) if with_grad else torch.empty(0, 0, 0, 0)
@@ -86,6 +84,19 @@ def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ign
         cpp.focal_combine(moments.numpy(), combine_slot.numpy(), combine_weight.numpy(), float(num_pixels),
                           grad.numpy(), threads)
     return loss.to(torch.float32), grad
+
+
+@torch.library.custom_op("primaps_fast::focal_loss", mutates_args=(), device_types="cpu")
+def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int,
+                   with_grad: bool, class_sums: Optional[torch.Tensor] = None,
+                   num_pixels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The custom op; this is its C++ kernel (``_focal_loss_cpu``) on float32 ``(B, K, h, w)`` logits and
+    int64 ``(B, H, W)`` target: the float32 mean loss and its gradient w.r.t. the logits (``(0, 0, 0, 0)``
+    unless ``with_grad``). With ``class_sums`` (float64 ``(R, K)``, see ``focal_loss(class_stats=...)``) the
+    class weights come from them and the sums over pixels are divided by ``num_pixels`` instead of
+    ``B*H*W``."""
+    given = None if class_sums is None else (lambda sums, n: (class_sums, num_pixels))
+    return _focal_loss_cpu(logits, target, gamma, ignore_index, with_grad, given)
 
 
 @_focal_loss_op.register_fake
@@ -165,12 +176,32 @@ def focal_loss_kernel(logits, target, gamma: float, ignore_index: int, class_sta
     with_grad = torch.is_grad_enabled() and logits.requires_grad
     if class_stats is None:
         loss, _ = _focal_loss_op(x, t, gamma, ignore_index, with_grad)
+    elif x.device.type == "cpu":  # the hook between the pass over the pixels and the gradient: one pass
+        loss = _FocalLossWithStats.apply(x, t, gamma, ignore_index, class_stats, with_grad)
     else:
         H, W = t.shape[-2:]
         sums = _dispatch.kernel("focal_confidence", x.device.type)(x.detach(), H, W)
         sums, n = class_stats(sums, x.shape[0] * H * W)
         loss, _ = _focal_loss_op(x, t, gamma, ignore_index, with_grad, sums, n)
     return loss.to(logits.dtype)
+
+
+class _FocalLossWithStats(torch.autograd.Function):
+    """The C++ focal loss with a ``class_stats`` hook (data-parallel ranks), as one pass over the pixels: the
+    hook gets the softmax sums that the pass computes, and the weights it returns make the loss and the
+    gradient from the pass's moments. (The custom op takes statistics known before it runs, which would cost
+    a pass of their own.)"""
+
+    @staticmethod
+    def forward(ctx, x, t, gamma, ignore_index, class_stats, with_grad):
+        loss, grad = _focal_loss_cpu(x, t, gamma, ignore_index, with_grad, class_stats)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None, None, None
 
 
 def _checked(class_stats, K: int):
