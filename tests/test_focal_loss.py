@@ -250,7 +250,8 @@ def test_class_stats_splits_a_batch(backend, split, rng, monkeypatch):
 def test_class_stats_hook_between_pass_and_gradient(two_passes, rng, monkeypatch):
     """On the C++ backend a ``class_stats`` hook costs no pass of its own: it is called once, with the sums of
     the one pass over the pixels (the two-pass kernel: of its first pass, as without a hook), and what it
-    returns weighs the loss and the gradient of that pass."""
+    returns weighs the loss and the gradient of that pass. The custom op given those statistics gives the
+    same bits."""
     from primaps_fast.ops import focal_loss as op
 
     if two_passes:
@@ -276,6 +277,11 @@ def test_class_stats_hook_between_pass_and_gradient(two_passes, rng, monkeypatch
     want = value_and_grad(primaps_fast.focal_loss, logits, target, gamma=2.5, backend="reference",
                           class_stats=lambda s, n: (other, 5 * B * H * W))
     assert_matches(got, want)
+    # the custom op with the statistics known before the call: no first pass of its own either
+    before = len(first_passes)
+    loss, grad = torch.ops.primaps_fast.focal_loss(logits, target, 2.5, IGNORE, True, other, 5 * B * H * W)
+    assert len(first_passes) == before
+    assert torch.equal(loss, got[0]) and torch.equal(grad, got[1])
 
 
 def test_class_stats_bad_hooks():

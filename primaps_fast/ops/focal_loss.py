@@ -40,10 +40,11 @@ MAX_MOMENT_BYTES = 512 << 20
 def _focal_loss_cpu(logits: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int, with_grad: bool,
                     class_stats=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The C++ kernels on float32 ``(B, K, h, w)`` logits and int64 ``(B, H, W)`` target: the float32 mean loss
-    and its gradient w.r.t. the logits (``(0, 0, 0, 0)`` unless ``with_grad``). ``class_stats``: None (the
-    class weights from this batch's softmax sums, the mean over ``B*H*W``) or a checked hook ``(sums,
-    num_pixels) -> (sums, num_pixels)`` (``focal_loss(class_stats=...)``), called once with this call's
-    sums as soon as they are known.
+    and its gradient w.r.t. the logits (``(0, 0, 0, 0)`` unless ``with_grad``). ``class_stats``, the class
+    sums that make the weights and the pixel count that divides the sums over pixels: None (this batch's
+    softmax sums and ``B*H*W``), a checked hook ``(sums, num_pixels) -> (sums, num_pixels)``
+    (``focal_loss(class_stats=...)``) called once with this call's sums and count as soon as the sums are
+    known, or the pair itself, known before the call.
 
     One pass over the pixels (``focal_moments``: softmax sums, per-class losses, the gradient's moments of
     each class present; the target's values checked as they are read), then the gradient from the moments
@@ -53,7 +54,12 @@ def _focal_loss_cpu(logits: torch.Tensor, target: torch.Tensor, gamma: float, ig
     B, K, h, w = logits.shape
     H, W = target.shape[-2:]
     cpp, threads = _dispatch.cpp(), _dispatch.num_threads()
-    stats = class_stats or (lambda sums, num_pixels: (sums, num_pixels))
+
+    def statistics(sums):  # sums: this call's, computed when called
+        if class_stats is None:
+            return sums(), B * H * W
+        return class_stats(sums(), B * H * W) if callable(class_stats) else class_stats
+
     slot, bad = torch.empty(B, K, dtype=torch.int32), torch.empty(B, dtype=torch.int64)
     cpp.focal_target_classes(target.numpy(), ignore_index, slot.numpy(), bad.numpy(), threads)
     if bool(bad.any()):
@@ -61,7 +67,7 @@ def _focal_loss_cpu(logits: torch.Tensor, target: torch.Tensor, gamma: float, ig
     slots, Kp = max(int((slot >= 0).sum(1).max()), 1), (K + 7) // 8 * 8  # Kp: csrc's padded_classes
     two_passes = with_grad and B * h * w * slots * Kp * 4 > MAX_MOMENT_BYTES
     if two_passes:  # the weights first
-        class_sums, num_pixels = stats(confidence_sums_cpu(logits, H, W), B * H * W)
+        class_sums, num_pixels = statistics(lambda: confidence_sums_cpu(logits, H, W))
         weight = class_weights(class_sums, num_pixels, gamma)
         # one slot that every class adds to, each pixel's moments times its class weight as they accumulate
         slot, factor, slots = torch.where(slot >= 0, 0, -1).to(torch.int32), weight, 1
@@ -72,7 +78,7 @@ def _focal_loss_cpu(logits: torch.Tensor, target: torch.Tensor, gamma: float, ig
     cpp.focal_moments(logits.numpy(), target.numpy(), slot.numpy(), factor.numpy(), ignore_index, sums.numpy(),
                       class_loss.numpy(), moments.numpy(), with_grad, threads)
     if not two_passes:
-        class_sums, num_pixels = stats(sums, B * H * W)
+        class_sums, num_pixels = statistics(lambda: sums)
         weight = class_weights(class_sums, num_pixels, gamma)
     loss = (class_loss.sum(0) * weight.double()).sum() / num_pixels
     grad = torch.empty_like(logits) if with_grad else torch.empty(0, 0, 0, 0)
@@ -95,8 +101,8 @@ def _focal_loss_op(logits: torch.Tensor, target: torch.Tensor, gamma: float, ign
     unless ``with_grad``). With ``class_sums`` (float64 ``(R, K)``, see ``focal_loss(class_stats=...)``) the
     class weights come from them and the sums over pixels are divided by ``num_pixels`` instead of
     ``B*H*W``."""
-    given = None if class_sums is None else (lambda sums, n: (class_sums, num_pixels))
-    return _focal_loss_cpu(logits, target, gamma, ignore_index, with_grad, given)
+    known = None if class_sums is None else (class_sums, num_pixels)
+    return _focal_loss_cpu(logits, target, gamma, ignore_index, with_grad, known)
 
 
 @_focal_loss_op.register_fake
