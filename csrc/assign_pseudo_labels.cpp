@@ -120,8 +120,8 @@ PRIMAPS_ALWAYS_INLINE i32x8 lanes_equal(const int64_t* p, int64_t n, int64_t id)
 // are added to votes[cand[i]]: all of them, or with `ids` (the mask ids of row y0, rows W apart) those
 // whose id is `id`.
 template <bool store, int NC>
-PRIMAPS_ALWAYS_INLINE int32_t cell_argmax(const float* L, int64_t h, int64_t w, int64_t a, int64_t a1, int64_t b,
-                                          int64_t b1, int64_t nc, const Axis& ay, const float* l0,
+PRIMAPS_ALWAYS_INLINE int32_t cell_argmax(int64_t nc, const float* L, int64_t h, int64_t w, int64_t a, int64_t a1,
+                                          int64_t b, int64_t b1, const Axis& ay, const float* l0,
                                           const float* l1, int64_t y0, int64_t nr, int64_t x0, int64_t x1,
                                           int64_t W, int64_t* votes, const int64_t* ids, int64_t id,
                                           Scratch& s) {
@@ -187,10 +187,10 @@ PRIMAPS_ALWAYS_INLINE int32_t cell_argmax(const float* L, int64_t h, int64_t w, 
 template <bool store, typename... A>
 PRIMAPS_ALWAYS_INLINE int32_t cell_argmax_of(int64_t nc, A&&... a) {
   switch (nc) {
-    case 2: return cell_argmax<store, 2>(a...);
-    case 3: return cell_argmax<store, 3>(a...);
-    case 4: return cell_argmax<store, 4>(a...);
-    default: return cell_argmax<store, 0>(a...);
+    case 2: return cell_argmax<store, 2>(nc, a...);
+    case 3: return cell_argmax<store, 3>(nc, a...);
+    case 4: return cell_argmax<store, 4>(nc, a...);
+    default: return cell_argmax<store, 0>(nc, a...);
   }
 }
 
@@ -282,8 +282,8 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
           const int32_t v = slot_of(id);  // before hist.data(): it may grow hist
           int64_t* votes = hist.data() + static_cast<int64_t>(v) * K;
           if (nc > 1)
-            cell_argmax_of<false>(nc, L, h, w, a, a1, b, b1, nc, ay, l0.data(), l1.data(), y0, nr, x0, x1, W, votes,
-                               pure ? nullptr : rows, id, s);
+            cell_argmax_of<false>(nc, L, h, w, a, a1, b, b1, ay, l0.data(), l1.data(), y0, nr, x0, x1, W, votes,
+                                  pure ? nullptr : rows, id, s);
           else if (pure)
             votes[s.cand[0]] += nr * n;
           else
@@ -291,8 +291,8 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
           continue;
         }
         const int32_t k1 = nc == 1 ? s.cand[0]
-                                   : cell_argmax_of<true>(nc, L, h, w, a, a1, b, b1, nc, ay, l0.data(), l1.data(), y0,
-                                                       nr, x0, x1, W, nullptr, nullptr, 0, s);
+                                   : cell_argmax_of<true>(nc, L, h, w, a, a1, b, b1, ay, l0.data(), l1.data(), y0, nr,
+                                                          x0, x1, W, nullptr, nullptr, 0, s);
         for (int64_t r = 0; r < nr; ++r) {  // by runs of one id and one class
           const int64_t* row = rows + r * W;
           const int32_t* classes = s.classes.data() + r * (W + 8);
