@@ -11,17 +11,22 @@
 // class with its weight applied as it accumulates (ops/focal_loss.py). focal_class_weights: the class
 // weights from the sums (focal_weights.h, shared with CUDA).
 //
-// Pixel-major: a pixel's classes are Kp = K rounded up to 8 lanes, in f32x8 chunks (zeros beyond K). Along a
-// segment of output columns with the same bilinear taps (column_segments) the upsampled score of a class is
-// affine, so its exponential is geometric: two exps per class and segment, exp(u(first) - m) and the
-// ratio exp(slope), m the segment's largest score at its ends, then a product per pixel (at most kSegment
-// of them: within ~1e-6 of exp(u - m)). Segments of one column, and those where a class ends more than
-// kSpread below m, take an exp per pixel and class of u - (the pixel's max), as the reference does. The CE
-// uses the target's upsampled score as PyTorch rounds it (bilinear.h). Threads run over images; every image
-// accumulates into its own buffers in a fixed order, so the results are deterministic, and the same bits in
-// every SIMD variant (common.h: SSE2 and AVX2, which AVX-512 CPUs run too).
+// Pixel-major: a pixel's classes are Kp = K rounded up to 8 lanes, in f32x8 chunks (zeros beyond K). On a
+// block of output pixels with the same four bilinear taps (a segment of columns times a segment of rows,
+// segments()) the upsampled score of a class is bilinear in (x, y), so its exponential is geometric along a
+// row, and the row's first value and ratio are geometric from row to row: four exps per class and block
+// (exp(u - m) at its first pixel, the ratio along its first row, and the factors of the two from one row to
+// the next; m the block's largest corner), then a product per pixel and two per row and segment (at most
+// kSegment of each; on random inputs the sums, losses and gradient stay as close to a float64 computation,
+// ~1e-5, as with an exp per pixel). Segments of one column, and blocks where a class's corner lies more than
+// kSpread below m or the ratio's factor passes exp(+-kSpread), take an exp per pixel and class of
+// u - (the pixel's max), as the reference does. The CE uses the target's upsampled score as PyTorch rounds
+// it (bilinear.h). Threads run over images; every image accumulates into its own buffers in a fixed order, so
+// the results are deterministic, and the same bits in every SIMD variant (common.h: SSE2 and AVX2, which
+// AVX-512 CPUs run too).
 #include "common.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <new>
@@ -45,16 +50,16 @@ inline int64_t padded_classes(int64_t K) { return (K + 7) / 8 * 8; }
 constexpr int64_t kSegment = 16;  // the most columns one geometric recurrence runs over
 constexpr float kSpread = 80.f;   // exp(-80) ~ 1.8e-35: every term of a recurrence a normal float
 
-// The first column of each segment of the W output columns, then W: consecutive columns with the same taps
-// (i0, i1) on which the weight l1 is affine, at most kSegment of them. ATen clamps the columns left of the
-// first source centre to l1 = 0: a segment also starts where l1 leaves or reaches 0.
-std::vector<int64_t> column_segments(const Axis& ax, int64_t W) {
+// The first index of each segment of the n output columns (or rows) of axis ax, then n: consecutive ones with
+// the same taps (i0, i1) on which the weight l1 is affine, at most kSegment of them. ATen clamps the ones
+// before the first source centre to l1 = 0: a segment also starts where l1 leaves or reaches 0.
+std::vector<int64_t> segments(const Axis& ax, int64_t n) {
   std::vector<int64_t> start;
-  for (int64_t x = 0; x < W; ++x)
+  for (int64_t x = 0; x < n; ++x)
     if (x == 0 || ax.i0[x] != ax.i0[x - 1] || ax.i1[x] != ax.i1[x - 1] ||
         (ax.l1[x - 1] == 0.f) != (ax.l1[x] == 0.f) || x - start.back() == kSegment)
       start.push_back(x);
-  start.push_back(W);
+  start.push_back(n);
   return start;
 }
 
@@ -171,8 +176,8 @@ template <int NC>
 PRIMAPS_ALWAYS_INLINE void moments_body(std::integral_constant<int, NC>, const float* L, const int64_t* tb,
                                         const int32_t* slot, const float* factor, int64_t ignore_index, int64_t K,
                                         int64_t R, int64_t h, int64_t w, const Axis& ay, const Axis& ax,
-                                        const std::vector<int64_t>& seg, int64_t H, int64_t W, double* S,
-                                        double* C, float* M) {
+                                        const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
+                                        int64_t H, int64_t W, double* S, double* C, float* M) {
   const FlushDenormals flush;
   const int nc = NC > 0 ? NC : static_cast<int>(padded_classes(K) / 8);
   const int64_t Kp = 8 * static_cast<int64_t>(nc);
@@ -198,11 +203,18 @@ PRIMAPS_ALWAYS_INLINE void moments_body(std::integral_constant<int, NC>, const f
   const int64_t W4 = (W + 3) / 4 * 4;
   std::vector<float> s_row(W4, 1.f), m_row(W4, 0.f), lse(W4);
   std::vector<double> acc(Kp, 0.0);
+  // Per column segment, over the rows of the current row segment: whether it is geometric, the score m its
+  // exponentials are relative to, and (Kp lanes each) exp(u - m) at its first column, the ratio along the
+  // row, and what the two are multiplied by from one row to the next.
+  const size_t n_cols = cols.size() - 1;
+  std::vector<uint8_t> geo(n_cols);
+  std::vector<float> seg_m(n_cols), recur(n_cols * 4 * Kp);
+  int64_t row_end = 0;  // the end of the current row segment
   float part_out[8];
   Lanes<NC, i32x8> valid(nc);
   for (int c = 0; c < nc; ++c)
     for (int l = 0; l < 8; ++l) valid[c][l] = 8 * c + l < K ? -1 : 0;
-  Lanes<NC> ua(nc), ub(nc), e(nc), ratio(nc), p(nc), part(nc), a0(nc), a1(nc);
+  Lanes<NC> ua(nc), ub(nc), va(nc), vb(nc), e(nc), ratio(nc), p(nc), part(nc), a0(nc), a1(nc);
   if (C != nullptr)
     for (int64_t k = 0; k < K; ++k) C[k] = 0.0;
   const f32x8 lowest = f32x8{} - std::numeric_limits<float>::infinity();
@@ -223,29 +235,55 @@ PRIMAPS_ALWAYS_INLINE void moments_body(std::integral_constant<int, NC>, const f
       r1 = ring.data() + (iy1 & 1) * row_size;
     }
     const int64_t* tr = tb == nullptr ? nullptr : tb + y * W;
-    for (size_t j = 0; j + 1 < seg.size(); ++j) {
-      const int64_t xa = seg[j], xb = seg[j + 1];
+    const bool first_row = y == row_end;  // of a row segment: the recurrences start there
+    const int64_t y_last = first_row ? *std::upper_bound(rows.begin(), rows.end(), y) - 1 : 0;
+    if (first_row) row_end = y_last + 1;
+    for (size_t j = 0; j < n_cols; ++j) {
+      const int64_t xa = cols[j], xb = cols[j + 1];
       const int64_t c0 = ax.i0[xa] * R, c1 = ax.i1[xa] * R;
-      float m = 0.f;  // the segment's largest score at its ends (geometric segments)
-      bool geometric = xb - xa > 1;
-      if (geometric) {
-        upsampled(a, b, h0, h1, xa, nc, ua);
-        upsampled(a, b, h0, h1, xb - 1, nc, ub);
-        f32x8 hi = lowest, lo = -lowest;
-        for (int c = 0; c < nc; ++c) {
-          hi = select(valid[c], vmax(hi, vmax(ua[c], ub[c])), hi);
-          lo = select(valid[c], vmin(lo, vmin(ua[c], ub[c])), lo);
+      float* rec = recur.data() + j * 4 * Kp;  // first, ratio, their factors from row to row
+      if (first_row) {
+        // The scores are bilinear in (x, y) over the block of the column and row segments: geometric along
+        // the row and from row to row where they spread at most kSpread from its largest corner, m.
+        bool g = xb - xa > 1;
+        if (g) {
+          const float l0 = ay.l0[y_last], l1 = ay.l1[y_last];
+          upsampled(a, b, h0, h1, xa, nc, ua);
+          upsampled(a, b, h0, h1, xb - 1, nc, ub);
+          upsampled(a, b, l0, l1, xa, nc, va);
+          upsampled(a, b, l0, l1, xb - 1, nc, vb);
+          const float ix = 1.f / static_cast<float>(xb - xa - 1);
+          const float iy = y_last > y ? 1.f / static_cast<float>(y_last - y) : 0.f;
+          f32x8 hi = lowest, lo = -lowest, bend = f32x8{};  // bend: the largest |exponent| of the ratio's factor
+          for (int c = 0; c < nc; ++c) {
+            hi = select(valid[c], vmax(hi, vmax(vmax(ua[c], ub[c]), vmax(va[c], vb[c]))), hi);
+            lo = select(valid[c], vmin(lo, vmin(vmin(ua[c], ub[c]), vmin(va[c], vb[c]))), lo);
+            vb[c] = ((vb[c] - va[c]) - (ub[c] - ua[c])) * (ix * iy);
+            bend = select(valid[c], vmax(bend, vmax(vb[c], -vb[c])), bend);
+          }
+          const float m = hmax8(hi);
+          g = m + hmax8(-lo) <= kSpread && hmax8(bend) <= kSpread;  // m - the lowest corner
+          if (g) {
+            seg_m[j] = m;
+            for (int c = 0; c < nc; ++c) {
+              store8(rec + 8 * c, exp_of_classes(ua[c] - m, valid[c]));
+              store8(rec + Kp + 8 * c, exp_clamped((ub[c] - ua[c]) * ix));  // 1 beyond K
+              store8(rec + 2 * Kp + 8 * c, exp_clamped((va[c] - ua[c]) * iy));
+              store8(rec + 3 * Kp + 8 * c, exp_clamped(vb[c]));
+            }
+          }
         }
-        m = hmax8(hi);
-        geometric = m + hmax8(-lo) <= kSpread;  // m - the lowest score at an end
+        geo[j] = g;
+      } else if (geo[j]) {
+        for (int64_t i = 0; i < 2 * Kp; i += 8) store8(rec + i, load8(rec + i) * load8(rec + 2 * Kp + i));
       }
-      if (geometric) {
-        const float inv = 1.f / static_cast<float>(xb - xa - 1);
+      const bool geometric = geo[j];
+      const float m = geometric ? seg_m[j] : 0.f;
+      if (geometric)
         for (int c = 0; c < nc; ++c) {
-          e[c] = exp_of_classes(ua[c] - m, valid[c]);
-          ratio[c] = exp_clamped((ub[c] - ua[c]) * inv);  // |slope| <= kSpread; 1 beyond K
+          e[c] = load8(rec + 8 * c);
+          ratio[c] = load8(rec + Kp + 8 * c);
         }
-      }
       int64_t cur = -1;  // the target class of the run whose moments a0, a1 hold
       float w0 = 0.f, w1 = 0.f;
       for (int64_t x = xa; x < xb; ++x) {
@@ -343,11 +381,11 @@ void focal_confidence(FloatArray logits, int64_t H, int64_t W, DoubleArray sums,
   const float* L = logits.data();
   double* S = sums.mutable_data();
   const Axis ay(h, H), ax(w, W);
-  const std::vector<int64_t> seg = column_segments(ax, W);
+  const std::vector<int64_t> rows = segments(ay, H), cols = segments(ax, W);
   py::gil_scoped_release release;
   parallel_for(B, threads, [&](int64_t b) {
-    moments_of_image(K, L + b * K * h * w, nullptr, nullptr, nullptr, int64_t{0}, K, int64_t{0}, h, w, ay, ax, seg,
-                     H, W, S + b * K, nullptr, nullptr);
+    moments_of_image(K, L + b * K * h * w, nullptr, nullptr, nullptr, int64_t{0}, K, int64_t{0}, h, w, ay, ax, rows,
+                     cols, H, W, S + b * K, nullptr, nullptr);
   });
 }
 
@@ -435,11 +473,11 @@ void focal_moments(FloatArray logits, Int64Array target, Int32Array slot, FloatA
   double *Sp = sums.mutable_data(), *Cp = class_loss.mutable_data();
   float* Mp = with_grad ? moments.mutable_data() : nullptr;
   const Axis ay(h, H), ax(w, W);
-  const std::vector<int64_t> seg = column_segments(ax, W);
+  const std::vector<int64_t> rows = segments(ay, H), cols = segments(ax, W);
   py::gil_scoped_release release;
   parallel_for(B, threads, [&](int64_t b) {
-    moments_of_image(K, L + b * K * h * w, T + b * H * W, Sl + b * K, F, ignore_index, K, R, h, w, ay, ax, seg, H,
-                     W, Sp + b * K, Cp + b * K, Mp == nullptr ? nullptr : Mp + b * h * w * R * padded_classes(K));
+    moments_of_image(K, L + b * K * h * w, T + b * H * W, Sl + b * K, F, ignore_index, K, R, h, w, ay, ax, rows,
+                     cols, H, W, Sp + b * K, Cp + b * K, Mp == nullptr ? nullptr : Mp + b * h * w * R * padded_classes(K));
   });
 }
 

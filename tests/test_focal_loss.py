@@ -67,6 +67,20 @@ def test_cpu_exact_and_geometric_segments(case, rng):
     assert_matches(value_and_grad(primaps_fast.focal_loss, logits, target, backend="cpu"), want)
 
 
+@pytest.mark.parametrize("case,scale", [((2, 7, 3, 4, 48, 64), 3.0), ((1, 27, 4, 3, 67, 50), 12.0),
+                                        ((2, 6, 8, 8, 16, 16), 25.0), ((2, 5, 9, 7, 1, 40), 8.0)])
+def test_cpu_block_recurrences(case, scale, rng):
+    """The C++ kernel's exponentials by blocks of the column and row segments (bilinear in x and y: geometric
+    along a row and from row to row) against the reference: blocks of 16 x 16 pixels (the longest
+    recurrences) and more (restarted), blocks of 2 x 2 where the ratio's factor from row to row can pass
+    exp(80) (an exp per pixel there), and a single output row."""
+    B, K, h, w, H, W = case
+    logits = scale * torch.randn(B, K, h, w, generator=rng)
+    target = make_target(B, K, H, W, rng)
+    want = value_and_grad(reference.focal_loss, logits, target)
+    assert_matches(value_and_grad(primaps_fast.focal_loss, logits, target, backend="cpu"), want)
+
+
 def test_official_formula_and_grad_output(rng):
     """The reference against the official FocalLoss written out on materialised upsampled logits."""
     logits = torch.randn(2, 4, 5, 5, generator=rng, dtype=torch.float64)
