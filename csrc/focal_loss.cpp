@@ -22,8 +22,8 @@
 // kSpread below m or the ratio's factor passes exp(+-kSpread), take an exp per pixel and class of
 // u - (the pixel's max), as the reference does. The CE uses the target's upsampled score as PyTorch rounds
 // it (bilinear.h). Threads run over images; every image accumulates into its own buffers in a fixed order, so
-// the results are deterministic, and the same bits in every SIMD variant (common.h: SSE2 and AVX2, which
-// AVX-512 CPUs run too).
+// the results are deterministic, and the same bits in every SIMD variant (common.h: SSE2, AVX2 and AVX-512
+// with VL).
 #include "common.h"
 
 #include <algorithm>
@@ -132,8 +132,13 @@ PRIMAPS_ALWAYS_INLINE void add_moments(int64_t t, const int32_t* slot, const flo
                                        Lanes<NC>& a1, float w0, float w1, float h0, float h1, float* r0, float* r1,
                                        int64_t c0, int64_t c1) {
   const int64_t Kp = 8 * nc;
-  a0[t / 8][t % 8] -= w0;
-  a1[t / 8][t % 8] -= w1;
+  // -w0, -w1 on lane t, as one-hot vectors (a lane chosen at run time would keep a0 and a1 in memory)
+  const i32x8 lane = i32x8{0, 1, 2, 3, 4, 5, 6, 7} - static_cast<int32_t>(t);
+  for (int c = 0; c < nc; ++c) {
+    const i32x8 hot = lane + 8 * c == 0;
+    a0[c] -= select(hot, f32x8{} + w0, f32x8{});
+    a1[c] -= select(hot, f32x8{} + w1, f32x8{});
+  }
   const float f0 = h0 * factor[t], f1 = h1 * factor[t];
   float* m00 = r0 + (c0 + slot[t]) * Kp;
   float* m01 = r0 + (c1 + slot[t]) * Kp;
@@ -352,7 +357,7 @@ PRIMAPS_ALWAYS_INLINE void moments_body(std::integral_constant<int, NC>, const f
     for (; held < h; ++held) write_row(held);
   for (int64_t k = 0; k < K; ++k) S[k] = acc[k];
 }
-PRIMAPS_SIMD_FUNCTION_AVX2(moments_image, moments_body)
+PRIMAPS_SIMD_FUNCTION_VL(moments_image, moments_body)
 
 // moments_image on the chunk count of K's Kp (in registers up to K = 32).
 template <typename... A>
