@@ -47,7 +47,7 @@ using namespace primaps;
 // K rounded up to 8: the class axis of the moments (focal_loss.py allocates them with it).
 inline int64_t padded_classes(int64_t K) { return (K + 7) / 8 * 8; }
 
-constexpr int64_t kSegment = 16;  // the most columns one geometric recurrence runs over
+constexpr int64_t kSegment = 16;  // the most columns (rows) one geometric recurrence runs over
 constexpr float kSpread = 80.f;   // exp(-80) ~ 1.8e-35: every term of a recurrence a normal float
 
 // The first index of each segment of the n output columns (or rows) of axis ax, then n: consecutive ones with
@@ -481,8 +481,9 @@ void focal_moments(FloatArray logits, Int64Array target, Int32Array slot, FloatA
   const std::vector<int64_t> rows = segments(ay, H), cols = segments(ax, W);
   py::gil_scoped_release release;
   parallel_for(B, threads, [&](int64_t b) {
+    float* Mb = Mp == nullptr ? nullptr : Mp + b * h * w * R * padded_classes(K);
     moments_of_image(K, L + b * K * h * w, T + b * H * W, Sl + b * K, F, ignore_index, K, R, h, w, ay, ax, rows,
-                     cols, H, W, Sp + b * K, Cp + b * K, Mp == nullptr ? nullptr : Mp + b * h * w * R * padded_classes(K));
+                     cols, H, W, Sp + b * K, Cp + b * K, Mb);
   });
 }
 
