@@ -66,15 +66,21 @@ def inputs():
     return {k: (x.float().contiguous(), ids.contiguous()) for k, (x, ids) in rows.items()}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def setup(description: str, make_inputs):
+    """The command line of a before/after script (BEFORE AFTER [--threads] [--rounds]), its inputs
+    ``make_inputs()`` and the two builds' modules: ``(args, rows, {"before": module, "after": module})``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("before")
     parser.add_argument("after")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
-    rows = inputs()  # first: the package loads its own module before the two others
-    builds = {"before": load_module(args.before, "before"), "after": load_module(args.after, "after")}
+    rows = make_inputs()  # first: the package loads its own module before the two others
+    return args, rows, {"before": load_module(args.before, "before"), "after": load_module(args.after, "after")}
+
+
+def main():
+    args, rows, builds = setup(__doc__.splitlines()[0], inputs)
     print("| input | before (ms) | after (ms) | speed-up (medians; best rounds) |\n|---|---|---|---|")
     for row, (x, ids) in rows.items():
         num_ids = int(ids.max()) + 1

@@ -10,7 +10,6 @@ one pass (``focal_moments``) and the gradient from its moments (``focal_combine`
 largest difference between the two builds' gradients, relative to the gradient's largest value (0 where
 the change keeps the bits). Prints a Markdown table of the medians and the best rounds.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -19,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from estep_before_after import load_module  # noqa: E402
+from estep_before_after import setup  # noqa: E402
 
 IGNORE = 255
 
@@ -73,14 +72,7 @@ def loss_and_grad(module, logits, target, threads):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("before")
-    parser.add_argument("after")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
-    args = parser.parse_args()
-    rows = inputs()  # first: the package loads its own module before the two others
-    builds = {"before": load_module(args.before, "before"), "after": load_module(args.after, "after")}
+    args, rows, builds = setup(__doc__.splitlines()[0], inputs)
     print("| input | before (ms) | after (ms) | speed-up (medians; best rounds) | gradients differ by |\n"
           "|---|---|---|---|---|")
     for row, (x, t) in rows.items():
