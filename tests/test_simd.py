@@ -1,7 +1,7 @@
 """The SIMD variants of the C++ kernels (csrc/common.h: the x86-64 baseline "scalar", AVX2, AVX-512F (with
-VL for the focal loss), the best the CPU has chosen when the module loads) give the same bits: loss, gradient, softmax sums (of the
-one-pass kernel and of the two-pass kernel's first pass) and E-step labels compared across every variant
-this CPU runs, on shapes whose rows end in partial vectors.
+VL for the focal loss), the best the CPU has chosen when the module loads) give the same bits: loss,
+gradient, softmax sums (of the one-pass kernel and of the two-pass kernel's first pass) and E-step labels
+compared across every variant this CPU runs, on shapes whose rows end in partial vectors.
 (The proposals' variants: tests/test_principal_masks.py.)"""
 import pytest
 import torch
