@@ -11,8 +11,8 @@
 // Classes that fall short of another over a whole cell by a margin above float32 rounding are not
 // upsampled at its pixels (cell_candidates): in smooth score maps ~3 of 27 classes are left per cell,
 // often one, and then its pixels are not upsampled at all. A cell's pixels of one mask id take their votes
-// from the argmax's counts; the labels are written 4 at a time where the id stays the same. The per-image
-// pass is compiled for SSE2, AVX2 and AVX-512F, the best run (common.h): the same labels.
+// from the argmax's counts; the labels are written 16 (or 4) at a time where the id stays the same. The
+// per-image pass is compiled for SSE2, AVX2 and AVX-512F, the best run (common.h): the same labels.
 #include "common.h"
 
 #include <algorithm>
@@ -194,17 +194,21 @@ PRIMAPS_ALWAYS_INLINE int32_t cell_argmax_of(int64_t nc, A&&... a) {
   }
 }
 
-// Whether p[0 .. n) all equal id (`or_other` = id: a single value) or the value or_other: 4 ids per
-// comparison.
-PRIMAPS_ALWAYS_INLINE bool all_in(const int64_t* p, int64_t n, int64_t id, int64_t or_other) {
+// Whether the pixels of rows [0, nr) (W apart) and columns [0, n) at p all equal id (`or_other` = id: a
+// single value) or the value or_other: 4 ids per comparison, reduced after the first row (most blocks that
+// fail do there) and after the last.
+PRIMAPS_ALWAYS_INLINE bool all_in(const int64_t* p, int64_t W, int64_t nr, int64_t n, int64_t id, int64_t or_other) {
   i64x4 d = {};
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    const i64x4 v = load4(p + i);
-    d |= ~((v == id) | (v == or_other));
-  }
   int64_t rest = 0;
-  for (; i < n; ++i) rest |= p[i] != id && p[i] != or_other;
+  for (int64_t r = 0; r < nr; ++r, p += W) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      const i64x4 v = load4(p + i);
+      d |= ~((v == id) | (v == or_other));
+    }
+    for (; i < n; ++i) rest |= p[i] != id && p[i] != or_other;
+    if (r == 0 && (d[0] | d[1] | d[2] | d[3] | rest)) return false;
+  }
   return !(d[0] | d[1] | d[2] | d[3] | rest);
 }
 
@@ -270,12 +274,12 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
         const int64_t n = x1 - x0;
         // The block's id: the one of all its pixels (`pure`), or of all but some ignored (`clean`).
         int64_t id = rows[x0];
-        bool pure = true, clean = true;
-        for (int64_t r = 0; r < nr && pure; ++r) pure = all_in(rows + r * W + x0, n, id, id);
+        const bool pure = all_in(rows + x0, W, nr, n, id, id);
         if (pure && id == ignore_index) continue;
+        bool clean = true;
         if (!pure) {
           for (int64_t e = 0; e < nr * n && id == ignore_index; ++e) id = rows[e / n * W + x0 + e % n];
-          for (int64_t r = 0; r < nr && clean; ++r) clean = all_in(rows + r * W + x0, n, id, ignore_index);
+          clean = all_in(rows + x0, W, nr, n, id, ignore_index);
         }
         const int64_t nc = candidates_of(b, K, w, s);
         if (clean) {
@@ -308,8 +312,8 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
       }
     }
   }
-  // Majority per slot (argmax.h; ignore_class for a mask without votes); then the labels, 4 pixels at a time
-  // while the id stays the same.
+  // Majority per slot (argmax.h; ignore_class for a mask without votes); then the labels, 16 or 4 pixels at a
+  // time while the id stays the same.
   std::vector<int64_t> winner(hist.size() / K);
   for (size_t v = 0; v < winner.size(); ++v) {
     const int64_t k = majority_class(hist.data() + v * K, K, ignore_class);
@@ -320,17 +324,23 @@ PRIMAPS_ALWAYS_INLINE void image_body(const float* L, const int64_t* mb, int64_t
   };
   const int64_t n = H * W;
   int64_t id = mb[0], label = label_of(id), i = 0;
-  for (; i + 4 <= n; i += 4) {
+  auto four = [&](int64_t i) {  // pixels i .. i + 3
     const i64x4 d = load4(mb + i) ^ id;
-    if (!(d[0] | d[1] | d[2] | d[3])) {
-      store4(ob + i, i64x4{} + label);
-      continue;
-    }
+    if (!(d[0] | d[1] | d[2] | d[3])) return store4(ob + i, i64x4{} + label);
     for (int64_t e = i; e < i + 4; ++e) {
       if (mb[e] != id) id = mb[e], label = label_of(id);
       ob[e] = label;
     }
+  };
+  for (; i + 16 <= n; i += 16) {  // one reduction for 16 pixels of the same id
+    const i64x4 d = (load4(mb + i) ^ id) | (load4(mb + i + 4) ^ id) | (load4(mb + i + 8) ^ id) |
+                    (load4(mb + i + 12) ^ id);
+    if (d[0] | d[1] | d[2] | d[3])
+      for (int64_t e = i; e < i + 16; e += 4) four(e);
+    else
+      for (int64_t e = i; e < i + 16; e += 4) store4(ob + e, i64x4{} + label);
   }
+  for (; i + 4 <= n; i += 4) four(i);
   for (; i < n; ++i) {
     if (mb[i] != id) id = mb[i], label = label_of(id);
     ob[i] = label;
