@@ -79,28 +79,41 @@ def setup(description: str, make_inputs):
     return args, rows, {"before": load_module(args.before, "before"), "after": load_module(args.after, "after")}
 
 
+def alternate(calls: dict, rounds: int, repeat: int) -> dict:
+    """``{name: [ms per call, one per round]}``: the ``calls`` (name -> function) in alternation, ``rounds``
+    times, each warmed by one call and then timed over ``repeat`` calls."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            call()
+            start = time.perf_counter()
+            for _ in range(repeat):
+                call()
+            times[name].append((time.perf_counter() - start) / repeat * 1e3)
+    return times
+
+
+def speedup_cells(times: dict) -> str:
+    """The ``before | after | speed-up (medians; best rounds)`` cells of a row from ``alternate``'s times."""
+    b, a = statistics.median(times["before"]), statistics.median(times["after"])
+    return f"{b:.2f} | {a:.2f} | {b / a:.2f}x; {min(times['before']) / min(times['after']):.2f}x"
+
+
 def main():
     args, rows, builds = setup(__doc__.splitlines()[0], inputs)
     print("| input | before (ms) | after (ms) | speed-up (medians; best rounds) |\n|---|---|---|---|")
     for row, (x, ids) in rows.items():
         num_ids = int(ids.max()) + 1
-        times, labels = {k: [] for k in builds}, {}
-        for _ in range(args.rounds):
-            for name, module in builds.items():
-                out = torch.empty_like(ids)
-                ignore = (255, 255) if "ignore_class" in module.assign_pseudo_labels.__doc__ else (255,)
-                call = lambda: module.assign_pseudo_labels(x.numpy(), ids.numpy(), out.numpy(),  # noqa: E731
-                                                           num_ids, *ignore, args.threads)
-                call()
-                start = time.perf_counter()
-                for _ in range(20):
-                    call()
-                times[name].append((time.perf_counter() - start) / 20 * 1e3)
-                labels[name] = out
+        calls, labels = {}, {}
+        for name, module in builds.items():
+            out = labels[name] = torch.empty_like(ids)
+            ignore = (255, 255) if "ignore_class" in module.assign_pseudo_labels.__doc__ else (255,)
+            calls[name] = lambda module=module, out=out, ignore=ignore: module.assign_pseudo_labels(
+                x.numpy(), ids.numpy(), out.numpy(), num_ids, *ignore, args.threads)
+        times = alternate(calls, args.rounds, 20)
         if not torch.equal(labels["before"], labels["after"]):
             raise SystemExit(f"{row}: the two builds' labels differ")
-        b, a = statistics.median(times["before"]), statistics.median(times["after"])
-        print(f"| {row} | {b:.2f} | {a:.2f} | {b / a:.2f}x; {min(times['before']) / min(times['after']):.2f}x |")
+        print(f"| {row} | {speedup_cells(times)} |")
 
 
 if __name__ == "__main__":

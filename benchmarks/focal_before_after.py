@@ -11,14 +11,12 @@ largest difference between the two builds' gradients, relative to the gradient's
 the change keeps the bits). Prints a Markdown table of the medians and the best rounds.
 """
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from estep_before_after import setup  # noqa: E402
+from estep_before_after import alternate, setup, speedup_cells  # noqa: E402
 
 IGNORE = 255
 
@@ -76,21 +74,11 @@ def main():
     print("| input | before (ms) | after (ms) | speed-up (medians; best rounds) | gradients differ by |\n"
           "|---|---|---|---|---|")
     for row, (x, t) in rows.items():
-        times, grads = {k: [] for k in builds}, {}
         calls = {name: loss_and_grad(module, x, t, args.threads) for name, module in builds.items()}
-        for _ in range(args.rounds):
-            for name, (call, grad) in calls.items():
-                call()
-                start = time.perf_counter()
-                for _ in range(5):
-                    call()
-                times[name].append((time.perf_counter() - start) / 5 * 1e3)
-                grads[name] = grad
-        g0, g1 = grads["before"], grads["after"]
+        times = alternate({name: call for name, (call, _) in calls.items()}, args.rounds, 5)
+        g0, g1 = calls["before"][1], calls["after"][1]
         differ = float((g1 - g0).abs().max() / g0.abs().max())
-        b, a = statistics.median(times["before"]), statistics.median(times["after"])
-        print(f"| {row} | {b:.2f} | {a:.2f} | {b / a:.2f}x; {min(times['before']) / min(times['after']):.2f}x "
-              f"| {differ:.1e} |")
+        print(f"| {row} | {speedup_cells(times)} | {differ:.1e} |")
 
 
 if __name__ == "__main__":
